@@ -1,0 +1,40 @@
+# Two commands: `make run` and `make test`. Both set everything up first.
+PYTHON ?= python3
+VENV   := .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.installed
+SUDO   := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
+
+.PHONY: run test lint unit integration bench check clean system-deps
+
+run: $(STAMP)
+	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/fdsupervisor run units/
+
+test: $(STAMP)
+	$(BIN)/ruff check src tests bench contrib
+	$(BIN)/ruff format --check -q src tests bench contrib
+	$(BIN)/mypy
+	$(BIN)/pytest -q
+
+check: $(STAMP)
+	$(BIN)/fdsupervisor check units/
+
+bench: $(STAMP)
+	$(BIN)/python bench/run_all.py
+
+# systemd-python compiles against libsystemd: install the headers where missing.
+system-deps:
+	@if ! pkg-config --exists libsystemd 2>/dev/null; then \
+	    echo "installing libsystemd-dev and pkg-config with apt-get"; \
+	    $(SUDO) apt-get update -q && \
+	    DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -q libsystemd-dev pkg-config; \
+	fi
+
+$(STAMP): pyproject.toml | system-deps
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	$(BIN)/pip install -q -e '.[test,lint]'
+	touch $@
+
+clean:
+	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache
