@@ -1,0 +1,152 @@
+"""The named-FD store: the only owner of the supervisor's long-lived fds.
+
+Fourth step of the flow. Every listening socket of a unit, every fd a
+monitor client hands in with ``getfd`` and every fd a worker keeps with
+``FDSTORE=1`` lives here under an owner and a name. Names are unique per
+owner: ``unit:web`` may have ``http`` while ``unit:api`` has one too, and
+the monitor's own names (``getfd``) are the owner ``monitor``.
+
+An entry holds a *resource*: anything with ``fileno()`` and ``close()``
+(a bound socket, or a :class:`RawFd`). Whoever takes a resource out of the
+store (:meth:`FdStore.take`) owns it from then on.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Protocol
+
+from .errors import FdSupervisorError
+
+MONITOR_OWNER = "monitor"
+
+
+def unit_owner(unit_name: str) -> str:
+    return f"unit:{unit_name}"
+
+
+def service_owner(unit_name: str) -> str:
+    return f"service:{unit_name}"
+
+
+class Resource(Protocol):
+    def fileno(self) -> int: ...
+
+    def close(self) -> None: ...
+
+
+class RawFd:
+    """An fd received from outside (SCM_RIGHTS) that nothing else wraps."""
+
+    __slots__ = ("_fd",)
+
+    def __init__(self, fd: int) -> None:
+        self._fd = fd
+
+    def fileno(self) -> int:
+        if self._fd < 0:
+            raise ValueError("fd is closed")
+        return self._fd
+
+    def close(self) -> None:
+        if self._fd >= 0:
+            fd, self._fd = self._fd, -1
+            os.close(fd)
+
+    def detach(self) -> int:
+        """Give up ownership: the caller now owns the returned fd."""
+        fd, self._fd = self._fd, -1
+        return fd
+
+    def __repr__(self) -> str:
+        return f"RawFd({self._fd})"
+
+
+class StoreError(FdSupervisorError):
+    pass
+
+
+@dataclass(slots=True)
+class Entry:
+    owner: str
+    name: str
+    resource: Resource
+
+    @property
+    def fd(self) -> int:
+        return self.resource.fileno()
+
+
+class FdStore:
+    """Owner-and-name → fd. ``limit`` bounds the entries that clients add.
+
+    Unit sockets come from configuration and are not counted against the
+    limit; fds handed in by monitor clients and by workers are, so that no
+    client can exhaust the supervisor's fd table.
+    """
+
+    def __init__(self, limit: int = 1024) -> None:
+        self.limit = limit
+        self._entries: dict[tuple[str, str], Entry] = {}
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    def __iter__(self) -> Iterator[Entry]:
+        return iter(list(self._entries.values()))
+
+    def __contains__(self, key: tuple[str, str]) -> bool:
+        return key in self._entries
+
+    def counted(self) -> int:
+        return sum(1 for e in self._entries.values() if not e.owner.startswith("unit:"))
+
+    def get(self, owner: str, name: str) -> Entry | None:
+        return self._entries.get((owner, name))
+
+    def owned_by(self, owner: str) -> list[Entry]:
+        return [e for e in self._entries.values() if e.owner == owner]
+
+    def add(self, owner: str, name: str, resource: Resource, *, replace: bool = False) -> None:
+        """Store ``resource``; on any refusal the resource is closed, never leaked.
+
+        With ``replace``, an existing entry of the same owner and name is
+        closed and replaced (``getfd`` semantics, as in QEMU's monitor).
+        """
+        key = (owner, name)
+        old = self._entries.get(key)
+        try:
+            if old is not None and not replace:
+                raise StoreError(f"an fd named '{name}' already exists for {owner}")
+            if old is None and not owner.startswith("unit:") and self.counted() >= self.limit:
+                raise StoreError(f"the fd store is full ({self.limit} fds); close some first")
+        except StoreError:
+            resource.close()
+            raise
+        self._entries[key] = Entry(owner, name, resource)
+        if old is not None:
+            old.resource.close()
+
+    def take(self, owner: str, name: str) -> Resource:
+        """Remove an entry without closing it; the caller owns the resource."""
+        entry = self._entries.pop((owner, name), None)
+        if entry is None:
+            raise StoreError(f"File descriptor named '{name}' not found")
+        return entry.resource
+
+    def close(self, owner: str, name: str) -> None:
+        self.take(owner, name).close()
+
+    def close_owner(self, owner: str) -> int:
+        entries = self.owned_by(owner)
+        for entry in entries:
+            del self._entries[(entry.owner, entry.name)]
+            entry.resource.close()
+        return len(entries)
+
+    def close_all(self) -> None:
+        entries, self._entries = list(self._entries.values()), {}
+        for entry in entries:
+            entry.resource.close()

@@ -1,0 +1,276 @@
+"""The spawn plan and the exec itself.
+
+Fifth step of the flow. :func:`plan_worker` is pure: from a unit, the fds
+its worker gets and the supervisor's environment it computes the argv, the
+environment and the fd layout (sockets at 3, 4, ... in declaration order,
+``LISTEN_FDS`` / ``LISTEN_FDNAMES``, ``{fd:NAME}`` and ``{instance}``
+substituted). :func:`spawn` forks and execs that plan.
+
+We fork by hand instead of using ``subprocess``: ``LISTEN_PID`` must hold the
+worker's own pid, which is known only in the child, after ``fork()`` and
+before ``execve()`` (systemd sets it there too, in ``build_environment()``).
+The child does nothing but place fds, drop privileges and exec; an exec
+failure reaches the parent through a close-on-exec pipe, as CPython's
+``_posixsubprocess`` reports it.
+"""
+
+from __future__ import annotations
+
+import errno
+import grp
+import os
+import pwd
+import shutil
+import signal
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+
+from .errors import SpawnError
+from .units import Unit, expand_placeholders
+
+LISTEN_FDS_START = 3  # SD_LISTEN_FDS_START
+
+# The supervisor's own protocol variables never reach a worker: they
+# describe the supervisor's parent, not the worker's (systemd unsets them
+# in sd_listen_fds(unset_environment=1) for the same reason).
+SUPERVISOR_ONLY_ENV = (
+    "LISTEN_FDS",
+    "LISTEN_PID",
+    "LISTEN_FDNAMES",
+    "NOTIFY_SOCKET",
+    "WATCHDOG_USEC",
+    "WATCHDOG_PID",
+)
+
+# Signals the supervisor catches or ignores; a worker starts with them at
+# their defaults, as a fresh process from a shell would.
+RESET_SIGNALS = (
+    signal.SIGTERM,
+    signal.SIGINT,
+    signal.SIGHUP,
+    signal.SIGQUIT,
+    signal.SIGUSR1,
+    signal.SIGUSR2,
+    signal.SIGCHLD,
+    signal.SIGPIPE,
+    signal.SIGXFSZ,
+    signal.SIGALRM,
+)
+
+
+@dataclass(frozen=True, slots=True)
+class PassedFd:
+    """One fd handed to a worker: its FD name and its number in the supervisor."""
+
+    name: str
+    fd: int
+
+
+@dataclass(frozen=True, slots=True)
+class SpawnPlan:
+    executable: str
+    argv: tuple[str, ...]
+    environment: tuple[tuple[str, str], ...]  # LISTEN_PID is added in the child
+    fds: tuple[int, ...]  # supervisor fds, placed at 3, 4, ... in this order
+    working_directory: str | None
+    uid: int | None
+    gid: int | None
+    groups: tuple[int, ...] | None
+    stdio_fd: int | None = None  # inetd: also stdin and stdout
+
+
+def worker_fd_numbers(names: Sequence[str]) -> dict[str, int]:
+    """FD name → the number the worker sees it at."""
+    return {name: LISTEN_FDS_START + i for i, name in enumerate(names)}
+
+
+def base_environment(environ: Mapping[str, str], clear: bool) -> dict[str, str]:
+    if clear:
+        return {}
+    return {k: v for k, v in environ.items() if k not in SUPERVISOR_ONLY_ENV}
+
+
+def plan_worker(
+    unit: Unit,
+    passed: Sequence[PassedFd],
+    instance: int,
+    environ: Mapping[str, str],
+    extra_env: Mapping[str, str] | None = None,
+    stdio_fd: int | None = None,
+) -> SpawnPlan:
+    """The whole spawn plan of one worker; raises SpawnError for a bad user or program."""
+    service = unit.service
+    numbers = worker_fd_numbers([p.name for p in passed])
+    argv = tuple(expand_placeholders(arg, numbers, instance) for arg in service.exec)
+    env = base_environment(environ, service.clear_environment)
+    for key, value in service.environment:
+        env[key] = expand_placeholders(value, numbers, instance)
+    if extra_env:
+        env.update(extra_env)
+    env["LISTEN_FDS"] = str(len(passed))
+    env["LISTEN_FDNAMES"] = ":".join(p.name for p in passed)
+    uid, gid, groups = _resolve_credentials(service.user, service.group)
+    if service.user is not None and not service.clear_environment:
+        entry = pwd.getpwuid(uid) if uid is not None else None
+        if entry is not None:
+            env.update(USER=entry.pw_name, LOGNAME=entry.pw_name, HOME=entry.pw_dir)
+    executable = _resolve_executable(
+        argv[0], env.get("PATH", os.defpath), service.working_directory
+    )
+    return SpawnPlan(
+        executable=executable,
+        argv=argv,
+        environment=tuple(env.items()),
+        fds=tuple(p.fd for p in passed),
+        working_directory=service.working_directory,
+        uid=uid,
+        gid=gid,
+        groups=groups,
+        stdio_fd=stdio_fd,
+    )
+
+
+def _resolve_executable(program: str, search_path: str, cwd: str | None) -> str:
+    if "/" in program:
+        path = program if os.path.isabs(program) or cwd is None else os.path.join(cwd, program)
+        if not os.access(path, os.X_OK):
+            raise SpawnError(f"cannot execute {program!r}: not an executable file")
+        return path
+    found = shutil.which(program, path=search_path)
+    if found is None:
+        raise SpawnError(f"cannot execute {program!r}: not found in PATH={search_path}")
+    return found
+
+
+def _resolve_credentials(
+    user: str | None, group: str | None
+) -> tuple[int | None, int | None, tuple[int, ...] | None]:
+    uid = gid = None
+    groups: tuple[int, ...] | None = None
+    if user is not None:
+        try:
+            entry = pwd.getpwuid(int(user)) if user.isdecimal() else pwd.getpwnam(user)
+        except (KeyError, OverflowError):
+            raise SpawnError(f"unknown user {user!r}") from None
+        uid, gid = entry.pw_uid, entry.pw_gid
+        groups = tuple(os.getgrouplist(entry.pw_name, entry.pw_gid))
+    if group is not None:
+        try:
+            gid = (
+                grp.getgrgid(int(group)).gr_gid if group.isdecimal() else grp.getgrnam(group).gr_gid
+            )
+        except (KeyError, OverflowError):
+            raise SpawnError(f"unknown group {group!r}") from None
+        if groups is None:
+            groups = (gid,)
+    return uid, gid, groups
+
+
+def spawn(plan: SpawnPlan) -> int:
+    """Fork and exec ``plan``; returns the pid once the exec has succeeded."""
+    read_end, write_end = os.pipe2(os.O_CLOEXEC)
+    try:
+        pid = os.fork()
+    except BaseException:
+        os.close(read_end)
+        os.close(write_end)
+        raise
+    if pid == 0:  # pragma: no cover - runs in the child, which never returns
+        os.close(read_end)
+        _exec_child(plan, write_end)
+    os.close(write_end)
+    try:
+        # The child is in its own process group before we return: a stop
+        # signal sent to the group at once must not miss it (the child
+        # calls setpgid too; whoever is first wins, as in job-control shells).
+        try:
+            os.setpgid(pid, pid)
+        except OSError:
+            pass
+        report = _read_all(read_end)
+    finally:
+        os.close(read_end)
+    if report:
+        os.waitpid(pid, 0)
+        stage, _, code = report.decode("ascii", "replace").partition(":")
+        reason = os.strerror(int(code)) if code.isdecimal() else code
+        raise SpawnError(f"cannot start {plan.argv[0]!r}: {stage}: {reason}")
+    return pid
+
+
+def _read_all(fd: int) -> bytes:
+    chunks: list[bytes] = []
+    while True:
+        try:
+            chunk = os.read(fd, 256)
+        except InterruptedError:
+            continue
+        if not chunk:
+            return b"".join(chunks)
+        chunks.append(chunk)
+
+
+def _exec_child(plan: SpawnPlan, report_fd: int) -> None:  # pragma: no cover - child
+    stage = "prepare"
+    try:
+        os.setpgid(0, 0)
+        signal.set_wakeup_fd(-1)
+        for signum in RESET_SIGNALS:
+            signal.signal(signum, signal.SIG_DFL)
+        signal.pthread_sigmask(signal.SIG_SETMASK, ())
+        stage = "fds"
+        _place_fds(plan.fds, plan.stdio_fd, report_fd)
+        if plan.working_directory is not None:
+            stage = "chdir"
+            os.chdir(plan.working_directory)
+        if plan.groups is not None:
+            stage = "setgroups"
+            os.setgroups(list(plan.groups))
+        if plan.gid is not None:
+            stage = "setgid"
+            os.setresgid(plan.gid, plan.gid, plan.gid)
+        if plan.uid is not None:
+            stage = "setuid"
+            os.setresuid(plan.uid, plan.uid, plan.uid)
+        env = dict(plan.environment)
+        env["LISTEN_PID"] = str(os.getpid())
+        stage = "exec"
+        os.execve(plan.executable, plan.argv, env)
+    except OSError as exc:
+        _report(report_fd, stage, exc.errno or errno.EIO)
+    except BaseException:
+        _report(report_fd, stage, errno.EIO)
+    finally:
+        os._exit(127)
+
+
+def _place_fds(
+    fds: tuple[int, ...], stdio_fd: int | None, report_fd: int
+) -> None:  # pragma: no cover
+    """Put ``fds`` at 3, 4, ...; close every other fd but 0-2 and the report pipe.
+
+    The sources may sit where targets go (fd 3 may be the second socket),
+    so each is first duplicated above the whole target range, then moved.
+    """
+    import fcntl
+
+    top = LISTEN_FDS_START + len(fds)
+    moved = [fcntl.fcntl(fd, fcntl.F_DUPFD_CLOEXEC, top) for fd in fds]
+    if report_fd < top:
+        report_fd_new = fcntl.fcntl(report_fd, fcntl.F_DUPFD_CLOEXEC, top)
+        os.close(report_fd)
+        report_fd = report_fd_new
+    if stdio_fd is not None:
+        os.dup2(stdio_fd, 0)
+        os.dup2(stdio_fd, 1)
+    for index, fd in enumerate(moved):
+        os.dup2(fd, LISTEN_FDS_START + index)  # inheritable: the one place we want that
+    os.closerange(top, report_fd)
+    os.closerange(report_fd + 1, os.sysconf("SC_OPEN_MAX"))
+
+
+def _report(fd: int, stage: str, code: int) -> None:  # pragma: no cover - child
+    try:
+        os.write(fd, f"{stage}:{code}".encode("ascii"))
+    except OSError:
+        pass
