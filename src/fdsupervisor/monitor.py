@@ -1,0 +1,305 @@
+"""The monitor: a Unix stream socket speaking QMP, with fds passed by SCM_RIGHTS.
+
+This is the thin shell around :mod:`fdsupervisor.qmp`: it accepts clients,
+checks who they are (``SO_PEERCRED``), reads bytes and fds, feeds the bytes
+to the protocol core, hands commands to :mod:`fdsupervisor.commands`, and
+writes replies (with fds, for ``fd-retrieve``). It never parses JSON.
+
+fd passing follows QEMU 7.2's socket chardev (``tcp_chr_recv`` /
+``tcp_get_msgfds``): a client holds only the fds of its latest ``sendmsg``
+that carried any, so a newer batch closes the unconsumed older one; held fds
+wait across commands that take none; ``getfd`` takes the first held fd and
+closes the rest of its batch; whatever is held is closed when the client goes.
+"""
+
+from __future__ import annotations
+
+import array
+import errno
+import os
+import socket
+import stat
+import struct
+from collections import deque
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import Any
+
+from .loop import EventLoop
+from .qmp import Closed, Execute, QmpConnection, Send
+
+# At most 64 clients at once (SPEC 5): each costs an fd and a buffer, and a
+# local monitor has a handful of clients; QEMU allows one per chardev.
+MAX_CLIENTS = 64
+# The kernel's SCM_MAX_FD: no sendmsg carries more than 253 fds.
+MAX_FDS_PER_MESSAGE = 253
+RECV_SIZE = 65536
+# A client that does not read its replies stops being read once this much
+# output waits for it, as QEMU stops reading a client whose request queue is
+# full (QMP_REQ_QUEUE_LEN_MAX): backpressure instead of unbounded memory.
+MAX_PENDING_OUTPUT = 1 << 20
+
+_CRED = struct.Struct("3i")
+
+
+def default_monitor_path(environ: Mapping[str, str], uid: int) -> Path:
+    """SPEC 5: $RUNTIME_DIRECTORY, else /run/fdsupervisor for root, else $XDG_RUNTIME_DIR."""
+    if environ.get("RUNTIME_DIRECTORY"):
+        # systemd may list several directories separated by colons
+        return Path(environ["RUNTIME_DIRECTORY"].split(":")[0]) / "monitor.sock"
+    if uid == 0:
+        return Path("/run/fdsupervisor/monitor.sock")
+    runtime = environ.get("XDG_RUNTIME_DIR") or f"/run/user/{uid}"
+    return Path(runtime) / "fdsupervisor" / "monitor.sock"
+
+
+def peer_uid(sock: socket.socket) -> int:
+    _pid, uid, _gid = _CRED.unpack(
+        sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, _CRED.size)
+    )
+    return int(uid)
+
+
+class MonitorClient:
+    """One connected client: its protocol state, held fds and pending output."""
+
+    def __init__(self, server: MonitorServer, sock: socket.socket) -> None:
+        self.server = server
+        self.sock = sock
+        self.qmp = QmpConnection(package=server.package)
+        self.held: list[int] = []
+        self.output: deque[tuple[bytes, list[int]]] = deque()
+        self.pending = 0
+        self.closed = False
+
+    # -- fds --------------------------------------------------------------------
+
+    def take_fd(self) -> int | None:
+        """The first held fd (now the caller's); the rest of its batch is closed."""
+        if not self.held:
+            return None
+        first, rest = self.held[0], self.held[1:]
+        self.held = []
+        for fd in rest:
+            os.close(fd)
+        return first
+
+    def _hold(self, fds: list[int]) -> None:
+        for fd in self.held:
+            os.close(fd)
+        self.held = fds
+
+    # -- I/O ----------------------------------------------------------------------
+
+    def on_readable(self) -> None:
+        try:
+            data, ancillary, _flags, _ = self.sock.recvmsg(
+                RECV_SIZE, socket.CMSG_SPACE(MAX_FDS_PER_MESSAGE * 4), socket.MSG_CMSG_CLOEXEC
+            )
+        except (BlockingIOError, InterruptedError):
+            return
+        except OSError:
+            data, ancillary = b"", []
+        fds = _fds_from(ancillary)
+        if fds:
+            self._hold(fds)
+        for event in self.qmp.receive_data(data):
+            if isinstance(event, Send):
+                self.send(event.data)
+            elif isinstance(event, Execute):
+                self.send(*self.server.execute(self, event))
+            elif isinstance(event, Closed):
+                self.close()
+                return
+            if self.closed:
+                return
+        if not data:
+            self.close()
+
+    def send(self, data: bytes, fds: list[int] | None = None) -> None:
+        if self.closed:
+            for fd in fds or ():
+                os.close(fd)
+            return
+        self.output.append((data, fds or []))
+        self.pending += len(data)
+        self._flush()
+
+    def _flush(self) -> None:
+        while self.output:
+            data, fds = self.output[0]
+            try:
+                if fds:
+                    sent = self.sock.sendmsg(
+                        [data], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", fds))]
+                    )
+                else:
+                    sent = self.sock.send(data)
+            except (BlockingIOError, InterruptedError):
+                break
+            except OSError:
+                self.close()
+                return
+            for fd in fds:  # our duplicates: the client has its own now
+                os.close(fd)
+            self.pending -= sent
+            if sent < len(data):
+                self.output[0] = (data[sent:], [])
+                break
+            self.output.popleft()
+        loop, fd = self.server.loop, self.sock.fileno()
+        if self.output:
+            loop.add_writer(fd, self._flush)
+        else:
+            loop.remove_writer(fd)
+        if self.pending > MAX_PENDING_OUTPUT:
+            loop.remove_reader(fd)
+        elif not loop.has_reader(fd):
+            loop.add_reader(fd, self.on_readable)
+
+    def close(self) -> None:
+        if self.closed:
+            return
+        self.closed = True
+        self.server.loop.remove_reader(self.sock.fileno())
+        self.server.loop.remove_writer(self.sock.fileno())
+        self._hold([])
+        for _data, fds in self.output:
+            for fd in fds:
+                os.close(fd)
+        self.output.clear()
+        self.sock.close()
+        self.server.forget(self)
+
+
+Executor = Callable[[MonitorClient, Execute], tuple[bytes, list[int]]]
+
+
+class MonitorServer:
+    """The listening monitor socket and its clients."""
+
+    def __init__(
+        self,
+        path: Path,
+        *,
+        loop: EventLoop,
+        log: Any,
+        package: str,
+        allowed_uids: frozenset[int],
+        execute: Executor,
+        max_clients: int = MAX_CLIENTS,
+    ) -> None:
+        self.path = path
+        self.loop = loop
+        self.log = log
+        self.package = package
+        self.allowed_uids = allowed_uids
+        self.max_clients = max_clients
+        self.clients: list[MonitorClient] = []
+        self.execute = execute
+        self._sock: socket.socket | None = None
+        self._inode: int | None = None
+
+    def open(self) -> None:
+        directory = self.path.parent
+        if not directory.exists():
+            directory.mkdir(mode=0o700, parents=True)
+        _remove_stale_socket(self.path)
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        old_umask = os.umask(0o177)  # the socket file is born 0600, no window
+        try:
+            sock.bind(str(self.path))
+        except OSError:
+            sock.close()
+            raise
+        finally:
+            os.umask(old_umask)
+        sock.listen(64)
+        sock.setblocking(False)
+        self._sock = sock
+        self._inode = os.stat(self.path).st_ino
+        self.loop.add_reader(sock.fileno(), self._accept)
+        self.log.info("monitor_listening", path=str(self.path))
+
+    def _accept(self) -> None:
+        assert self._sock is not None
+        try:
+            conn, _ = self._sock.accept()
+        except (BlockingIOError, InterruptedError, ConnectionAbortedError):
+            return
+        except OSError as exc:
+            # EMFILE and friends: log and leave the connection in the backlog
+            # for a later try, instead of spinning (libuv and QEMU do the same).
+            if exc.errno in (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM):
+                self.log.warning("monitor_accept_failed", error=str(exc))
+                return
+            raise
+        uid = peer_uid(conn)
+        if uid not in self.allowed_uids:
+            self.log.warning("monitor_client_refused", uid=uid, reason="uid not allowed")
+            conn.close()
+            return
+        if len(self.clients) >= self.max_clients:
+            conn.sendall(
+                b'{"error": {"class": "GenericError", "desc": "too many monitor '
+                b'clients (%d); try again later"}}\r\n' % self.max_clients
+            )
+            conn.close()
+            return
+        conn.setblocking(False)
+        client = MonitorClient(self, conn)
+        self.clients.append(client)
+        self.loop.add_reader(conn.fileno(), client.on_readable)
+        client.send(client.qmp.greeting())
+
+    def forget(self, client: MonitorClient) -> None:
+        if client in self.clients:
+            self.clients.remove(client)
+
+    def broadcast(self, data: bytes) -> None:
+        for client in list(self.clients):
+            if client.qmp.negotiated:
+                client.send(data)
+
+    def close(self) -> None:
+        for client in list(self.clients):
+            client.close()
+        if self._sock is not None:
+            self.loop.remove_reader(self._sock.fileno())
+            self._sock.close()
+            self._sock = None
+            try:
+                if os.stat(self.path).st_ino == self._inode:
+                    self.path.unlink()
+            except FileNotFoundError:
+                pass
+
+
+def _fds_from(ancillary: list[tuple[int, int, bytes]]) -> list[int]:
+    fds: list[int] = []
+    for level, kind, data in ancillary:
+        if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
+            received = array.array("i")
+            received.frombytes(data[: len(data) - len(data) % received.itemsize])
+            fds.extend(received)
+    return fds
+
+
+def _remove_stale_socket(path: Path) -> None:
+    """Remove a socket file nobody listens on; refuse anything else."""
+    try:
+        info = os.lstat(path)
+    except FileNotFoundError:
+        return
+    if not stat.S_ISSOCK(info.st_mode):
+        raise OSError(errno.EEXIST, f"{path} exists and is not a socket")
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as probe:
+        try:
+            probe.connect(str(path))
+        except ConnectionRefusedError:
+            path.unlink()
+            return
+        except OSError:
+            path.unlink()
+            return
+    raise OSError(errno.EADDRINUSE, f"{path}: another supervisor is listening there")

@@ -1,0 +1,469 @@
+"""The supervisor: the event loop that wires the flow together.
+
+It binds every unit's sockets into the :class:`~fdsupervisor.fdstore.FdStore`
+(all of them, or none: a bind failure closes what was bound), starts the
+eager services, watches the sockets of on-demand ones, and then lives on
+events: a worker's pidfd becomes readable (it exited: reap, decide, maybe
+schedule a restart), a timer fires (a restart is due, a stop timed out), a
+signal arrives through the wake-up socket (SIGTERM/SIGINT: shut down).
+
+Signal handlers do nothing but wake the loop (``signal.set_wakeup_fd``),
+as gunicorn's arbiter and asyncio do; all work happens in the loop.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from functools import partial
+from pathlib import Path
+from typing import Any
+
+from . import __version__
+from .binding import BoundSocket, InheritedFds, bind_socket, describe_socket
+from .errors import BindError, FdSupervisorError, SpawnError
+from .fdstore import FdStore, service_owner, unit_owner
+from .loop import EventLoop, Timer
+from .monitor import MonitorServer
+from .qmp import event as qmp_event
+from .service import ExitStatus, Failed, Restart, Service, ServiceState
+from .spawn import PassedFd, plan_worker, spawn
+from .systemd import SystemdNotifier
+from .units import Activation, Unit
+
+HANDLED_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
+
+
+class UnsupportedFeature(FdSupervisorError):
+    pass
+
+
+# Validated by units.py, but not yet carried out by the supervisor: refuse to
+# run such a unit rather than run it differently from what it says.
+def unsupported_features(unit: Unit) -> list[str]:
+    service = unit.service
+    missing = []
+    if service.accept:
+        missing.append("accept: true (per-connection workers)")
+    if service.notify:
+        missing.append("notify: true (READY=1 readiness)")
+    if service.watchdog:
+        missing.append("watchdog")
+    if service.fd_store_max:
+        missing.append("fd-store-max (worker fd store)")
+    return missing
+
+
+@dataclass(slots=True)
+class UnitRuntime:
+    """What the supervisor tracks for one unit besides its :class:`Service`."""
+
+    unit: Unit
+    service: Service
+    pidfds: dict[int, int] = field(default_factory=dict)  # pid → pidfd
+    restart_timers: dict[int, Timer] = field(default_factory=dict)  # instance → timer
+    kill_timers: dict[int, Timer] = field(default_factory=dict)  # pid → timer
+    watching: bool = False
+    restart_pending: bool = False
+
+
+class Supervisor:
+    def __init__(
+        self,
+        units: Sequence[Unit],
+        *,
+        log: Any,
+        inherited: InheritedFds,
+        environ: Mapping[str, str],
+        max_stored_fds: int = 1024,
+        notifier: SystemdNotifier | None = None,
+    ) -> None:
+        self.log = log
+        self.environ = dict(environ)
+        self.inherited = inherited
+        self.loop = EventLoop()
+        self.store = FdStore(limit=max_stored_fds)
+        self.notifier = notifier or SystemdNotifier({})
+        self.units: dict[str, UnitRuntime] = {
+            u.name: UnitRuntime(u, Service(u.name, u.service)) for u in units
+        }
+        self.shutting_down = False
+        self.base_dir = Path.cwd()
+        self.listeners: list[Callable[[str, dict[str, Any]], None]] = []
+        self._wakeup: tuple[socket.socket, socket.socket] | None = None
+        self._old_handlers: dict[int, Any] = {}
+        self.on_shutdown: list[Callable[[], None]] = []
+
+    def emit(self, event: str, data: dict[str, Any]) -> None:
+        """Tell every listener (the monitor's clients) that ``event`` happened."""
+        for listener in self.listeners:
+            listener(event, data)
+
+    # -- start-up -----------------------------------------------------------
+
+    def attach_monitor(self, path: Path, allowed_uids: frozenset[int]) -> MonitorServer:
+        """Open the QMP monitor on ``path``; its clients get every event."""
+        from .commands import Commands
+
+        server = MonitorServer(
+            path,
+            loop=self.loop,
+            log=self.log,
+            package=f"fdsupervisor {__version__}",
+            allowed_uids=allowed_uids,
+            execute=Commands(self).execute,
+        )
+        server.open()
+        self.listeners.append(lambda name, data: server.broadcast(_event_line(name, data)))
+        self.on_shutdown.append(server.close)
+        return server
+
+    def check_supported(self) -> None:
+        problems = [
+            f"unit {name}: {feature} is not implemented yet"
+            for name, rt in self.units.items()
+            for feature in unsupported_features(rt.unit)
+        ]
+        if problems:
+            raise UnsupportedFeature("; ".join(problems))
+
+    def bind_all(self) -> None:
+        """Bind every socket of every unit, or none of them."""
+        try:
+            for runtime in self.units.values():
+                for spec in runtime.unit.sockets:
+                    bound = bind_socket(
+                        spec, base_dir=runtime.unit.base_dir, inherited=self.inherited
+                    )
+                    self.store.add(unit_owner(runtime.unit.name), spec.name, bound)
+                    self.log.info(
+                        "socket_bound",
+                        unit=runtime.unit.name,
+                        socket=spec.name,
+                        address=describe_socket(bound.fileno()).address,
+                        kind=spec.kind.value,
+                        fd=bound.fileno(),
+                    )
+        except BaseException:
+            self.store.close_all()
+            raise
+        for number in self.inherited.close_unclaimed():
+            self.log.warning("inherited_fd_closed", fd=number, reason="no unit references it")
+
+    def start(self) -> None:
+        """Start eager services, watch on-demand ones; then the supervisor is ready."""
+        self._install_signals()
+        for runtime in self.units.values():
+            if runtime.unit.service.activation is Activation.ON_DEMAND:
+                self._watch(runtime)
+            else:
+                self.start_service(runtime.unit.name, manual=False)
+        summary = f"{len(self.units)} units, {len(self.store)} sockets"
+        self.log.info("ready", units=len(self.units), sockets=len(self.store), pid=os.getpid())
+        self.notifier.ready(summary)
+
+    def run(self) -> int:
+        """Run until shut down and every worker is gone; returns the exit code."""
+        try:
+            while not (self.shutting_down and not self._live_workers()):
+                self.loop.run_once()
+        finally:
+            self._close()
+        self.log.info("stopped")
+        return 0
+
+    # -- services -------------------------------------------------------------
+
+    def runtime(self, unit_name: str) -> UnitRuntime:
+        try:
+            return self.units[unit_name]
+        except KeyError:
+            raise FdSupervisorError(f"unit '{unit_name}' not found") from None
+
+    def start_service(self, unit_name: str, *, manual: bool = True) -> None:
+        runtime = self.runtime(unit_name)
+        service = runtime.service
+        if service.state in (ServiceState.RUNNING, ServiceState.STARTING) and service.workers:
+            return
+        if not service.request_start(self.loop.time(), manual=manual):
+            self._fail(runtime, "start limit hit")
+            return
+        self._unwatch(runtime)
+        for instance in service.instances_to_start():
+            self._spawn_worker(runtime, instance)
+
+    def stop_service(self, unit_name: str) -> None:
+        runtime = self.runtime(unit_name)
+        self._cancel_restarts(runtime)
+        self._unwatch(runtime)
+        spec = runtime.unit.service
+        for pid in runtime.service.request_stop():
+            if pid in runtime.kill_timers:
+                continue
+            self._signal_group(pid, spec.stop_signal)
+            runtime.kill_timers[pid] = self.loop.call_later(
+                spec.stop_timeout, partial(self._kill_timeout, runtime, pid)
+            )
+        self.log.info("service_stopping", unit=unit_name, pids=runtime.service.pids)
+
+    def restart_service(self, unit_name: str) -> None:
+        """Stop the workers, then start new ones; the sockets stay bound throughout."""
+        runtime = self.runtime(unit_name)
+        if not runtime.service.workers:
+            self.start_service(unit_name, manual=True)
+            return
+        runtime.restart_pending = True
+        self.stop_service(unit_name)
+
+    def reload(self) -> dict[str, Any]:
+        raise FdSupervisorError(
+            "reloading unit files is not implemented yet; "
+            "restart the supervisor to apply changed units"
+        )
+
+    # -- sockets added and removed at run time (the monitor) ---------------------------
+
+    def add_socket(self, owner: str, bound: BoundSocket) -> None:
+        """Store a socket bound at run time; a unit's next workers get it."""
+        self.store.add(owner, bound.name, bound)
+        unit = owner.removeprefix("unit:") if owner.startswith("unit:") else None
+        address = describe_socket(bound.fileno()).address
+        self.log.info(
+            "socket_bound",
+            unit=unit,
+            socket=bound.name,
+            address=address,
+            kind=bound.spec.kind.value,
+            fd=bound.fileno(),
+        )
+        if unit is not None and self.units[unit].watching:
+            self.loop.add_reader(bound.fileno(), partial(self._traffic, self.units[unit]))
+        self.emit("SOCKET_ADDED", {"id": bound.name, "unit": unit, "address": address})
+
+    def remove_socket(self, socket_id: str, unit_name: str | None) -> None:
+        """Close a socket no running worker needs, or say who uses it."""
+        candidates = [
+            e
+            for e in self.store
+            if e.name == socket_id
+            and isinstance(e.resource, BoundSocket)
+            and (unit_name is None or e.owner == unit_owner(unit_name))
+        ]
+        if not candidates:
+            raise FdSupervisorError(f"socket '{socket_id}' not found")
+        if len(candidates) > 1:
+            owners = ", ".join(e.owner for e in candidates)
+            raise FdSupervisorError(f"socket '{socket_id}' is ambiguous ({owners}); give 'unit'")
+        entry = candidates[0]
+        unit = entry.owner.removeprefix("unit:") if entry.owner.startswith("unit:") else None
+        if unit is not None:
+            runtime = self.units[unit]
+            if runtime.service.workers:
+                pids = ", ".join(str(p) for p in runtime.service.pids)
+                raise FdSupervisorError(
+                    f"socket '{socket_id}' is in use by unit '{unit}' (running pids {pids}); "
+                    "stop the service first"
+                )
+            self.loop.remove_reader(entry.fd)
+        self.store.close(entry.owner, entry.name)
+        self.log.info("socket_removed", unit=unit, socket=socket_id)
+        self.emit("SOCKET_REMOVED", {"id": socket_id, "unit": unit})
+
+    def _passed_fds(self, runtime: UnitRuntime) -> list[PassedFd]:
+        name = runtime.unit.name
+        passed = [PassedFd(e.name, e.fd) for e in self.store.owned_by(unit_owner(name))]
+        passed += [PassedFd(e.name, e.fd) for e in self.store.owned_by(service_owner(name))]
+        return passed
+
+    def _spawn_worker(self, runtime: UnitRuntime, instance: int) -> None:
+        unit, service = runtime.unit, runtime.service
+        try:
+            plan = plan_worker(unit, self._passed_fds(runtime), instance, self.environ)
+            pid = spawn(plan)
+        except (SpawnError, OSError) as exc:
+            self.log.error("worker_start_failed", unit=unit.name, instance=instance, error=str(exc))
+            service.start_failed(str(exc))
+            self._fail(runtime, str(exc))
+            return
+        pidfd = os.pidfd_open(pid)
+        runtime.pidfds[pid] = pidfd
+        self.loop.add_reader(pidfd, partial(self._reap, runtime, pid))
+        service.worker_started(instance, pid, self.loop.time())
+        self.log.info(
+            "worker_started", unit=unit.name, instance=instance, pid=pid, fds=len(plan.fds)
+        )
+        self.emit("SERVICE_STARTED", {"unit": unit.name, "instance": instance, "pid": pid})
+
+    def _reap(self, runtime: UnitRuntime, pid: int) -> None:
+        pidfd = runtime.pidfds.pop(pid)
+        self.loop.remove_reader(pidfd)
+        os.close(pidfd)
+        # The leader is a zombie until waitpid, so its pid (= the group id)
+        # cannot be reused yet: kill what is left of its group now, as
+        # systemd kills the rest of a service's cgroup when its main process exits.
+        self._signal_group(pid, signal.SIGKILL, leader_too=False)
+        _, wait_status = os.waitpid(pid, 0)
+        status = ExitStatus.from_wait_status(wait_status)
+        timer = runtime.kill_timers.pop(pid, None)
+        if timer is not None:
+            timer.cancel()
+        decision = runtime.service.worker_exited(pid, status, self.loop.time())
+        self.log.info(
+            "worker_exited",
+            unit=runtime.unit.name,
+            pid=pid,
+            status=str(status),
+            restart_in=decision.delay if isinstance(decision, Restart) else None,
+        )
+        self.emit("SERVICE_EXITED", {"unit": runtime.unit.name, "pid": pid, **status.as_dict()})
+        if runtime.restart_pending and not runtime.service.workers:
+            runtime.restart_pending = False
+            if not self.shutting_down:
+                self.start_service(runtime.unit.name, manual=True)
+            return
+        if isinstance(decision, Restart):
+            runtime.restart_timers[decision.instance] = self.loop.call_at(
+                decision.at, lambda: self._restart_due(runtime, decision.instance)
+            )
+        elif isinstance(decision, Failed):
+            self._fail(runtime, decision.reason)
+        elif runtime.service.state is ServiceState.INACTIVE and not self.shutting_down:
+            self._watch(runtime)
+
+    def _restart_due(self, runtime: UnitRuntime, instance: int) -> None:
+        runtime.restart_timers.pop(instance, None)
+        if self.shutting_down or runtime.service.state in (
+            ServiceState.STOPPING,
+            ServiceState.FAILED,
+        ):
+            return
+        self._spawn_worker(runtime, instance)
+
+    def _fail(self, runtime: UnitRuntime, reason: str) -> None:
+        self._cancel_restarts(runtime)
+        for pid in runtime.service.request_stop():
+            self._signal_group(pid, runtime.unit.service.stop_signal)
+        runtime.service.state = ServiceState.FAILED
+        runtime.service.failure = reason
+        self.log.error(
+            "service_failed",
+            unit=runtime.unit.name,
+            reason=reason,
+            note="its sockets stay bound; service-start clears the failure",
+        )
+        self.emit("SERVICE_FAILED", {"unit": runtime.unit.name, "reason": reason})
+
+    def _kill_timeout(self, runtime: UnitRuntime, pid: int) -> None:
+        runtime.kill_timers.pop(pid, None)
+        if pid in runtime.pidfds:
+            self.log.warning("stop_timeout", unit=runtime.unit.name, pid=pid, signal="SIGKILL")
+            self._signal_group(pid, signal.SIGKILL)
+
+    def _cancel_restarts(self, runtime: UnitRuntime) -> None:
+        for timer in runtime.restart_timers.values():
+            timer.cancel()
+        runtime.restart_timers.clear()
+
+    def _signal_group(self, pid: int, signum: int, *, leader_too: bool = True) -> None:
+        try:
+            os.killpg(pid, signum)
+        except ProcessLookupError:
+            if leader_too:
+                try:
+                    os.kill(pid, signum)
+                except ProcessLookupError:
+                    pass
+        except PermissionError as exc:
+            self.log.warning("signal_failed", pid=pid, signal=signum, error=str(exc))
+
+    # -- on-demand activation -----------------------------------------------------------
+
+    def _watch(self, runtime: UnitRuntime) -> None:
+        if runtime.watching or runtime.unit.service.activation is not Activation.ON_DEMAND:
+            return
+        for entry in self.store.owned_by(unit_owner(runtime.unit.name)):
+            self.loop.add_reader(entry.fd, partial(self._traffic, runtime))
+        runtime.watching = True
+        runtime.service.state = ServiceState.LISTENING
+
+    def _unwatch(self, runtime: UnitRuntime) -> None:
+        if not runtime.watching:
+            return
+        for entry in self.store.owned_by(unit_owner(runtime.unit.name)):
+            self.loop.remove_reader(entry.fd)
+        runtime.watching = False
+
+    def _traffic(self, runtime: UnitRuntime) -> None:
+        self.log.info("traffic", unit=runtime.unit.name, action="starting service")
+        self.start_service(runtime.unit.name, manual=False)
+
+    # -- signals and shutdown ---------------------------------------------------------
+
+    def _install_signals(self) -> None:
+        receive, send = socket.socketpair()
+        receive.setblocking(False)
+        send.setblocking(False)
+        self._wakeup = (receive, send)
+        signal.set_wakeup_fd(send.fileno(), warn_on_full_buffer=False)
+        for signum in HANDLED_SIGNALS:
+            self._old_handlers[signum] = signal.signal(signum, _wake_only)
+        self.loop.add_reader(receive.fileno(), self._on_signals)
+
+    def _on_signals(self) -> None:
+        assert self._wakeup is not None
+        try:
+            data = self._wakeup[0].recv(512)
+        except BlockingIOError:
+            return
+        for signum in data:
+            if signum in (signal.SIGTERM, signal.SIGINT):
+                self.shutdown(signal.Signals(signum).name)
+            elif signum == signal.SIGHUP:
+                self.log.warning(
+                    "reload_unsupported", note="reloading unit files is not implemented yet"
+                )
+
+    def shutdown(self, reason: str) -> None:
+        if self.shutting_down:
+            return
+        self.shutting_down = True
+        self.log.info("shutting_down", reason=reason)
+        self.notifier.stopping()
+        for name in self.units:
+            self.stop_service(name)
+
+    def _live_workers(self) -> int:
+        return sum(len(rt.pidfds) for rt in self.units.values())
+
+    def _close(self) -> None:
+        for callback in self.on_shutdown:
+            callback()
+        for runtime in self.units.values():
+            self._cancel_restarts(runtime)
+            for pidfd in runtime.pidfds.values():
+                os.close(pidfd)
+            runtime.pidfds.clear()
+        self.store.close_all()
+        for signum, handler in self._old_handlers.items():
+            signal.signal(signum, handler)
+        if self._wakeup is not None:
+            signal.set_wakeup_fd(-1)
+            for sock in self._wakeup:
+                sock.close()
+        self.loop.close()
+
+
+def _event_line(name: str, data: dict[str, Any]) -> bytes:
+    seconds, fraction = divmod(time.time(), 1.0)
+    return qmp_event(name, data, int(seconds), int(fraction * 1_000_000))
+
+
+def _wake_only(signum: int, frame: object) -> None:
+    """Signal handler: the wake-up fd already carries the signal number."""
+
+
+__all__ = ["BindError", "BoundSocket", "Supervisor", "UnsupportedFeature"]

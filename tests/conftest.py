@@ -1,0 +1,206 @@
+"""Shared fixtures: a real supervisor in a temp dir, synchronised on its log events.
+
+The supervisor runs as a child process with ``--log-format json``; a thread
+reads its stderr line by line, and tests wait for events (``ready``,
+``worker_started``, ...) with a deadline instead of sleeping.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import textwrap
+import threading
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+REPORT_WORKER = str(ROOT / "tests" / "workers" / "report.py")
+ECHO_WORKER = str(ROOT / "contrib" / "workers" / "echo.py")
+PYTHON = sys.executable
+
+
+def open_fds(pid: int | str = "self") -> list[int]:
+    result = []
+    for name in os.listdir(f"/proc/{pid}/fd"):
+        try:
+            os.readlink(f"/proc/{pid}/fd/{name}")
+        except FileNotFoundError:
+            continue  # the listing's own fd, already closed
+        result.append(int(name))
+    return sorted(result)
+
+
+class SupervisorProcess:
+    """A running ``fdsupervisor run`` and the events it logged."""
+
+    def __init__(
+        self,
+        args: list[str],
+        cwd: Path,
+        pass_fds: tuple[int, ...] = (),
+        env: dict[str, str] | None = None,
+    ) -> None:
+        self.events: list[dict[str, Any]] = []
+        self.output: list[str] = []
+        self._cond = threading.Condition()
+        full_env = dict(os.environ, **(env or {}))
+        full_env["PYTHONPATH"] = str(ROOT / "src")
+        self.proc = subprocess.Popen(
+            [PYTHON, "-m", "fdsupervisor", "run", "--log-format", "json", *args],
+            cwd=cwd,
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            pass_fds=pass_fds,
+            env=full_env,
+        )
+        self.pid = self.proc.pid
+        self.monitor_path = Path()
+        self._reader = threading.Thread(target=self._read, daemon=True)
+        self._reader.start()
+
+    def _read(self) -> None:
+        assert self.proc.stdout is not None
+        for raw in self.proc.stdout:
+            line = raw.decode(errors="replace").rstrip("\n")
+            with self._cond:
+                self.output.append(line)
+                if line.startswith("{"):
+                    try:
+                        self.events.append(json.loads(line))
+                    except json.JSONDecodeError:
+                        pass
+                self._cond.notify_all()
+        with self._cond:
+            self._cond.notify_all()
+
+    def wait_for(
+        self, event: str, timeout: float = 15.0, after: int = 0, **fields: Any
+    ) -> dict[str, Any]:
+        """The first event named ``event`` (index >= ``after``) whose fields match."""
+        deadline = time.monotonic() + timeout
+        with self._cond:
+            while True:
+                for item in self.events[after:]:
+                    if item.get("event") == event and all(
+                        item.get(k) == v for k, v in fields.items()
+                    ):
+                        return item
+                remaining = deadline - time.monotonic()
+                if remaining <= 0 or (self.proc.poll() is not None and not self._reader.is_alive()):
+                    raise AssertionError(
+                        f"no {event} {fields} within {timeout}s; output:\n" + "\n".join(self.output)
+                    )
+                self._cond.wait(remaining)
+
+    def wait_output(self, text: str, timeout: float = 15.0) -> str:
+        """The first output line (a worker's, or a non-JSON one) containing ``text``."""
+        deadline = time.monotonic() + timeout
+        with self._cond:
+            while True:
+                for line in self.output:
+                    if text in line:
+                        return line
+                remaining = deadline - time.monotonic()
+                if remaining <= 0 or not self._reader.is_alive():
+                    raise AssertionError(
+                        f"{text!r} not printed within {timeout}s; output:\n"
+                        + "\n".join(self.output)
+                    )
+                self._cond.wait(remaining)
+
+    def count(self, event: str, **fields: Any) -> int:
+        with self._cond:
+            return sum(
+                1
+                for e in self.events
+                if e.get("event") == event and all(e.get(k) == v for k, v in fields.items())
+            )
+
+    def mark(self) -> int:
+        with self._cond:
+            return len(self.events)
+
+    def address(self, socket_name: str, unit: str | None = None) -> str:
+        fields = {"socket": socket_name} if unit is None else {"socket": socket_name, "unit": unit}
+        return str(self.wait_for("socket_bound", **fields)["address"])
+
+    def port(self, socket_name: str, unit: str | None = None) -> int:
+        return int(self.address(socket_name, unit).rsplit(":", 1)[1])
+
+    def stop(self, timeout: float = 20.0) -> int:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+        try:
+            return self.proc.wait(timeout)
+        finally:
+            self._reader.join(5)
+
+    def kill(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait(10)
+
+
+@pytest.fixture
+def supervisor(tmp_path: Path) -> Iterator[Callable[..., SupervisorProcess]]:
+    """Start supervisors on unit texts: ``supervisor({"web": YAML}) → SupervisorProcess``.
+
+    Waits for the ``ready`` event; every supervisor is stopped (then killed)
+    at the end of the test.
+    """
+    started: list[SupervisorProcess] = []
+
+    def start(
+        units: dict[str, str] | None = None,
+        args: list[str] | None = None,
+        wait_ready: bool = True,
+        **kwargs: Any,
+    ) -> SupervisorProcess:
+        unit_dir = tmp_path / "units"
+        unit_dir.mkdir(exist_ok=True)
+        for name, text in (units or {}).items():
+            (unit_dir / f"{name}.yaml").write_text(textwrap.dedent(text))
+        monitor = tmp_path / f"monitor-{len(started)}.sock"
+        full_args = ["--monitor", str(monitor)]
+        full_args += list(args) if args is not None else [str(unit_dir)]
+        proc = SupervisorProcess(full_args, cwd=tmp_path, **kwargs)
+        proc.monitor_path = monitor
+        started.append(proc)
+        if wait_ready:
+            proc.wait_for("ready")
+        return proc
+
+    yield start
+    for proc in started:
+        try:
+            proc.stop(timeout=15)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+
+
+def connect_and_read(host: str, port: int, timeout: float = 10.0) -> bytes:
+    with socket.create_connection((host, port), timeout=timeout) as conn:
+        return read_until_eof(conn)
+
+
+def read_until_eof(conn: socket.socket) -> bytes:
+    chunks = []
+    while True:
+        chunk = conn.recv(65536)
+        if not chunk:
+            return b"".join(chunks)
+        chunks.append(chunk)
+
+
+def report_from(host: str, port: int) -> dict[str, Any]:
+    return dict(json.loads(connect_and_read(host, port)))

@@ -1,0 +1,75 @@
+"""A test worker: tells every client what it inherited, as JSON on one line.
+
+It snapshots its open fds before doing anything else, reads its sockets
+with systemd-python's ``listen_fds_with_names()`` as a real worker would,
+prints ``report-worker ready pid=N`` to stderr, then answers each stream
+connection (and each datagram) with the report and the client's first line.
+"""
+
+import json
+import os
+import selectors
+import socket
+import sys
+
+OPEN_AT_START = sorted(int(n) for n in os.listdir("/proc/self/fd"))
+ENV_AT_START = dict(os.environ)
+
+from systemd import daemon  # noqa: E402 - after the snapshot on purpose
+
+
+def fd_snapshot():
+    listing_fd_excluded = []
+    for name in OPEN_AT_START:
+        try:
+            os.fstat(name)
+        except OSError:
+            continue  # the fd os.listdir used for the listing itself
+        listing_fd_excluded.append(name)
+    return listing_fd_excluded
+
+
+def main():
+    fds = daemon.listen_fds_with_names()
+    report = {
+        "pid": os.getpid(),
+        "pgid": os.getpgid(0),
+        "ppid": os.getppid(),
+        "listen_pid": ENV_AT_START.get("LISTEN_PID"),
+        "listen_fds": ENV_AT_START.get("LISTEN_FDS"),
+        "listen_fdnames": ENV_AT_START.get("LISTEN_FDNAMES"),
+        "names": {str(fd): name for fd, name in fds.items()},
+        "open_fds": fd_snapshot(),
+        "argv": sys.argv[1:],
+        "env": {
+            k: v
+            for k, v in ENV_AT_START.items()
+            if k.startswith(("APP_", "LISTEN_", "NOTIFY_", "WATCHDOG_", "TEST_"))
+        },
+        "cwd": os.getcwd(),
+        "uid": os.getuid(),
+    }
+    line = json.dumps(report).encode() + b"\n"
+    selector = selectors.DefaultSelector()
+    for fd in fds:
+        sock = socket.socket(fileno=fd)
+        selector.register(sock, selectors.EVENT_READ)
+    print(f"report-worker ready pid={os.getpid()}", file=sys.stderr, flush=True)
+    while True:
+        for key, _ in selector.select():
+            sock = key.fileobj
+            if sock.type == socket.SOCK_DGRAM:
+                _data, peer = sock.recvfrom(65536)
+                if peer:
+                    sock.sendto(line, peer)
+                continue
+            conn, _ = sock.accept()
+            with conn:
+                try:
+                    conn.sendall(line)
+                except OSError:
+                    pass
+
+
+if __name__ == "__main__":
+    main()
