@@ -71,6 +71,9 @@ class MonitorClient:
         self.output: deque[tuple[bytes, list[int]]] = deque()
         self.pending = 0
         self.closed = False
+        self._batching = False
+        self._writing = False
+        self._reading = True  # the server registers the reader on accept
 
     # -- fds --------------------------------------------------------------------
 
@@ -103,17 +106,25 @@ class MonitorClient:
         fds = _fds_from(ancillary)
         if fds:
             self._hold(fds)
-        for event in self.qmp.receive_data(data):
-            if isinstance(event, Send):
-                self.send(event.data)
-            elif isinstance(event, Execute):
-                self.send(*self.server.execute(self, event))
-            elif isinstance(event, Closed):
-                self.close()
-                return
-            if self.closed:
-                return
-        if not data:
+        # Replies and events made while handling one read leave in one write.
+        self._batching = True
+        ended = not data
+        try:
+            for event in self.qmp.receive_data(data):
+                if isinstance(event, Send):
+                    self.send(event.data)
+                elif isinstance(event, Execute):
+                    self.send(*self.server.execute(self, event))
+                elif isinstance(event, Closed):
+                    ended = True
+                    break
+                if self.closed:
+                    return
+        finally:
+            self._batching = False
+        if not self.closed:
+            self._flush()  # a last error reply still goes out before we hang up
+        if ended:
             self.close()
 
     def send(self, data: bytes, fds: list[int] | None = None) -> None:
@@ -123,11 +134,18 @@ class MonitorClient:
             return
         self.output.append((data, fds or []))
         self.pending += len(data)
-        self._flush()
+        if not self._batching:
+            self._flush()
 
     def _flush(self) -> None:
         while self.output:
-            data, fds = self.output[0]
+            data, fds = self.output.popleft()
+            if not fds:
+                parts = [data]
+                while self.output and not self.output[0][1]:
+                    parts.append(self.output.popleft()[0])
+                if len(parts) > 1:
+                    data = b"".join(parts)
             try:
                 if fds:
                     sent = self.sock.sendmsg(
@@ -136,26 +154,37 @@ class MonitorClient:
                 else:
                     sent = self.sock.send(data)
             except (BlockingIOError, InterruptedError):
+                self.output.appendleft((data, fds))
                 break
             except OSError:
+                self.output.appendleft((data, fds))
                 self.close()
                 return
             for fd in fds:  # our duplicates: the client has its own now
                 os.close(fd)
             self.pending -= sent
             if sent < len(data):
-                self.output[0] = (data[sent:], [])
+                self.output.appendleft((data[sent:], []))
                 break
-            self.output.popleft()
+        self._update_interest()
+
+    def _update_interest(self) -> None:
+        """Watch for writability while output waits; stop reading while too much does."""
         loop, fd = self.server.loop, self.sock.fileno()
-        if self.output:
-            loop.add_writer(fd, self._flush)
-        else:
-            loop.remove_writer(fd)
-        if self.pending > MAX_PENDING_OUTPUT:
-            loop.remove_reader(fd)
-        elif not loop.has_reader(fd):
-            loop.add_reader(fd, self.on_readable)
+        writing = bool(self.output)
+        if writing != self._writing:
+            self._writing = writing
+            if writing:
+                loop.add_writer(fd, self._flush)
+            else:
+                loop.remove_writer(fd)
+        reading = self.pending <= MAX_PENDING_OUTPUT
+        if reading != self._reading:
+            self._reading = reading
+            if reading:
+                loop.add_reader(fd, self.on_readable)
+            else:
+                loop.remove_reader(fd)
 
     def close(self) -> None:
         if self.closed:
