@@ -414,3 +414,58 @@ def test_fd_count_is_stable_over_1000_rounds(supervisor) -> None:
     with RawClient(sup.monitor_path).negotiate() as client:
         client.command("query-fds")  # the dropped clients have been handled
     assert open_fds(sup.pid) == baseline
+
+
+def test_limits_on_clients_and_stored_fds(supervisor, tmp_path: Path) -> None:
+    sup = supervisor({"web": WEB}, args=["--max-stored-fds", "3", str(tmp_path / "units")])
+    sock = listening()
+    clients = [RawClient(sup.monitor_path) for _ in range(64)]
+    try:
+        with pytest.raises(EOFError):
+            extra = RawClient(sup.monitor_path)  # the 65th: told why, then closed
+            extra.read()
+        refused = socket.socket(socket.AF_UNIX)
+        refused.settimeout(10)
+        refused.connect(str(sup.monitor_path))
+        assert b"too many monitor clients (64)" in refused.recv(4096)
+        refused.close()
+        client = clients[0].negotiate()
+        for i in range(3):
+            assert client.command("getfd", fds=[sock.fileno()], fdname=f"f{i}") == {"return": {}}
+        full = client.command("getfd", fds=[sock.fileno()], fdname="f3")
+        assert "the fd store is full (3 fds)" in full["error"]["desc"]
+        # replacing an existing name is not growth, and the unit's socket never counted
+        assert client.command("getfd", fds=[sock.fileno()], fdname="f0") == {"return": {}}
+    finally:
+        for c in clients:
+            c.close()
+        sock.close()
+    with RawClient(sup.monitor_path).negotiate() as client:
+        assert len(client.command("query-fds")["return"]) == 4
+
+
+def test_a_flooding_client_is_throttled_and_others_are_served(supervisor) -> None:
+    sup = supervisor({"web": WEB})
+    flood = socket.socket(socket.AF_UNIX)
+    flood.connect(str(sup.monitor_path))
+    flood.setblocking(False)
+    command = b'{"execute": "qmp_capabilities"}' + b'{"execute": "query-commands"}' * 2000
+    sent = 0
+    for _ in range(200):  # bounded: we never read a reply, so the server must stop reading
+        try:
+            sent += flood.send(command)
+        except BlockingIOError:
+            break
+    else:
+        raise AssertionError("the supervisor kept reading from a client that never reads")
+    with RawClient(sup.monitor_path).negotiate() as other:
+        assert other.command("query-version")["return"]["package"].startswith("fdsupervisor")
+    rss_kib = int(
+        next(
+            line.split()[1] for line in open(f"/proc/{sup.pid}/status") if line.startswith("VmRSS:")
+        )
+    )
+    assert rss_kib < 200_000, f"supervisor RSS {rss_kib} KiB while a client floods"
+    flood.close()
+    with RawClient(sup.monitor_path).negotiate() as other:
+        assert "return" in other.command("query-fds")
