@@ -460,10 +460,9 @@ def test_a_flooding_client_is_throttled_and_others_are_served(supervisor) -> Non
         raise AssertionError("the supervisor kept reading from a client that never reads")
     with RawClient(sup.monitor_path).negotiate() as other:
         assert other.command("query-version")["return"]["package"].startswith("fdsupervisor")
+    status = Path(f"/proc/{sup.pid}/status").read_text()
     rss_kib = int(
-        next(
-            line.split()[1] for line in open(f"/proc/{sup.pid}/status") if line.startswith("VmRSS:")
-        )
+        next(line.split()[1] for line in status.splitlines() if line.startswith("VmRSS:"))
     )
     assert rss_kib < 200_000, f"supervisor RSS {rss_kib} KiB while a client floods"
     flood.close()
