@@ -78,6 +78,8 @@ class Worker:
     pid: int
     started_at: float
     stopping: bool = False
+    ready: bool = False  # notify: said READY=1
+    failure: str | None = None  # killed by us for a reason (start timeout, watchdog)
 
 
 @dataclass(frozen=True, slots=True)
@@ -97,11 +99,12 @@ class Failed:
 Decision = Restart | Failed | None
 
 
-def wants_restart(policy: RestartPolicy, status: ExitStatus) -> bool:
+def wants_restart(policy: RestartPolicy, status: ExitStatus, forced_failure: bool = False) -> bool:
+    """systemd's Restart=: a worker we killed for a timeout or the watchdog failed, whatever its status."""
     if policy is RestartPolicy.ALWAYS:
         return True
     if policy is RestartPolicy.ON_FAILURE:
-        return not status.clean
+        return forced_failure or not status.clean
     return False
 
 
@@ -138,6 +141,7 @@ class Service:
         self.failure: str | None = None
         self._limit = StartLimit(spec.start_limit_burst, spec.start_limit_interval)
         self._failed_starts: dict[int, int] = {}
+        self._connections = 0
 
     @property
     def pids(self) -> list[int]:
@@ -163,13 +167,42 @@ class Service:
             return False
         if manual:
             self._limit.allow(now)
-        self.state = ServiceState.STARTING
+        self.state = ServiceState.LISTENING if self.spec.accept else ServiceState.STARTING
         return True
 
-    def worker_started(self, instance: int, pid: int, now: float) -> None:
-        self.workers[instance] = Worker(instance, pid, now)
-        if not self.spec.notify:
+    def worker_started(self, instance: int, pid: int, now: float) -> Worker:
+        worker = Worker(instance, pid, now, ready=not self.spec.notify)
+        self.workers[instance] = worker
+        self.refresh_state()
+        return worker
+
+    def worker_ready(self, pid: int) -> bool:
+        """READY=1 from a worker; True when that made the service running."""
+        worker = self.worker_by_pid(pid)
+        if worker is None or worker.ready:
+            return False
+        worker.ready = True
+        before = self.state
+        self.refresh_state()
+        return before is not ServiceState.RUNNING and self.state is ServiceState.RUNNING
+
+    def worker_by_pid(self, pid: int) -> Worker | None:
+        return next((w for w in self.workers.values() if w.pid == pid), None)
+
+    def next_instance(self) -> int:
+        """Accept mode: each connection's instance gets the next number."""
+        self._connections += 1
+        return self._connections - 1
+
+    def refresh_state(self) -> None:
+        if self.state in (ServiceState.STOPPING, ServiceState.FAILED):
+            return
+        if self.spec.accept:
+            self.state = ServiceState.RUNNING if self.workers else ServiceState.LISTENING
+        elif self.workers and all(w.ready for w in self.workers.values()):
             self.state = ServiceState.RUNNING
+        elif self.workers:
+            self.state = ServiceState.STARTING
 
     def start_failed(self, reason: str) -> None:
         """The exec itself failed: no worker exists; the service is failed."""
@@ -177,7 +210,7 @@ class Service:
         self.failure = reason
 
     def worker_exited(self, pid: int, status: ExitStatus, now: float) -> Decision:
-        worker = next((w for w in self.workers.values() if w.pid == pid), None)
+        worker = self.worker_by_pid(pid)
         if worker is None:
             return None
         del self.workers[worker.instance]
@@ -186,9 +219,15 @@ class Service:
             if not self.workers and self.state is ServiceState.STOPPING:
                 self.state = ServiceState.INACTIVE
             return None
-        if not wants_restart(self.spec.restart, status):
+        if self.spec.accept:
+            # One instance per connection: its connection is gone, nothing to restart.
+            self.refresh_state()
+            return None
+        forced = worker.failure is not None
+        if not wants_restart(self.spec.restart, status, forced):
             if not self.workers:
-                self.state = ServiceState.INACTIVE if status.clean else ServiceState.FAILED
+                clean = status.clean and not forced
+                self.state = ServiceState.INACTIVE if clean else ServiceState.FAILED
             return None
         if not self._limit.allow(now):
             self.failure = (

@@ -13,6 +13,7 @@ as gunicorn's arbiter and asyncio do; all work happens in the loop.
 
 from __future__ import annotations
 
+import errno
 import os
 import signal
 import socket
@@ -33,9 +34,13 @@ from .qmp import event as qmp_event
 from .service import ExitStatus, Failed, Restart, Service, ServiceState
 from .spawn import PassedFd, plan_worker, spawn
 from .systemd import SystemdNotifier
-from .units import Activation, Unit
+from .units import ACCEPT_FD_NAME, Activation, Unit
 
 HANDLED_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
+# Accept mode: at most this many connections per wake-up, so that one busy
+# socket cannot starve the loop; and a pause after EMFILE before trying again.
+ACCEPT_BATCH = 64
+ACCEPT_RETRY_DELAY = 0.1
 
 
 class UnsupportedFeature(FdSupervisorError):
@@ -47,8 +52,6 @@ class UnsupportedFeature(FdSupervisorError):
 def unsupported_features(unit: Unit) -> list[str]:
     service = unit.service
     missing = []
-    if service.accept:
-        missing.append("accept: true (per-connection workers)")
     if service.notify:
         missing.append("notify: true (READY=1 readiness)")
     if service.watchdog:
@@ -67,7 +70,9 @@ class UnitRuntime:
     pidfds: dict[int, int] = field(default_factory=dict)  # pid → pidfd
     restart_timers: dict[int, Timer] = field(default_factory=dict)  # instance → timer
     kill_timers: dict[int, Timer] = field(default_factory=dict)  # pid → timer
-    watching: bool = False
+    watching: bool = False  # on-demand: waiting for the first traffic
+    accepting: bool = False  # accept mode: the service takes connections
+    accept_paused: bool = False  # accept mode: at max-connections, or out of fds
     restart_pending: bool = False
 
 
@@ -187,6 +192,11 @@ class Supervisor:
     def start_service(self, unit_name: str, *, manual: bool = True) -> None:
         runtime = self.runtime(unit_name)
         service = runtime.service
+        if runtime.unit.service.accept:
+            service.request_start(self.loop.time(), manual=True)
+            service.refresh_state()
+            self._start_accepting(runtime)
+            return
         if service.state in (ServiceState.RUNNING, ServiceState.STARTING) and service.workers:
             return
         if not service.request_start(self.loop.time(), manual=manual):
@@ -200,6 +210,7 @@ class Supervisor:
         runtime = self.runtime(unit_name)
         self._cancel_restarts(runtime)
         self._unwatch(runtime)
+        self._stop_accepting(runtime)
         spec = runtime.unit.service
         for pid in runtime.service.request_stop():
             if pid in runtime.kill_timers:
@@ -289,14 +300,16 @@ class Supervisor:
             service.start_failed(str(exc))
             self._fail(runtime, str(exc))
             return
+        self._track(runtime, instance, pid, len(plan.fds))
+
+    def _track(self, runtime: UnitRuntime, instance: int, pid: int, fds: int) -> None:
+        """A worker exists: watch its pidfd and tell everyone."""
         pidfd = os.pidfd_open(pid)
         runtime.pidfds[pid] = pidfd
         self.loop.add_reader(pidfd, partial(self._reap, runtime, pid))
-        service.worker_started(instance, pid, self.loop.time())
-        self.log.info(
-            "worker_started", unit=unit.name, instance=instance, pid=pid, fds=len(plan.fds)
-        )
-        self.emit("SERVICE_STARTED", {"unit": unit.name, "instance": instance, "pid": pid})
+        runtime.service.worker_started(instance, pid, self.loop.time())
+        self.log.info("worker_started", unit=runtime.unit.name, instance=instance, pid=pid, fds=fds)
+        self.emit("SERVICE_STARTED", {"unit": runtime.unit.name, "instance": instance, "pid": pid})
 
     def _reap(self, runtime: UnitRuntime, pid: int) -> None:
         pidfd = runtime.pidfds.pop(pid)
@@ -333,6 +346,8 @@ class Supervisor:
             self._fail(runtime, decision.reason)
         elif runtime.service.state is ServiceState.INACTIVE and not self.shutting_down:
             self._watch(runtime)
+        if runtime.accept_paused and runtime.accepting:
+            self._resume_accepting(runtime)
 
     def _restart_due(self, runtime: UnitRuntime, instance: int) -> None:
         runtime.restart_timers.pop(instance, None)
@@ -400,6 +415,85 @@ class Supervisor:
     def _traffic(self, runtime: UnitRuntime) -> None:
         self.log.info("traffic", unit=runtime.unit.name, action="starting service")
         self.start_service(runtime.unit.name, manual=False)
+
+    # -- accept mode: one instance per connection --------------------------------------
+
+    def _start_accepting(self, runtime: UnitRuntime) -> None:
+        if runtime.accepting:
+            return
+        runtime.accepting = True
+        runtime.accept_paused = True
+        for entry in self.store.owned_by(unit_owner(runtime.unit.name)):
+            if isinstance(entry.resource, BoundSocket):
+                # Never handed to a worker in accept mode, so non-blocking is ours alone.
+                entry.resource.sock.setblocking(False)
+        self._resume_accepting(runtime)
+
+    def _stop_accepting(self, runtime: UnitRuntime) -> None:
+        if runtime.accepting:
+            self._pause_accepting(runtime)
+            runtime.accepting = False
+
+    def _pause_accepting(self, runtime: UnitRuntime) -> None:
+        """Leave new connections in the kernel's backlog: waiting, never refused."""
+        if not runtime.accept_paused:
+            for entry in self.store.owned_by(unit_owner(runtime.unit.name)):
+                self.loop.remove_reader(entry.fd)
+            runtime.accept_paused = True
+
+    def _resume_accepting(self, runtime: UnitRuntime) -> None:
+        if not runtime.accept_paused or self.shutting_down:
+            return
+        if len(runtime.service.workers) >= runtime.unit.service.max_connections:
+            return
+        for entry in self.store.owned_by(unit_owner(runtime.unit.name)):
+            if isinstance(entry.resource, BoundSocket):
+                self.loop.add_reader(entry.fd, partial(self._accept, runtime, entry.resource))
+        runtime.accept_paused = False
+
+    def _accept(self, runtime: UnitRuntime, bound: BoundSocket) -> None:
+        limit = runtime.unit.service.max_connections
+        for _ in range(ACCEPT_BATCH):
+            if len(runtime.service.workers) >= limit:
+                self._pause_accepting(runtime)
+                return
+            try:
+                conn, peer = bound.sock.accept()
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError as exc:
+                if exc.errno in (errno.ECONNABORTED, errno.EPROTO):
+                    continue
+                # Out of fds or memory: leave connections in the backlog and try
+                # again a little later instead of spinning (libuv does the same).
+                self.log.warning("accept_failed", unit=runtime.unit.name, error=str(exc))
+                self._pause_accepting(runtime)
+                self.loop.call_later(ACCEPT_RETRY_DELAY, partial(self._resume_accepting, runtime))
+                return
+            with conn:
+                self._spawn_connection(runtime, conn, peer)
+
+    def _spawn_connection(self, runtime: UnitRuntime, conn: socket.socket, peer: Any) -> None:
+        unit = runtime.unit
+        instance = runtime.service.next_instance()
+        extra_env = {}
+        if conn.family in (socket.AF_INET, socket.AF_INET6):
+            # systemd sets these for inet peers only (service.c, REMOTE_ADDR/REMOTE_PORT)
+            extra_env = {"REMOTE_ADDR": str(peer[0]), "REMOTE_PORT": str(peer[1])}
+        try:
+            plan = plan_worker(
+                unit,
+                [PassedFd(ACCEPT_FD_NAME, conn.fileno())],
+                instance,
+                self.environ,
+                extra_env=extra_env,
+                stdio_fd=conn.fileno() if unit.service.inetd else None,
+            )
+            pid = spawn(plan)
+        except (SpawnError, OSError) as exc:
+            self.log.error("worker_start_failed", unit=unit.name, instance=instance, error=str(exc))
+            return
+        self._track(runtime, instance, pid, 1)
 
     # -- signals and shutdown ---------------------------------------------------------
 
