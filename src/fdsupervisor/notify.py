@@ -1,0 +1,812 @@
+"""The supervisor's end of the sd_notify protocol: what workers send to ``NOTIFY_SOCKET``.
+
+Two layers, built like :mod:`fdsupervisor.qmp`:
+
+* :func:`parse_notify` is the pure core. It turns one datagram's payload into
+  a :class:`NotifyMessage` the way systemd's service manager reads it
+  (``manager_dispatch_notify_fd()`` in ``src/core/manager.c``,
+  ``notify_recv_with_fds()`` in ``src/shared/notify-recv.c`` and
+  ``service_notify_message()`` in ``src/core/service.c``). It never raises;
+  what systemd would log and ignore ends up in ``problems``.
+* :class:`NotifySocket` is the thin shell: one ``AF_UNIX`` ``SOCK_DGRAM``
+  socket with ``SO_PASSCRED``, whose :meth:`~NotifySocket.receive` reads the
+  pending datagrams with their credentials and fds and hands back
+  :class:`Datagram` records. Which worker a datagram belongs to (by pid) and
+  what it means for the service is ``service.py``'s business; the fds a
+  datagram carries for the fd store belong to the caller from then on.
+
+Workers reach the socket through ``NOTIFY_SOCKET`` (SPEC section 4), with
+libsystemd's ``sd_notify()``, systemd-python's ``systemd.daemon.notify()``
+or any of the self-contained implementations of the protocol.
+"""
+
+from __future__ import annotations
+
+import array
+import contextlib
+import errno as _errno
+import os
+import socket
+import stat
+import struct
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Final
+
+from fdsupervisor.errors import BindError
+
+__all__ = [
+    "ERRNO_MAX",
+    "FDNAME_MAX",
+    "NOTIFY_BUFFER_MAX",
+    "NOTIFY_FD_MAX",
+    "NOTIFY_RECEIVE_BATCH",
+    "NOTIFY_SOCKET_MODE",
+    "Datagram",
+    "NotifyMessage",
+    "NotifySocket",
+    "fdname_is_valid",
+    "parse_notify",
+]
+
+# ---------------------------------------------------------------------------
+# Limits
+# ---------------------------------------------------------------------------
+
+#: The largest datagram accepted, in bytes. systemd's ``NOTIFY_BUFFER_MAX``
+#: is ``PIPE_BUF`` (4096 on Linux; ``src/basic/constants.h``): both
+#: ``manager_dispatch_notify_fd()`` (which receives with ``MSG_TRUNC`` into a
+#: 4096-byte iovec and drops ``n >= 4097``) and the newer
+#: ``notify_recv_with_fds()`` (which drops on ``MSG_TRUNC``) accept 4096
+#: bytes and drop 4097. libsystemd's ``sd_notify()`` does not split, so a
+#: bigger message is lost under systemd as well.
+NOTIFY_BUFFER_MAX: Final = 4096
+
+#: How many fds one datagram may carry and still be read whole: systemd's
+#: ``NOTIFY_FD_MAX``, which sizes its control buffer. The kernel lets no
+#: ``sendmsg()`` carry more than ``SCM_MAX_FD`` (253), so in practice this is
+#: never the limit; it is here so the buffer is systemd's.
+NOTIFY_FD_MAX: Final = 768
+
+#: At most this many datagrams are read by one :meth:`NotifySocket.receive`.
+#: systemd reads one datagram per sd-event dispatch and so returns to its
+#: loop after each; reading a batch saves a poll per datagram while still
+#: bounding how long one chatty worker holds the loop. The kernel bounds the
+#: queue itself: ``net.unix.max_dgram_qlen`` datagrams (10 by default;
+#: systemd raises it to 512 at boot), after which senders wait.
+NOTIFY_RECEIVE_BATCH: Final = 64
+
+#: The socket file's mode. Workers may run as another user than the
+#: supervisor, and ``sendto()`` on a path socket needs write permission on
+#: the file: systemd's ``/run/systemd/notify`` is world-writable for the same
+#: reason (``srwxrwxrwx``: PID 1 runs with umask 0). Being able to send
+#: grants nothing by itself: every datagram carries kernel-checked
+#: credentials, and the supervisor only listens to the pids of its own
+#: workers. Restrict access with the permissions of the directory instead.
+NOTIFY_SOCKET_MODE: Final = 0o666
+
+#: The longest ``FDNAME=`` (systemd's ``FDNAME_MAX``, ``fdname_is_valid()``).
+FDNAME_MAX: Final = 255
+
+#: The largest errno ``ERRNO=`` may carry (systemd's ``ERRNO_MAX``).
+ERRNO_MAX: Final = 4095
+
+# struct ucred: pid_t pid; uid_t uid; gid_t gid.
+_UCRED: Final = struct.Struct("iII")
+_INT_SIZE: Final = array.array("i").itemsize
+
+# The control buffer systemd's notify_recv_with_fds() uses, less the
+# SCM_PIDFD slot (SO_PASSPIDFD is not enabled here).
+_ANCILLARY_SIZE: Final = socket.CMSG_SPACE(_UCRED.size) + socket.CMSG_SPACE(
+    NOTIFY_FD_MAX * _INT_SIZE
+)
+
+_U64_MAX: Final = (1 << 64) - 1
+_INT_MIN: Final = -(1 << 31)
+_INT_MAX: Final = (1 << 31) - 1
+_PID_MAX: Final = _INT_MAX  # pid_t is a 32-bit int; parse_pid() refuses what does not fit
+
+# ---------------------------------------------------------------------------
+# The message
+# ---------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class NotifyMessage:
+    """One notification as systemd's service manager would act on it.
+
+    The flags are true when the message has the line ``KEY=1`` (systemd
+    tests ``strv_contains(tags, "READY=1")``). Precedence among ``READY``,
+    ``RELOADING`` and ``STOPPING`` is left to the service state machine, as
+    in systemd's ``service_notify_message_process_state()``: ``STOPPING=1``
+    wins, and ``READY=1`` together with ``RELOADING=1`` means "reloaded
+    already"; ``monotonic_usec`` (``MONOTONIC_USEC=``) dates a
+    ``RELOADING=1``.
+
+    ``status`` is ``None`` without a ``STATUS=`` line and ``""`` for
+    ``STATUS=`` with no text, which clears the status, as does a status that
+    is not valid UTF-8 (both as in systemd). ``errno`` is ``ERRNO=`` (0 to
+    :data:`ERRNO_MAX`, or a name such as ``ENOENT``); ``main_pid`` is
+    ``MAINPID=``. ``watchdog`` is ``WATCHDOG=1`` (a keep-alive),
+    ``watchdog_trigger`` is ``WATCHDOG=trigger`` (act as if the watchdog
+    fired); ``watchdog_usec`` changes the watchdog timeout at run time;
+    ``extend_timeout_usec`` asks for that much more time, counted from now,
+    in the current start, run or stop phase.
+
+    The fd store fields are already resolved the way systemd resolves them:
+    ``fd_store_remove`` (``FDSTOREREMOVE=1``) is true only with a valid
+    ``fd_name``, and when ``FDSTOREREMOVE=1`` is given ``fd_store``
+    (``FDSTORE=1``) is false whatever else the message says. ``fd_name`` is
+    ``FDNAME=`` when :func:`fdname_is_valid`; with ``FDSTORE=1`` and no name
+    systemd names the fds ``stored``. ``fd_poll`` is false for ``FDPOLL=0``
+    (do not drop the stored fd when it reports ``EPOLLHUP``/``EPOLLERR``).
+    ``barrier`` is ``BARRIER=1``: the datagram's one fd is closed once
+    everything before it was read, and nothing else in the message counts.
+
+    When a key that takes a value appears twice, the first line counts
+    (systemd reads values with ``strv_find_startswith()``). ``unknown``
+    lists the names of keys this supervisor does not act on (including
+    systemd's ``NOTIFYACCESS=``, ``BUSERROR=``, ``MAINPIDFD=`` and the like),
+    each once, in order. ``problems`` says, one sentence each, what was
+    dropped and why, for the supervisor to log.
+    """
+
+    ready: bool = False
+    reloading: bool = False
+    stopping: bool = False
+    status: str | None = None
+    errno: int | None = None
+    main_pid: int | None = None
+    watchdog: bool = False
+    watchdog_trigger: bool = False
+    watchdog_usec: int | None = None
+    extend_timeout_usec: int | None = None
+    fd_store: bool = False
+    fd_store_remove: bool = False
+    fd_name: str | None = None
+    fd_poll: bool = True
+    barrier: bool = False
+    monotonic_usec: int | None = None
+    unknown: tuple[str, ...] = ()
+    problems: tuple[str, ...] = ()
+
+
+# Keys that mean something only as KEY=1; any other value is ignored.
+_FLAG_KEYS: Final = frozenset({"READY", "RELOADING", "STOPPING", "FDSTORE", "FDSTOREREMOVE"})
+# Keys whose first occurrence carries a value.
+_VALUE_KEYS: Final = frozenset(
+    {
+        "STATUS",
+        "ERRNO",
+        "MAINPID",
+        "WATCHDOG",
+        "WATCHDOG_USEC",
+        "EXTEND_TIMEOUT_USEC",
+        "FDNAME",
+        "MONOTONIC_USEC",
+    }
+)
+# systemd splits on NEWLINE, which is "\n\r".
+_SEPARATORS: Final = b"\n\r"
+_BACKSLASH: Final = ord("\\")
+
+
+def parse_notify(data: bytes) -> NotifyMessage:
+    """Read one notification datagram's payload; never raises.
+
+    The payload is split into lines as systemd's ``strv_split_newlines()``
+    does (current systemd: ``extract_first_word()`` with no flags):
+
+    * lines end at ``\\n`` or ``\\r``; empty lines vanish, so a trailing
+      newline, ``\\r\\n`` and blank lines change nothing;
+    * a backslash takes the next byte literally (``\\\\`` is one backslash,
+      a backslash before a newline keeps the newline in the value) and is
+      itself dropped; a lone backslash at the very end makes systemd's split
+      fail and the whole message is ignored;
+    * nothing else is special: no quotes, no trimming of spaces, key names
+      are case-sensitive.
+
+    A payload with a NUL byte anywhere but at the very end is ignored as a
+    whole ("Got notification message with embedded NUL"); one trailing NUL
+    is allowed. systemd does not require the payload to be UTF-8: only
+    ``STATUS=`` is checked (see :class:`NotifyMessage`), and every other
+    value is validated on its own, so one bad line costs only itself.
+
+    A line without ``=`` is ignored, as systemd ignores it (it matches no
+    key); numbers are read as systemd's ``safe_atou64()`` /
+    ``parse_pid()`` / ``parse_errno()`` read them, including their quirks
+    (leading whitespace, ``0x``/``0o``/``0b`` prefixes, C octal for a
+    leading ``0``).
+    """
+    if b"\0" in data[:-1]:
+        return NotifyMessage(
+            problems=("message contains a NUL byte; the whole message is ignored",)
+        )
+    if data.endswith(b"\0"):
+        data = data[:-1]
+    lines = _split_lines(data)
+    if lines is None:
+        return NotifyMessage(
+            problems=(
+                "message ends in a lone backslash; the whole message is ignored "
+                "(systemd cannot split it either)",
+            )
+        )
+    # manager_process_barrier_fd(): "nothing else must be sent when using
+    # BARRIER=1"; the message is dropped after its fd is closed.
+    if b"BARRIER=1" in lines:
+        if len(lines) == 1:
+            return NotifyMessage(barrier=True)
+        return NotifyMessage(
+            barrier=True,
+            problems=("BARRIER=1 sent with other assignments; everything else is ignored",),
+        )
+    return _interpret(lines)
+
+
+def _split_lines(data: bytes) -> list[bytes] | None:
+    # extract_first_word(&p, &word, NEWLINE, 0), repeated: separators are
+    # coalesced, so no line is empty; backslash escapes the next byte.
+    if b"\\" not in data:
+        return [line for line in data.replace(b"\r", b"\n").split(b"\n") if line]
+    lines: list[bytes] = []
+    line = bytearray()
+    in_line = False
+    escaped = False
+    for byte in data:
+        if escaped:
+            line.append(byte)
+            escaped = False
+        elif byte == _BACKSLASH:
+            escaped = True
+            in_line = True
+        elif byte in _SEPARATORS:
+            if in_line:
+                lines.append(bytes(line))
+                line.clear()
+                in_line = False
+        else:
+            line.append(byte)
+            in_line = True
+    if escaped:
+        return None
+    if in_line:
+        lines.append(bytes(line))
+    return lines
+
+
+def _interpret(lines: list[bytes]) -> NotifyMessage:
+    problems: list[str] = []
+    unknown: list[str] = []
+    flags: set[str] = set()
+    values: dict[str, bytes] = {}
+    fd_poll = True
+    for line in lines:
+        raw_key, equals, value = line.partition(b"=")
+        if not equals:
+            problems.append(f"line without '=' ignored: {_shown(line)}")
+            continue
+        key = raw_key.decode("utf-8", "backslashreplace")
+        if key in _FLAG_KEYS:
+            if value == b"1":
+                flags.add(key)
+            else:
+                problems.append(f"{key}={_shown(value)} ignored: only {key}=1 means anything")
+        elif key == "FDPOLL":
+            if value == b"0":
+                fd_poll = False
+            elif value != b"1":
+                problems.append(f"FDPOLL={_shown(value)} ignored: FDPOLL=0 or FDPOLL=1 expected")
+        elif key == "BARRIER":
+            problems.append(f"BARRIER={_shown(value)} ignored: only BARRIER=1 means anything")
+        elif key in _VALUE_KEYS:
+            if key in values:
+                problems.append(f"{key}= given more than once; only the first one counts")
+            else:
+                values[key] = value
+        elif not key:
+            problems.append(f"assignment without a name ignored: {_shown(line)}")
+        elif key not in unknown:
+            unknown.append(key)
+
+    status: str | None = None
+    if "STATUS" in values:
+        try:
+            status = values["STATUS"].decode("utf-8")
+        except UnicodeDecodeError:
+            # service_notify_message(): "Status message in notification
+            # message is not UTF-8 clean", and the status becomes unset.
+            status = ""
+            problems.append("STATUS= is not valid UTF-8; the status is cleared")
+
+    errno_value = _number(values, "ERRNO", _parse_errno, "an errno", problems)
+    main_pid = _number(values, "MAINPID", _parse_pid, "a valid PID", problems)
+    watchdog_usec = _number(values, "WATCHDOG_USEC", _parse_u64, "a number of µs", problems)
+    extend_timeout_usec = _number(
+        values, "EXTEND_TIMEOUT_USEC", _parse_u64, "a number of µs", problems
+    )
+    monotonic_usec = _number(values, "MONOTONIC_USEC", _parse_u64, "a number of µs", problems)
+
+    watchdog = watchdog_trigger = False
+    if "WATCHDOG" in values:
+        if values["WATCHDOG"] == b"1":
+            watchdog = True
+        elif values["WATCHDOG"] == b"trigger":
+            watchdog_trigger = True
+        else:
+            problems.append(
+                f"WATCHDOG={_shown(values['WATCHDOG'])} ignored: "
+                "WATCHDOG=1 or WATCHDOG=trigger expected"
+            )
+
+    fd_name: str | None = None
+    if "FDNAME" in values:
+        if fdname_is_valid(values["FDNAME"]):
+            fd_name = values["FDNAME"].decode("ascii")
+        else:
+            problems.append(
+                f"FDNAME={_shown(values['FDNAME'])} ignored: a name is up to "
+                f"{FDNAME_MAX} printable ASCII characters other than ':'"
+            )
+
+    # service_notify_message(): FDSTOREREMOVE=1 is handled instead of
+    # FDSTORE=1, and only with a valid FDNAME=.
+    fd_store = "FDSTORE" in flags
+    fd_store_remove = "FDSTOREREMOVE" in flags
+    if fd_store_remove:
+        if fd_store:
+            problems.append("FDSTORE=1 ignored: FDSTOREREMOVE=1 in the same message wins")
+            fd_store = False
+        if fd_name is None:
+            problems.append("FDSTOREREMOVE=1 ignored: it needs a valid FDNAME=")
+            fd_store_remove = False
+
+    return NotifyMessage(
+        ready="READY" in flags,
+        reloading="RELOADING" in flags,
+        stopping="STOPPING" in flags,
+        status=status,
+        errno=errno_value,
+        main_pid=main_pid,
+        watchdog=watchdog,
+        watchdog_trigger=watchdog_trigger,
+        watchdog_usec=watchdog_usec,
+        extend_timeout_usec=extend_timeout_usec,
+        fd_store=fd_store,
+        fd_store_remove=fd_store_remove,
+        fd_name=fd_name,
+        fd_poll=fd_poll,
+        monotonic_usec=monotonic_usec,
+        unknown=tuple(unknown),
+        problems=tuple(problems),
+    )
+
+
+def _number(
+    values: dict[str, bytes],
+    key: str,
+    parse: Callable[[bytes], int | None],
+    expected: str,
+    problems: list[str],
+) -> int | None:
+    if key not in values:
+        return None
+    result = parse(values[key])
+    if result is None:
+        problems.append(f"{key}={_shown(values[key])} ignored: not {expected}")
+    return result
+
+
+def _shown(value: bytes, limit: int = 64) -> str:
+    """A value for a log line: quoted, escaped, cut to ``limit`` bytes."""
+    text = repr(value[:limit].decode("utf-8", "backslashreplace"))
+    return text + "..." if len(value) > limit else text
+
+
+def fdname_is_valid(name: bytes | str) -> bool:
+    """systemd's ``fdname_is_valid()``: up to 255 printable ASCII characters, no ``:``.
+
+    The empty name is valid (systemd allows it explicitly). ``:`` is refused
+    because it separates the names in ``LISTEN_FDNAMES``.
+    """
+    codes = name if isinstance(name, bytes) else [ord(c) for c in name]
+    return len(codes) <= FDNAME_MAX and all(0x20 <= c < 0x7F and c != 0x3A for c in codes)
+
+
+# -- numbers, as systemd's parse-util.c reads them ---------------------------
+
+# safe_ato*() skip WHITESPACE (" \t\n\r"); strtoul() then skips isspace(),
+# which also has \v and \f.
+_SYSTEMD_WHITESPACE: Final = " \t\n\r"
+_C_SPACE: Final = " \t\n\v\f\r"
+_DIGITS: Final = "0123456789abcdefghijklmnopqrstuvwxyz"
+
+
+def _mangle_base(text: str) -> tuple[str, int]:
+    # parse-util.c mangle_base(): Python-style 0b and 0o prefixes; 0x and a
+    # C octal leading 0 are left to strtoul()'s base 0.
+    if text[:2] in ("0b", "0B"):
+        return text[2:], 2
+    if text[:2] in ("0o", "0O"):
+        return text[2:], 8
+    return text, 0
+
+
+def _strtoul(text: str, base: int) -> tuple[int, bool] | None:
+    """C's strtoul()/strtol() on all of ``text``: (magnitude, negative), or None.
+
+    None when there are no digits or something follows them (systemd's
+    ``x == s || *x != 0``).
+    """
+    rest = text.lstrip(_C_SPACE)
+    negative = rest[:1] == "-"
+    if rest[:1] in ("+", "-"):
+        rest = rest[1:]
+    hex_digit = rest[2:3].lower()
+    if base in (0, 16) and rest[:2] in ("0x", "0X") and hex_digit and hex_digit in _DIGITS[:16]:
+        rest, base = rest[2:], 16
+    elif base == 0:
+        base = 8 if rest[:1] == "0" else 10
+    if not rest or any(c.lower() not in _DIGITS[:base] for c in rest):
+        return None
+    return int(rest, base), negative
+
+
+def _parse_u64(raw: bytes) -> int | None:
+    """systemd's ``safe_atou64()`` (and ``safe_atolu()`` on 64-bit Linux)."""
+    if not raw.isascii():
+        return None
+    text, base = _mangle_base(raw.decode("ascii").lstrip(_SYSTEMD_WHITESPACE))
+    parsed = _strtoul(text, base)
+    if parsed is None:
+        return None
+    magnitude, negative = parsed
+    if magnitude > _U64_MAX:  # strtoul() sets ERANGE
+        return None
+    if negative and magnitude != 0:
+        if text.startswith("-"):  # "-1" is refused, not wrapped around
+            return None
+        return (1 << 64) - magnitude  # "\v-1": strtoul() wraps, systemd does not look
+    return magnitude
+
+
+def _parse_pid(raw: bytes) -> int | None:
+    """systemd's ``parse_pid()``: ``safe_atolu()`` that fits a ``pid_t`` and is > 0."""
+    value = _parse_u64(raw)
+    if value is None or not 0 < value <= _PID_MAX:
+        return None
+    return value
+
+
+def _parse_errno(raw: bytes) -> int | None:
+    """systemd's ``parse_errno()``: a name such as ``EPERM``, or 0 to :data:`ERRNO_MAX`."""
+    if not raw.isascii():
+        return None
+    text = raw.decode("ascii")
+    if text.startswith("E") and text.isupper() and text.isidentifier():
+        named = getattr(_errno, text, None)
+        if isinstance(named, int) and named > 0:
+            return named
+    # safe_atoi(): strtol() with base 0 after mangle_base(), into an int.
+    stripped, base = _mangle_base(text.lstrip(_SYSTEMD_WHITESPACE))
+    parsed = _strtoul(stripped, base)
+    if parsed is None:
+        return None
+    magnitude, negative = parsed
+    value = -magnitude if negative else magnitude
+    if not _INT_MIN <= value <= _INT_MAX or not 0 <= value <= ERRNO_MAX:
+        return None
+    return value
+
+
+# ---------------------------------------------------------------------------
+# The socket
+# ---------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class Datagram:
+    """One notification as received: who sent it, what it says, what it carries.
+
+    ``pid``, ``uid`` and ``gid`` are the sender's credentials as the kernel
+    attached them (``SCM_CREDENTIALS``), in the supervisor's pid namespace.
+    ``fds`` are the fds the datagram carried when the message asked for them
+    to be stored (``message.fd_store``); they are close-on-exec and now
+    belong to the caller, who stores them or calls :meth:`close_fds`. Any
+    other datagram's fds were closed on arrival, and ``fds`` is empty.
+    """
+
+    pid: int
+    uid: int
+    gid: int
+    message: NotifyMessage
+    fds: list[int] = field(default_factory=list)
+
+    def close_fds(self) -> None:
+        """Close every fd still in ``fds`` (for fds the caller will not store)."""
+        while self.fds:
+            os.close(self.fds.pop())
+
+
+class _SilentLog:
+    """Stands in for a structlog logger when :class:`NotifySocket` gets none."""
+
+    def warning(self, event: str, **fields: Any) -> None:
+        pass
+
+
+class NotifySocket:
+    """The datagram socket workers send sd_notify messages to.
+
+    One ``AF_UNIX`` ``SOCK_DGRAM`` socket, non-blocking and close-on-exec,
+    with ``SO_PASSCRED`` set before it is bound, so that every datagram
+    arrives with its sender's credentials whether or not the sender attached
+    them (systemd's ``manager_setup_notify()`` /
+    ``notify_socket_prepare()``). Make one with :meth:`bind` (a path) or
+    :meth:`bind_abstract`; put :attr:`address` in the workers'
+    ``NOTIFY_SOCKET``; call :meth:`receive` when :meth:`fileno` is readable;
+    :meth:`close` at the end. Datagrams that are dropped, and fds that are
+    closed because nobody asked to store them, are logged through ``log`` (a
+    structlog logger) as ``notify_datagram_dropped`` and
+    ``notify_fds_closed``.
+    """
+
+    def __init__(
+        self,
+        sock: socket.socket,
+        address: str,
+        *,
+        path: Path | None = None,
+        inode: tuple[int, int] | None = None,
+        log: Any = None,
+    ) -> None:
+        self._sock = sock
+        self._address = address
+        self._path = path
+        self._inode = inode
+        self._log = log if log is not None else _SilentLog()
+
+    @classmethod
+    def bind(cls, path: Path, *, mode: int = NOTIFY_SOCKET_MODE, log: Any = None) -> NotifySocket:
+        """Bind a socket file at ``path`` (made absolute) with ``mode``.
+
+        A socket file left behind at ``path`` by a process that is gone
+        (connecting to it is refused) is removed first. Anything else there
+        is left alone and :class:`BindError` is raised: a file that is not a
+        socket, and a socket someone is still bound to (systemd unlinks
+        whatever is at ``/run/systemd/notify``; it owns that path, we may not
+        own ours). The directory must exist.
+        """
+        path = Path(os.path.abspath(path))
+        _remove_stale_socket_file(path)
+        sock = _new_socket()
+        try:
+            sock.bind(os.fsencode(path))
+        except OSError as error:
+            sock.close()
+            raise BindError("NOTIFY_SOCKET", f"cannot bind {path}: {error}") from error
+        try:
+            status = os.lstat(path)
+            # chmod() through the path: the result does not depend on the
+            # process umask, and the file is never more open than ``mode``.
+            os.chmod(path, mode)
+        except OSError as error:
+            sock.close()
+            with contextlib.suppress(OSError):
+                os.unlink(path)
+            raise BindError("NOTIFY_SOCKET", f"cannot set the mode of {path}: {error}") from error
+        return cls(sock, str(path), path=path, inode=(status.st_dev, status.st_ino), log=log)
+
+    @classmethod
+    def bind_abstract(cls, name: str, *, log: Any = None) -> NotifySocket:
+        """Bind ``name`` in the abstract namespace; :attr:`address` is ``@name``.
+
+        An abstract socket has no file and no permissions: any process in the
+        supervisor's network namespace can send to it, and it vanishes with
+        the socket (systemd's ``notify_socket_prepare()`` autobinds its
+        helpers' notify sockets in the abstract namespace). ``sd_notify()``
+        reads a leading ``@`` in ``NOTIFY_SOCKET`` as the abstract namespace.
+        """
+        raw = os.fsencode(name)
+        if not raw or b"\0" in raw:
+            raise BindError("NOTIFY_SOCKET", f"invalid abstract socket name {name!r}")
+        sock = _new_socket()
+        try:
+            sock.bind(b"\0" + raw)
+        except OSError as error:
+            sock.close()
+            raise BindError("NOTIFY_SOCKET", f"cannot bind @{name}: {error}") from error
+        return cls(sock, "@" + name, log=log)
+
+    @property
+    def address(self) -> str:
+        """The value for ``NOTIFY_SOCKET``: an absolute path, or ``@name``."""
+        return self._address
+
+    @property
+    def path(self) -> Path | None:
+        """The socket file, or ``None`` for an abstract socket."""
+        return self._path
+
+    def fileno(self) -> int:
+        """The socket's fd, for the event loop (``-1`` once closed)."""
+        return self._sock.fileno()
+
+    def close(self) -> None:
+        """Close the socket and remove its file if that is still the file it bound.
+
+        A file someone else has put at the path since is left alone. Closing
+        twice does nothing.
+        """
+        if self._path is not None and self._inode is not None:
+            _unlink_if_same(self._path, self._inode)
+            self._inode = None
+        self._sock.close()
+
+    def __enter__(self) -> NotifySocket:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+    def receive(self, max_datagrams: int = NOTIFY_RECEIVE_BATCH) -> list[Datagram]:
+        """Read the pending datagrams, at most ``max_datagrams`` of them.
+
+        Reads until the socket has nothing more (``EAGAIN``) or
+        ``max_datagrams`` datagrams were read, valid or not; call again when
+        the socket is still readable. Dropped, as systemd drops them, with
+        their fds closed: a datagram longer than :data:`NOTIFY_BUFFER_MAX`
+        (``MSG_TRUNC``), one whose fds did not all fit (``MSG_CTRUNC``), and
+        one without credentials or with pid 0 (a sender whose pid this pid
+        namespace cannot see). A barrier's fd is closed here, after every
+        datagram before it was read. Any other error than ``EAGAIN`` is
+        raised, and what this call had read is dropped with its fds: no fd
+        ever leaks, whatever arrives.
+        """
+        received: list[Datagram] = []
+        try:
+            for _ in range(max_datagrams):
+                try:
+                    data, ancillary, msg_flags, _address = self._sock.recvmsg(
+                        NOTIFY_BUFFER_MAX, _ANCILLARY_SIZE, socket.MSG_CMSG_CLOEXEC
+                    )
+                except BlockingIOError:
+                    break
+                datagram = self._accept(data, ancillary, msg_flags)
+                if datagram is not None:
+                    received.append(datagram)
+        except BaseException:
+            for datagram in received:
+                _close_all(datagram.fds)
+            raise
+        return received
+
+    def _accept(
+        self, data: bytes, ancillary: list[tuple[int, int, bytes]], msg_flags: int
+    ) -> Datagram | None:
+        fds: list[int] = []
+        credentials: tuple[int, int, int] | None = None
+        try:
+            for level, kind, payload in ancillary:
+                if level != socket.SOL_SOCKET:
+                    continue
+                if kind == socket.SCM_RIGHTS:
+                    received = array.array("i")
+                    received.frombytes(payload[: len(payload) - len(payload) % _INT_SIZE])
+                    fds.extend(received)
+                elif kind == socket.SCM_CREDENTIALS and len(payload) == _UCRED.size:
+                    sender_pid, uid, gid = _UCRED.unpack(payload)
+                    credentials = (sender_pid, uid, gid)
+            pid = credentials[0] if credentials is not None else None
+            reason = None
+            # The order of notify_recv_with_fds(): truncation, then credentials.
+            if msg_flags & socket.MSG_CTRUNC:
+                reason = "truncated control data (too many fds sent?)"
+            elif msg_flags & socket.MSG_TRUNC:
+                reason = f"message longer than {NOTIFY_BUFFER_MAX} bytes"
+            elif credentials is None or credentials[0] <= 0:
+                reason = "no valid sender credentials"
+            if reason is not None:
+                self._log.warning(
+                    "notify_datagram_dropped", reason=reason, pid=pid, fds_closed=len(fds)
+                )
+                _close_all(fds)
+                return None
+            assert credentials is not None
+            message = parse_notify(data)
+            if message.fd_store:
+                kept, fds = fds, []
+                return Datagram(*credentials, message, kept)
+            if message.barrier:
+                if len(fds) != 1:
+                    self._log.warning(
+                        "notify_fds_closed",
+                        pid=pid,
+                        count=len(fds),
+                        reason="BARRIER=1 takes exactly one fd",
+                    )
+            elif fds:
+                # manager_dispatch_notify_fd(): "Got extra auxiliary fds
+                # with notification message, closing them."
+                self._log.warning(
+                    "notify_fds_closed", pid=pid, count=len(fds), reason="sent without FDSTORE=1"
+                )
+            return Datagram(*credentials, message)
+        finally:
+            _close_all(fds)
+
+
+def _new_socket() -> socket.socket:
+    # Python creates sockets close-on-exec (PEP 446).
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    try:
+        sock.setblocking(False)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_PASSCRED, 1)
+    except OSError:
+        sock.close()
+        raise
+    return sock
+
+
+def _close_all(fds: list[int]) -> None:
+    while fds:
+        try:
+            os.close(fds.pop())
+        except OSError:
+            pass  # fresh from the kernel: EINTR/EIO on close still release the fd
+
+
+def _remove_stale_socket_file(path: Path) -> None:
+    """Make room at ``path``: remove a socket file nobody is bound to, refuse anything else."""
+    try:
+        before = os.lstat(path)
+    except FileNotFoundError:
+        return
+    except OSError as error:
+        raise BindError("NOTIFY_SOCKET", f"cannot inspect {path}: {error}") from error
+    if not stat.S_ISSOCK(before.st_mode):
+        raise BindError(
+            "NOTIFY_SOCKET",
+            f"{path} exists and is not a socket; it is left alone: "
+            "remove it or choose another path",
+        )
+    with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as probe:
+        try:
+            probe.connect(os.fsencode(path))
+        except (ConnectionRefusedError, FileNotFoundError):
+            pass  # nobody is bound to it any more
+        except OSError as error:
+            if error.errno != _errno.EPROTOTYPE:
+                raise BindError(
+                    "NOTIFY_SOCKET", f"cannot tell whether {path} is in use: {error}"
+                ) from error
+            raise BindError(
+                "NOTIFY_SOCKET", f"{path} is in use by a socket of another kind"
+            ) from error
+        else:
+            raise BindError(
+                "NOTIFY_SOCKET",
+                f"{path} is in use (is another supervisor running?)",
+            )
+    if not _unlink_if_same(path, (before.st_dev, before.st_ino)):
+        raise BindError("NOTIFY_SOCKET", f"{path} changed while it was checked")
+
+
+def _unlink_if_same(path: Path, inode: tuple[int, int]) -> bool:
+    """Unlink ``path`` if it still is the socket file ``inode``; True if it is gone."""
+    try:
+        current = os.lstat(path)
+    except FileNotFoundError:
+        return True
+    except OSError:
+        return False
+    if not stat.S_ISSOCK(current.st_mode) or (current.st_dev, current.st_ino) != inode:
+        return False
+    try:
+        os.unlink(path)
+    except FileNotFoundError:
+        pass
+    except OSError:
+        return False
+    return True
