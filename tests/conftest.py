@@ -59,18 +59,28 @@ class SupervisorProcess:
             cwd=cwd,
             stdin=subprocess.DEVNULL,
             stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT,
+            stderr=subprocess.PIPE,
             pass_fds=pass_fds,
             env=full_env,
         )
         self.pid = self.proc.pid
         self.monitor_path = Path()
-        self._reader = threading.Thread(target=self._read, daemon=True)
-        self._reader.start()
+        # Two streams read apart: workers print to stdout, the supervisor logs
+        # to stderr, and a line of one never lands inside a line of the other.
+        assert self.proc.stdout is not None and self.proc.stderr is not None
+        self._readers = [
+            threading.Thread(target=self._read, args=(stream,), daemon=True)
+            for stream in (self.proc.stdout, self.proc.stderr)
+        ]
+        for reader in self._readers:
+            reader.start()
 
-    def _read(self) -> None:
-        assert self.proc.stdout is not None
-        for raw in self.proc.stdout:
+    @property
+    def _reading(self) -> bool:
+        return any(reader.is_alive() for reader in self._readers)
+
+    def _read(self, stream: Any) -> None:
+        for raw in stream:
             line = raw.decode(errors="replace").rstrip("\n")
             with self._cond:
                 self.output.append(line)
@@ -96,22 +106,26 @@ class SupervisorProcess:
                     ):
                         return item
                 remaining = deadline - time.monotonic()
-                if remaining <= 0 or (self.proc.poll() is not None and not self._reader.is_alive()):
+                if remaining <= 0 or (self.proc.poll() is not None and not self._reading):
                     raise AssertionError(
                         f"no {event} {fields} within {timeout}s; output:\n" + "\n".join(self.output)
                     )
                 self._cond.wait(remaining)
 
-    def wait_output(self, text: str, timeout: float = 15.0) -> str:
-        """The first output line (a worker's, or a non-JSON one) containing ``text``."""
+    def output_mark(self) -> int:
+        with self._cond:
+            return len(self.output)
+
+    def wait_output(self, text: str, timeout: float = 15.0, after: int = 0) -> str:
+        """The first output line (index >= ``after``) containing ``text``."""
         deadline = time.monotonic() + timeout
         with self._cond:
             while True:
-                for line in self.output:
+                for line in self.output[after:]:
                     if text in line:
                         return line
                 remaining = deadline - time.monotonic()
-                if remaining <= 0 or not self._reader.is_alive():
+                if remaining <= 0 or not self._reading:
                     raise AssertionError(
                         f"{text!r} not printed within {timeout}s; output:\n"
                         + "\n".join(self.output)
@@ -143,7 +157,8 @@ class SupervisorProcess:
         try:
             return self.proc.wait(timeout)
         finally:
-            self._reader.join(5)
+            for reader in self._readers:
+                reader.join(5)
 
     def kill(self) -> None:
         if self.proc.poll() is None:

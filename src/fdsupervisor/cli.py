@@ -158,7 +158,6 @@ def run(args: argparse.Namespace, command: list[str], inherited: InheritedFds) -
         notifier=SystemdNotifier(os.environ),
     )
     try:
-        supervisor.check_supported()
         supervisor.bind_all()
     except (BindError, FdSupervisorError) as exc:
         log.error("startup_failed", error=str(exc), note="nothing was bound")

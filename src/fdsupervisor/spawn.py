@@ -70,13 +70,16 @@ class PassedFd:
 class SpawnPlan:
     executable: str
     argv: tuple[str, ...]
-    environment: tuple[tuple[str, str], ...]  # LISTEN_PID is added in the child
+    environment: tuple[tuple[str, str], ...]  # the *_PID variables are added in the child
     fds: tuple[int, ...]  # supervisor fds, placed at 3, 4, ... in this order
     working_directory: str | None
     uid: int | None
     gid: int | None
     groups: tuple[int, ...] | None
     stdio_fd: int | None = None  # inetd: also stdin and stdout
+    # Variables that must hold the worker's own pid, known only after fork():
+    # LISTEN_PID always, WATCHDOG_PID with a watchdog (as systemd sets both).
+    pid_variables: tuple[str, ...] = ("LISTEN_PID",)
 
 
 def worker_fd_numbers(names: Sequence[str]) -> dict[str, int]:
@@ -97,8 +100,13 @@ def plan_worker(
     environ: Mapping[str, str],
     extra_env: Mapping[str, str] | None = None,
     stdio_fd: int | None = None,
+    notify_socket: str | None = None,
 ) -> SpawnPlan:
-    """The whole spawn plan of one worker; raises SpawnError for a bad user or program."""
+    """The whole spawn plan of one worker; raises SpawnError for a bad user or program.
+
+    With ``notify_socket``, the worker gets ``NOTIFY_SOCKET`` pointing at the
+    supervisor, and with a watchdog ``WATCHDOG_USEC`` and ``WATCHDOG_PID``.
+    """
     service = unit.service
     numbers = worker_fd_numbers([p.name for p in passed])
     argv = tuple(expand_placeholders(arg, numbers, instance) for arg in service.exec)
@@ -109,6 +117,12 @@ def plan_worker(
         env.update(extra_env)
     env["LISTEN_FDS"] = str(len(passed))
     env["LISTEN_FDNAMES"] = ":".join(p.name for p in passed)
+    pid_variables: tuple[str, ...] = ("LISTEN_PID",)
+    if notify_socket is not None:
+        env["NOTIFY_SOCKET"] = notify_socket
+        if service.watchdog and service.watchdog != float("inf"):
+            env["WATCHDOG_USEC"] = str(round(service.watchdog * 1_000_000))
+            pid_variables += ("WATCHDOG_PID",)
     uid, gid, groups = _resolve_credentials(service.user, service.group)
     if service.user is not None and not service.clear_environment:
         entry = pwd.getpwuid(uid) if uid is not None else None
@@ -127,6 +141,7 @@ def plan_worker(
         gid=gid,
         groups=groups,
         stdio_fd=stdio_fd,
+        pid_variables=pid_variables,
     )
 
 
@@ -233,7 +248,9 @@ def _exec_child(plan: SpawnPlan, report_fd: int) -> None:  # pragma: no cover - 
             stage = "setuid"
             os.setresuid(plan.uid, plan.uid, plan.uid)
         env = dict(plan.environment)
-        env["LISTEN_PID"] = str(os.getpid())
+        own_pid = str(os.getpid())
+        for name in plan.pid_variables:
+            env[name] = own_pid
         stage = "exec"
         os.execve(plan.executable, plan.argv, env)
     except OSError as exc:

@@ -13,8 +13,11 @@ as gunicorn's arbiter and asyncio do; all work happens in the loop.
 
 from __future__ import annotations
 
+import contextlib
 import errno
+import math
 import os
+import select
 import signal
 import socket
 import time
@@ -25,13 +28,15 @@ from pathlib import Path
 from typing import Any
 
 from . import __version__
+from .addresses import check_name
 from .binding import BoundSocket, InheritedFds, bind_socket, describe_socket
-from .errors import BindError, FdSupervisorError, SpawnError
-from .fdstore import FdStore, service_owner, unit_owner
+from .errors import BindError, FdSupervisorError, SpawnError, ValueProblem
+from .fdstore import FdStore, RawFd, service_owner, unit_owner
 from .loop import EventLoop, Timer
 from .monitor import MonitorServer
+from .notify import NotifyMessage, NotifySocket
 from .qmp import event as qmp_event
-from .service import ExitStatus, Failed, Restart, Service, ServiceState
+from .service import ExitStatus, Failed, Restart, Service, ServiceState, Worker
 from .spawn import PassedFd, plan_worker, spawn
 from .systemd import SystemdNotifier
 from .units import ACCEPT_FD_NAME, Activation, Unit
@@ -43,24 +48,6 @@ ACCEPT_BATCH = 64
 ACCEPT_RETRY_DELAY = 0.1
 
 
-class UnsupportedFeature(FdSupervisorError):
-    pass
-
-
-# Validated by units.py, but not yet carried out by the supervisor: refuse to
-# run such a unit rather than run it differently from what it says.
-def unsupported_features(unit: Unit) -> list[str]:
-    service = unit.service
-    missing = []
-    if service.notify:
-        missing.append("notify: true (READY=1 readiness)")
-    if service.watchdog:
-        missing.append("watchdog")
-    if service.fd_store_max:
-        missing.append("fd-store-max (worker fd store)")
-    return missing
-
-
 @dataclass(slots=True)
 class UnitRuntime:
     """What the supervisor tracks for one unit besides its :class:`Service`."""
@@ -70,6 +57,8 @@ class UnitRuntime:
     pidfds: dict[int, int] = field(default_factory=dict)  # pid → pidfd
     restart_timers: dict[int, Timer] = field(default_factory=dict)  # instance → timer
     kill_timers: dict[int, Timer] = field(default_factory=dict)  # pid → timer
+    start_timers: dict[int, Timer] = field(default_factory=dict)  # pid → READY=1 deadline
+    watchdog_timers: dict[int, Timer] = field(default_factory=dict)  # pid → next ping deadline
     watching: bool = False  # on-demand: waiting for the first traffic
     accepting: bool = False  # accept mode: the service takes connections
     accept_paused: bool = False  # accept mode: at max-connections, or out of fds
@@ -99,6 +88,12 @@ class Supervisor:
         self.shutting_down = False
         self.base_dir = Path.cwd()
         self.listeners: list[Callable[[str, dict[str, Any]], None]] = []
+        self.notify_socket: NotifySocket | None = None
+        # Stored worker fds are watched for hang-ups only (FDPOLL): an inner epoll
+        # with no events requested reports just EPOLLHUP / EPOLLERR, as systemd's
+        # fd store does with its event sources.
+        self._hangups = select.epoll()
+        self._hangup_keys: dict[int, tuple[str, str]] = {}
         self._wakeup: tuple[socket.socket, socket.socket] | None = None
         self._old_handlers: dict[int, Any] = {}
         self.on_shutdown: list[Callable[[], None]] = []
@@ -127,15 +122,6 @@ class Supervisor:
         self.on_shutdown.append(server.close)
         return server
 
-    def check_supported(self) -> None:
-        problems = [
-            f"unit {name}: {feature} is not implemented yet"
-            for name, rt in self.units.items()
-            for feature in unsupported_features(rt.unit)
-        ]
-        if problems:
-            raise UnsupportedFeature("; ".join(problems))
-
     def bind_all(self) -> None:
         """Bind every socket of every unit, or none of them."""
         try:
@@ -162,6 +148,9 @@ class Supervisor:
     def start(self) -> None:
         """Start eager services, watch on-demand ones; then the supervisor is ready."""
         self._install_signals()
+        self.notify_socket = NotifySocket.bind_abstract(f"fdsupervisor/{os.getpid()}/notify")
+        self.loop.add_reader(self.notify_socket.fileno(), self._on_notify)
+        self.loop.add_reader(self._hangups.fileno(), self._on_hangups)
         for runtime in self.units.values():
             if runtime.unit.service.activation is Activation.ON_DEMAND:
                 self._watch(runtime)
@@ -293,7 +282,13 @@ class Supervisor:
     def _spawn_worker(self, runtime: UnitRuntime, instance: int) -> None:
         unit, service = runtime.unit, runtime.service
         try:
-            plan = plan_worker(unit, self._passed_fds(runtime), instance, self.environ)
+            plan = plan_worker(
+                unit,
+                self._passed_fds(runtime),
+                instance,
+                self.environ,
+                notify_socket=self._notify_address(),
+            )
             pid = spawn(plan)
         except (SpawnError, OSError) as exc:
             self.log.error("worker_start_failed", unit=unit.name, instance=instance, error=str(exc))
@@ -308,6 +303,13 @@ class Supervisor:
         runtime.pidfds[pid] = pidfd
         self.loop.add_reader(pidfd, partial(self._reap, runtime, pid))
         runtime.service.worker_started(instance, pid, self.loop.time())
+        spec = runtime.unit.service
+        if spec.notify and math.isfinite(spec.start_timeout) and spec.start_timeout > 0:
+            runtime.start_timers[pid] = self.loop.call_later(
+                spec.start_timeout, partial(self._start_timed_out, runtime, pid)
+            )
+        if spec.watchdog and math.isfinite(spec.watchdog):
+            self._arm_watchdog(runtime, pid, spec.watchdog)
         self.log.info("worker_started", unit=runtime.unit.name, instance=instance, pid=pid, fds=fds)
         self.emit("SERVICE_STARTED", {"unit": runtime.unit.name, "instance": instance, "pid": pid})
 
@@ -321,9 +323,10 @@ class Supervisor:
         self._signal_group(pid, signal.SIGKILL, leader_too=False)
         _, wait_status = os.waitpid(pid, 0)
         status = ExitStatus.from_wait_status(wait_status)
-        timer = runtime.kill_timers.pop(pid, None)
-        if timer is not None:
-            timer.cancel()
+        for timers in (runtime.kill_timers, runtime.start_timers, runtime.watchdog_timers):
+            timer = timers.pop(pid, None)
+            if timer is not None:
+                timer.cancel()
         decision = runtime.service.worker_exited(pid, status, self.loop.time())
         self.log.info(
             "worker_exited",
@@ -488,12 +491,176 @@ class Supervisor:
                 self.environ,
                 extra_env=extra_env,
                 stdio_fd=conn.fileno() if unit.service.inetd else None,
+                notify_socket=self._notify_address(),
             )
             pid = spawn(plan)
         except (SpawnError, OSError) as exc:
             self.log.error("worker_start_failed", unit=unit.name, instance=instance, error=str(exc))
             return
         self._track(runtime, instance, pid, 1)
+
+    # -- the notify protocol (sd_notify) from workers -------------------------------------
+
+    def _notify_address(self) -> str | None:
+        return self.notify_socket.address if self.notify_socket is not None else None
+
+    def _sender(self, pid: int) -> tuple[UnitRuntime, Worker] | None:
+        """The worker a notification comes from: the worker itself or its process group.
+
+        Like systemd's NotifyAccess=all restricted to the service's own
+        processes: a process of the worker's group (its children) may speak for it.
+        """
+        for runtime in self.units.values():
+            worker = runtime.service.worker_by_pid(pid)
+            if worker is not None:
+                return runtime, worker
+        try:
+            group = os.getpgid(pid)
+        except OSError:
+            return None
+        for runtime in self.units.values():
+            worker = runtime.service.worker_by_pid(group)
+            if worker is not None:
+                return runtime, worker
+        return None
+
+    def _on_notify(self) -> None:
+        assert self.notify_socket is not None
+        for datagram in self.notify_socket.receive():
+            sender = self._sender(datagram.pid)
+            if sender is None:
+                for fd in datagram.fds:
+                    os.close(fd)
+                self.log.warning(
+                    "notify_ignored", pid=datagram.pid, reason="not a worker's process"
+                )
+                continue
+            self._notified(*sender, datagram.message, datagram.fds)
+
+    def _notified(
+        self, runtime: UnitRuntime, worker: Worker, message: NotifyMessage, fds: list[int]
+    ) -> None:
+        unit, service = runtime.unit.name, runtime.service
+        for problem in message.problems:
+            self.log.warning("notify_invalid", unit=unit, pid=worker.pid, problem=problem)
+        if message.status is not None:
+            service.status = message.status
+        if message.ready:
+            timer = runtime.start_timers.pop(worker.pid, None)
+            if timer is not None:
+                timer.cancel()
+            if service.worker_ready(worker.pid):
+                self.log.info("service_ready", unit=unit, pid=worker.pid)
+                self.emit("SERVICE_READY", {"unit": unit, "pid": worker.pid})
+        if message.stopping:
+            self.log.info("worker_stopping", unit=unit, pid=worker.pid)
+        if message.reloading:
+            self.log.info("worker_reloading", unit=unit, pid=worker.pid)
+        if message.main_pid is not None:
+            self.log.info("worker_main_pid", unit=unit, pid=worker.pid, main_pid=message.main_pid)
+        if message.watchdog_usec is not None and message.watchdog_usec > 0:
+            self._arm_watchdog(runtime, worker.pid, message.watchdog_usec / 1_000_000)
+        elif message.watchdog and worker.pid in runtime.watchdog_timers:
+            self._arm_watchdog(runtime, worker.pid, runtime.unit.service.watchdog)
+        if message.watchdog_trigger:
+            self._watchdog_expired(runtime, worker.pid)
+        if message.fd_store_remove and message.fd_name is not None:
+            self._drop_stored(service_owner(unit), message.fd_name, "FDSTOREREMOVE=1")
+        if fds:
+            self._store_worker_fds(runtime, message, fds)
+
+    def _store_worker_fds(
+        self, runtime: UnitRuntime, message: NotifyMessage, fds: list[int]
+    ) -> None:
+        """FDSTORE=1: keep the fds under the service, up to fd-store-max.
+
+        One fd per name: a second FDSTORE=1 with the same FDNAME replaces the
+        first (as getfd does), where systemd would keep both.
+        """
+        unit, owner = runtime.unit.name, service_owner(runtime.unit.name)
+        name = message.fd_name or "stored"
+        try:
+            # stored fds reach the next worker in LISTEN_FDNAMES: the SPEC's name rule
+            check_name(name, "FDNAME")
+        except ValueProblem as exc:
+            for fd in fds:
+                os.close(fd)
+            self.log.warning("fd_store_refused", unit=unit, fdname=name, error=exc.message)
+            return
+        first, extra = fds[0], fds[1:]
+        for fd in extra:
+            os.close(fd)
+        if extra:
+            self.log.warning("fd_store_extra_closed", unit=unit, fdname=name, count=len(extra))
+        limit = runtime.unit.service.fd_store_max
+        replacing = self.store.get(owner, name) is not None
+        if not replacing and len(self.store.owned_by(owner)) >= limit:
+            os.close(first)
+            self.log.warning("fd_store_full", unit=unit, fdname=name, fd_store_max=limit)
+            return
+        if replacing:
+            self._drop_stored(owner, name, "replaced")
+        try:
+            self.store.add(owner, name, RawFd(first))
+        except FdSupervisorError as exc:
+            self.log.warning("fd_store_refused", unit=unit, fdname=name, error=str(exc))
+            return
+        if message.fd_poll:
+            try:
+                self._hangups.register(first, 0)
+                self._hangup_keys[first] = (owner, name)
+            except OSError:
+                pass  # not pollable (a regular file): kept until removed
+        self.log.info("fd_stored", unit=unit, fdname=name, fd=first)
+        self.emit("FD_STORED", {"fdname": name, "owner": owner})
+
+    def _drop_stored(self, owner: str, name: str, reason: str) -> None:
+        entry = self.store.get(owner, name)
+        if entry is None:
+            return
+        if self._hangup_keys.pop(entry.fd, None) is not None:
+            with contextlib.suppress(OSError):
+                self._hangups.unregister(entry.fd)
+        self.store.close(owner, name)
+        self.log.info("fd_store_removed", owner=owner, fdname=name, reason=reason)
+        self.emit("FD_CLOSED", {"fdname": name, "owner": owner})
+
+    def _on_hangups(self) -> None:
+        for fd, _events in self._hangups.poll(0):
+            key = self._hangup_keys.get(fd)
+            if key is not None:
+                self._drop_stored(*key, reason="hung up (FDPOLL)")
+
+    def _start_timed_out(self, runtime: UnitRuntime, pid: int) -> None:
+        runtime.start_timers.pop(pid, None)
+        self._kill_for(runtime, pid, "start timeout: no READY=1", runtime.unit.service.stop_signal)
+
+    def _arm_watchdog(self, runtime: UnitRuntime, pid: int, seconds: float) -> None:
+        timer = runtime.watchdog_timers.pop(pid, None)
+        if timer is not None:
+            timer.cancel()
+        runtime.watchdog_timers[pid] = self.loop.call_later(
+            seconds, partial(self._watchdog_expired, runtime, pid)
+        )
+
+    def _watchdog_expired(self, runtime: UnitRuntime, pid: int) -> None:
+        timer = runtime.watchdog_timers.pop(pid, None)
+        if timer is not None:
+            timer.cancel()
+        # systemd's WatchdogSignal= default: SIGABRT, so the worker may dump core
+        self._kill_for(runtime, pid, "watchdog timeout: no WATCHDOG=1", signal.SIGABRT)
+
+    def _kill_for(self, runtime: UnitRuntime, pid: int, reason: str, signum: int) -> None:
+        """Stop one worker because it failed us; its exit then counts as a failure."""
+        worker = runtime.service.worker_by_pid(pid)
+        if worker is None or worker.failure is not None:
+            return
+        worker.failure = reason
+        self.log.warning("worker_killed", unit=runtime.unit.name, pid=pid, reason=reason)
+        self._signal_group(pid, signum)
+        runtime.kill_timers[pid] = self.loop.call_later(
+            runtime.unit.service.stop_timeout, partial(self._kill_timeout, runtime, pid)
+        )
 
     # -- signals and shutdown ---------------------------------------------------------
 
@@ -542,6 +709,9 @@ class Supervisor:
                 os.close(pidfd)
             runtime.pidfds.clear()
         self.store.close_all()
+        if self.notify_socket is not None:
+            self.notify_socket.close()
+        self._hangups.close()
         for signum, handler in self._old_handlers.items():
             signal.signal(signum, handler)
         if self._wakeup is not None:
@@ -560,4 +730,4 @@ def _wake_only(signum: int, frame: object) -> None:
     """Signal handler: the wake-up fd already carries the signal number."""
 
 
-__all__ = ["BindError", "BoundSocket", "Supervisor", "UnsupportedFeature"]
+__all__ = ["BindError", "BoundSocket", "Supervisor"]

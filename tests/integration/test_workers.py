@@ -86,6 +86,8 @@ def test_clear_environment(supervisor, tmp_path: Path) -> None:
         env={"APP_FROM_SUPERVISOR": "x"},
     )
     report = report_from("127.0.0.1", sup.port("http"))
+    notify_socket = report["env"].pop("NOTIFY_SOCKET")
+    assert notify_socket == f"@fdsupervisor/{sup.pid}/notify"
     assert report["env"] == {
         "APP_ONLY": "1",
         "LISTEN_FDS": "1",

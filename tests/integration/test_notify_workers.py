@@ -1,0 +1,124 @@
+"""Workers speaking sd_notify to the supervisor: readiness, status, watchdog, fd store."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+
+from tests.conftest import PYTHON, ROOT, report_from
+from tests.monitor_client import RawClient
+
+NOTIFIER = str(ROOT / "tests" / "workers" / "notifier.py")
+
+
+def unit(mode: str, extra: str = "", restart: str = "on-failure") -> str:
+    return f"""
+        sockets:
+          http: {{listen: "127.0.0.1:0"}}
+        service:
+          exec: [{PYTHON}, {NOTIFIER}, {mode}]
+          restart: {restart}
+          restart-delay: 0
+{extra}
+        """
+
+
+def services(sup) -> dict[str, dict[str, object]]:
+    with RawClient(sup.monitor_path).negotiate() as client:
+        return {s["unit"]: s for s in client.command("query-services")["return"]}
+
+
+def info_line(sup, after: int = 0) -> dict[str, object]:
+    line = sup.wait_output("notifier {", after=after)
+    return dict(json.loads(line.split("notifier ", 1)[1]))
+
+
+def test_ready_and_status(supervisor) -> None:
+    sup = supervisor({"web": unit("ready", "          notify: true")})
+    ready = sup.wait_for("service_ready", unit="web")
+    info = info_line(sup)
+    assert info["pid"] == ready["pid"]
+    assert info["notify_socket"], "workers get NOTIFY_SOCKET"
+    state = services(sup)["web"]
+    assert state["state"] == "running"
+    assert state["status"] == "serving requests"
+
+
+def test_never_ready_is_failed_after_the_start_timeout(supervisor) -> None:
+    sup = supervisor(
+        {
+            "slow": unit(
+                "never-ready", "          notify: true\n          start-timeout: 300ms", "no"
+            )
+        }
+    )
+    assert services(sup)["slow"]["state"] == "starting"
+    killed = sup.wait_for("worker_killed", unit="slow")
+    assert "start timeout" in killed["reason"]
+    sup.wait_for("worker_exited", unit="slow")
+    assert services(sup)["slow"]["state"] == "failed"
+
+
+def test_start_timeout_restarts_under_on_failure(supervisor) -> None:
+    sup = supervisor(
+        {"slow": unit("never-ready", "          notify: true\n          start-timeout: 200ms")}
+    )
+    first = sup.wait_for("worker_killed", unit="slow")
+    exited = sup.wait_for("worker_exited", pid=first["pid"])
+    assert exited["status"] == "signal SIGTERM"
+    assert exited["restart_in"] == 0, "a start timeout is a failure, whatever the signal"
+
+
+def test_watchdog_kills_a_worker_that_stops_pinging(supervisor) -> None:
+    sup = supervisor({"dog": unit("ping-three-times", "          watchdog: 400ms")})
+    info = info_line(sup)
+    assert info["watchdog_usec"] == "400000"
+    assert info["watchdog_pid"] == str(info["pid"])
+    killed = sup.wait_for("worker_killed", unit="dog")
+    assert killed["pid"] == info["pid"] and "watchdog" in killed["reason"]
+    exited = sup.wait_for("worker_exited", pid=info["pid"])
+    assert exited["status"] == "signal SIGABRT"
+    assert exited["restart_in"] is not None, "a watchdog kill is a failure: restarted"
+
+
+def test_stored_fd_comes_back_after_sigkill_with_its_name(supervisor) -> None:
+    sup = supervisor({"keeper": unit("store", "          fd-store-max: 4")})
+    first = info_line(sup)
+    stored = sup.wait_for("fd_stored", unit="keeper")
+    assert stored["fdname"] == "keep"
+    mark, out = sup.mark(), sup.output_mark()
+    os.kill(int(first["pid"]), signal.SIGKILL)
+    sup.wait_for("worker_started", after=mark)
+    second = info_line(sup, after=out)
+    assert second["names"] == "http:keep"
+    assert second["inodes"]["keep"] == first["stored_inode"], "the same socket came back"
+    report = report_from("127.0.0.1", sup.port("http"))
+    assert report["pid"] == second["pid"]
+    with RawClient(sup.monitor_path).negotiate() as client:
+        fds = client.command("query-fds")["return"]
+    assert {"fdname": "keep", "owner": "service:keeper"}.items() <= next(
+        f for f in fds if f["fdname"] == "keep"
+    ).items()
+
+
+def test_fd_store_remove_and_hangup(supervisor) -> None:
+    sup = supervisor(
+        {
+            "remover": unit("store-then-remove", "          fd-store-max: 4"),
+            "hangup": unit("store-hangup", "          fd-store-max: 4"),
+        }
+    )
+    removed = sup.wait_for("fd_store_removed", owner="service:remover")
+    assert removed["reason"] == "FDSTOREREMOVE=1"
+    hung = sup.wait_for("fd_store_removed", owner="service:hangup")
+    assert "hung up" in hung["reason"]
+    with RawClient(sup.monitor_path).negotiate() as client:
+        owners = {f["owner"] for f in client.command("query-fds")["return"]}
+    assert "service:remover" not in owners and "service:hangup" not in owners
+
+
+def test_fd_store_max_zero_refuses(supervisor) -> None:
+    sup = supervisor({"nostore": unit("store")})
+    full = sup.wait_for("fd_store_full", unit="nostore")
+    assert full["fd_store_max"] == 0
