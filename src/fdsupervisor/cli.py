@@ -155,6 +155,7 @@ def run(args: argparse.Namespace, command: list[str], inherited: InheritedFds) -
         inherited=inherited,
         environ=os.environ,
         max_stored_fds=args.max_stored_fds,
+        unit_paths=args.units if not (args.listen or command) else (),
         notifier=SystemdNotifier(os.environ),
     )
     try:

@@ -14,6 +14,7 @@ as gunicorn's arbiter and asyncio do; all work happens in the loop.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import errno
 import math
 import os
@@ -30,16 +31,17 @@ from typing import Any
 from . import __version__
 from .addresses import check_name
 from .binding import BoundSocket, InheritedFds, bind_socket, describe_socket
-from .errors import BindError, FdSupervisorError, SpawnError, ValueProblem
+from .errors import BindError, ConfigErrors, FdSupervisorError, SpawnError, ValueProblem
 from .fdstore import FdStore, RawFd, service_owner, unit_owner
 from .loop import EventLoop, Timer
 from .monitor import MonitorServer
 from .notify import NotifyMessage, NotifySocket
 from .qmp import event as qmp_event
+from .reload import ReloadPlan, SocketKey, plan_reload
 from .service import ExitStatus, Failed, Restart, Service, ServiceState, Worker
 from .spawn import PassedFd, plan_worker, spawn
 from .systemd import SystemdNotifier
-from .units import ACCEPT_FD_NAME, Activation, Unit
+from .units import ACCEPT_FD_NAME, Activation, SocketSpec, Unit, load_units
 
 HANDLED_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
 # Accept mode: at most this many connections per wake-up, so that one busy
@@ -65,6 +67,16 @@ class UnitRuntime:
     restart_pending: bool = False
 
 
+@dataclass(slots=True)
+class PendingReload:
+    """A reload waiting for the workers of changed and removed units to exit."""
+
+    plan: ReloadPlan
+    units: Mapping[str, Unit]
+    fresh: dict[SocketKey, BoundSocket]
+    waiting_units: set[str]
+
+
 class Supervisor:
     def __init__(
         self,
@@ -75,6 +87,7 @@ class Supervisor:
         environ: Mapping[str, str],
         max_stored_fds: int = 1024,
         notifier: SystemdNotifier | None = None,
+        unit_paths: Sequence[Path] = (),
     ) -> None:
         self.log = log
         self.environ = dict(environ)
@@ -86,6 +99,8 @@ class Supervisor:
             u.name: UnitRuntime(u, Service(u.name, u.service)) for u in units
         }
         self.shutting_down = False
+        self.unit_paths = tuple(unit_paths)
+        self._reload: PendingReload | None = None
         self.base_dir = Path.cwd()
         self.listeners: list[Callable[[str, dict[str, Any]], None]] = []
         self.notify_socket: NotifySocket | None = None
@@ -152,13 +167,20 @@ class Supervisor:
         self.loop.add_reader(self.notify_socket.fileno(), self._on_notify)
         self.loop.add_reader(self._hangups.fileno(), self._on_hangups)
         for runtime in self.units.values():
-            if runtime.unit.service.activation is Activation.ON_DEMAND:
-                self._watch(runtime)
-            else:
-                self.start_service(runtime.unit.name, manual=False)
+            self._activate(runtime)
         summary = f"{len(self.units)} units, {len(self.store)} sockets"
         self.log.info("ready", units=len(self.units), sockets=len(self.store), pid=os.getpid())
         self.notifier.ready(summary)
+
+    def _activate(self, runtime: UnitRuntime) -> None:
+        """Start a unit as its activation says: now, on traffic, or per connection."""
+        if (
+            runtime.unit.service.activation is Activation.ON_DEMAND
+            and not runtime.unit.service.accept
+        ):
+            self._watch(runtime)
+        else:
+            self.start_service(runtime.unit.name, manual=False)
 
     def run(self) -> int:
         """Run until shut down and every worker is gone; returns the exit code."""
@@ -219,11 +241,144 @@ class Supervisor:
         runtime.restart_pending = True
         self.stop_service(unit_name)
 
+    # -- reload: apply changed unit files, keeping every fd that can be kept --------------
+
     def reload(self) -> dict[str, Any]:
-        raise FdSupervisorError(
-            "reloading unit files is not implemented yet; "
-            "restart the supervisor to apply changed units"
+        """Re-read the unit files; nothing changes unless all of them are valid.
+
+        Every new socket that can be bound at once is bound before anything
+        else happens, so a failure there also changes nothing. Then kept
+        sockets are relistened or moved, and the units whose service or fd
+        layout changed are stopped; once their workers are gone, their old
+        sockets are closed, the sockets that had to wait for that are bound,
+        and the new and changed units start.
+        """
+        if self._reload is not None:
+            raise self._reload_refused(
+                "a reload is still in progress (waiting for workers to stop)"
+            )
+        if not self.unit_paths:
+            raise self._reload_refused(
+                "this supervisor runs a command-line unit: nothing to reload"
+            )
+        try:
+            new_units = load_units(self.unit_paths)
+        except ConfigErrors as exc:
+            raise self._reload_refused(str(exc)) from None
+        plan = plan_reload([rt.unit for rt in self.units.values()], new_units)
+        if plan.problems:
+            raise self._reload_refused("\n".join(plan.problems))
+        new_by_name = {unit.name: unit for unit in new_units}
+        waiting = set(plan.bind_after_close)
+        fresh: dict[SocketKey, BoundSocket] = {}
+        try:
+            for key in (*plan.bind_sockets, *plan.rebind_sockets):
+                if key not in waiting:
+                    fresh[key] = self._bind_key(new_by_name, key)
+        except BindError as exc:
+            for bound in fresh.values():
+                bound.close()
+            raise self._reload_refused(str(exc)) from None
+        self.notifier.reloading()
+        self.log.info("reloading", plan=plan.summary())
+        self._apply_now(plan, new_by_name)
+        stopping = {*plan.stop_units, *plan.restart_units}
+        for name in stopping:
+            self.stop_service(name)
+        self._reload = PendingReload(
+            plan, new_by_name, fresh, {n for n in stopping if self.units[n].service.workers}
         )
+        if not self._reload.waiting_units:
+            self._finish_reload()
+        return {"summary": plan.summary(), "waiting-for": sorted(stopping)}
+
+    def _reload_refused(self, reason: str) -> FdSupervisorError:
+        self.log.error("reload_failed", error=reason, note="nothing was changed")
+        self.notifier.status(f"reload failed, nothing changed: {reason.splitlines()[0]}")
+        return FdSupervisorError(f"reload refused, nothing was changed: {reason}")
+
+    def _bind_key(self, units: Mapping[str, Unit], key: SocketKey) -> BoundSocket:
+        unit = units[key[0]]
+        spec = next(s for s in unit.sockets if s.name == key[1])
+        bound = bind_socket(spec, base_dir=unit.base_dir, inherited=InheritedFds(frozenset()))
+        self.log.info(
+            "socket_bound",
+            unit=key[0],
+            socket=key[1],
+            address=describe_socket(bound.fileno()).address,
+            kind=spec.kind.value,
+            fd=bound.fileno(),
+        )
+        return bound
+
+    def _new_spec(self, units: Mapping[str, Unit], key: SocketKey) -> SocketSpec:
+        return next(s for s in units[key[0]].sockets if s.name == key[1])
+
+    def _apply_now(self, plan: ReloadPlan, units: Mapping[str, Unit]) -> None:
+        """The part of a reload that needs no worker to stop: backlogs and moves."""
+        for key in plan.relisten_sockets:
+            entry = self.store.get(unit_owner(key[0]), key[1])
+            if entry is not None and isinstance(entry.resource, BoundSocket):
+                spec = self._new_spec(units, key)
+                entry.resource.sock.listen(spec.backlog)
+                entry.resource = dataclasses.replace(entry.resource, spec=spec)
+        involved = {old[0] for old, _new in plan.move_sockets}
+        for name in involved & set(self.units):
+            self._unwatch(self.units[name])
+            self._stop_accepting(self.units[name])
+        moved = [
+            (new, self.store.take(unit_owner(old[0]), old[1])) for old, new in plan.move_sockets
+        ]
+        for new, resource in moved:
+            spec = self._new_spec(units, new)
+            if isinstance(resource, BoundSocket):
+                resource = dataclasses.replace(resource, name=new[1], spec=spec)
+            self.store.add(unit_owner(new[0]), new[1], resource)
+            if new in plan.relisten_moved and isinstance(resource, BoundSocket):
+                resource.sock.listen(spec.backlog)
+        for name in plan.unchanged_units:
+            self.units[name].unit = units[name]
+        for name in involved & set(plan.unchanged_units):
+            self._activate(self.units[name])
+
+    def _finish_reload(self) -> None:
+        pending, self._reload = self._reload, None
+        assert pending is not None
+        plan, units = pending.plan, pending.units
+        for key in (*plan.close_sockets, *plan.rebind_sockets):
+            entry = self.store.get(unit_owner(key[0]), key[1])
+            if entry is not None:
+                self.loop.remove_reader(entry.fd)
+                self.store.close(entry.owner, entry.name)
+                self.log.info("socket_closed", unit=key[0], socket=key[1], reason="reload")
+        failed: set[str] = set()
+        for key in plan.bind_after_close:
+            try:
+                pending.fresh[key] = self._bind_key(units, key)
+            except BindError as exc:
+                failed.add(key[0])
+                self.log.error("reload_bind_failed", unit=key[0], socket=key[1], error=str(exc))
+        for key, bound in pending.fresh.items():
+            self.store.add(unit_owner(key[0]), key[1], bound)
+        for name in plan.stop_units:
+            runtime = self.units.pop(name)
+            self._cancel_restarts(runtime)
+            self.store.close_owner(unit_owner(name))
+        for name in (*plan.restart_units, *plan.start_units):
+            service = Service(name, units[name].service)
+            existing = self.units.get(name)
+            if existing is None:
+                runtime = self.units[name] = UnitRuntime(units[name], service)
+            else:
+                runtime = existing
+                runtime.unit, runtime.service = units[name], service
+            if name in failed:
+                self._fail(runtime, "a socket could not be bound at reload")
+            else:
+                self._activate(runtime)
+        summary = f"{len(self.units)} units, {len(self.store)} fds; reloaded: {plan.summary()}"
+        self.log.info("reloaded", plan=plan.summary())
+        self.notifier.ready(summary)
 
     # -- sockets added and removed at run time (the monitor) ---------------------------
 
@@ -274,10 +429,14 @@ class Supervisor:
         self.emit("SOCKET_REMOVED", {"id": socket_id, "unit": unit})
 
     def _passed_fds(self, runtime: UnitRuntime) -> list[PassedFd]:
+        """The unit's sockets in declaration order, then sockets added at run time, then
+        the fds its workers stored (SPEC 4)."""
         name = runtime.unit.name
-        passed = [PassedFd(e.name, e.fd) for e in self.store.owned_by(unit_owner(name))]
-        passed += [PassedFd(e.name, e.fd) for e in self.store.owned_by(service_owner(name))]
-        return passed
+        sockets = {e.name: e for e in self.store.owned_by(unit_owner(name))}
+        ordered = [sockets.pop(n) for n in runtime.unit.socket_names if n in sockets]
+        ordered += sockets.values()
+        ordered += self.store.owned_by(service_owner(name))
+        return [PassedFd(e.name, e.fd) for e in ordered]
 
     def _spawn_worker(self, runtime: UnitRuntime, instance: int) -> None:
         unit, service = runtime.unit, runtime.service
@@ -347,8 +506,16 @@ class Supervisor:
             )
         elif isinstance(decision, Failed):
             self._fail(runtime, decision.reason)
-        elif runtime.service.state is ServiceState.INACTIVE and not self.shutting_down:
+        elif (
+            runtime.service.state is ServiceState.INACTIVE
+            and not self.shutting_down
+            and not (self._reload and runtime.unit.name in self._reload.waiting_units)
+        ):
             self._watch(runtime)
+        if self._reload is not None and not runtime.service.workers:
+            self._reload.waiting_units.discard(runtime.unit.name)
+            if not self._reload.waiting_units:
+                self._finish_reload()
         if runtime.accept_paused and runtime.accepting:
             self._resume_accepting(runtime)
 
@@ -684,9 +851,8 @@ class Supervisor:
             if signum in (signal.SIGTERM, signal.SIGINT):
                 self.shutdown(signal.Signals(signum).name)
             elif signum == signal.SIGHUP:
-                self.log.warning(
-                    "reload_unsupported", note="reloading unit files is not implemented yet"
-                )
+                with contextlib.suppress(FdSupervisorError):  # logged by reload()
+                    self.reload()
 
     def shutdown(self, reason: str) -> None:
         if self.shutting_down:

@@ -25,6 +25,12 @@ class SystemdNotifier:
     def ready(self, status: str) -> None:
         self.notify(READY="1", STATUS=status)
 
+    def reloading(self) -> None:
+        import time
+
+        usec = time.clock_gettime_ns(time.CLOCK_MONOTONIC) // 1000
+        self.notify(RELOADING="1", MONOTONIC_USEC=str(usec))
+
     def stopping(self) -> None:
         self.notify(STOPPING="1", STATUS="stopping")
 
