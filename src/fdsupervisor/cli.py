@@ -22,6 +22,7 @@ from .monitor import default_monitor_path
 from .supervisor import Supervisor
 from .systemd import SystemdNotifier
 from .units import Unit, load_units, unit_from_command_line
+from .upgrade import HandoverState, take_state
 
 
 def _ensure_stdio() -> None:
@@ -99,8 +100,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     _ensure_stdio()
-    inherited = InheritedFds.scan()
+    # An upgrade's handover first: its fds are ours already, not inherited ones.
+    handover = take_state(dict(os.environ))
+    scanned = InheritedFds.scan()
+    inherited = InheritedFds(scanned.numbers - set(handover.fds)) if handover else scanned
     args_list = list(sys.argv[1:] if argv is None else argv)
+    exec_argv = tuple(args_list)
     command: list[str] = []
     if "--" in args_list:
         split = args_list.index("--")
@@ -110,7 +115,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return check(args.units)
     if args.command == "ctl":
         return ctl.run(args)
-    return run(args, command, inherited)
+    return run(args, command, inherited, exec_argv, handover)
 
 
 def _load(args: argparse.Namespace, command: list[str]) -> list[Unit]:
@@ -138,7 +143,13 @@ def _load(args: argparse.Namespace, command: list[str]) -> list[Unit]:
     return load_units(args.units)
 
 
-def run(args: argparse.Namespace, command: list[str], inherited: InheritedFds) -> int:
+def run(
+    args: argparse.Namespace,
+    command: list[str],
+    inherited: InheritedFds,
+    exec_argv: Sequence[str] = (),
+    handover: HandoverState | None = None,
+) -> int:
     log = make_logger(args.log_format)
     try:
         units = _load(args, command)
@@ -157,9 +168,13 @@ def run(args: argparse.Namespace, command: list[str], inherited: InheritedFds) -
         max_stored_fds=args.max_stored_fds,
         unit_paths=args.units if not (args.listen or command) else (),
         notifier=SystemdNotifier(os.environ),
+        exec_argv=exec_argv,
     )
     try:
-        supervisor.bind_all()
+        if handover is None:
+            supervisor.bind_all()
+        else:
+            supervisor.adopt_handover(handover)
     except (BindError, FdSupervisorError) as exc:
         log.error("startup_failed", error=str(exc), note="nothing was bound")
         return 1
@@ -167,12 +182,20 @@ def run(args: argparse.Namespace, command: list[str], inherited: InheritedFds) -
         path = args.monitor or default_monitor_path(os.environ, os.getuid())
         allowed = frozenset({0, os.getuid(), *args.monitor_allow_uid})
         try:
-            supervisor.attach_monitor(path, allowed)
+            supervisor.attach_monitor(
+                path, allowed, existing_fd=handover.monitor_fd if handover else None
+            )
         except OSError as exc:
             supervisor.store.close_all()
             log.error("startup_failed", error=f"monitor {path}: {exc}", note="nothing was bound")
             return 1
-    supervisor.start()
+    supervisor.start(handover)
+    if handover is not None:
+        log.info(
+            "upgraded",
+            pid=os.getpid(),
+            workers=sum(len(s.workers) for s in handover.services.values()),
+        )
     return supervisor.run()
 
 

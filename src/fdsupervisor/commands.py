@@ -75,6 +75,7 @@ class Commands:
             "service-stop": Command(self.service_stop, (Arg("unit", str),)),
             "service-restart": Command(self.service_restart, (Arg("unit", str),)),
             "reload": Command(self.reload),
+            "upgrade": Command(self.upgrade),
         }
 
     def execute(self, client: MonitorClient, request: Execute) -> tuple[bytes, list[int]]:
@@ -247,6 +248,10 @@ class Commands:
 
     def reload(self, client: MonitorClient, args: dict[str, Any]) -> Any:
         return self.supervisor.reload()
+
+    def upgrade(self, client: MonitorClient, args: dict[str, Any]) -> Any:
+        """Re-exec in place; a reply comes only if it did not happen (the error)."""
+        return self.supervisor.upgrade()
 
 
 @dataclass(frozen=True, slots=True)

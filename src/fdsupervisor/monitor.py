@@ -229,7 +229,11 @@ class MonitorServer:
         self._sock: socket.socket | None = None
         self._inode: int | None = None
 
-    def open(self) -> None:
+    def open(self, existing: socket.socket | None = None) -> None:
+        """Bind the monitor socket, or take over ``existing`` (an upgrade's handover)."""
+        if existing is not None:
+            self._listen(existing)
+            return
         directory = self.path.parent
         if not directory.exists():
             directory.mkdir(mode=0o700, parents=True)
@@ -244,6 +248,9 @@ class MonitorServer:
         finally:
             os.umask(old_umask)
         sock.listen(64)
+        self._listen(sock)
+
+    def _listen(self, sock: socket.socket) -> None:
         sock.setblocking(False)
         self._sock = sock
         self._inode = os.stat(self.path).st_ino
@@ -280,6 +287,13 @@ class MonitorServer:
         self.clients.append(client)
         self.loop.add_reader(conn.fileno(), client.on_readable)
         client.send(client.qmp.greeting())
+
+    def fileno(self) -> int | None:
+        return self._sock.fileno() if self._sock is not None else None
+
+    def close_clients(self) -> None:
+        for client in list(self.clients):
+            client.close()
 
     def forget(self, client: MonitorClient) -> None:
         if client in self.clients:

@@ -141,7 +141,7 @@ class Service:
         self.failure: str | None = None
         self._limit = StartLimit(spec.start_limit_burst, spec.start_limit_interval)
         self._failed_starts: dict[int, int] = {}
-        self._connections = 0
+        self.connections = 0
 
     @property
     def pids(self) -> list[int]:
@@ -191,8 +191,8 @@ class Service:
 
     def next_instance(self) -> int:
         """Accept mode: each connection's instance gets the next number."""
-        self._connections += 1
-        return self._connections - 1
+        self.connections += 1
+        return self.connections - 1
 
     def refresh_state(self) -> None:
         if self.state in (ServiceState.STOPPING, ServiceState.FAILED):

@@ -21,6 +21,8 @@ import os
 import select
 import signal
 import socket
+import subprocess
+import sys
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -29,7 +31,7 @@ from pathlib import Path
 from typing import Any
 
 from . import __version__
-from .addresses import check_name
+from .addresses import FdAddress, check_name
 from .binding import BoundSocket, InheritedFds, bind_socket, describe_socket
 from .errors import BindError, ConfigErrors, FdSupervisorError, SpawnError, ValueProblem
 from .fdstore import FdStore, RawFd, service_owner, unit_owner
@@ -39,11 +41,20 @@ from .notify import NotifyMessage, NotifySocket
 from .qmp import event as qmp_event
 from .reload import ReloadPlan, SocketKey, plan_reload
 from .service import ExitStatus, Failed, Restart, Service, ServiceState, Worker
-from .spawn import PassedFd, plan_worker, spawn
+from .spawn import SUPERVISOR_ONLY_ENV, PassedFd, plan_worker, spawn
 from .systemd import SystemdNotifier
-from .units import ACCEPT_FD_NAME, Activation, SocketSpec, Unit, load_units
+from .units import ACCEPT_FD_NAME, Activation, SocketKind, SocketSpec, Unit, load_units
+from .upgrade import (
+    HANDOVER_ENV,
+    HandoverState,
+    ServiceItem,
+    StoredItem,
+    WorkerItem,
+    set_inheritable,
+    write_state,
+)
 
-HANDLED_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
+HANDLED_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGUSR2)
 # Accept mode: at most this many connections per wake-up, so that one busy
 # socket cannot starve the loop; and a pause after EMFILE before trying again.
 ACCEPT_BATCH = 64
@@ -88,6 +99,7 @@ class Supervisor:
         max_stored_fds: int = 1024,
         notifier: SystemdNotifier | None = None,
         unit_paths: Sequence[Path] = (),
+        exec_argv: Sequence[str] = (),
     ) -> None:
         self.log = log
         self.environ = dict(environ)
@@ -100,6 +112,8 @@ class Supervisor:
         }
         self.shutting_down = False
         self.unit_paths = tuple(unit_paths)
+        self.exec_argv = tuple(exec_argv)  # how to run this supervisor again (upgrade)
+        self.monitor: MonitorServer | None = None
         self._reload: PendingReload | None = None
         self.base_dir = Path.cwd()
         self.listeners: list[Callable[[str, dict[str, Any]], None]] = []
@@ -120,8 +134,10 @@ class Supervisor:
 
     # -- start-up -----------------------------------------------------------
 
-    def attach_monitor(self, path: Path, allowed_uids: frozenset[int]) -> MonitorServer:
-        """Open the QMP monitor on ``path``; its clients get every event."""
+    def attach_monitor(
+        self, path: Path, allowed_uids: frozenset[int], existing_fd: int | None = None
+    ) -> MonitorServer:
+        """Open the QMP monitor on ``path`` (or adopt its handed-over socket)."""
         from .commands import Commands
 
         server = MonitorServer(
@@ -132,7 +148,12 @@ class Supervisor:
             allowed_uids=allowed_uids,
             execute=Commands(self).execute,
         )
-        server.open()
+        existing = None
+        if existing_fd is not None:
+            os.set_inheritable(existing_fd, False)
+            existing = socket.socket(fileno=existing_fd)
+        server.open(existing)
+        self.monitor = server
         self.listeners.append(lambda name, data: server.broadcast(_event_line(name, data)))
         self.on_shutdown.append(server.close)
         return server
@@ -160,14 +181,21 @@ class Supervisor:
         for number in self.inherited.close_unclaimed():
             self.log.warning("inherited_fd_closed", fd=number, reason="no unit references it")
 
-    def start(self) -> None:
-        """Start eager services, watch on-demand ones; then the supervisor is ready."""
+    def start(self, handover: HandoverState | None = None) -> None:
+        """Start eager services, watch on-demand ones; then the supervisor is ready.
+
+        After an upgrade (``handover``), the services carry on where the old
+        program left them instead: running workers are supervised again.
+        """
         self._install_signals()
         self.notify_socket = NotifySocket.bind_abstract(f"fdsupervisor/{os.getpid()}/notify")
         self.loop.add_reader(self.notify_socket.fileno(), self._on_notify)
         self.loop.add_reader(self._hangups.fileno(), self._on_hangups)
-        for runtime in self.units.values():
-            self._activate(runtime)
+        if handover is None:
+            for runtime in self.units.values():
+                self._activate(runtime)
+        else:
+            self._restore_services(handover)
         summary = f"{len(self.units)} units, {len(self.store)} sockets"
         self.log.info("ready", units=len(self.units), sockets=len(self.store), pid=os.getpid())
         self.notifier.ready(summary)
@@ -379,6 +407,234 @@ class Supervisor:
         summary = f"{len(self.units)} units, {len(self.store)} fds; reloaded: {plan.summary()}"
         self.log.info("reloaded", plan=plan.summary())
         self.notifier.ready(summary)
+
+    # -- upgrade in place: re-exec, handing every fd and worker over ---------------------
+
+    def upgrade(self) -> dict[str, Any]:
+        """Re-execute this supervisor's program as the same process (see upgrade.py).
+
+        Returns only if the upgrade did not happen; the old supervisor then
+        runs on as before.
+        """
+        if self._reload is not None or self.shutting_down:
+            raise self._upgrade_refused("a reload or a shutdown is in progress")
+        if not self.exec_argv:
+            raise self._upgrade_refused("this supervisor does not know its own command line")
+        self._preflight()
+        state = self._handover_state()
+        state_fd = write_state(state)
+        self.log.info("upgrading", pid=os.getpid(), fds=len(state.fds))
+        self.notifier.reloading()
+        if self.monitor is not None:
+            self.monitor.close_clients()  # connections do not cross; clients reconnect
+        set_inheritable(state.fds, True)
+        environ = {k: v for k, v in os.environ.items() if not k.startswith("LISTEN_")}
+        environ[HANDOVER_ENV] = str(state_fd)
+        argv = [sys.executable, "-m", "fdsupervisor", *self.exec_argv]
+        try:
+            os.execve(sys.executable, argv, environ)
+        except OSError as exc:
+            set_inheritable(state.fds, False)
+            os.close(state_fd)
+            self.notifier.ready("upgrade failed; still running the old program")
+            raise self._upgrade_refused(f"execve {sys.executable}: {exc}") from None
+        raise AssertionError("unreachable")  # pragma: no cover
+
+    def _upgrade_refused(self, reason: str) -> FdSupervisorError:
+        self.log.error("upgrade_failed", error=reason, note="the running supervisor carries on")
+        return FdSupervisorError(f"upgrade refused, still running: {reason}")
+
+    def _preflight(self) -> None:
+        """The new program must at least load: run its ``check`` on our unit files."""
+        command = [sys.executable, "-m", "fdsupervisor"]
+        command += ["check", *map(str, self.unit_paths)] if self.unit_paths else ["--version"]
+        environ = {k: v for k, v in os.environ.items() if k not in SUPERVISOR_ONLY_ENV}
+        try:
+            result = subprocess.run(
+                command,
+                capture_output=True,
+                text=True,
+                timeout=60,
+                env=environ,
+                stdin=subprocess.DEVNULL,
+                cwd=self.base_dir,
+            )
+        except (OSError, subprocess.TimeoutExpired) as exc:
+            raise self._upgrade_refused(f"the new program did not run: {exc}") from None
+        if result.returncode != 0:
+            detail = (result.stderr or result.stdout).strip().splitlines()
+            raise self._upgrade_refused(
+                "the new program's check failed: " + (detail[-1] if detail else "no output")
+            )
+
+    def _handover_state(self) -> HandoverState:
+        items = []
+        for entry in self.store:
+            resource = entry.resource
+            if isinstance(resource, BoundSocket):
+                items.append(
+                    StoredItem(
+                        entry.owner,
+                        entry.name,
+                        entry.fd,
+                        True,
+                        kind=resource.spec.kind.value,
+                        backlog=resource.spec.backlog,
+                        created_path=str(resource.created_path) if resource.created_path else None,
+                        created_inode=resource.created_inode,
+                    )
+                )
+            else:
+                items.append(
+                    StoredItem(
+                        entry.owner,
+                        entry.name,
+                        entry.fd,
+                        False,
+                        watch_hangup=entry.fd in self._hangup_keys,
+                    )
+                )
+        services = {}
+        for name, runtime in self.units.items():
+            service = runtime.service
+            services[name] = ServiceItem(
+                state=service.state.value,
+                restarts=service.restarts,
+                last_exit=service.last_exit.as_dict() if service.last_exit else None,
+                status=service.status,
+                failure=service.failure,
+                connections=service.connections,
+                workers=tuple(
+                    WorkerItem(w.instance, w.pid, w.started_at, w.ready, w.failure)
+                    for w in service.workers.values()
+                ),
+            )
+        monitor_fd = self.monitor.fileno() if self.monitor is not None else None
+        return HandoverState(self.exec_argv, tuple(items), services, monitor_fd)
+
+    def adopt_handover(self, state: HandoverState) -> None:
+        """In the new program: take over the old one's fds, then bind what is new.
+
+        Sockets of units that are gone from the unit files are closed; sockets
+        the unit files have and the old program had not are bound. (A change of
+        configuration is a reload's business; this only keeps both in step.)
+        """
+        wanted = {(u.name, s.name): s for u in self._unit_list() for s in u.sockets}
+        for item in state.store:
+            os.set_inheritable(item.fd, False)
+            unit = item.owner.removeprefix("unit:") if item.owner.startswith("unit:") else None
+            if not item.socket:
+                self.store.add(item.owner, item.name, RawFd(item.fd))
+                if item.watch_hangup:
+                    self._hangups.register(item.fd, 0)
+                    self._hangup_keys[item.fd] = (item.owner, item.name)
+                continue
+            sock = socket.socket(fileno=item.fd)
+            spec = wanted.pop((unit, item.name), None) if unit is not None else None
+            if unit is not None and unit not in self.units:
+                self.log.warning(
+                    "socket_closed",
+                    unit=unit,
+                    socket=item.name,
+                    reason="its unit is gone from the unit files",
+                )
+                BoundSocket(
+                    item.name,
+                    self._runtime_spec(item),
+                    sock,
+                    Path(item.created_path) if item.created_path else None,
+                    created_inode=item.created_inode,
+                ).close()
+                continue
+            bound = BoundSocket(
+                item.name,
+                spec or self._runtime_spec(item),
+                sock,
+                Path(item.created_path) if item.created_path else None,
+                adopted=True,
+                created_inode=item.created_inode,
+            )
+            self.store.add(item.owner, item.name, bound)
+        for (unit_name, _socket_name), spec in wanted.items():
+            runtime = self.units[unit_name]
+            bound = bind_socket(spec, base_dir=runtime.unit.base_dir, inherited=self.inherited)
+            self.store.add(unit_owner(unit_name), spec.name, bound)
+        self.log.info("handover_adopted", fds=len(state.fds), services=len(state.services))
+
+    def _unit_list(self) -> list[Unit]:
+        return [runtime.unit for runtime in self.units.values()]
+
+    @staticmethod
+    def _runtime_spec(item: StoredItem) -> SocketSpec:
+        """A spec for a socket added at run time, which no unit file describes."""
+        return SocketSpec(
+            name=item.name,
+            address=FdAddress(str(item.fd)),
+            kind=SocketKind(item.kind),
+            backlog=item.backlog,
+        )
+
+    def _restore_services(self, state: HandoverState) -> None:
+        for name, item in state.services.items():
+            runtime = self.units.get(name)
+            if runtime is None:
+                for worker in item.workers:
+                    self._orphan(worker.pid)
+                continue
+            service = runtime.service
+            service.state = ServiceState(item.state)
+            service.restarts, service.status, service.failure = (
+                item.restarts,
+                item.status,
+                item.failure,
+            )
+            service.last_exit = ExitStatus(**item.last_exit) if item.last_exit else None
+            service.connections = item.connections
+            for saved in item.workers:
+                try:
+                    pidfd = os.pidfd_open(saved.pid)
+                except ProcessLookupError:
+                    continue
+                service.workers[saved.instance] = Worker(
+                    saved.instance,
+                    saved.pid,
+                    saved.started_at,
+                    ready=saved.ready,
+                    failure=saved.failure,
+                )
+                runtime.pidfds[saved.pid] = pidfd
+                self.loop.add_reader(pidfd, partial(self._reap, runtime, saved.pid))
+                if runtime.unit.service.watchdog and math.isfinite(runtime.unit.service.watchdog):
+                    self._arm_watchdog(runtime, saved.pid, runtime.unit.service.watchdog)
+            self._resume(runtime)
+
+    def _resume(self, runtime: UnitRuntime) -> None:
+        """Carry a restored service on: start what was due, watch what was watched."""
+        state, spec = runtime.service.state, runtime.unit.service
+        if spec.accept:
+            if state is not ServiceState.INACTIVE and state is not ServiceState.FAILED:
+                runtime.service.refresh_state()
+                self._start_accepting(runtime)
+        elif state is ServiceState.LISTENING:
+            self._watch(runtime)
+        elif state in (ServiceState.RUNNING, ServiceState.STARTING):
+            for instance in runtime.service.instances_to_start():
+                self._spawn_worker(runtime, instance)  # restarts that were pending
+
+    def _orphan(self, pid: int) -> None:
+        """A worker of a unit that no longer exists: stop it, and still reap it."""
+        try:
+            pidfd = os.pidfd_open(pid)
+        except ProcessLookupError:
+            return
+        self._signal_group(pid, signal.SIGTERM)
+
+        def reap() -> None:
+            self.loop.remove_reader(pidfd)
+            os.close(pidfd)
+            os.waitpid(pid, 0)
+
+        self.loop.add_reader(pidfd, reap)
 
     # -- sockets added and removed at run time (the monitor) ---------------------------
 
@@ -853,6 +1109,9 @@ class Supervisor:
             elif signum == signal.SIGHUP:
                 with contextlib.suppress(FdSupervisorError):  # logged by reload()
                     self.reload()
+            elif signum == signal.SIGUSR2:
+                with contextlib.suppress(FdSupervisorError):  # logged by upgrade()
+                    self.upgrade()
 
     def shutdown(self, reason: str) -> None:
         if self.shutting_down:
