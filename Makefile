@@ -5,7 +5,7 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 SUDO   := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
-.PHONY: run test lint unit integration bench check clean system-deps
+.PHONY: run test bench chaos check clean system-deps
 
 run: $(STAMP)
 	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/fdsupervisor run units/
@@ -19,8 +19,14 @@ test: $(STAMP)
 check: $(STAMP)
 	$(BIN)/fdsupervisor check units/
 
+# Benchmarks need their peers: circus from PyPI (the bench extra), QEMU and
+# systemd-socket-activate from Debian (qemu-system-x86, systemd), gcc for the C workers.
 bench: $(STAMP)
+	$(BIN)/pip install -q -e '.[bench]'
 	$(BIN)/python bench/run_all.py
+
+chaos: $(STAMP)
+	FDSUP_CHAOS_SECONDS=120 $(BIN)/pytest -q --timeout 600 tests/integration/test_chaos.py
 
 # systemd-python compiles against libsystemd: install the headers where missing.
 system-deps:

@@ -7,7 +7,7 @@ import sys
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
-BENCHMARKS = ["getfd.py"]
+BENCHMARKS = ["getfd.py", "activation.py", "accept_rate.py", "restart_gap.py"]
 
 
 def main() -> int:
