@@ -20,7 +20,7 @@ from .errors import BindError, ConfigErrors, FdSupervisorError
 from .log import LOG_FORMATS, make_logger
 from .monitor import default_monitor_path
 from .supervisor import Supervisor
-from .systemd import SystemdNotifier
+from .systemd import SystemdNotifier, SystemdSockets
 from .units import Unit, load_units, unit_from_command_line
 from .upgrade import HandoverState, take_state
 
@@ -71,7 +71,7 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument(
         "--on-demand", action="store_true", help="with --listen: start COMMAND on the first traffic"
     )
-    run.add_argument("--log-format", choices=LOG_FORMATS, default="console")
+    run.add_argument("--log-format", choices=LOG_FORMATS, default="auto")
     run.add_argument("--max-stored-fds", type=int, default=1024, metavar="N")
     run.add_argument(
         "--monitor",
@@ -115,7 +115,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         return check(args.units)
     if args.command == "ctl":
         return ctl.run(args)
-    return run(args, command, inherited, exec_argv, handover)
+    systemd_sockets = (
+        SystemdSockets() if handover else SystemdSockets.from_environment(os.environ, os.getpid())
+    )
+    return run(args, command, inherited, exec_argv, handover, systemd_sockets)
 
 
 def _load(args: argparse.Namespace, command: list[str]) -> list[Unit]:
@@ -149,8 +152,11 @@ def run(
     inherited: InheritedFds,
     exec_argv: Sequence[str] = (),
     handover: HandoverState | None = None,
+    systemd_sockets: SystemdSockets | None = None,
 ) -> int:
     log = make_logger(args.log_format)
+    if systemd_sockets is not None and systemd_sockets.problem:
+        log.warning("listen_fds_ignored", problem=systemd_sockets.problem)
     try:
         units = _load(args, command)
     except ConfigErrors as exc:
@@ -169,6 +175,7 @@ def run(
         unit_paths=args.units if not (args.listen or command) else (),
         notifier=SystemdNotifier(os.environ),
         exec_argv=exec_argv,
+        systemd_sockets=systemd_sockets,
     )
     try:
         if handover is None:

@@ -32,7 +32,7 @@ from typing import Any
 
 from . import __version__
 from .addresses import FdAddress, check_name
-from .binding import BoundSocket, InheritedFds, bind_socket, describe_socket
+from .binding import BoundSocket, InheritedFds, adopt_socket, bind_socket, describe_socket
 from .errors import BindError, ConfigErrors, FdSupervisorError, SpawnError, ValueProblem
 from .fdstore import FdStore, RawFd, service_owner, unit_owner
 from .loop import EventLoop, Timer
@@ -41,8 +41,14 @@ from .notify import NotifyMessage, NotifySocket
 from .qmp import event as qmp_event
 from .reload import ReloadPlan, SocketKey, plan_reload
 from .service import ExitStatus, Failed, Restart, Service, ServiceState, Worker
-from .spawn import SUPERVISOR_ONLY_ENV, PassedFd, plan_worker, spawn
-from .systemd import SystemdNotifier
+from .spawn import SUPERVISOR_ONLY_ENV, PassedFd, SpawnPlan, plan_worker, spawn
+from .systemd import (
+    SystemdNotifier,
+    SystemdSockets,
+    adoptable,
+    fd_store_name,
+    stored_socket_mismatch,
+)
 from .units import ACCEPT_FD_NAME, Activation, SocketKind, SocketSpec, Unit, load_units
 from .upgrade import (
     HANDOVER_ENV,
@@ -59,6 +65,9 @@ HANDLED_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGUSR2)
 # socket cannot starve the loop; and a pause after EMFILE before trying again.
 ACCEPT_BATCH = 64
 ACCEPT_RETRY_DELAY = 0.1
+# The new program's check before an upgrade blocks the loop; keep it well
+# under half of a typical WatchdogSec= (30 s in contrib/), pinged before and after.
+PREFLIGHT_TIMEOUT = 10.0
 
 
 @dataclass(slots=True)
@@ -100,6 +109,7 @@ class Supervisor:
         notifier: SystemdNotifier | None = None,
         unit_paths: Sequence[Path] = (),
         exec_argv: Sequence[str] = (),
+        systemd_sockets: SystemdSockets | None = None,
     ) -> None:
         self.log = log
         self.environ = dict(environ)
@@ -107,6 +117,10 @@ class Supervisor:
         self.loop = EventLoop()
         self.store = FdStore(limit=max_stored_fds)
         self.notifier = notifier or SystemdNotifier({})
+        self.systemd_sockets = systemd_sockets or SystemdSockets()
+        self._from_systemd_store = adoptable(self.systemd_sockets)  # (unit, socket) → fd
+        self._kept_in_systemd: set[str] = set()  # FDNAMEs in systemd's fd store
+        self._watchdog: Timer | None = None
         self.units: dict[str, UnitRuntime] = {
             u.name: UnitRuntime(u, Service(u.name, u.service)) for u in units
         }
@@ -163,9 +177,11 @@ class Supervisor:
         try:
             for runtime in self.units.values():
                 for spec in runtime.unit.sockets:
-                    bound = bind_socket(
-                        spec, base_dir=runtime.unit.base_dir, inherited=self.inherited
-                    )
+                    bound = self._take_from_systemd_store(runtime.unit, spec)
+                    if bound is None:
+                        bound = bind_socket(
+                            spec, base_dir=runtime.unit.base_dir, inherited=self.inherited
+                        )
                     self.store.add(unit_owner(runtime.unit.name), spec.name, bound)
                     self.log.info(
                         "socket_bound",
@@ -178,8 +194,84 @@ class Supervisor:
         except BaseException:
             self.store.close_all()
             raise
-        for number in self.inherited.close_unclaimed():
+        closed = self.inherited.close_unclaimed()
+        for number in closed:
             self.log.warning("inherited_fd_closed", fd=number, reason="no unit references it")
+        for name in self.systemd_sockets.names_of(closed):
+            self.notifier.remove_fds(name)  # systemd closes its copy too
+        self.sync_systemd_store()
+
+    def _take_from_systemd_store(self, unit: Unit, spec: SocketSpec) -> BoundSocket | None:
+        """The socket systemd's fd store handed back for this unit socket, if it still fits."""
+        if isinstance(spec.address, FdAddress):
+            return None
+        fd = self._from_systemd_store.get((unit.name, spec.name))
+        if fd is None:
+            return None
+        name = fd_store_name(unit.name, spec.name)
+        self.inherited.claim(fd, spec.name)
+        reason = stored_socket_mismatch(fd, spec, unit.base_dir)
+        if reason is None:
+            sock = socket.socket(fileno=fd)
+            try:
+                bound = adopt_socket(sock, spec, fd_label=name)
+            except BindError as exc:
+                sock.detach()
+                reason = str(exc)
+            else:
+                self.log.info("socket_taken_back", unit=unit.name, socket=spec.name, fd=fd)
+                return bound
+        self.log.warning("stored_socket_dropped", unit=unit.name, socket=spec.name, reason=reason)
+        os.close(fd)
+        if name is not None:
+            self.notifier.remove_fds(name)
+            self.notifier.barrier()  # systemd's copy is closed before we bind the address
+        return None
+
+    def sync_systemd_store(self) -> None:
+        """Make systemd's fd store hold exactly the unit-file sockets the supervisor holds."""
+        if not self.notifier.enabled:
+            return  # not under systemd: nothing is kept, socket files go at shutdown
+        current: dict[str, int] = {}
+        for runtime in self.units.values():
+            for spec in runtime.unit.sockets:
+                if isinstance(spec.address, FdAddress):
+                    continue  # passed again by whoever passed it (a .socket unit)
+                entry = self.store.get(unit_owner(runtime.unit.name), spec.name)
+                if entry is None:
+                    continue
+                name = fd_store_name(runtime.unit.name, spec.name)
+                if name is None:
+                    self.log.warning(
+                        "socket_not_kept",
+                        unit=runtime.unit.name,
+                        socket=spec.name,
+                        reason="unit and socket name exceed 255 characters together",
+                    )
+                    continue
+                current[name] = entry.fd
+        for name in sorted(self._kept_in_systemd - current.keys()):
+            self.notifier.remove_fds(name)
+        limit = self.notifier.fd_store_max
+        if limit is not None and len(current) > limit:
+            self.log.warning("fd_store_full", sockets=len(current), file_descriptor_store_max=limit)
+        if current and not self.notifier.store_fds(sorted(current.items())):
+            self.log.warning("fd_store_failed", error=str(self.notifier.last_error))
+        self._kept_in_systemd = set(current)
+
+    def _keep_socket_files(self) -> None:
+        """Sockets systemd keeps for the next start keep their files (RemoveOnStop=no)."""
+        for runtime in self.units.values():
+            for entry in self.store.owned_by(unit_owner(runtime.unit.name)):
+                name = fd_store_name(runtime.unit.name, entry.name)
+                if name in self._kept_in_systemd and isinstance(entry.resource, BoundSocket):
+                    entry.resource = dataclasses.replace(
+                        entry.resource, created_path=None, created_inode=None
+                    )
+
+    def _ping_watchdog(self, interval: float) -> None:
+        self.notifier.ping()
+        self._watchdog = self.loop.call_later(interval, partial(self._ping_watchdog, interval))
 
     def start(self, handover: HandoverState | None = None) -> None:
         """Start eager services, watch on-demand ones; then the supervisor is ready.
@@ -196,6 +288,9 @@ class Supervisor:
                 self._activate(runtime)
         else:
             self._restore_services(handover)
+        interval = self.notifier.watchdog_interval()
+        if interval is not None:
+            self._ping_watchdog(interval)
         summary = f"{len(self.units)} units, {len(self.store)} sockets"
         self.log.info("ready", units=len(self.units), sockets=len(self.store), pid=os.getpid())
         self.notifier.ready(summary)
@@ -406,6 +501,7 @@ class Supervisor:
                 self._activate(runtime)
         summary = f"{len(self.units)} units, {len(self.store)} fds; reloaded: {plan.summary()}"
         self.log.info("reloaded", plan=plan.summary())
+        self.sync_systemd_store()
         self.notifier.ready(summary)
 
     # -- upgrade in place: re-exec, handing every fd and worker over ---------------------
@@ -420,7 +516,9 @@ class Supervisor:
             raise self._upgrade_refused("a reload or a shutdown is in progress")
         if not self.exec_argv:
             raise self._upgrade_refused("this supervisor does not know its own command line")
+        self.notifier.ping()  # the check below blocks the loop: a watchdog deadline must not pass
         self._preflight()
+        self.notifier.ping()
         state = self._handover_state()
         state_fd = write_state(state)
         self.log.info("upgrading", pid=os.getpid(), fds=len(state.fds))
@@ -454,7 +552,7 @@ class Supervisor:
                 command,
                 capture_output=True,
                 text=True,
-                timeout=60,
+                timeout=PREFLIGHT_TIMEOUT,
                 env=environ,
                 stdin=subprocess.DEVNULL,
                 cwd=self.base_dir,
@@ -560,6 +658,7 @@ class Supervisor:
             bound = bind_socket(spec, base_dir=runtime.unit.base_dir, inherited=self.inherited)
             self.store.add(unit_owner(unit_name), spec.name, bound)
         self.log.info("handover_adopted", fds=len(state.fds), services=len(state.services))
+        self.sync_systemd_store()
 
     def _unit_list(self) -> list[Unit]:
         return [runtime.unit for runtime in self.units.values()]
@@ -682,6 +781,7 @@ class Supervisor:
             self.loop.remove_reader(entry.fd)
         self.store.close(entry.owner, entry.name)
         self.log.info("socket_removed", unit=unit, socket=socket_id)
+        self.sync_systemd_store()
         self.emit("SOCKET_REMOVED", {"id": socket_id, "unit": unit})
 
     def _passed_fds(self, runtime: UnitRuntime) -> list[PassedFd]:
@@ -704,17 +804,47 @@ class Supervisor:
                 self.environ,
                 notify_socket=self._notify_address(),
             )
-            pid = spawn(plan)
-        except (SpawnError, OSError) as exc:
+            pid, pidfd = self._spawn_watched(plan)
+        except SpawnError as exc:  # the program, user or directory is wrong: no retry helps
             self.log.error("worker_start_failed", unit=unit.name, instance=instance, error=str(exc))
             service.start_failed(str(exc))
             self._fail(runtime, str(exc))
             return
-        self._track(runtime, instance, pid, len(plan.fds))
+        except OSError as exc:  # out of fds, processes or memory: may pass, so retry
+            decision = service.spawn_failed(instance, self.loop.time())
+            self.log.error(
+                "worker_start_failed",
+                unit=unit.name,
+                instance=instance,
+                error=str(exc),
+                restart_in=decision.delay if isinstance(decision, Restart) else None,
+            )
+            if isinstance(decision, Restart):
+                runtime.restart_timers[instance] = self.loop.call_at(
+                    decision.at, partial(self._restart_due, runtime, instance)
+                )
+            elif isinstance(decision, Failed):
+                self._fail(runtime, f"{decision.reason}: {exc}")
+            return
+        self._track(runtime, instance, pid, pidfd, len(plan.fds))
 
-    def _track(self, runtime: UnitRuntime, instance: int, pid: int, fds: int) -> None:
+    @staticmethod
+    def _spawn_watched(plan: SpawnPlan) -> tuple[int, int]:
+        """Spawn, and open the pidfd that watches the worker; both or neither.
+
+        Out of fds, a worker we could not watch is killed and reaped at once,
+        and the start counts as failed (then retried) instead of escaping the loop.
+        """
+        pid = spawn(plan)
+        try:
+            return pid, os.pidfd_open(pid)
+        except OSError:
+            os.kill(pid, signal.SIGKILL)
+            os.waitpid(pid, 0)
+            raise
+
+    def _track(self, runtime: UnitRuntime, instance: int, pid: int, pidfd: int, fds: int) -> None:
         """A worker exists: watch its pidfd and tell everyone."""
-        pidfd = os.pidfd_open(pid)
         runtime.pidfds[pid] = pidfd
         self.loop.add_reader(pidfd, partial(self._reap, runtime, pid))
         runtime.service.worker_started(instance, pid, self.loop.time())
@@ -916,11 +1046,12 @@ class Supervisor:
                 stdio_fd=conn.fileno() if unit.service.inetd else None,
                 notify_socket=self._notify_address(),
             )
-            pid = spawn(plan)
+            pid, pidfd = self._spawn_watched(plan)
         except (SpawnError, OSError) as exc:
+            # this connection is lost; the next ones are tried as they come
             self.log.error("worker_start_failed", unit=unit.name, instance=instance, error=str(exc))
             return
-        self._track(runtime, instance, pid, 1)
+        self._track(runtime, instance, pid, pidfd, 1)
 
     # -- the notify protocol (sd_notify) from workers -------------------------------------
 
@@ -1133,6 +1264,7 @@ class Supervisor:
             for pidfd in runtime.pidfds.values():
                 os.close(pidfd)
             runtime.pidfds.clear()
+        self._keep_socket_files()
         self.store.close_all()
         if self.notify_socket is not None:
             self.notify_socket.close()

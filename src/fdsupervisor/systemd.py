@@ -1,38 +1,593 @@
-"""Everything that talks to systemd, through systemd-python.
+"""Everything that talks to systemd about the supervisor itself, through systemd-python.
 
-Only the supervisor's own readiness is here so far: ``READY=1`` once every
-socket is bound, ``STOPPING=1`` at shutdown and ``STATUS=`` lines. Each is a
-no-op when the supervisor does not run under systemd (no ``NOTIFY_SOCKET``).
+The supervisor is a service of its own service manager (``contrib/systemd/``);
+this module is its side of that relation, in four parts:
+
+- :class:`SystemdNotifier` sends sd_notify messages: ``READY=1``,
+  ``RELOADING=1``, ``STOPPING=1``, ``STATUS=``, ``WATCHDOG=1``, and
+  ``FDSTORE=1`` / ``FDSTOREREMOVE=1`` for systemd's fd store, ``BARRIER=1``
+  to wait until the manager has handled them. Each is a no-op
+  when the supervisor does not run under systemd (no ``NOTIFY_SOCKET``).
+- :class:`SystemdSockets` parses what systemd handed over at start
+  (``LISTEN_FDS`` / ``LISTEN_PID`` / ``LISTEN_FDNAMES``): the sockets of a
+  ``.socket`` unit, and whatever an earlier run of the supervisor kept in
+  the fd store.
+- The fd store naming scheme: each bound unit socket is kept in systemd's
+  store as ``FDNAME=<unit>/<socket>`` (:func:`fd_store_name`), and
+  :func:`adoptable` finds those again after a restart;
+  :func:`stored_socket_mismatch` says whether one still fits its unit.
+- :func:`scrub_environment`: the supervisor's own protocol variables, which
+  describe the supervisor's parent and never reach a worker.
+
+Everything here but the sending and :func:`stored_socket_mismatch` is pure.
+The worker side of sd_notify (workers notifying *us*) is notify.py.
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+import contextlib
+import ipaddress
+import os
+import select
+import socket
+import stat
+import time
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Final
 
 from systemd import daemon
 
+from .addresses import (
+    NAME_RE,
+    SUN_PATH_SIZE,
+    FdAddress,
+    InetAddress,
+    UnixAddress,
+    VsockAddress,
+)
+from .units import SocketKind, SocketSpec
+
+SD_LISTEN_FDS_START: Final = 3
+"""``SD_LISTEN_FDS_START`` of ``<systemd/sd-daemon.h>``: the first passed fd."""
+
+UNKNOWN_FD_NAME: Final = "unknown"
+"""The name ``sd_listen_fds_with_names()`` gives every fd when ``LISTEN_FDNAMES`` is unset."""
+
+FDNAME_MAX: Final = 255
+"""systemd's ``FDNAME_MAX``: ``fdname_is_valid()`` refuses longer names."""
+
+SCM_MAX_FD: Final = 253
+"""Linux's ``SCM_MAX_FD``: at most this many fds in one ``sendmsg()``.
+
+``sd_pid_notify_with_fds()`` fails with ``E2BIG`` above it, so
+:meth:`SystemdNotifier.store_fds` never puts more into one message.
+"""
+
+FD_STORE_SEPARATOR: Final = "/"
+"""Between unit and socket in an fd store name: ``web/http``.
+
+Unit and socket names are ``A-Za-z0-9_.-`` (``addresses.NAME_RE``), so
+both may contain dots but neither a ``/``: one ``/`` splits a name
+unambiguously. ``fdname_is_valid()`` accepts it (printable ASCII but
+``:``), and systemd's own names for ``.socket`` fds (``FileDescriptorName=``
+defaults to the socket unit's name, which cannot contain ``/``) never
+look like ours.
+"""
+
+# The supervisor's protocol variables (systemd.exec(5), "Environment
+# Variables Set or Propagated by the Service Manager"). They describe what
+# systemd gave *this* process; a worker that saw them would act on fds and
+# sockets that are not its own (sd_listen_fds(unset_environment=1) and
+# sd_notify(unset_environment=1) drop them for the same reason).
+SUPERVISOR_ONLY_ENV: Final = (
+    "LISTEN_FDS",
+    "LISTEN_PID",
+    "LISTEN_FDNAMES",
+    "LISTEN_PIDFDID",  # systemd >= 257: the pidfd inode id that goes with LISTEN_PID
+    "NOTIFY_SOCKET",
+    "WATCHDOG_USEC",
+    "WATCHDOG_PID",
+    "FDSTORE",  # systemd >= 254: FileDescriptorStoreMax= of the service
+)
+
+# time-util.h: timestamp_is_set() is false for 0 and for USEC_INFINITY.
+_USEC_INFINITY: Final = 2**64 - 1
+_VMADDR_CID_ANY: Final = 0xFFFFFFFF
+_AF_VSOCK: Final = getattr(socket, "AF_VSOCK", -1)
+
+NotifySend = Callable[..., object]
+"""How a message goes out: ``systemd.daemon.notify(status, unset_environment=False, pid=0, fds=None)``."""
+
+
+def fdname_is_valid(name: str) -> bool:
+    """systemd's ``fdname_is_valid()`` (src/basic/fd-util.c).
+
+    "We basically allow everything ASCII that's not a control character.
+    Also, as special exception the ':' character is not allowed, as we use
+    that as field separator in $LISTEN_FDNAMES." At most ``FDNAME_MAX``
+    characters; the empty name is valid. sd_notify(3) on ``FDNAME=``: "If a
+    submitted name does not follow these restrictions, it is ignored", so
+    we check before sending.
+    """
+    return len(name) <= FDNAME_MAX and all(" " <= c < "\x7f" and c != ":" for c in name)
+
+
+def _decimal(text: str | None) -> int | None:
+    """A decimal number as systemd's ``safe_atou64()`` reads it, strictly; None if not one."""
+    if text is None or not (text.isascii() and text.isdecimal()):
+        return None
+    return int(text)
+
+
+def _pid(text: str | None) -> int | None:
+    """systemd's ``parse_pid()``: a decimal number > 0."""
+    number = _decimal(text)
+    return number if number is not None and number > 0 else None
+
+
+def _one_line(text: str) -> str:
+    """A value safe inside one ``KEY=value`` line of an sd_notify message.
+
+    A newline would start a new field (a status reading ``x\\nREADY=1``
+    would declare readiness), and a NUL cannot cross the C string that
+    ``sd_pid_notify_with_fds()`` takes. sd_notify(3): ``STATUS=`` is "a
+    single-line UTF-8 status string".
+    """
+    return " ".join(text.replace("\0", " ").splitlines())
+
+
+def notify_message(fields: Iterable[tuple[str, str]]) -> str:
+    """``KEY=value`` lines joined by newlines, in order (sd_notify(3)'s message format).
+
+    Raises :class:`ValueError` for a key that is not ``A-Z0-9_`` or a value
+    with a newline or NUL: callers pass values through :func:`_one_line`
+    where they are free text.
+    """
+    lines = []
+    for key, value in fields:
+        if not key or not all(
+            c.isascii() and (c.isupper() or c.isdigit() or c == "_") for c in key
+        ):
+            raise ValueError(f"invalid sd_notify field name {key!r}")
+        if "\n" in value or "\0" in value:
+            raise ValueError(f"sd_notify field {key} has a newline or NUL in its value")
+        lines.append(f"{key}={value}")
+    return "\n".join(lines)
+
+
+def monotonic_usec() -> int:
+    """``now(CLOCK_MONOTONIC)`` in microseconds, as ``MONOTONIC_USEC=`` wants it."""
+    return time.clock_gettime_ns(time.CLOCK_MONOTONIC) // 1000
+
 
 class SystemdNotifier:
-    def __init__(self, environ: Mapping[str, str]) -> None:
+    """The supervisor's own sd_notify messages to its service manager.
+
+    ``environ`` is read once, at construction: ``NOTIFY_SOCKET`` decides
+    whether anything is sent, ``WATCHDOG_USEC`` / ``WATCHDOG_PID`` the
+    watchdog and ``FDSTORE`` the fd store's size. The message itself goes
+    out through systemd-python's ``daemon.notify()``, which (like C's
+    ``sd_notify()``) reads ``NOTIFY_SOCKET`` from the *process*
+    environment: keep it there (scrub copies for workers, with
+    :func:`scrub_environment`, never ``os.environ`` itself).
+
+    No method raises: a failed send (the manager went away, a full socket
+    buffer) returns False and keeps the error in :attr:`last_error`, as
+    gunicorn's ``sd_notify()`` and systemd's own daemons log and go on.
+    """
+
+    def __init__(
+        self,
+        environ: Mapping[str, str],
+        *,
+        pid: int | None = None,
+        send: NotifySend | None = None,
+    ) -> None:
         self.enabled = bool(environ.get("NOTIFY_SOCKET"))
+        self.pid = os.getpid() if pid is None else pid
+        self._watchdog_usec = environ.get("WATCHDOG_USEC")
+        self._watchdog_pid = environ.get("WATCHDOG_PID")
+        self._fd_store = environ.get("FDSTORE")
+        self._send = send if send is not None else daemon.notify
+        self.last_error: OSError | None = None
 
-    def notify(self, **fields: str) -> None:
+    # -- sending ----------------------------------------------------------------
+
+    def notify(self, **fields: str) -> bool:
+        """Send ``KEY=value`` fields in one message; True if it went out."""
+        return self._notify(fields.items())
+
+    def _notify(self, fields: Iterable[tuple[str, str]], fds: Sequence[int] = ()) -> bool:
         if not self.enabled:
-            return
-        message = "\n".join(f"{key}={value}" for key, value in fields.items())
-        daemon.notify(message)
+            return False
+        message = notify_message(fields)
+        try:
+            if fds:
+                sent = self._send(message, False, 0, list(fds))
+            else:
+                sent = self._send(message)
+        except OSError as error:
+            self.last_error = error
+            return False
+        return bool(sent)
 
-    def ready(self, status: str) -> None:
-        self.notify(READY="1", STATUS=status)
+    def ready(self, status: str) -> bool:
+        """``READY=1``: start-up (or a reload) is complete (sd_notify(3))."""
+        return self._notify([("READY", "1"), ("STATUS", _one_line(status))])
 
-    def reloading(self) -> None:
-        import time
+    def reloading(self, status: str = "reloading") -> bool:
+        """``RELOADING=1`` + ``MONOTONIC_USEC=``: a reload began; :meth:`ready` ends it.
 
-        usec = time.clock_gettime_ns(time.CLOCK_MONOTONIC) // 1000
-        self.notify(RELOADING="1", MONOTONIC_USEC=str(usec))
+        systemd.service(5), ``Type=notify-reload``: the service "must send a
+        RELOADING=1 notification message together with MONOTONIC_USEC= set
+        to the current monotonic time (i.e. CLOCK_MONOTONIC in µs, formatted
+        as decimal string)" and READY=1 when done; the manager uses the
+        timestamp to match the two. The same fields as systemd's own
+        ``notify_reloading_full()`` (src/shared/daemon-util.c).
+        """
+        return self._notify(
+            [
+                ("RELOADING", "1"),
+                ("MONOTONIC_USEC", str(monotonic_usec())),
+                ("STATUS", _one_line(status)),
+            ]
+        )
 
-    def stopping(self) -> None:
-        self.notify(STOPPING="1", STATUS="stopping")
+    def stopping(self) -> bool:
+        """``STOPPING=1``: shutdown began."""
+        return self._notify([("STOPPING", "1"), ("STATUS", "stopping")])
 
-    def status(self, status: str) -> None:
-        self.notify(STATUS=status)
+    def status(self, status: str) -> bool:
+        """``STATUS=``: one line shown by ``systemctl status``."""
+        return self._notify([("STATUS", _one_line(status))])
+
+    # -- watchdog ----------------------------------------------------------------
+
+    def watchdog_interval(self) -> float | None:
+        """Seconds between two :meth:`ping` calls, or None when there is no watchdog.
+
+        ``sd_watchdog_enabled()`` (src/libsystemd/sd-daemon/sd-daemon.c): the
+        watchdog is on when ``WATCHDOG_USEC`` is a set timestamp (a decimal
+        number, neither 0 nor ``USEC_INFINITY``) and ``WATCHDOG_PID`` is
+        unset or our pid. sd_watchdog_enabled(3): "it is recommended that a
+        daemon sends a keep-alive notification message to the service
+        manager every half of the time returned here". A malformed value
+        disables it, as the -EINVAL of ``sd_watchdog_enabled()`` does for
+        its callers.
+        """
+        usec = _decimal(self._watchdog_usec)
+        if usec is None or usec == 0 or usec >= _USEC_INFINITY:
+            return None
+        if self._watchdog_pid is not None and _pid(self._watchdog_pid) != self.pid:
+            return None
+        return usec / 2 / 1_000_000
+
+    def ping(self) -> bool:
+        """``WATCHDOG=1``: the keep-alive ping, every :meth:`watchdog_interval` seconds."""
+        return self._notify([("WATCHDOG", "1")])
+
+    # -- fd store ----------------------------------------------------------------
+
+    @property
+    def fd_store_max(self) -> int | None:
+        """The service's ``FileDescriptorStoreMax=`` from ``$FDSTORE``, or None if unknown.
+
+        systemd >= 254 sets ``FDSTORE`` when the store is enabled (its own
+        ``fdstore_detected()`` reads it); older ones say nothing, and then
+        the only way to know is to try.
+        """
+        return _decimal(self._fd_store)
+
+    def store_fds(self, named: Sequence[tuple[str, int]], *, replace: bool = True) -> bool:
+        """Keep duplicates of these fds in systemd's fd store, under their names.
+
+        One ``FDSTORE=1`` + ``FDNAME=`` message per name, carrying every fd
+        of that name (at most :data:`SCM_MAX_FD` per message): sd_notify(3),
+        "if multiple file descriptors are submitted at once, the specified
+        name will be assigned to all of them. In order to assign different
+        names to submitted file descriptors, submit them in separate
+        invocations". With ``replace`` each name is first emptied with
+        ``FDSTOREREMOVE=1``, as systemd's own ``notify_push_fd()``
+        (src/shared/daemon-util.c) does, so that a name stands for what was
+        stored last and nothing older. The manager removes duplicates of
+        the same open file itself (``service_add_fd_store()``, ``same_fd()``).
+
+        No ``FDPOLL=0``: the manager drops an fd on ``EPOLLHUP`` /
+        ``EPOLLERR``, which a listening or unconnected socket never reports.
+
+        Raises :class:`ValueError` for a name :func:`fdname_is_valid`
+        refuses (see :func:`fd_store_name`). Returns True if every message
+        went out.
+        """
+        by_name: dict[str, list[int]] = {}
+        for name, fd in named:
+            if not fdname_is_valid(name):
+                raise ValueError(f"invalid fd store name {name!r}")
+            by_name.setdefault(name, []).append(fd)
+        if not self.enabled:
+            return False
+        ok = True
+        for name, fds in by_name.items():
+            if replace:
+                ok = self.remove_fds(name) and ok
+            for start in range(0, len(fds), SCM_MAX_FD):
+                chunk = fds[start : start + SCM_MAX_FD]
+                ok = self._notify([("FDSTORE", "1"), ("FDNAME", name)], chunk) and ok
+        return ok
+
+    def barrier(self, timeout: float = 5.0) -> bool:
+        """``BARRIER=1``: wait until the manager has handled every message sent before.
+
+        ``sd_notify_barrier()`` (sd-daemon.c, systemd >= 246): the message
+        carries the write end of a pipe, which the manager closes once it
+        has processed everything before it; the read end then reports
+        POLLHUP. Use it between ``FDSTOREREMOVE=1`` for a stale socket and
+        binding its address anew, so that systemd's copy is closed first.
+        False when disabled, when the send fails, or after ``timeout``
+        seconds (an older manager keeps the fd until it stores or drops it).
+        """
+        if not self.enabled:
+            return False
+        read_end, write_end = os.pipe2(os.O_CLOEXEC)
+        try:
+            try:
+                sent = self._notify([("BARRIER", "1")], [write_end])
+            finally:
+                os.close(write_end)
+            if not sent:
+                return False
+            poller = select.poll()
+            poller.register(read_end, 0)  # POLLHUP is always reported
+            return bool(poller.poll(max(timeout, 0.0) * 1000))
+        finally:
+            os.close(read_end)
+
+    def remove_fds(self, name: str) -> bool:
+        """``FDSTOREREMOVE=1`` + ``FDNAME=``: close every fd of that name in the store.
+
+        FILE_DESCRIPTOR_STORE.md: "it's a good idea to send such messages to
+        the service manager during initialization of the service whenever
+        an unrecognized fd is received".
+        """
+        if not fdname_is_valid(name):
+            raise ValueError(f"invalid fd store name {name!r}")
+        return self._notify([("FDSTOREREMOVE", "1"), ("FDNAME", name)])
+
+
+# --------------------------------------------------------------------------- passed fds
+
+
+@dataclass(frozen=True, slots=True)
+class SystemdSockets:
+    """The fds systemd passed at start: ``LISTEN_FDS`` fds from 3 on, with their names.
+
+    ``numbers[i]`` is named ``names[i]``. Empty when the variables are not
+    for us. ``problem`` says why something was ignored (for a warning).
+    """
+
+    numbers: list[int] = field(default_factory=list)
+    names: list[str] = field(default_factory=list)
+    problem: str | None = None
+
+    @classmethod
+    def from_environment(cls, environ: Mapping[str, str], pid: int) -> SystemdSockets:
+        """Read ``LISTEN_PID`` / ``LISTEN_FDS`` / ``LISTEN_FDNAMES`` as sd_listen_fds(3) does.
+
+        ``sd_listen_fds()``: nothing unless ``LISTEN_PID`` is ``pid`` ("Is
+        this for us?"); ``LISTEN_FDS`` fds from ``SD_LISTEN_FDS_START`` on.
+        ``sd_listen_fds_with_names()``: names split at ``:`` without
+        coalescing empty ones; all ``unknown`` when ``LISTEN_FDNAMES`` is
+        unset. Where systemd answers -EINVAL (a malformed count, or a name
+        count that differs from the fd count) the fds are still open in
+        this process: they are kept, named ``unknown`` so that nothing is
+        adopted by a name that may be wrong, and ``problem`` says why.
+        ``LISTEN_PIDFDID`` (systemd >= 257) is not checked: telling a pidfs
+        inode from an anonymous one needs statfs(), which Python lacks;
+        ``LISTEN_PID`` alone is what every systemd before 257 relies on.
+        Pure: no fd is looked at.
+        """
+        listen_pid = environ.get("LISTEN_PID")
+        if listen_pid is None or _pid(listen_pid) != pid:
+            return cls()
+        count_text = environ.get("LISTEN_FDS")
+        if count_text is None:
+            return cls()
+        count = _decimal(count_text)
+        if count is None or count == 0 or count > 2**31 - 1 - SD_LISTEN_FDS_START:
+            return cls(problem=f"LISTEN_FDS={count_text!r} is not a positive number; ignored")
+        numbers = list(range(SD_LISTEN_FDS_START, SD_LISTEN_FDS_START + count))
+        names_text = environ.get("LISTEN_FDNAMES")
+        if names_text is None:
+            return cls(numbers, [UNKNOWN_FD_NAME] * count)
+        names = names_text.split(":")
+        if len(names) != count:
+            return cls(
+                numbers,
+                [UNKNOWN_FD_NAME] * count,
+                problem=f"LISTEN_FDNAMES has {len(names)} names for {count} fds; names ignored",
+            )
+        return cls(numbers, names)
+
+    @property
+    def by_name(self) -> dict[str, list[int]]:
+        """Every name with its fd numbers (names need not be unique)."""
+        result: dict[str, list[int]] = {}
+        for number, name in zip(self.numbers, self.names, strict=True):
+            result.setdefault(name, []).append(number)
+        return result
+
+    def names_of(self, numbers: Iterable[int]) -> list[str]:
+        """The distinct names of these fd numbers, in fd order; numbers not passed are skipped.
+
+        After :meth:`~fdsupervisor.binding.InheritedFds.close_unclaimed`,
+        the names to send ``FDSTOREREMOVE=1`` for, so that systemd closes
+        its copies of what no unit wants any more.
+        """
+        wanted = set(numbers)
+        seen: dict[str, None] = {}
+        for number, name in zip(self.numbers, self.names, strict=True):
+            if number in wanted:
+                seen.setdefault(name, None)
+        return list(seen)
+
+
+def scrub_environment(environ: Mapping[str, str]) -> dict[str, str]:
+    """A copy of ``environ`` without :data:`SUPERVISOR_ONLY_ENV` (for workers)."""
+    return {key: value for key, value in environ.items() if key not in SUPERVISOR_ONLY_ENV}
+
+
+# --------------------------------------------------------------------------- fd store names
+
+
+def fd_store_name(unit: str, socket_name: str) -> str | None:
+    """``<unit>/<socket>``: the ``FDNAME=`` of a unit's socket in systemd's fd store.
+
+    None when the two names together exceed ``FDNAME_MAX`` (each may be 255
+    characters on its own): such a socket cannot be kept in the store and
+    is bound anew at each start. See :data:`FD_STORE_SEPARATOR` for why
+    ``/``.
+    """
+    name = f"{unit}{FD_STORE_SEPARATOR}{socket_name}"
+    return name if len(name) <= FDNAME_MAX else None
+
+
+def parse_fd_store_name(name: str) -> tuple[str, str] | None:
+    """``web/http`` → ``("web", "http")``; None for any name not made by :func:`fd_store_name`."""
+    unit, separator, socket_name = name.partition(FD_STORE_SEPARATOR)
+    if not separator or not NAME_RE.fullmatch(unit) or not NAME_RE.fullmatch(socket_name):
+        return None
+    return unit, socket_name
+
+
+def adoptable(sockets: SystemdSockets) -> dict[tuple[str, str], int]:
+    """``(unit, socket)`` → fd number, for every fd the fd store handed back under our scheme.
+
+    Should a name come back more than once (an older copy the manager did
+    not recognise as the same file), the first fd wins; the others stay
+    unclaimed, are closed, and :meth:`SystemdNotifier.store_fds` (which
+    empties each name before storing) leaves one copy in the store.
+    """
+    result: dict[tuple[str, str], int] = {}
+    for number, name in zip(sockets.numbers, sockets.names, strict=True):
+        key = parse_fd_store_name(name)
+        if key is not None:
+            result.setdefault(key, number)
+    return result
+
+
+def stored_socket_mismatch(fd: int, spec: SocketSpec, base_dir: Path) -> str | None:
+    """Why the stored socket ``fd`` no longer fits ``spec``, or None if it does.
+
+    The unit file may have changed between the run that stored the socket
+    and this one: a different kind, address or port means the stored
+    socket is stale (close it, ``FDSTOREREMOVE`` it, bind anew). Compared:
+    the kind, listening (for stream and seqpacket), and the address as
+    the unit would bind it: inet host through ``getaddrinfo()`` as
+    binding does (``AI_PASSIVE``), any port of ``port``..``to``, any port
+    at all for port 0; unix paths against ``base_dir``, which must still
+    hold a socket file there; abstract names with their ``tight`` length;
+    vsock ports. Options that leave the address alone (backlog, buffer
+    sizes, keep-alive, ...) are not compared: the stored socket keeps
+    those it was bound with. A ``{type: fd}`` socket is never taken from
+    the store (systemd passes it again through its ``.socket`` unit).
+    """
+    try:
+        sock = socket.socket(fileno=fd)
+    except OSError as error:
+        return f"fd {fd} is not a socket ({error.strerror})"
+    try:
+        return _mismatch(sock, spec, base_dir)
+    finally:
+        sock.detach()
+
+
+_KINDS: Final = {
+    socket.SOCK_STREAM: SocketKind.STREAM,
+    socket.SOCK_DGRAM: SocketKind.DATAGRAM,
+    socket.SOCK_SEQPACKET: SocketKind.SEQPACKET,
+}
+
+
+def _mismatch(sock: socket.socket, spec: SocketSpec, base_dir: Path) -> str | None:
+    kind = _KINDS.get(sock.type)
+    if kind is not spec.kind:
+        actual = kind.value if kind is not None else f"type {int(sock.type)}"
+        return f"it is a {actual} socket, the unit declares {spec.kind.value}"
+    if spec.kind is not SocketKind.DATAGRAM and not sock.getsockopt(
+        socket.SOL_SOCKET, socket.SO_ACCEPTCONN
+    ):
+        return "it is not listening"
+    try:
+        local = sock.getsockname()
+    except OSError as error:
+        return f"its address cannot be read ({error.strerror})"
+    address = spec.address
+    match address:
+        case FdAddress():
+            return "the unit takes this socket from an inherited fd, not from the fd store"
+        case InetAddress():
+            return _inet_mismatch(sock, local, address, spec.kind)
+        case UnixAddress(abstract=True):
+            expected = b"\0" + os.fsencode(address.path)
+            if not address.tight:
+                expected = expected.ljust(SUN_PATH_SIZE, b"\0")
+            if sock.family != socket.AF_UNIX or local != expected:
+                return f"it is bound to {local!r}, the unit declares {expected!r}"
+            return None
+        case UnixAddress():
+            path = base_dir.absolute() / address.path
+            if sock.family != socket.AF_UNIX or local != str(path):
+                return f"it is bound to {local!r}, the unit declares {str(path)!r}"
+            try:
+                is_socket_file = stat.S_ISSOCK(os.stat(path).st_mode)
+            except OSError:
+                is_socket_file = False
+            return None if is_socket_file else f"its socket file {path} is gone"
+        case VsockAddress():
+            cid, port = int(address.cid), int(address.port)
+            if sock.family != _AF_VSOCK or not isinstance(local, tuple):
+                return f"it is bound to {local!r}, not to a vsock address"
+            if local[1] != port or (cid != _VMADDR_CID_ANY and local[0] != cid):
+                return f"it is bound to vsock:{local[0]}:{local[1]}"
+            return None
+    return "unknown address type"  # pragma: no cover - the match is exhaustive
+
+
+def _inet_mismatch(
+    sock: socket.socket, local: object, address: InetAddress, kind: SocketKind
+) -> str | None:
+    if sock.family not in (socket.AF_INET, socket.AF_INET6) or not isinstance(local, tuple):
+        return f"it is bound to {local!r}, not to an IP address"
+    host, port = str(local[0]), int(local[1])
+    flags = socket.AI_PASSIVE
+    if address.numeric:
+        flags |= socket.AI_NUMERICHOST | socket.AI_NUMERICSERV
+    # The address is all that matters here: 0 (any type) for seqpacket,
+    # which getaddrinfo() does not know for IP.
+    socktype = {SocketKind.STREAM: socket.SOCK_STREAM, SocketKind.DATAGRAM: socket.SOCK_DGRAM}
+    try:
+        results = socket.getaddrinfo(
+            address.host or None, address.port or None, 0, socktype.get(kind, 0), 0, flags
+        )
+    except (socket.gaierror, UnicodeError) as error:
+        return f"{address.host or '*'}:{address.port} does not resolve ({error})"
+    for family, _, _, _, sockaddr in results:
+        if family != sock.family or not _same_ip(str(sockaddr[0]), host):
+            continue
+        first = int(sockaddr[1])
+        last = address.to if address.to is not None else first
+        if first == 0 or first <= port <= last:
+            return None
+    return f"it is bound to {_label(host, port)}, the unit declares {address.host or '*'}:{address.port}"
+
+
+def _same_ip(a: str, b: str) -> bool:
+    with contextlib.suppress(ValueError):
+        return ipaddress.ip_address(a.split("%")[0]) == ipaddress.ip_address(b.split("%")[0])
+    return a == b
+
+
+def _label(host: str, port: int) -> str:
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
