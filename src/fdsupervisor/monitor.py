@@ -38,6 +38,8 @@ RECV_SIZE = 65536
 # output waits for it, as QEMU stops reading a client whose request queue is
 # full (QMP_REQ_QUEUE_LEN_MAX): backpressure instead of unbounded memory.
 MAX_PENDING_OUTPUT = 1 << 20
+# Out of fds (EMFILE): try accepting again after this long, as libuv does.
+ACCEPT_RETRY_DELAY = 0.1
 
 _CRED = struct.Struct("3i")
 
@@ -234,9 +236,7 @@ class MonitorServer:
         if existing is not None:
             self._listen(existing)
             return
-        directory = self.path.parent
-        if not directory.exists():
-            directory.mkdir(mode=0o700, parents=True)
+        _make_private_directories(self.path.parent)
         _remove_stale_socket(self.path)
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         old_umask = os.umask(0o177)  # the socket file is born 0600, no window
@@ -267,7 +267,13 @@ class MonitorServer:
             # EMFILE and friends: log and leave the connection in the backlog
             # for a later try, instead of spinning (libuv and QEMU do the same).
             if exc.errno in (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM):
-                self.log.warning("monitor_accept_failed", error=str(exc))
+                # The connection stays in the backlog and epoll is level-triggered:
+                # stop watching for a moment instead of spinning on it.
+                self.log.warning(
+                    "monitor_accept_failed", error=str(exc), retry_in=ACCEPT_RETRY_DELAY
+                )
+                self.loop.remove_reader(self._sock.fileno())
+                self.loop.call_later(ACCEPT_RETRY_DELAY, self._resume_accepting)
                 return
             raise
         uid = peer_uid(conn)
@@ -287,6 +293,10 @@ class MonitorServer:
         self.clients.append(client)
         self.loop.add_reader(conn.fileno(), client.on_readable)
         client.send(client.qmp.greeting())
+
+    def _resume_accepting(self) -> None:
+        if self._sock is not None:
+            self.loop.add_reader(self._sock.fileno(), self._accept)
 
     def fileno(self) -> int | None:
         return self._sock.fileno() if self._sock is not None else None
@@ -316,6 +326,21 @@ class MonitorServer:
                     self.path.unlink()
             except FileNotFoundError:
                 pass
+
+
+def _make_private_directories(directory: Path) -> None:
+    """Create ``directory`` and any missing parent, each 0700 whatever the umask.
+
+    An existing directory is left as it is (it may be systemd's
+    RuntimeDirectory=, with the mode the operator chose).
+    """
+    missing = []
+    while not directory.exists():
+        missing.append(directory)
+        directory = directory.parent
+    for path in reversed(missing):
+        path.mkdir(mode=0o700)
+        path.chmod(0o700)  # mkdir's mode is masked by the umask
 
 
 def _fds_from(ancillary: list[tuple[int, int, bytes]]) -> list[int]:

@@ -242,6 +242,27 @@ class Service:
             self.state = ServiceState.STARTING
         return Restart(worker.instance, now + delay, delay)
 
+    def spawn_failed(self, instance: int, now: float) -> Decision:
+        """No worker could even be created (out of fds, processes or memory).
+
+        A failed start, retried as ``restart:`` says with the backoff and the
+        start limit, as systemd applies Restart= to a start that failed for
+        lack of resources; ``restart: no`` makes the service failed.
+        """
+        if self.spec.restart is RestartPolicy.NO or self.state is ServiceState.STOPPING:
+            self.state = ServiceState.FAILED
+            return Failed("the worker could not be started")
+        if not self._limit.allow(now):
+            self.failure = (
+                f"start limit hit: more than {self.spec.start_limit_burst} starts "
+                f"within {self.spec.start_limit_interval:g}s"
+            )
+            self.state = ServiceState.FAILED
+            return Failed(self.failure)
+        delay = self._next_delay(Worker(instance, -1, now), now)
+        self.restarts += 1
+        return Restart(instance, now + delay, delay)
+
     def _next_delay(self, worker: Worker, now: float) -> float:
         if now - worker.started_at >= STABLE_UPTIME:
             failures = 0
