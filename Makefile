@@ -36,7 +36,7 @@ system-deps:
 	    DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -q libsystemd-dev pkg-config; \
 	fi
 
-$(STAMP): pyproject.toml | system-deps
+$(STAMP): pyproject.toml src/fdsupervisor/_spawn.c | system-deps
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
 	$(BIN)/pip install -q -e '.[test,lint]'

@@ -4,14 +4,23 @@ Fifth step of the flow. :func:`plan_worker` is pure: from a unit, the fds
 its worker gets and the supervisor's environment it computes the argv, the
 environment and the fd layout (sockets at 3, 4, ... in declaration order,
 ``LISTEN_FDS`` / ``LISTEN_FDNAMES``, ``{fd:NAME}`` and ``{instance}``
-substituted). :func:`spawn` forks and execs that plan.
+substituted). :func:`spawn` starts a process that execs that plan.
 
-We fork by hand instead of using ``subprocess``: ``LISTEN_PID`` must hold the
-worker's own pid, which is known only in the child, after ``fork()`` and
-before ``execve()`` (systemd sets it there too, in ``build_environment()``).
-The child does nothing but place fds, drop privileges and exec; an exec
-failure reaches the parent through a close-on-exec pipe, as CPython's
-``_posixsubprocess`` reports it.
+Neither ``subprocess`` nor ``os.posix_spawn`` fits: ``LISTEN_PID`` (and
+``WATCHDOG_PID``) must hold the worker's own pid, which is known only in the
+child, between fork and ``execve()`` (systemd sets it there too, in
+``build_environment()``), and the passed fds must be renumbered to 3, 4, ...
+Two implementations do the same steps in the child (own process group,
+default signals, fds in place, working directory, credentials, pid
+variables, exec):
+
+- ``fdsupervisor._spawn``, a C extension: ``clone(CLONE_VM | CLONE_VFORK)``
+  as glibc's ``posix_spawn()`` does, no copy of the supervisor's memory and
+  no Python in the child; an exec failure reaches the parent through the
+  memory they share. Used whenever it was built.
+- the pure-Python fallback: ``os.fork()``, the steps in Python, an exec
+  failure reported through a close-on-exec pipe as CPython's
+  ``_posixsubprocess`` does. Used where no C compiler was at install time.
 """
 
 from __future__ import annotations
@@ -27,6 +36,11 @@ from dataclasses import dataclass
 
 from .errors import SpawnError
 from .units import Unit, expand_placeholders
+
+try:
+    from . import _spawn as _native
+except ImportError:  # built without a C compiler: the os.fork() path
+    _native = None  # type: ignore[assignment]
 
 LISTEN_FDS_START = 3  # SD_LISTEN_FDS_START
 
@@ -182,7 +196,52 @@ def _resolve_credentials(
 
 
 def spawn(plan: SpawnPlan) -> int:
-    """Fork and exec ``plan``; returns the pid once the exec has succeeded."""
+    """Start ``plan``; returns the pid once the exec has succeeded.
+
+    Raises :class:`SpawnError` when the child failed before or at the exec
+    (the message names the step and the reason); the child is reaped then.
+    """
+    if _native is not None:
+        return _spawn_native(plan)
+    return _spawn_python(plan)
+
+
+def native_spawn_available() -> bool:
+    """Whether the C extension was built, so that :func:`spawn` avoids ``os.fork()``."""
+    return _native is not None
+
+
+def _spawn_native(plan: SpawnPlan) -> int:
+    """:func:`spawn` with ``clone(CLONE_VM | CLONE_VFORK)`` in ``fdsupervisor._spawn``."""
+    if _native is None:
+        raise SpawnError("the native spawn (fdsupervisor._spawn) was not built")
+    pid_variables = plan.pid_variables
+    try:
+        return _native.spawn(
+            os.fsencode(plan.executable),
+            [os.fsencode(arg) for arg in plan.argv],
+            [
+                os.fsencode(f"{key}={value}")
+                for key, value in plan.environment
+                if key not in pid_variables
+            ],
+            plan.fds,
+            -1 if plan.stdio_fd is None else plan.stdio_fd,
+            None if plan.working_directory is None else os.fsencode(plan.working_directory),
+            -1 if plan.uid is None else plan.uid,
+            -1 if plan.gid is None else plan.gid,
+            plan.groups,
+            [os.fsencode(name) for name in pid_variables],
+            RESET_SIGNALS,
+        )
+    except OSError as exc:  # "STAGE: reason", or from clone() itself
+        raise SpawnError(f"cannot start {plan.argv[0]!r}: {exc.strerror}", exc.errno) from None
+    except ValueError as exc:  # a NUL byte: os.execve() would refuse it too
+        raise SpawnError(f"cannot start {plan.argv[0]!r}: {exc}") from None
+
+
+def _spawn_python(plan: SpawnPlan) -> int:
+    """:func:`spawn` with ``os.fork()`` and Python in the child, the fallback."""
     read_end, write_end = os.pipe2(os.O_CLOEXEC)
     try:
         pid = os.fork()
@@ -209,7 +268,8 @@ def spawn(plan: SpawnPlan) -> int:
         os.waitpid(pid, 0)
         stage, _, code = report.decode("ascii", "replace").partition(":")
         reason = os.strerror(int(code)) if code.isdecimal() else code
-        raise SpawnError(f"cannot start {plan.argv[0]!r}: {stage}: {reason}")
+        number = int(code) if code.isdecimal() else None
+        raise SpawnError(f"cannot start {plan.argv[0]!r}: {stage}: {reason}", number)
     return pid
 
 

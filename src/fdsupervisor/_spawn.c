@@ -1,0 +1,589 @@
+/* fdsupervisor._spawn: start one worker with clone(CLONE_VM | CLONE_VFORK).
+ *
+ * The native half of spawn.py. os.fork() copies the page tables of the whole
+ * supervisor and runs Python in the child before execve(); here the child
+ * borrows the parent's memory, as glibc's posix_spawn() does, and runs only
+ * the few system calls a worker needs between fork and exec: its own process
+ * group, default signals, the fds at 3, 4, ..., the working directory, the
+ * credentials and the environment variables that hold its own pid (LISTEN_PID,
+ * WATCHDOG_PID), which posix_spawn() cannot set.
+ *
+ * Rules for the child, taken from CPython's Modules/_posixsubprocess.c and
+ * glibc's spawni.c, because it shares memory with the suspended parent:
+ * - everything it needs (argv, envp, the text buffers of the pid variables,
+ *   the group list, a scratch array) is built by the parent beforehand: no
+ *   malloc, no Python API, no stdio, only async-signal-safe calls;
+ * - the parent blocks every signal before clone(), so no handler of the
+ *   supervisor ever runs in the child; the child resets the handlers to
+ *   SIG_DFL before it unblocks signals for the worker;
+ * - set*id() and setgroups() go through syscall(): glibc's wrappers signal
+ *   the other threads of the process (setxid broadcast), and the "other
+ *   threads" would be the parent's;
+ * - an error is written to a struct in the parent's memory (the stage and
+ *   errno), and the child leaves with _exit(). Once clone() returns, the
+ *   child has either exec'd or died: no pipe is needed to learn which.
+ *
+ * The GIL stays held throughout. _posixsubprocess keeps it across vfork()
+ * too and only lets the child release it, in the parent's memory, right
+ * before execve(): Python API in the child, for a wait of some 0.1 ms here.
+ */
+
+#define PY_SSIZE_T_CLEAN
+#include <Python.h> /* first: its pyconfig.h defines _GNU_SOURCE (clone, close_range) */
+
+#ifndef __linux__
+#error "fdsupervisor._spawn needs Linux (clone, close_range); spawn.py falls back to os.fork()"
+#endif
+
+#include <errno.h>
+#include <fcntl.h>
+#include <limits.h>
+#include <sched.h>
+#include <signal.h>
+#include <string.h>
+#include <sys/prctl.h>
+#include <sys/syscall.h>
+#include <sys/types.h>
+#include <sys/wait.h>
+#include <unistd.h>
+
+#define LISTEN_FDS_START 3 /* SD_LISTEN_FDS_START */
+
+/* The 32-bit id variants where the plain ones take 16-bit ids (i386, arm). */
+#ifdef SYS_setresuid32
+#define SYSCALL_SETGROUPS SYS_setgroups32
+#define SYSCALL_SETRESGID SYS_setresgid32
+#define SYSCALL_SETRESUID SYS_setresuid32
+#else
+#define SYSCALL_SETGROUPS SYS_setgroups
+#define SYSCALL_SETRESGID SYS_setresgid
+#define SYSCALL_SETRESUID SYS_setresuid
+#endif
+
+/* The child's stack, in the parent's frame: the parent is suspended while the
+ * child runs. The child's deepest call chain (sigaction, execve) needs a few
+ * hundred bytes; glibc's posix_spawn() gives 32 KiB plus room for argv, which
+ * it copies for its execvpe() fallback and we do not. */
+#define CHILD_STACK_SIZE (32 * 1024)
+
+/* "NAME=" followed by a pid: pid_max is at most 2^22, 20 digits fit any pid_t. */
+#define PID_DIGITS 20
+
+struct child_plan {
+    /* Built by the parent, read by the child. */
+    const char *executable;
+    char *const *argv;
+    char *const *envp;
+    const int *fds;
+    int fd_count;
+    int *moved; /* scratch: fd_count slots */
+    int stdio_fd; /* -1: none */
+    const char *cwd; /* NULL: none */
+    const gid_t *groups;
+    size_t group_count;
+    int set_groups;
+    gid_t gid;
+    int set_gid;
+    uid_t uid;
+    int set_uid;
+    char **pid_digits; /* where each pid variable's value goes */
+    Py_ssize_t pid_variable_count;
+    sigset_t reset_ignored; /* reset to SIG_DFL even when ignored */
+    int max_fd; /* close_range() fallback: close up to here */
+    /* Written by the child on failure, read by the parent after clone(). */
+    const char *volatile failed_stage;
+    volatile int failed_errno;
+};
+
+/* ------------------------------------------------------------------ the child */
+
+static void
+reset_signal_dispositions(const sigset_t *reset_ignored)
+{
+    struct sigaction default_action;
+    memset(&default_action, 0, sizeof(default_action));
+    default_action.sa_handler = SIG_DFL;
+    for (int signum = 1; signum < _NSIG; signum++) {
+        if (signum == SIGKILL || signum == SIGSTOP) {
+            continue;
+        }
+        if (sigismember(reset_ignored, signum) != 1) {
+            struct sigaction current;
+            /* glibc answers EINVAL for the signals it uses itself. */
+            if (sigaction(signum, NULL, &current) == -1) {
+                continue;
+            }
+            void *handler = (current.sa_flags & SA_SIGINFO) ? (void *)current.sa_sigaction
+                                                              : (void *)current.sa_handler;
+            /* An ignored signal stays ignored across exec (nohup's SIGHUP);
+             * a handler must go before signals are unblocked, or the
+             * supervisor's handler would run in the shared memory. */
+            if (handler == (void *)SIG_IGN || handler == (void *)SIG_DFL) {
+                continue;
+            }
+        }
+        (void)sigaction(signum, &default_action, NULL);
+    }
+}
+
+static int
+close_fds_from(int first, int max_fd)
+{
+#ifdef SYS_close_range
+    if (syscall(SYS_close_range, (unsigned int)first, ~0U, 0U) == 0) {
+        return 0;
+    }
+#endif
+    /* Kernels before 5.9, or a seccomp filter that refuses close_range. */
+    for (int fd = first; fd < max_fd; fd++) {
+        (void)close(fd);
+    }
+    return 0;
+}
+
+static void
+write_pid_variables(struct child_plan *plan)
+{
+    char reversed[PID_DIGITS];
+    int length = 0;
+    unsigned long value = (unsigned long)getpid();
+    do {
+        reversed[length++] = (char)('0' + value % 10);
+        value /= 10;
+    } while (value != 0 && length < PID_DIGITS);
+    for (Py_ssize_t i = 0; i < plan->pid_variable_count; i++) {
+        char *out = plan->pid_digits[i];
+        for (int j = length - 1; j >= 0; j--) {
+            *out++ = reversed[j];
+        }
+        *out = '\0';
+    }
+}
+
+#define CHILD_STEP(stage, call)                 \
+    do {                                        \
+        plan->failed_stage = (stage);           \
+        if ((call) == -1) {                     \
+            goto failed;                        \
+        }                                       \
+    } while (0)
+
+static int
+child_main(void *argument)
+{
+    struct child_plan *plan = argument;
+    int top = LISTEN_FDS_START + plan->fd_count;
+    sigset_t empty;
+
+    CHILD_STEP("setpgid", setpgid(0, 0));
+    plan->failed_stage = "signals";
+    reset_signal_dispositions(&plan->reset_ignored);
+
+    /* A source may sit where a target goes (fd 3 may be the second socket):
+     * first copy every source above the whole target range, then move. */
+    for (int i = 0; i < plan->fd_count; i++) {
+        CHILD_STEP("fds", plan->moved[i] = fcntl(plan->fds[i], F_DUPFD_CLOEXEC, top));
+    }
+    if (plan->stdio_fd >= 0) {
+        int stdio;
+        /* Through a copy, so that dup2() is never a no-op that would keep
+         * close-on-exec (stdio_fd may be 0 or 1 itself). */
+        CHILD_STEP("fds", stdio = fcntl(plan->stdio_fd, F_DUPFD_CLOEXEC, top));
+        CHILD_STEP("fds", dup2(stdio, 0));
+        CHILD_STEP("fds", dup2(stdio, 1));
+    }
+    for (int i = 0; i < plan->fd_count; i++) {
+        /* dup2() clears close-on-exec: the one place we want that. */
+        CHILD_STEP("fds", dup2(plan->moved[i], LISTEN_FDS_START + i));
+    }
+    CHILD_STEP("fds", close_fds_from(top, plan->max_fd));
+
+    if (plan->cwd != NULL) {
+        CHILD_STEP("chdir", chdir(plan->cwd));
+    }
+    if (plan->set_groups) {
+        CHILD_STEP("setgroups", syscall(SYSCALL_SETGROUPS, plan->group_count, plan->groups));
+    }
+    if (plan->set_gid) {
+        CHILD_STEP("setgid", syscall(SYSCALL_SETRESGID, plan->gid, plan->gid, plan->gid));
+    }
+    if (plan->set_uid) {
+        CHILD_STEP("setuid", syscall(SYSCALL_SETRESUID, plan->uid, plan->uid, plan->uid));
+    }
+    write_pid_variables(plan);
+
+    sigemptyset(&empty);
+    CHILD_STEP("signals", sigprocmask(SIG_SETMASK, &empty, NULL));
+    plan->failed_stage = "exec";
+    execve(plan->executable, plan->argv, plan->envp);
+
+failed:
+    plan->failed_errno = errno != 0 ? errno : EIO;
+    _exit(127);
+}
+
+/* ------------------------------------------------------------------ the parent */
+
+/* The child's run, from clone() to its execve() or _exit(). Returns the pid,
+ * or -1 with errno set when clone() itself failed. */
+static pid_t
+clone_and_exec(struct child_plan *plan)
+{
+    char stack[CHILD_STACK_SIZE] __attribute__((aligned(16)));
+    /* The stack grows down on every architecture CPython supports on Linux
+     * but hppa; its top must be 16-byte aligned for x86-64 and aarch64. */
+    char *stack_top = (char *)(((uintptr_t)(stack + sizeof(stack))) & ~(uintptr_t)15);
+    sigset_t all_signals, old_mask;
+    pid_t pid;
+    int saved_errno;
+
+    sigfillset(&all_signals);
+    if ((errno = pthread_sigmask(SIG_BLOCK, &all_signals, &old_mask)) != 0) {
+        return -1;
+    }
+    pid = clone(child_main, stack_top, CLONE_VM | CLONE_VFORK | SIGCHLD, plan);
+    saved_errno = errno;
+    (void)pthread_sigmask(SIG_SETMASK, &old_mask, NULL);
+    errno = saved_errno;
+    return pid;
+}
+
+static int
+check_no_nul(const char *what, const char *text, Py_ssize_t size)
+{
+    if ((Py_ssize_t)strlen(text) != size) {
+        PyErr_Format(PyExc_ValueError, "embedded null byte in %s", what);
+        return -1;
+    }
+    return 0;
+}
+
+/* A NULL-terminated array of pointers into the bytes of ``sequence``, which
+ * the caller keeps alive (and, holding the GIL, unchanged) until the exec. */
+static char **
+bytes_array(PyObject *sequence, const char *what, Py_ssize_t extra_slots, Py_ssize_t *count)
+{
+    Py_ssize_t size = PySequence_Fast_GET_SIZE(sequence);
+    char **array = PyMem_New(char *, size + extra_slots + 1);
+    if (array == NULL) {
+        PyErr_NoMemory();
+        return NULL;
+    }
+    for (Py_ssize_t i = 0; i < size; i++) {
+        PyObject *item = PySequence_Fast_GET_ITEM(sequence, i);
+        if (!PyBytes_Check(item)) {
+            PyErr_Format(PyExc_TypeError, "%s must hold bytes, not %.100s", what,
+                         Py_TYPE(item)->tp_name);
+            PyMem_Free(array);
+            return NULL;
+        }
+        array[i] = PyBytes_AS_STRING(item);
+        if (check_no_nul(what, array[i], PyBytes_GET_SIZE(item)) < 0) {
+            PyMem_Free(array);
+            return NULL;
+        }
+    }
+    array[size] = NULL;
+    *count = size;
+    return array;
+}
+
+static int
+int_in_range(PyObject *object, const char *what, long low, long high, long *out)
+{
+    long value = PyLong_AsLong(object);
+    if (value == -1 && PyErr_Occurred()) {
+        return -1;
+    }
+    if (value < low || value > high) {
+        PyErr_Format(PyExc_ValueError, "%s out of range: %ld", what, value);
+        return -1;
+    }
+    *out = value;
+    return 0;
+}
+
+/* -1 means "leave it" (as os.setresuid does); anything else is an id. */
+static int
+optional_id(PyObject *object, const char *what, unsigned int *id, int *set)
+{
+    long value;
+    if (int_in_range(object, what, -1, (long)UINT_MAX - 1, &value) < 0) {
+        return -1;
+    }
+    *set = value != -1;
+    *id = *set ? (unsigned int)value : 0;
+    return 0;
+}
+
+static PyObject *
+raise_child_error(const char *stage, int error)
+{
+    PyObject *message = PyUnicode_FromFormat("%s: %s", stage, strerror(error));
+    if (message == NULL) {
+        return NULL;
+    }
+    PyObject *args = Py_BuildValue("(iN)", error, message);
+    if (args == NULL) {
+        return NULL;
+    }
+    PyObject *exc = PyObject_Call(PyExc_OSError, args, NULL); /* FileNotFoundError, ... */
+    Py_DECREF(args);
+    if (exc != NULL) {
+        PyErr_SetObject((PyObject *)Py_TYPE(exc), exc);
+        Py_DECREF(exc);
+    }
+    return NULL;
+}
+
+PyDoc_STRVAR(spawn_doc,
+"spawn(executable, argv, envp, fds, stdio_fd, cwd, uid, gid, groups,\n"
+"      pid_variables, reset_signals, /) -> pid\n"
+"\n"
+"Start ``executable`` in a new process with clone(CLONE_VM | CLONE_VFORK) and\n"
+"return its pid once it has exec'd.\n"
+"\n"
+"The child moves to its own process group, resets signal handlers (and the\n"
+"signals in ``reset_signals`` even when ignored) to SIG_DFL, places ``fds``\n"
+"at 3, 4, ... (``stdio_fd``, unless -1, also at 0 and 1), closes every other\n"
+"fd above 2, changes to ``cwd`` unless None, sets ``groups`` unless None, the\n"
+"gid and uid unless -1, adds ``NAME=<its own pid>`` to ``envp`` for each\n"
+"name of ``pid_variables``, empties its signal mask and execs.\n"
+"\n"
+"A failure in the child raises OSError(errno, 'STAGE: reason') once the\n"
+"child is reaped; STAGE is one of setpgid, fds, chdir, setgroups, setgid,\n"
+"setuid, signals, exec.");
+
+static PyObject *
+native_spawn(PyObject *Py_UNUSED(module), PyObject *const *args, Py_ssize_t nargs)
+{
+    PyObject *argv_seq = NULL, *envp_seq = NULL, *fds_seq = NULL;
+    PyObject *groups_seq = NULL, *pid_names_seq = NULL, *signals_seq = NULL;
+    char **argv = NULL, **envp = NULL, **pid_digits = NULL, *pid_text = NULL;
+    int *fds = NULL, *moved = NULL;
+    gid_t *groups = NULL;
+    PyObject *result = NULL;
+    struct child_plan plan;
+    Py_ssize_t argc = 0, envc = 0;
+    long number;
+
+    if (nargs != 11) {
+        PyErr_Format(PyExc_TypeError, "spawn() takes exactly 11 arguments (%zd given)", nargs);
+        return NULL;
+    }
+    memset(&plan, 0, sizeof(plan));
+    PyObject *executable = args[0], *cwd = args[5], *groups_arg = args[8];
+
+    if (!PyBytes_Check(executable)) {
+        PyErr_SetString(PyExc_TypeError, "executable must be bytes");
+        return NULL;
+    }
+    plan.executable = PyBytes_AS_STRING(executable);
+    if (check_no_nul("executable", plan.executable, PyBytes_GET_SIZE(executable)) < 0) {
+        return NULL;
+    }
+    if (cwd != Py_None) {
+        if (!PyBytes_Check(cwd)) {
+            PyErr_SetString(PyExc_TypeError, "cwd must be bytes or None");
+            return NULL;
+        }
+        plan.cwd = PyBytes_AS_STRING(cwd);
+        if (check_no_nul("cwd", plan.cwd, PyBytes_GET_SIZE(cwd)) < 0) {
+            return NULL;
+        }
+    }
+
+    if ((argv_seq = PySequence_Fast(args[1], "argv must be a sequence")) == NULL ||
+        (envp_seq = PySequence_Fast(args[2], "envp must be a sequence")) == NULL ||
+        (fds_seq = PySequence_Fast(args[3], "fds must be a sequence")) == NULL ||
+        (pid_names_seq = PySequence_Fast(args[9], "pid_variables must be a sequence")) == NULL ||
+        (signals_seq = PySequence_Fast(args[10], "reset_signals must be a sequence")) == NULL) {
+        goto done;
+    }
+
+    if ((argv = bytes_array(argv_seq, "argv", 0, &argc)) == NULL) {
+        goto done;
+    }
+    if (argc == 0) {
+        PyErr_SetString(PyExc_ValueError, "argv must not be empty");
+        goto done;
+    }
+    plan.argv = argv;
+
+    /* The pid variables take the slots after the inherited entries; their
+     * text is written by the child into buffers made here. */
+    Py_ssize_t pid_count = PySequence_Fast_GET_SIZE(pid_names_seq);
+    if ((envp = bytes_array(envp_seq, "envp", pid_count, &envc)) == NULL) {
+        goto done;
+    }
+    size_t text_size = 0;
+    for (Py_ssize_t i = 0; i < pid_count; i++) {
+        PyObject *name = PySequence_Fast_GET_ITEM(pid_names_seq, i);
+        if (!PyBytes_Check(name)) {
+            PyErr_SetString(PyExc_TypeError, "pid_variables must hold bytes");
+            goto done;
+        }
+        const char *text = PyBytes_AS_STRING(name);
+        if (check_no_nul("pid_variables", text, PyBytes_GET_SIZE(name)) < 0) {
+            goto done;
+        }
+        if (PyBytes_GET_SIZE(name) == 0 || strchr(text, '=') != NULL) {
+            PyErr_Format(PyExc_ValueError, "invalid environment variable name %R", name);
+            goto done;
+        }
+        text_size += (size_t)PyBytes_GET_SIZE(name) + 1 + PID_DIGITS + 1;
+    }
+    pid_text = PyMem_Malloc(text_size ? text_size : 1);
+    pid_digits = PyMem_New(char *, pid_count ? pid_count : 1);
+    if (pid_text == NULL || pid_digits == NULL) {
+        PyErr_NoMemory();
+        goto done;
+    }
+    char *cursor = pid_text;
+    for (Py_ssize_t i = 0; i < pid_count; i++) {
+        PyObject *name = PySequence_Fast_GET_ITEM(pid_names_seq, i);
+        Py_ssize_t length = PyBytes_GET_SIZE(name);
+        envp[envc + i] = cursor;
+        memcpy(cursor, PyBytes_AS_STRING(name), (size_t)length);
+        cursor[length] = '=';
+        cursor[length + 1] = '\0';
+        pid_digits[i] = cursor + length + 1;
+        cursor += length + 1 + PID_DIGITS + 1;
+    }
+    envp[envc + pid_count] = NULL;
+    plan.envp = envp;
+    plan.pid_digits = pid_digits;
+    plan.pid_variable_count = pid_count;
+
+    Py_ssize_t fd_count = PySequence_Fast_GET_SIZE(fds_seq);
+    if (fd_count > INT_MAX - LISTEN_FDS_START) {
+        PyErr_SetString(PyExc_ValueError, "too many fds");
+        goto done;
+    }
+    fds = PyMem_New(int, fd_count ? fd_count : 1);
+    moved = PyMem_New(int, fd_count ? fd_count : 1);
+    if (fds == NULL || moved == NULL) {
+        PyErr_NoMemory();
+        goto done;
+    }
+    for (Py_ssize_t i = 0; i < fd_count; i++) {
+        if (int_in_range(PySequence_Fast_GET_ITEM(fds_seq, i), "fd", 0, INT_MAX, &number) < 0) {
+            goto done;
+        }
+        fds[i] = (int)number;
+    }
+    plan.fds = fds;
+    plan.moved = moved;
+    plan.fd_count = (int)fd_count;
+
+    if (int_in_range(args[4], "stdio_fd", -1, INT_MAX, &number) < 0) {
+        goto done;
+    }
+    plan.stdio_fd = (int)number;
+
+    if (optional_id(args[6], "uid", &plan.uid, &plan.set_uid) < 0 ||
+        optional_id(args[7], "gid", &plan.gid, &plan.set_gid) < 0) {
+        goto done;
+    }
+    if (groups_arg != Py_None) {
+        if ((groups_seq = PySequence_Fast(groups_arg, "groups must be a sequence")) == NULL) {
+            goto done;
+        }
+        Py_ssize_t group_count = PySequence_Fast_GET_SIZE(groups_seq);
+        if (group_count > 65536) { /* NGROUPS_MAX of the kernel */
+            PyErr_SetString(PyExc_ValueError, "too many groups");
+            goto done;
+        }
+        groups = PyMem_New(gid_t, group_count ? group_count : 1);
+        if (groups == NULL) {
+            PyErr_NoMemory();
+            goto done;
+        }
+        for (Py_ssize_t i = 0; i < group_count; i++) {
+            if (int_in_range(PySequence_Fast_GET_ITEM(groups_seq, i), "group", 0,
+                             (long)UINT_MAX - 1, &number) < 0) {
+                goto done;
+            }
+            groups[i] = (gid_t)number;
+        }
+        plan.groups = groups;
+        plan.group_count = (size_t)group_count;
+        plan.set_groups = 1;
+    }
+
+    sigemptyset(&plan.reset_ignored);
+    for (Py_ssize_t i = 0; i < PySequence_Fast_GET_SIZE(signals_seq); i++) {
+        if (int_in_range(PySequence_Fast_GET_ITEM(signals_seq, i), "signal", 1, _NSIG - 1,
+                         &number) < 0) {
+            goto done;
+        }
+        sigaddset(&plan.reset_ignored, (int)number);
+    }
+
+    long open_max = sysconf(_SC_OPEN_MAX);
+    plan.max_fd = open_max > 0 && open_max < INT_MAX ? (int)open_max : 1024 * 1024;
+
+    /* A uid or gid change in the child marks the memory it shares with us
+     * as not dumpable (the kernel's commit_creds()): the supervisor would
+     * lose core dumps and /proc ownership for good. Put the flag back. */
+    int was_dumpable = (plan.set_uid || plan.set_gid) ? prctl(PR_GET_DUMPABLE) : -1;
+
+    pid_t pid = clone_and_exec(&plan);
+    if (pid == -1) {
+        raise_child_error("clone", errno);
+        goto done;
+    }
+    if (was_dumpable == 1 && prctl(PR_GET_DUMPABLE) != 1) {
+        (void)prctl(PR_SET_DUMPABLE, 1);
+    }
+    if (plan.failed_errno != 0) {
+        int status;
+        pid_t reaped;
+        Py_BEGIN_ALLOW_THREADS
+        do {
+            reaped = waitpid(pid, &status, 0);
+        } while (reaped == -1 && errno == EINTR);
+        Py_END_ALLOW_THREADS
+        raise_child_error(plan.failed_stage, plan.failed_errno);
+        goto done;
+    }
+    /* The child is in its own group already (CLONE_VFORK waited for its
+     * exec); this only matters where vfork semantics are emulated. */
+    (void)setpgid(pid, pid);
+    result = PyLong_FromLong((long)pid);
+
+done:
+    PyMem_Free(groups);
+    PyMem_Free(moved);
+    PyMem_Free(fds);
+    PyMem_Free(pid_digits);
+    PyMem_Free(pid_text);
+    PyMem_Free(envp);
+    PyMem_Free(argv);
+    Py_XDECREF(signals_seq);
+    Py_XDECREF(pid_names_seq);
+    Py_XDECREF(groups_seq);
+    Py_XDECREF(fds_seq);
+    Py_XDECREF(envp_seq);
+    Py_XDECREF(argv_seq);
+    return result;
+}
+
+static PyMethodDef spawn_methods[] = {
+    {"spawn", (PyCFunction)(void (*)(void))native_spawn, METH_FASTCALL, spawn_doc},
+    {NULL, NULL, 0, NULL},
+};
+
+static struct PyModuleDef spawn_module = {
+    PyModuleDef_HEAD_INIT,
+    .m_name = "fdsupervisor._spawn",
+    .m_doc = "Start a worker with clone(CLONE_VM | CLONE_VFORK); see spawn.py.",
+    .m_size = 0,
+    .m_methods = spawn_methods,
+};
+
+PyMODINIT_FUNC
+PyInit__spawn(void)
+{
+    return PyModule_Create(&spawn_module);
+}

@@ -1,0 +1,469 @@
+"""Both ways of starting a worker, with real processes: what the worker gets, and nothing more.
+
+Every test runs twice: with the C extension (``clone(CLONE_VM | CLONE_VFORK)``,
+``_spawn_native``) and with the ``os.fork()`` fallback (``_spawn_python``).
+Most workers are ``sleep``: it changes no signal and opens no fd, so what
+``/proc/PID`` shows once ``spawn`` returned (the exec has happened by then)
+is exactly what the spawn step gave it.
+
+``python -m tests.integration.test_spawn_paths [BALLAST_MB]`` prints the time one spawn
+takes on each path.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import grp
+import os
+import pwd
+import shutil
+import signal
+import socket
+import sys
+import time
+from collections.abc import Callable, Iterable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from types import FrameType
+from typing import Any
+
+import pytest
+
+from fdsupervisor import spawn as spawn_module
+from fdsupervisor.errors import SpawnError
+from fdsupervisor.spawn import (
+    RESET_SIGNALS,
+    SpawnPlan,
+    _spawn_native,
+    _spawn_python,
+    native_spawn_available,
+    spawn,
+)
+from tests.conftest import open_fds
+
+Spawn = Callable[[SpawnPlan], int]
+
+SLEEP = shutil.which("sleep") or "/bin/sleep"
+TRUE = shutil.which("true") or "/bin/true"
+SH = shutil.which("sh") or "/bin/sh"
+
+PATHS = [
+    pytest.param(_spawn_native, id="native", marks=pytest.mark.skipif(
+        not native_spawn_available(),
+        reason="fdsupervisor._spawn is not built (no C compiler when installed?)",
+    )),
+    pytest.param(_spawn_python, id="python"),
+]  # fmt: skip
+
+
+@pytest.fixture(params=PATHS)
+def spawn_with(request: pytest.FixtureRequest) -> Spawn:
+    path: Spawn = request.param
+    return path
+
+
+def plan_for(argv: list[str], **changes: object) -> SpawnPlan:
+    fields: dict[str, object] = {
+        "executable": argv[0],
+        "argv": tuple(argv),
+        "environment": (("PATH", os.defpath), ("APP_SETTING", "kept")),
+        "fds": (),
+        "working_directory": None,
+        "uid": None,
+        "gid": None,
+        "groups": None,
+    }
+    fields.update(changes)
+    return SpawnPlan(**fields)  # type: ignore[arg-type]
+
+
+def wait_until_asleep(pid: int, timeout: float = 10.0) -> None:
+    """Until ``pid`` sleeps in its program.
+
+    ``spawn`` returns once the exec has begun: the parent wakes when the
+    child's new memory is in place (vfork's wake-up, or the close-on-exec
+    pipe closing), a moment before the kernel closes the close-on-exec fds
+    and writes the new environment's bounds. A worker asleep is past that.
+    """
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+        if state == "S":
+            return
+        time.sleep(0.001)
+    raise AssertionError(f"worker {pid} never went to sleep")
+
+
+@contextmanager
+def running(spawn: Spawn, plan: SpawnPlan) -> Iterator[int]:
+    """The pid of a started worker, asleep in its program; killed and reaped afterwards."""
+    pid = spawn(plan)
+    try:
+        wait_until_asleep(pid)
+        yield pid
+    finally:
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        os.waitpid(pid, 0)
+
+
+def sleeper(**changes: object) -> SpawnPlan:
+    return plan_for([SLEEP, "60"], **changes)
+
+
+def status_fields(pid: int) -> dict[str, str]:
+    text = Path(f"/proc/{pid}/status").read_text()
+    return dict(line.split(":\t", 1) for line in text.splitlines() if ":\t" in line)
+
+
+def environ_of(pid: int) -> list[str]:
+    return Path(f"/proc/{pid}/environ").read_bytes().decode().split("\0")[:-1]
+
+
+def same_file(pid: int, target: int, fd: int) -> bool:
+    """Whether fd ``target`` of ``pid`` is the open file of our ``fd``."""
+    theirs = os.stat(f"/proc/{pid}/fd/{target}")
+    ours = os.fstat(fd)
+    return (theirs.st_dev, theirs.st_ino) == (ours.st_dev, ours.st_ino)
+
+
+def signal_bits(signums: Iterable[int]) -> int:
+    return sum(1 << (signum - 1) for signum in signums)
+
+
+def zombies_of(pid: int) -> list[int]:
+    found = []
+    for entry in os.listdir("/proc"):
+        if not entry.isdecimal():
+            continue
+        try:
+            stat = Path(f"/proc/{entry}/stat").read_text()
+        except OSError:
+            continue
+        state, ppid = stat.rsplit(")", 1)[1].split()[:2]
+        if int(ppid) == pid and state == "Z":
+            found.append(int(entry))
+    return found
+
+
+@contextmanager
+def socket_pair() -> Iterator[tuple[socket.socket, socket.socket]]:
+    a, b = socket.socketpair()
+    with a, b:
+        yield a, b
+
+
+@contextmanager
+def fds_at(placed: dict[int, int]) -> Iterator[None]:
+    """Temporarily put each source fd at a chosen number (whatever sat there comes back)."""
+    saved: dict[int, tuple[int, bool] | None] = {}
+    for number in placed:
+        try:
+            saved[number] = (os.dup(number), os.get_inheritable(number))
+        except OSError:
+            saved[number] = None
+    try:
+        for number, source in placed.items():
+            os.dup2(source, number, inheritable=False)
+        yield
+    finally:
+        for number, previous in saved.items():
+            if previous is None:
+                os.close(number)
+            else:
+                fd, inheritable = previous
+                os.dup2(fd, number, inheritable=inheritable)
+                os.close(fd)
+
+
+# --------------------------------------------------------------------------- fds
+
+
+def test_worker_gets_exactly_stdio_and_its_fds(spawn_with: Spawn) -> None:
+    with socket_pair() as (a, b), socket.socket():  # one more fd not to pass
+        r, w = os.pipe()  # non-inheritable, as every fd of the supervisor
+        try:
+            plan = sleeper(fds=(a.fileno(), r, b.fileno()))
+            with running(spawn_with, plan) as pid:
+                stdio = [fd for fd in open_fds() if fd < 3]
+                assert open_fds(pid) == [*stdio, 3, 4, 5]
+                assert same_file(pid, 3, a.fileno())
+                assert same_file(pid, 4, r)
+                assert same_file(pid, 5, b.fileno())
+        finally:
+            os.close(r)
+            os.close(w)
+
+
+def test_fds_sitting_on_target_numbers_are_renumbered(spawn_with: Spawn) -> None:
+    r, w = os.pipe()
+    with socket_pair() as (a, _):
+        try:
+            # The first fd to pass sits at 4, the second at 3: a naive dup2
+            # loop would overwrite 3 before moving it.
+            with fds_at({4: r, 3: a.fileno()}):
+                with running(spawn_with, sleeper(fds=(4, 3))) as pid:
+                    assert same_file(pid, 3, r)
+                    assert same_file(pid, 4, a.fileno())
+                    assert [fd for fd in open_fds(pid) if fd >= 3] == [3, 4]
+                # A source already at its target and close-on-exec: a dup2()
+                # onto itself would not clear the flag.
+                with running(spawn_with, sleeper(fds=(3, 4))) as pid:
+                    assert same_file(pid, 3, a.fileno())
+                    assert same_file(pid, 4, r)
+        finally:
+            os.close(r)
+            os.close(w)
+
+
+def test_inetd_connection_is_stdin_and_stdout(spawn_with: Spawn) -> None:
+    with socket_pair() as (ours, theirs):
+        plan = plan_for(
+            [SH, "-c", 'read line; echo "got $line"'],
+            fds=(theirs.fileno(),),
+            stdio_fd=theirs.fileno(),
+        )
+        pid = spawn_with(plan)
+        wait_until_asleep(pid)  # in read
+        assert same_file(pid, 0, theirs.fileno())
+        assert same_file(pid, 1, theirs.fileno())
+        assert same_file(pid, 3, theirs.fileno())
+        theirs.close()
+        ours.sendall(b"hello\n")
+        ours.settimeout(10)
+        reply = b""
+        while chunk := ours.recv(100):
+            reply += chunk
+        assert os.waitpid(pid, 0)[1] == 0
+        assert reply == b"got hello\n"
+
+
+# --------------------------------------------------------------------------- process
+
+
+def test_pid_variables_hold_the_workers_own_pid(spawn_with: Spawn) -> None:
+    environment = (
+        ("PATH", os.defpath),
+        ("LISTEN_PID", "the supervisor's"),  # replaced, not doubled
+        ("LISTEN_FDS", "0"),
+    )
+    plan = sleeper(environment=environment, pid_variables=("LISTEN_PID", "WATCHDOG_PID"))
+    with running(spawn_with, plan) as pid:
+        env = environ_of(pid)
+        assert sorted(env) == sorted(
+            [f"PATH={os.defpath}", "LISTEN_FDS=0", f"LISTEN_PID={pid}", f"WATCHDOG_PID={pid}"]
+        )
+
+
+def test_worker_leads_its_own_process_group(spawn_with: Spawn) -> None:
+    with running(spawn_with, sleeper()) as pid:
+        assert os.getpgid(pid) == pid
+        assert os.getsid(pid) == os.getsid(0)
+
+
+def test_working_directory(spawn_with: Spawn, tmp_path: Path) -> None:
+    with running(spawn_with, sleeper(working_directory=str(tmp_path))) as pid:
+        assert os.readlink(f"/proc/{pid}/cwd") == str(tmp_path)
+
+
+def _handler(signum: int, frame: FrameType | None) -> None:
+    pass
+
+
+def test_signals_start_at_their_defaults(spawn_with: Spawn) -> None:
+    previous = {
+        signal.SIGTERM: signal.signal(signal.SIGTERM, signal.SIG_IGN),
+        signal.SIGHUP: signal.signal(signal.SIGHUP, _handler),
+        signal.SIGUSR1: signal.signal(signal.SIGUSR1, _handler),
+        signal.SIGTTOU: signal.signal(signal.SIGTTOU, signal.SIG_IGN),
+    }
+    blocked = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGUSR2, signal.SIGALRM})
+    try:
+        assert signal.getsignal(signal.SIGPIPE) == signal.SIG_IGN  # Python's own
+        with running(spawn_with, sleeper()) as pid:
+            status = status_fields(pid)
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, blocked)
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
+    assert int(status["SigBlk"], 16) == 0
+    assert int(status["SigCgt"], 16) == 0
+    # The signals the supervisor ignores are back at their defaults; one it
+    # inherited ignored (as from nohup) and never touches stays ignored.
+    assert int(status["SigIgn"], 16) & signal_bits(RESET_SIGNALS) == 0
+    assert int(status["SigIgn"], 16) & signal_bits([signal.SIGTTOU])
+
+
+def test_credentials_switch(spawn_with: Spawn) -> None:
+    if os.geteuid() != 0:
+        pytest.skip("switching uid and gid needs root")
+    nobody = pwd.getpwnam("nobody")
+    try:
+        nogroup = grp.getgrnam("nogroup").gr_gid
+    except KeyError:
+        nogroup = nobody.pw_gid
+    libc = ctypes.CDLL(None, use_errno=True)
+    PR_GET_DUMPABLE = 3  # <linux/prctl.h>
+    dumpable = libc.prctl(PR_GET_DUMPABLE, 0, 0, 0, 0)
+    plan = sleeper(uid=nobody.pw_uid, gid=nogroup, groups=(nogroup,))
+    with running(spawn_with, plan) as pid:
+        status = status_fields(pid)
+    assert status["Uid"].split() == [str(nobody.pw_uid)] * 4
+    assert status["Gid"].split() == [str(nogroup)] * 4
+    assert status["Groups"].split() == [str(nogroup)]
+    # The child's uid change must not leave the shared memory (ours) undumpable.
+    assert libc.prctl(PR_GET_DUMPABLE, 0, 0, 0, 0) == dumpable
+
+
+# --------------------------------------------------------------------------- failures
+
+
+@pytest.mark.parametrize(
+    ("changes", "expected"),
+    [
+        ({"executable": "/nonexistent/program"}, "exec: No such file or directory"),
+        ({"executable": "{tmp}/not-executable"}, "exec: Permission denied"),
+        ({"working_directory": "/nonexistent"}, "chdir: No such file or directory"),
+        ({"fds": (987_654,)}, "fds: Bad file descriptor"),
+    ],
+    ids=["missing", "not-executable", "chdir", "bad-fd"],
+)
+def test_failure_names_the_step_and_leaves_nothing_behind(
+    spawn_with: Spawn, changes: dict[str, str | tuple[int]], expected: str, tmp_path: Path
+) -> None:
+    (tmp_path / "not-executable").write_text("#!/bin/sh\n")
+    if isinstance(changes.get("executable"), str):
+        changes = {**changes, "executable": str(changes["executable"]).format(tmp=tmp_path)}
+    fds_before = open_fds()
+    with pytest.raises(SpawnError) as info:
+        spawn_with(plan_for([TRUE], **changes))
+    assert str(info.value) == f"cannot start {TRUE!r}: {expected}"
+    assert zombies_of(os.getpid()) == []
+    assert open_fds() == fds_before
+
+
+def test_nul_byte_is_refused(spawn_with: Spawn) -> None:
+    fds_before = open_fds()
+    with pytest.raises(SpawnError, match=f"cannot start {TRUE!r}: "):
+        spawn_with(plan_for([TRUE, "a\0b"]))
+    assert zombies_of(os.getpid()) == []
+    assert open_fds() == fds_before
+
+
+@pytest.mark.skipif(not native_spawn_available(), reason="fdsupervisor._spawn is not built")
+@pytest.mark.parametrize(
+    ("index", "value", "error"),
+    [
+        (0, "/bin/true", TypeError),  # str, not bytes
+        (1, [], ValueError),  # empty argv
+        (1, [b"true", "x"], TypeError),
+        (3, (-1,), ValueError),
+        (4, -2, ValueError),
+        (6, 2**32, ValueError),
+        (8, (1, "x"), TypeError),
+        (9, (b"A=B",), ValueError),
+        (10, (0,), ValueError),
+    ],
+)
+def test_extension_checks_its_arguments_before_starting_anything(
+    index: int, value: object, error: type[Exception]
+) -> None:
+    from fdsupervisor import _spawn  # only where it was built
+
+    args: list[Any] = [
+        TRUE.encode(), [b"true"], [], (), -1, None, -1, -1, None, (b"LISTEN_PID",), (15,)
+    ]  # fmt: skip
+    args[index] = value
+    with pytest.raises(error):
+        _spawn.spawn(*args)
+    with pytest.raises(TypeError, match="exactly 11 arguments"):
+        _spawn.spawn(*args[:-1])
+    assert zombies_of(os.getpid()) == []
+
+
+def test_failure_as_another_user_is_reported(spawn_with: Spawn, tmp_path: Path) -> None:
+    if os.geteuid() != 0:
+        pytest.skip("switching uid needs root")
+    private = tmp_path / "private"
+    private.mkdir(mode=0o700)
+    nobody = pwd.getpwnam("nobody")
+    shutil.copy(TRUE, private / "true")
+    plan = plan_for([str(private / "true")], uid=nobody.pw_uid, gid=nobody.pw_gid, groups=())
+    with pytest.raises(SpawnError, match="exec: Permission denied"):
+        spawn_with(plan)
+    assert zombies_of(os.getpid()) == []
+
+
+def test_many_spawns_leak_no_fd(spawn_with: Spawn) -> None:
+    with socket_pair() as (a, b):
+        plan = plan_for([TRUE], fds=(a.fileno(), b.fileno()))
+        fds_before = open_fds()
+        for _ in range(500):
+            pid = spawn_with(plan)
+            assert os.waitpid(pid, 0)[1] == 0
+        assert open_fds() == fds_before
+
+
+# --------------------------------------------------------------------------- choice
+
+
+def _recording(calls: list[str], name: str, path: Spawn) -> Spawn:
+    def record(plan: SpawnPlan) -> int:
+        calls.append(name)
+        return path(plan)
+
+    return record
+
+
+@pytest.mark.skipif(not native_spawn_available(), reason="fdsupervisor._spawn is not built")
+def test_spawn_uses_the_extension_when_built(monkeypatch: pytest.MonkeyPatch) -> None:
+    calls: list[str] = []
+    monkeypatch.setattr(spawn_module, "_spawn_native", _recording(calls, "native", _spawn_native))
+    monkeypatch.setattr(spawn_module, "_spawn_python", _recording(calls, "python", _spawn_python))
+    assert os.waitpid(spawn(plan_for([TRUE])), 0)[1] == 0
+    assert calls == ["native"]
+
+
+def test_spawn_falls_back_to_fork_without_the_extension(monkeypatch: pytest.MonkeyPatch) -> None:
+    calls: list[str] = []
+    monkeypatch.setattr(spawn_module, "_native", None)
+    monkeypatch.setattr(spawn_module, "_spawn_python", _recording(calls, "python", _spawn_python))
+    assert not native_spawn_available()
+    assert os.waitpid(spawn(plan_for([TRUE])), 0)[1] == 0
+    assert calls == ["python"]
+    with pytest.raises(SpawnError, match="not built"):
+        _spawn_native(plan_for([TRUE]))
+
+
+# --------------------------------------------------------------------------- timing
+
+
+def time_per_spawn(spawn: Spawn, count: int = 300) -> tuple[float, float]:
+    """Milliseconds the caller is blocked in ``spawn``, and per whole run of ``/bin/true``."""
+    with socket_pair() as (a, b):
+        plan = plan_for([TRUE], fds=(a.fileno(), b.fileno()), pid_variables=("LISTEN_PID",))
+        blocked = 0.0
+        started = time.perf_counter()
+        for _ in range(count):
+            before = time.perf_counter()
+            pid = spawn(plan)
+            blocked += time.perf_counter() - before
+            os.waitpid(pid, 0)
+        whole = time.perf_counter() - started
+    return blocked / count * 1000, whole / count * 1000
+
+
+if __name__ == "__main__":
+    # Optional ballast in MB: fork() copies page tables, so its cost grows with the parent.
+    ballast = bytearray(b"\1") * (int(sys.argv[1]) * 1_000_000 if len(sys.argv) > 1 else 0)
+    for name, path in (("native", _spawn_native), ("python", _spawn_python)):
+        if path is _spawn_native and not native_spawn_available():
+            print(f"{name}: not built")
+            continue
+        time_per_spawn(path, 20)
+        blocked, whole = time_per_spawn(path)
+        print(
+            f"{name}: {blocked:.3f} ms in spawn(), {whole:.3f} ms per spawn + /bin/true + waitpid"
+        )

@@ -1,0 +1,222 @@
+"""The spawn plan: argv, environment, fd layout and credentials of a worker, without a process."""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from fdsupervisor.errors import SpawnError
+from fdsupervisor.spawn import (
+    LISTEN_FDS_START,
+    SUPERVISOR_ONLY_ENV,
+    PassedFd,
+    SpawnPlan,
+    base_environment,
+    plan_worker,
+    worker_fd_numbers,
+)
+from fdsupervisor.units import ServiceSpec, Unit
+
+PYTHON = sys.executable
+SUPERVISOR_ENV = {
+    "PATH": os.defpath,
+    "HOME": "/root-of-supervisor",
+    "LANG": "C.UTF-8",
+    **{name: "the supervisor's own" for name in SUPERVISOR_ONLY_ENV},
+}
+HTTP = PassedFd("http", 7)
+ADMIN = PassedFd("admin", 3)
+
+
+def unit(**service: object) -> Unit:
+    fields: dict[str, object] = {"exec": (PYTHON, "--port-fd={fd:http}", "{instance}")}
+    fields.update(service)
+    spec = ServiceSpec(**fields)  # type: ignore[arg-type]
+    return Unit("web", Path("/units/web.yaml"), Path("/units"), (), spec)
+
+
+def plan(**kwargs: object) -> SpawnPlan:
+    service = kwargs.pop("service", {})
+    passed = kwargs.pop("passed", [HTTP, ADMIN])
+    return plan_worker(
+        unit(**service),  # type: ignore[arg-type]
+        passed,  # type: ignore[arg-type]
+        kwargs.pop("instance", 2),  # type: ignore[arg-type]
+        kwargs.pop("environ", SUPERVISOR_ENV),  # type: ignore[arg-type]
+        **kwargs,  # type: ignore[arg-type]
+    )
+
+
+# --------------------------------------------------------------------------- fd layout
+
+
+@given(st.lists(st.text(min_size=1), unique=True, max_size=20))
+def test_fd_numbers_follow_declaration_order_from_3(names: list[str]) -> None:
+    numbers = worker_fd_numbers(names)
+    assert list(numbers) == names
+    assert list(numbers.values()) == list(range(LISTEN_FDS_START, LISTEN_FDS_START + len(names)))
+
+
+def test_fds_placeholders_and_listen_variables() -> None:
+    result = plan()
+    assert result.fds == (7, 3)  # supervisor numbers, in the order they go to 3, 4
+    assert result.argv == (PYTHON, "--port-fd=3", "2")
+    env = dict(result.environment)
+    assert env["LISTEN_FDS"] == "2"
+    assert env["LISTEN_FDNAMES"] == "http:admin"
+    assert result.stdio_fd is None
+    assert result.executable == PYTHON
+
+
+def test_pid_variables_are_left_to_the_child() -> None:
+    result = plan()
+    assert result.pid_variables == ("LISTEN_PID",)
+    assert "LISTEN_PID" not in dict(result.environment)
+
+
+def test_inetd_connection_is_passed_as_stdio_too() -> None:
+    connection = PassedFd("connection", 12)
+    result = plan(passed=[connection], stdio_fd=12, service={"exec": (PYTHON,)})
+    assert result.fds == (12,)
+    assert result.stdio_fd == 12
+    assert dict(result.environment)["LISTEN_FDNAMES"] == "connection"
+
+
+# --------------------------------------------------------------------------- environment
+
+
+def test_supervisor_protocol_variables_never_reach_a_worker() -> None:
+    env = dict(plan().environment)
+    for name in ("NOTIFY_SOCKET", "WATCHDOG_USEC", "WATCHDOG_PID", "LISTEN_PID"):
+        assert name not in env
+    assert env["HOME"] == "/root-of-supervisor"
+    assert env["LANG"] == "C.UTF-8"
+
+
+def test_base_environment() -> None:
+    assert base_environment(SUPERVISOR_ENV, clear=True) == {}
+    assert base_environment(SUPERVISOR_ENV, clear=False) == {
+        "PATH": os.defpath,
+        "HOME": "/root-of-supervisor",
+        "LANG": "C.UTF-8",
+    }
+
+
+def test_unit_environment_and_extra_environment() -> None:
+    result = plan(
+        service={"environment": (("ADMIN_FD", "{fd:admin}"), ("LANG", "de_DE.UTF-8"))},
+        extra_env={"REMOTE_ADDR": "192.0.2.1", "LANG": "from-extra"},
+    )
+    env = dict(result.environment)
+    assert env["ADMIN_FD"] == "4"
+    assert env["REMOTE_ADDR"] == "192.0.2.1"
+    assert env["LANG"] == "from-extra"  # extra (per connection) wins over the unit
+
+
+def test_clear_environment_keeps_only_the_units_and_the_protocols() -> None:
+    result = plan(
+        service={"clear_environment": True, "environment": (("PATH", os.defpath),)},
+    )
+    assert sorted(dict(result.environment)) == ["LISTEN_FDNAMES", "LISTEN_FDS", "PATH"]
+
+
+def test_notify_socket_and_watchdog() -> None:
+    result = plan(notify_socket="/run/sup/notify")
+    env = dict(result.environment)
+    assert env["NOTIFY_SOCKET"] == "/run/sup/notify"
+    assert "WATCHDOG_USEC" not in env
+    assert result.pid_variables == ("LISTEN_PID",)
+
+    result = plan(notify_socket="@sup", service={"watchdog": 2.5})
+    env = dict(result.environment)
+    assert env["WATCHDOG_USEC"] == "2500000"
+    assert result.pid_variables == ("LISTEN_PID", "WATCHDOG_PID")
+    assert "WATCHDOG_PID" not in env
+
+    result = plan(notify_socket="@sup", service={"watchdog": float("inf")})
+    assert "WATCHDOG_USEC" not in dict(result.environment)
+    assert result.pid_variables == ("LISTEN_PID",)
+
+
+def test_watchdog_without_notify_socket_sets_nothing() -> None:
+    result = plan(service={"watchdog": 2.5})
+    assert "WATCHDOG_USEC" not in dict(result.environment)
+    assert result.pid_variables == ("LISTEN_PID",)
+
+
+# --------------------------------------------------------------------------- credentials
+
+
+def test_no_user_keeps_the_supervisors_credentials() -> None:
+    result = plan()
+    assert (result.uid, result.gid, result.groups) == (None, None, None)
+
+
+def test_user_by_name_and_number() -> None:
+    for user in ("root", "0"):
+        result = plan(service={"user": user})
+        assert (result.uid, result.gid) == (0, 0)
+        assert result.groups is not None and 0 in result.groups
+        env = dict(result.environment)
+        assert (env["USER"], env["LOGNAME"], env["HOME"]) == ("root", "root", "/root")
+
+
+def test_group_overrides_the_users_primary_group() -> None:
+    result = plan(service={"group": "0"})
+    assert (result.uid, result.gid, result.groups) == (None, 0, (0,))
+
+
+def test_user_variables_are_not_added_to_a_cleared_environment() -> None:
+    result = plan(service={"user": "root", "clear_environment": True})
+    assert "USER" not in dict(result.environment)
+
+
+@pytest.mark.parametrize(
+    ("service", "message"),
+    [
+        ({"user": "no-such-user-here"}, "unknown user 'no-such-user-here'"),
+        ({"user": "4294967296999"}, "unknown user '4294967296999'"),
+        ({"group": "no-such-group-here"}, "unknown group 'no-such-group-here'"),
+    ],
+)
+def test_unknown_credentials(service: dict[str, str], message: str) -> None:
+    with pytest.raises(SpawnError, match=message):
+        plan(service=service)
+
+
+# --------------------------------------------------------------------------- executable
+
+
+def test_program_found_in_the_workers_path(tmp_path: Path) -> None:
+    program = tmp_path / "app"
+    program.write_text("#!/bin/sh\n")
+    program.chmod(0o755)
+    result = plan(
+        service={"exec": ("app",), "environment": (("PATH", f"/nonexistent:{tmp_path}"),)}
+    )
+    assert result.executable == str(program)
+    assert result.argv == ("app",)
+
+
+def test_relative_program_resolves_against_the_working_directory(tmp_path: Path) -> None:
+    (tmp_path / "bin").mkdir()
+    program = tmp_path / "bin" / "app"
+    program.write_text("#!/bin/sh\n")
+    program.chmod(0o755)
+    result = plan(service={"exec": ("bin/app",), "working_directory": str(tmp_path)})
+    assert result.executable == str(program)
+    assert result.working_directory == str(tmp_path)
+
+
+def test_missing_or_not_executable_program(tmp_path: Path) -> None:
+    with pytest.raises(SpawnError, match=r"'no-such-app': not found in PATH=/nonexistent"):
+        plan(service={"exec": ("no-such-app",), "environment": (("PATH", "/nonexistent"),)})
+    text = tmp_path / "notes.txt"
+    text.write_text("")
+    with pytest.raises(SpawnError, match="not an executable file"):
+        plan(service={"exec": (str(text),)})
