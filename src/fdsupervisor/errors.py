@@ -8,6 +8,7 @@ class they map to (the mapping lives here and nowhere else).
 
 from __future__ import annotations
 
+import errno
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -81,7 +82,19 @@ class BindError(FdSupervisorError):
 
 
 class SpawnError(FdSupervisorError):
-    """A worker could not be started (exec failed, user unknown, ...)."""
+    """A worker could not be started (exec failed, user unknown, ...).
+
+    ``transient`` is true when the cause was a lack of resources (out of fds,
+    processes or memory): a later try may succeed, so the restart policy
+    applies, as systemd applies Restart= to such a start.
+    """
+
+    RESOURCE_ERRNOS = frozenset({errno.EMFILE, errno.ENFILE, errno.EAGAIN, errno.ENOMEM})
+
+    def __init__(self, message: str, errno_value: int | None = None) -> None:
+        super().__init__(message)
+        self.errno = errno_value
+        self.transient = errno_value in self.RESOURCE_ERRNOS
 
 
 class CommandError(FdSupervisorError):

@@ -805,28 +805,37 @@ class Supervisor:
                 notify_socket=self._notify_address(),
             )
             pid, pidfd = self._spawn_watched(plan)
-        except SpawnError as exc:  # the program, user or directory is wrong: no retry helps
-            self.log.error("worker_start_failed", unit=unit.name, instance=instance, error=str(exc))
-            service.start_failed(str(exc))
-            self._fail(runtime, str(exc))
+        except SpawnError as exc:
+            if not exc.transient:  # the program, user or directory is wrong: no retry helps
+                self.log.error(
+                    "worker_start_failed", unit=unit.name, instance=instance, error=str(exc)
+                )
+                service.start_failed(str(exc))
+                self._fail(runtime, str(exc))
+                return
+            self._retry_spawn(runtime, instance, exc)
             return
         except OSError as exc:  # out of fds, processes or memory: may pass, so retry
-            decision = service.spawn_failed(instance, self.loop.time())
-            self.log.error(
-                "worker_start_failed",
-                unit=unit.name,
-                instance=instance,
-                error=str(exc),
-                restart_in=decision.delay if isinstance(decision, Restart) else None,
-            )
-            if isinstance(decision, Restart):
-                runtime.restart_timers[instance] = self.loop.call_at(
-                    decision.at, partial(self._restart_due, runtime, instance)
-                )
-            elif isinstance(decision, Failed):
-                self._fail(runtime, f"{decision.reason}: {exc}")
+            self._retry_spawn(runtime, instance, exc)
             return
         self._track(runtime, instance, pid, pidfd, len(plan.fds))
+
+    def _retry_spawn(self, runtime: UnitRuntime, instance: int, exc: Exception) -> None:
+        """A start failed for lack of resources: retried as ``restart:`` says."""
+        decision = runtime.service.spawn_failed(instance, self.loop.time())
+        self.log.error(
+            "worker_start_failed",
+            unit=runtime.unit.name,
+            instance=instance,
+            error=str(exc),
+            restart_in=decision.delay if isinstance(decision, Restart) else None,
+        )
+        if isinstance(decision, Restart):
+            runtime.restart_timers[instance] = self.loop.call_at(
+                decision.at, partial(self._restart_due, runtime, instance)
+            )
+        elif isinstance(decision, Failed):
+            self._fail(runtime, f"{decision.reason}: {exc}")
 
     @staticmethod
     def _spawn_watched(plan: SpawnPlan) -> tuple[int, int]:
@@ -969,8 +978,8 @@ class Supervisor:
         runtime.watching = False
 
     def _traffic(self, runtime: UnitRuntime) -> None:
-        self.log.info("traffic", unit=runtime.unit.name, action="starting service")
-        self.start_service(runtime.unit.name, manual=False)
+        self.start_service(runtime.unit.name, manual=False)  # first: the log can wait
+        self.log.info("traffic", unit=runtime.unit.name, action="started service")
 
     # -- accept mode: one instance per connection --------------------------------------
 
