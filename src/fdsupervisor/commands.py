@@ -20,7 +20,7 @@ from . import __version__
 from .addresses import Context, FdAddress, check_name, format_address, parse_address
 from .binding import BoundSocket, InheritedFds, adopt_socket, bind_socket, describe_socket
 from .errors import BindError, CommandError, FdSupervisorError, ValueProblem
-from .fdstore import MONITOR_OWNER, RawFd, StoreError, unit_owner
+from .fdstore import MONITOR_OWNER, RawFd, unit_owner
 from .qmp import Arg, Execute, check_arguments, command_not_found, error_reply, reply
 from .units import SocketKind, SocketSpec
 
@@ -91,10 +91,10 @@ class Commands:
                 reply_fds, result = [result.fd], result.value
         except CommandError as exc:
             return error_reply(request, exc), []
-        except (ValueProblem, StoreError, BindError) as exc:
+        except FdSupervisorError as exc:  # ValueProblem, StoreError, BindError, ...
             return error_reply(request, CommandError(str(exc))), []
-        except FdSupervisorError as exc:
-            return error_reply(request, CommandError(str(exc))), []
+        except OSError as exc:  # out of fds or memory (EMFILE on a dup, say): say so, live on
+            return error_reply(request, CommandError(f"{request.command}: {exc}")), []
         return reply(request, result), reply_fds
 
     # -- the commands ---------------------------------------------------------------

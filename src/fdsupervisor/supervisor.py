@@ -309,7 +309,12 @@ class Supervisor:
         """Run until shut down and every worker is gone; returns the exit code."""
         try:
             while not (self.shutting_down and not self._live_workers()):
-                self.loop.run_once()
+                try:
+                    self.loop.run_once()
+                except Exception:
+                    # A bug in one callback must not take every worker's supervisor
+                    # down with it: log it with its traceback and go on.
+                    self.log.exception("internal_error", note="please report this")
         finally:
             self._close()
         self.log.info("stopped")
