@@ -425,7 +425,7 @@ def _bind_unix_path(spec: SocketSpec, address: UnixAddress, base_dir: Path) -> B
         sock.close()
         raise
     try:
-        _apply_file_attributes(spec, path, owner, label)
+        _apply_file_attributes(spec, path, owner, label, bound.created_inode)
         _listen_or_fail(sock, spec, label)
     except BaseException:
         bound.close()
@@ -489,8 +489,9 @@ def _make_parents(spec: SocketSpec, directory: Path) -> None:
     for new_directory in reversed(missing):
         try:
             os.mkdir(new_directory, spec.directory_mode)
-            # mkdir() masked the mode with the umask; the unit's mode is what counts.
-            os.chmod(new_directory, spec.directory_mode)
+            # mkdir() masked the mode with the umask; the unit's mode is what counts,
+            # set on the directory we made, never through a symlink put there since.
+            _chmod_exactly(new_directory, spec.directory_mode, stat.S_ISDIR)
         except FileExistsError:
             continue  # created meanwhile by someone else: not ours to chmod
         except OSError as error:
@@ -552,18 +553,38 @@ def _socket_file_is_live(spec: SocketSpec, path: Path, label: str) -> bool:
 
 
 def _apply_file_attributes(
-    spec: SocketSpec, path: Path, owner: tuple[int, int], label: str
+    spec: SocketSpec,
+    path: Path,
+    owner: tuple[int, int],
+    label: str,
+    inode: tuple[int, int] | None,
 ) -> None:
-    # chmod() through the path after bind(): the result does not depend on the
-    # umask (systemd instead binds under umask ~SocketMode=, which is
-    # process-wide). fchmod() on the socket would change the sockfs inode.
+    # The mode is set after bind() so that it does not depend on the umask
+    # (systemd instead binds under umask ~SocketMode=, which is process-wide),
+    # and through an O_PATH fd of the very socket file bind() created: whoever
+    # can write the directory cannot swap in a symlink for chmod to follow.
+    # fchmod() on the socket itself would change the sockfs inode instead.
     mode = spec.mode if spec.mode is not None else DEFAULT_SOCKET_MODE
     try:
-        os.chmod(path, mode)
+        _chmod_exactly(path, mode, stat.S_ISSOCK, inode)
         if owner != (-1, -1):
             os.chown(path, owner[0], owner[1], follow_symlinks=False)
     except OSError as error:
         raise BindError(spec.name, f"cannot set mode or owner of {label}: {error}") from error
+
+
+def _chmod_exactly(
+    path: Path, mode: int, is_kind: Callable[[int], bool], inode: tuple[int, int] | None = None
+) -> None:
+    """chmod ``path`` only if it still is what we made (never through a symlink)."""
+    fd = os.open(path, os.O_PATH | os.O_NOFOLLOW | os.O_CLOEXEC)
+    try:
+        info = os.fstat(fd)
+        if not is_kind(info.st_mode) or (inode is not None and (info.st_dev, info.st_ino) != inode):
+            raise OSError(errno.ELOOP, f"{path} was replaced while it was set up")
+        os.chmod(f"/proc/self/fd/{fd}", mode)
+    finally:
+        os.close(fd)
 
 
 def _unlink_if_same(path: Path, inode: tuple[int, int]) -> bool:

@@ -118,6 +118,12 @@ class Commands:
         except ValueProblem as exc:
             raise CommandError(f"Parameter 'fdname' {exc.message}") from None
         fd = client.take_fd()
+        if fd is None and client.lost_fds:
+            client.lost_fds = False
+            raise CommandError(
+                "A file descriptor was sent but could not be received: "
+                "the supervisor is out of file descriptors"
+            )
         if fd is None:
             raise CommandError("No file descriptor supplied via SCM_RIGHTS")
         self.supervisor.store.add(MONITOR_OWNER, name, RawFd(fd), replace=True)

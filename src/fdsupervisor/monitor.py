@@ -38,6 +38,12 @@ RECV_SIZE = 65536
 # output waits for it, as QEMU stops reading a client whose request queue is
 # full (QMP_REQ_QUEUE_LEN_MAX): backpressure instead of unbounded memory.
 MAX_PENDING_OUTPUT = 1 << 20
+# A client that lets this much output (events, mostly) pile up unread is
+# disconnected: it would otherwise cost unbounded memory (QEMU's monitor has
+# the same problem with its output buffer; we choose to cut the client off).
+MAX_QUEUED_OUTPUT = 8 << 20
+# Replies are coalesced into one send() up to this size.
+MAX_WRITE = 64 << 10
 # Out of fds (EMFILE): try accepting again after this long, as libuv does.
 ACCEPT_RETRY_DELAY = 0.1
 
@@ -74,6 +80,7 @@ class MonitorClient:
         self.pending = 0
         self.closed = False
         self._batching = False
+        self.lost_fds = False  # an fd sent to us was dropped by the kernel (EMFILE)
         self._writing = False
         self._reading = True  # the server registers the reader on accept
 
@@ -98,16 +105,19 @@ class MonitorClient:
 
     def on_readable(self) -> None:
         try:
-            data, ancillary, _flags, _ = self.sock.recvmsg(
+            data, ancillary, flags, _ = self.sock.recvmsg(
                 RECV_SIZE, socket.CMSG_SPACE(MAX_FDS_PER_MESSAGE * 4), socket.MSG_CMSG_CLOEXEC
             )
         except (BlockingIOError, InterruptedError):
             return
         except OSError:
-            data, ancillary = b"", []
+            data, ancillary, flags = b"", [], 0
         fds = _fds_from(ancillary)
         if fds:
             self._hold(fds)
+        if flags & socket.MSG_CTRUNC:
+            # The kernel dropped fds it could not install (we are out of fds).
+            self.lost_fds = True
         # Replies and events made while handling one read leave in one write.
         self._batching = True
         ended = not data
@@ -136,6 +146,14 @@ class MonitorClient:
             return
         self.output.append((data, fds or []))
         self.pending += len(data)
+        if self.pending > MAX_QUEUED_OUTPUT:
+            self.server.log.warning(
+                "monitor_client_dropped",
+                reason="it does not read its replies and events",
+                queued=self.pending,
+            )
+            self.close()
+            return
         if not self._batching:
             self._flush()
 
@@ -143,8 +161,9 @@ class MonitorClient:
         while self.output:
             data, fds = self.output.popleft()
             if not fds:
-                parts = [data]
-                while self.output and not self.output[0][1]:
+                parts, size = [data], len(data)
+                while self.output and not self.output[0][1] and size < MAX_WRITE:
+                    size += len(self.output[0][0])
                     parts.append(self.output.popleft()[0])
                 if len(parts) > 1:
                     data = b"".join(parts)

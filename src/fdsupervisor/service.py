@@ -31,6 +31,7 @@ from dataclasses import dataclass, field
 from .units import RestartPolicy, ServiceSpec
 
 STABLE_UPTIME = 1.0
+RESOURCE_RETRY_DELAY = 0.1
 
 CLEAN_SIGNALS = frozenset({signal.SIGHUP, signal.SIGINT, signal.SIGTERM, signal.SIGPIPE})
 
@@ -259,7 +260,9 @@ class Service:
             )
             self.state = ServiceState.FAILED
             return Failed(self.failure)
-        delay = self._next_delay(Worker(instance, -1, now), now)
+        # at least RESOURCE_RETRY_DELAY: with restart-delay 0 and no start limit,
+        # an immediate retry while out of fds would spin
+        delay = max(self._next_delay(Worker(instance, -1, now), now), RESOURCE_RETRY_DELAY)
         self.restarts += 1
         return Restart(instance, now + delay, delay)
 
