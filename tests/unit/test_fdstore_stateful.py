@@ -1,0 +1,216 @@
+"""The FD store as a state machine, with real fds, against a model dict.
+
+Every resource the test makes is one end of a pipe or a socketpair; the test
+keeps the other end (the *witness*) and asks the kernel, never the store,
+whether the resource is still open: a pipe's write end reports POLLERR once
+every read end is closed, a socket reports POLLHUP once its peer is closed.
+That answer does not depend on fd numbers, which the kernel reuses at once.
+
+Invariant after every step: each resource is in exactly one of three places,
+stored (then the model has it under the same owner and name, and the store
+hands back that very object), taken by the test, or closed; ``os.fstat``
+agrees (an open resource's fd is still its inode; a closed one's fd is
+either not open or, reused by the kernel, another inode); ``len`` and
+``counted`` match the model. After each example every fd it created, the
+witnesses included, is closed. (The whole process's fd table is not compared:
+other tests' objects may be collected, and their fds closed, at any moment.)
+"""
+
+from __future__ import annotations
+
+import os
+import select
+import socket
+from dataclasses import dataclass
+
+import pytest
+from hypothesis import HealthCheck, settings
+from hypothesis import strategies as st
+from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
+
+from fdsupervisor.fdstore import FdStore, RawFd, StoreError
+
+OWNERS = st.sampled_from(["unit:web", "unit:api", "monitor", "service:web"])
+NAMES = st.sampled_from(["http", "a", "b", "c"])
+FLAVOURS = st.sampled_from(["pipe", "socketpair"])
+
+
+@dataclass(eq=False)
+class Tracked:
+    """One resource the test made: the resource, its witness, and where it is."""
+
+    resource: RawFd | socket.socket
+    witness: int | socket.socket
+    place: str  # "new", "stored", "taken" or "closed"
+    fd: int = -1
+    inode: tuple[int, int] = (0, 0)
+    witness_fd: int = -1
+    witness_inode: tuple[int, int] = (0, 0)
+
+    def __post_init__(self) -> None:
+        self.fd = self.resource.fileno()
+        self.inode = _inode(self.fd)
+        self.witness_fd = self.witness if isinstance(self.witness, int) else self.witness.fileno()
+        self.witness_inode = _inode(self.witness_fd)
+
+    def is_open(self) -> bool:
+        """Ask the kernel, through the witness, whether the resource end is open."""
+        fd = self.witness if isinstance(self.witness, int) else self.witness.fileno()
+        poller = select.poll()
+        poller.register(fd, select.POLLOUT if isinstance(self.witness, int) else select.POLLIN)
+        events = dict(poller.poll(0)).get(fd, 0)
+        return not events & (select.POLLERR | select.POLLHUP)
+
+    def close_witness(self) -> None:
+        if isinstance(self.witness, int):
+            os.close(self.witness)
+        else:
+            self.witness.close()
+
+
+def _inode(fd: int) -> tuple[int, int]:
+    info = os.fstat(fd)
+    return info.st_dev, info.st_ino
+
+
+def still_has(fd: int, inode: tuple[int, int]) -> bool:
+    """Whether ``fd`` is open on ``inode`` (a closed number may be reused for another)."""
+    try:
+        return _inode(fd) == inode
+    except OSError:
+        return False
+
+
+def make(flavour: str) -> Tracked:
+    if flavour == "pipe":
+        read_end, write_end = os.pipe()
+        return Tracked(RawFd(read_end), write_end, "new")
+    mine, witness = socket.socketpair()
+    return Tracked(mine, witness, "new")
+
+
+class FdStoreMachine(RuleBasedStateMachine):
+    def __init__(self) -> None:
+        super().__init__()
+        self.limit = 4
+        self.store = FdStore(limit=self.limit)
+        self.model: dict[tuple[str, str], Tracked] = {}
+        self.tracked: list[Tracked] = []
+
+    def _new(self, flavour: str) -> Tracked:
+        item = make(flavour)
+        self.tracked.append(item)
+        return item
+
+    def _counted(self) -> int:
+        return sum(1 for owner, _ in self.model if not owner.startswith("unit:"))
+
+    # -- rules --------------------------------------------------------------------------
+
+    @rule(owner=OWNERS, name=NAMES, flavour=FLAVOURS, replace=st.booleans())
+    def add(self, owner: str, name: str, flavour: str, replace: bool) -> None:
+        item = self._new(flavour)
+        key = (owner, name)
+        old = self.model.get(key)
+        refused = (old is not None and not replace) or (
+            old is None and not owner.startswith("unit:") and self._counted() >= self.limit
+        )
+        if refused:
+            with pytest.raises(StoreError):
+                self.store.add(owner, name, item.resource, replace=replace)
+            item.place = "closed"  # a refused resource is closed, never leaked
+            return
+        self.store.add(owner, name, item.resource, replace=replace)
+        if old is not None:
+            old.place = "closed"  # replaced: the old fd is closed
+        item.place = "stored"
+        self.model[key] = item
+
+    @rule(owner=OWNERS, name=NAMES)
+    def take(self, owner: str, name: str) -> None:
+        item = self.model.pop((owner, name), None)
+        if item is None:
+            with pytest.raises(StoreError, match=f"File descriptor named '{name}' not found"):
+                self.store.take(owner, name)
+            return
+        assert self.store.take(owner, name) is item.resource
+        item.place = "taken"
+
+    @rule(owner=OWNERS, name=NAMES)
+    def close(self, owner: str, name: str) -> None:
+        item = self.model.pop((owner, name), None)
+        if item is None:
+            with pytest.raises(StoreError):
+                self.store.close(owner, name)
+            return
+        self.store.close(owner, name)
+        item.place = "closed"
+
+    @rule(owner=OWNERS)
+    def close_owner(self, owner: str) -> None:
+        gone = [key for key in self.model if key[0] == owner]
+        assert self.store.close_owner(owner) == len(gone)
+        for key in gone:
+            self.model.pop(key).place = "closed"
+
+    @rule(limit=st.integers(min_value=0, max_value=6))
+    def set_limit(self, limit: int) -> None:
+        # Lowering the limit below what is stored evicts nothing; it only refuses growth.
+        self.limit = self.store.limit = limit
+
+    @precondition(lambda self: any(t.place == "taken" for t in self.tracked))
+    @rule(data=st.data())
+    def release_taken(self, data: st.DataObject) -> None:
+        taken = [t for t in self.tracked if t.place == "taken"]
+        item = data.draw(st.sampled_from(taken))
+        item.resource.close()
+        item.place = "closed"
+
+    # -- invariants ---------------------------------------------------------------------
+
+    @invariant()
+    def sizes_match_the_model(self) -> None:
+        assert len(self.store) == len(self.model)
+        assert self.store.counted() == self._counted()
+        assert {(e.owner, e.name) for e in self.store} == set(self.model)
+
+    @invariant()
+    def stored_entries_are_the_very_resources(self) -> None:
+        for (owner, name), item in self.model.items():
+            entry = self.store.get(owner, name)
+            assert entry is not None and entry.resource is item.resource
+            assert (owner, name) in self.store
+            os.fstat(entry.fd)  # a live fd
+        for owner in ("unit:web", "unit:api", "monitor", "service:web"):
+            expected = {n for o, n in self.model if o == owner}
+            assert {e.name for e in self.store.owned_by(owner)} == expected
+
+    @invariant()
+    def every_fd_is_stored_taken_or_closed(self) -> None:
+        for item in self.tracked:
+            assert item.place in ("stored", "taken", "closed")
+            assert item.is_open() == (item.place != "closed"), item
+            assert still_has(item.fd, item.inode) == (item.place != "closed"), item
+
+    def teardown(self) -> None:
+        self.store.close_all()
+        assert len(self.store) == 0
+        for item in self.tracked:
+            if item.place == "taken":
+                item.resource.close()
+            item.place = "closed"
+        for item in self.tracked:
+            assert not item.is_open(), f"close_all left {item} open"
+            item.close_witness()
+        for item in self.tracked:
+            assert not still_has(item.fd, item.inode), f"{item} leaked"
+            assert not still_has(item.witness_fd, item.witness_inode), f"{item}'s witness leaked"
+
+
+FdStoreMachine.TestCase.settings = settings(
+    max_examples=100,
+    stateful_step_count=30,
+    deadline=None,
+    suppress_health_check=[HealthCheck.too_slow],
+)
+test_fd_store_state_machine = FdStoreMachine.TestCase
