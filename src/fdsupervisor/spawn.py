@@ -91,6 +91,8 @@ class SpawnPlan:
     gid: int | None
     groups: tuple[int, ...] | None
     stdio_fd: int | None = None  # inetd: also stdin and stdout
+    stdout_fd: int | None = None  # the unit's stdout: / stderr: targets, when not inherited
+    stderr_fd: int | None = None
     # Variables that must hold the worker's own pid, known only after fork():
     # LISTEN_PID always, WATCHDOG_PID with a watchdog (as systemd sets both).
     pid_variables: tuple[str, ...] = ("LISTEN_PID",)
@@ -201,9 +203,9 @@ def spawn(plan: SpawnPlan) -> int:
     Raises :class:`SpawnError` when the child failed before or at the exec
     (the message names the step and the reason); the child is reaped then.
     """
-    if _native is not None:
+    if _native is not None and plan.stdout_fd is None and plan.stderr_fd is None:
         return _spawn_native(plan)
-    return _spawn_python(plan)
+    return _spawn_python(plan)  # also the one path that redirects stdout and stderr
 
 
 def native_spawn_available() -> bool:
@@ -294,7 +296,7 @@ def _exec_child(plan: SpawnPlan, report_fd: int) -> None:  # pragma: no cover - 
             signal.signal(signum, signal.SIG_DFL)
         signal.pthread_sigmask(signal.SIG_SETMASK, ())
         stage = "fds"
-        _place_fds(plan.fds, plan.stdio_fd, report_fd)
+        _place_fds(plan.fds, plan.stdio_fd, report_fd, plan.stdout_fd, plan.stderr_fd)
         if plan.working_directory is not None:
             stage = "chdir"
             os.chdir(plan.working_directory)
@@ -322,7 +324,11 @@ def _exec_child(plan: SpawnPlan, report_fd: int) -> None:  # pragma: no cover - 
 
 
 def _place_fds(
-    fds: tuple[int, ...], stdio_fd: int | None, report_fd: int
+    fds: tuple[int, ...],
+    stdio_fd: int | None,
+    report_fd: int,
+    stdout_fd: int | None = None,
+    stderr_fd: int | None = None,
 ) -> None:  # pragma: no cover
     """Put ``fds`` at 3, 4, ...; close every other fd but 0-2 and the report pipe.
 
@@ -340,6 +346,10 @@ def _place_fds(
     if stdio_fd is not None:
         os.dup2(stdio_fd, 0)
         os.dup2(stdio_fd, 1)
+    if stdout_fd is not None:
+        os.dup2(stdout_fd, 1)
+    if stderr_fd is not None:
+        os.dup2(stderr_fd, 2)
     for index, fd in enumerate(moved):
         os.dup2(fd, LISTEN_FDS_START + index)  # inheritable: the one place we want that
     os.closerange(top, report_fd)

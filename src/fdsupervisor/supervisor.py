@@ -30,6 +30,8 @@ from functools import partial
 from pathlib import Path
 from typing import Any
 
+from systemd import journal
+
 from . import __version__
 from .addresses import FdAddress, check_name
 from .binding import BoundSocket, InheritedFds, adopt_socket, bind_socket, describe_socket
@@ -809,7 +811,7 @@ class Supervisor:
                 self.environ,
                 notify_socket=self._notify_address(),
             )
-            pid, pidfd = self._spawn_watched(plan)
+            pid, pidfd = self._spawn_watched(unit, plan)
         except SpawnError as exc:
             if not exc.transient:  # the program, user or directory is wrong: no retry helps
                 self.log.error(
@@ -842,20 +844,51 @@ class Supervisor:
         elif isinstance(decision, Failed):
             self._fail(runtime, f"{decision.reason}: {exc}")
 
-    @staticmethod
-    def _spawn_watched(plan: SpawnPlan) -> tuple[int, int]:
+    def _spawn_watched(self, unit: Unit, plan: SpawnPlan) -> tuple[int, int]:
         """Spawn, and open the pidfd that watches the worker; both or neither.
 
-        Out of fds, a worker we could not watch is killed and reaped at once,
-        and the start counts as failed (then retried) instead of escaping the loop.
+        The unit's stdout: and stderr: targets are opened for this worker and
+        closed here once it has its own copies. Out of fds, a worker we could
+        not watch is killed and reaped at once, and the start counts as failed
+        (then retried) instead of escaping the loop.
         """
-        pid = spawn(plan)
+        outputs: list[int] = []
+        try:
+            stdout_fd = self._open_output(unit, unit.service.stdout, outputs)
+            stderr_fd = self._open_output(unit, unit.service.stderr, outputs)
+            if outputs:
+                plan = dataclasses.replace(plan, stdout_fd=stdout_fd, stderr_fd=stderr_fd)
+            pid = spawn(plan)
+        finally:
+            for fd in outputs:
+                os.close(fd)
         try:
             return pid, os.pidfd_open(pid)
         except OSError:
             os.kill(pid, signal.SIGKILL)
             os.waitpid(pid, 0)
             raise
+
+    def _open_output(self, unit: Unit, target: str, opened: list[int]) -> int | None:
+        """An fd for a worker's stdout or stderr (None: inherit the supervisor's)."""
+        if target == "inherit":
+            return None
+        if target == "journal":
+            try:
+                stream = journal.stream(unit.name)
+            except OSError as exc:  # no journald here: the supervisor's own output instead
+                self.log.warning("journal_unavailable", unit=unit.name, error=str(exc))
+                return None
+            fd = os.dup(stream.fileno())
+            stream.close()
+        elif target == "null":
+            fd = os.open(os.devnull, os.O_WRONLY | os.O_CLOEXEC)
+        else:
+            kind, _, path = target.partition(":")
+            flags = os.O_WRONLY | os.O_CREAT | os.O_CLOEXEC | os.O_NOCTTY
+            fd = os.open(path, flags | (os.O_APPEND if kind == "append" else 0), 0o644)
+        opened.append(fd)
+        return fd
 
     def _track(self, runtime: UnitRuntime, instance: int, pid: int, pidfd: int, fds: int) -> None:
         """A worker exists: watch its pidfd and tell everyone."""
@@ -1060,7 +1093,7 @@ class Supervisor:
                 stdio_fd=conn.fileno() if unit.service.inetd else None,
                 notify_socket=self._notify_address(),
             )
-            pid, pidfd = self._spawn_watched(plan)
+            pid, pidfd = self._spawn_watched(unit, plan)
         except (SpawnError, OSError) as exc:
             # this connection is lost; the next ones are tried as they come
             self.log.error("worker_start_failed", unit=unit.name, instance=instance, error=str(exc))

@@ -67,6 +67,8 @@ from .addresses import (
 )
 from .errors import ConfigError, ConfigErrors, Location, ValueProblem
 
+OUTPUT_TARGETS: Final = ("inherit", "null", "journal")
+
 
 class SocketKind(enum.StrEnum):
     STREAM = "stream"
@@ -134,6 +136,11 @@ class ServiceSpec:
     start_timeout: float = 90.0
     watchdog: float = 0.0
     fd_store_max: int = 0
+    # Where the worker's stdout and stderr go, as systemd's StandardOutput= /
+    # StandardError=: "inherit" (the supervisor's own), "null", "journal",
+    # "file:/abs/path" (written from the start) or "append:/abs/path".
+    stdout: str = "inherit"
+    stderr: str = "inherit"
 
 
 @dataclass(frozen=True, slots=True)
@@ -325,6 +332,8 @@ _SERVICE_KEYS: Final = (
     "start-timeout",
     "watchdog",
     "fd-store-max",
+    "stdout",
+    "stderr",
 )
 _START_LIMIT_KEYS: Final = ("burst", "interval")
 
@@ -876,6 +885,8 @@ class _UnitParser(_UnitReader):
             start_timeout=self._field(entries, "start-timeout", path, self._long_duration, 90.0),
             watchdog=self._field(entries, "watchdog", path, self.duration, 0.0),
             fd_store_max=self._field(entries, "fd-store-max", path, self.integer, 0),
+            stdout=self._field(entries, "stdout", path, self._output, "inherit"),
+            stderr=self._field(entries, "stderr", path, self._output, "inherit"),
         )
         if len(self.errors) > before:
             return None
@@ -884,6 +895,20 @@ class _UnitParser(_UnitReader):
 
     def _activation(self, node: Node, path: KeyPath) -> str:
         return self.choice(node, path, Activation)
+
+    def _output(self, node: Node, path: KeyPath) -> str:
+        """systemd's StandardOutput= in small; a relative file is the unit directory's."""
+        if isinstance(node, ScalarNode) and node.tag == _NULL and node.value == "null":
+            return "null"  # `stderr: null` unquoted: YAML's null, the operator's /dev/null
+        text = self.nonempty_string(node, path)
+        if text in OUTPUT_TARGETS:
+            return text
+        kind, sep, file = text.partition(":")
+        if sep and kind in ("file", "append") and file:
+            return f"{kind}:{os.path.join(self.base_dir, file)}"
+        raise self.error(
+            node, path, f"expected inherit, null, journal, file:PATH or append:PATH, got {text!r}"
+        )
 
     def _at_least_one(self, node: Node, path: KeyPath) -> int:
         return self.integer(node, path, 1)
@@ -967,6 +992,8 @@ class _UnitParser(_UnitReader):
 
         if spec.inetd and not spec.accept:
             fail("inetd", "inetd: true needs accept: true")
+        if spec.inetd and "stdout" in entries:
+            fail("stdout", "with inetd: true, stdout is the connection")
         if "max-connections" in entries and not spec.accept:
             fail("max-connections", "max-connections applies only with accept: true")
         if spec.accept and spec.instances > 1:

@@ -252,3 +252,37 @@ def test_echo_example_worker(supervisor, tmp_path: Path) -> None:
     with socket.create_connection(("127.0.0.1", sup.port("echo")), timeout=10) as conn:
         conn.sendall(b"hello\n")
         assert conn.recv(100) == f"{started['pid']} hello\n".encode()
+
+
+OUTPUT_WORKER = (
+    "import socket, sys\n"
+    "print('to stdout', flush=True)\n"
+    "print('to stderr', file=sys.stderr, flush=True)\n"
+    "s = socket.socket(fileno=3)\n"
+    "while True:\n"
+    "    c, _ = s.accept(); c.sendall(b'done'); c.close()\n"
+)
+
+
+def test_stdout_and_stderr_go_where_the_unit_says(supervisor, tmp_path: Path) -> None:
+    import json
+
+    log = tmp_path / "units" / "logs" / "out.log"
+    log.parent.mkdir(parents=True)
+    log.write_text("earlier line\n")
+    sup = supervisor(
+        {
+            "quiet": f"""
+        sockets:
+          http: {{listen: "127.0.0.1:0"}}
+        service:
+          exec: [{PYTHON}, -c, {json.dumps(OUTPUT_WORKER)}]
+          stdout: append:logs/out.log
+          stderr: null
+        """
+        }
+    )
+    with socket.create_connection(("127.0.0.1", sup.port("http")), timeout=10) as conn:
+        assert conn.recv(4) == b"done"  # the worker printed before it accepted
+    assert log.read_text() == "earlier line\nto stdout\n"
+    assert not any("to stderr" in line or "to stdout" in line for line in sup.output)
