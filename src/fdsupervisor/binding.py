@@ -173,7 +173,7 @@ class BoundSocket:
         ``RemoveOnStop=`` and QEMU's ``socket_listen_cleanup()`` unlink blindly).
         """
         if self.created_path is not None and self.created_inode is not None:
-            _unlink_if_same(self.created_path, self.created_inode)
+            unlink_if_same(self.created_path, self.created_inode)
         self.sock.close()
 
 
@@ -501,8 +501,14 @@ def _make_parents(spec: SocketSpec, directory: Path) -> None:
 
 
 def _remove_stale_socket_file(spec: SocketSpec, path: Path, label: str) -> None:
+    remove_stale_socket_file(path, spec.kind, spec.name, f"cannot bind {label}: ")
+
+
+def remove_stale_socket_file(path: Path, kind: SocketKind, owner: str, prefix: str = "") -> None:
     """Make room at ``path``: remove a socket file nobody listens on, refuse anything else.
 
+    The one implementation, for unit sockets, the monitor and the notify
+    socket; errors are :class:`BindError` for ``owner``, each text after ``prefix``.
     QEMU unlinks whatever is at the path and systemd unlinks on EADDRINUSE;
     both can delete a live socket or a file that is not theirs. Here only a
     socket that refuses connections (ECONNREFUSED: its listener is gone) goes.
@@ -513,29 +519,27 @@ def _remove_stale_socket_file(spec: SocketSpec, path: Path, label: str) -> None:
     except FileNotFoundError:
         return
     except OSError as error:
-        raise BindError(
-            spec.name, f"cannot bind {label}: cannot inspect {path}: {error}"
-        ) from error
+        raise BindError(owner, f"{prefix}cannot inspect {path}: {error}") from error
     if not stat.S_ISSOCK(before.st_mode):
         raise BindError(
-            spec.name,
-            f"cannot bind {label}: {path} exists and is {_file_kind(before.st_mode)}, "
+            owner,
+            f"{prefix}{path} exists and is {_file_kind(before.st_mode)}, "
             "not a socket; it is left alone: remove it or choose another path",
         )
-    if _socket_file_is_live(spec, path, label):
+    if _socket_file_is_live(path, kind, owner, prefix):
         raise BindError(
-            spec.name,
-            f"cannot bind {label}: {path} is in use by a listening socket "
+            owner,
+            f"{prefix}{path} is in use by a listening socket "
             "(is another supervisor or service running?)",
         )
-    if not _unlink_if_same(path, (before.st_dev, before.st_ino)):
-        raise BindError(spec.name, f"cannot bind {label}: {path} changed while it was checked")
+    if not unlink_if_same(path, (before.st_dev, before.st_ino)):
+        raise BindError(owner, f"{prefix}{path} changed while it was checked")
 
 
-def _socket_file_is_live(spec: SocketSpec, path: Path, label: str) -> bool:
+def _socket_file_is_live(path: Path, kind: SocketKind, owner: str, prefix: str) -> bool:
     # Non-blocking, so a listener with a full backlog answers EAGAIN at once.
     # A live stream listener sees one connection that closes immediately.
-    with socket.socket(socket.AF_UNIX, _SOCKET_TYPES[spec.kind]) as probe:
+    with socket.socket(socket.AF_UNIX, _SOCKET_TYPES[kind]) as probe:
         probe.setblocking(False)
         try:
             probe.connect(os.fsencode(path))
@@ -547,7 +551,7 @@ def _socket_file_is_live(spec: SocketSpec, path: Path, label: str) -> bool:
             if error.errno == errno.EPROTOTYPE:  # bound, by a socket of another kind
                 return True
             raise BindError(
-                spec.name, f"cannot bind {label}: cannot tell whether {path} is in use: {error}"
+                owner, f"{prefix}cannot tell whether {path} is in use: {error}"
             ) from error
         return True
 
@@ -587,7 +591,7 @@ def _chmod_exactly(
         os.close(fd)
 
 
-def _unlink_if_same(path: Path, inode: tuple[int, int]) -> bool:
+def unlink_if_same(path: Path, inode: tuple[int, int]) -> bool:
     """Unlink ``path`` if it still is the socket file ``inode``; True if it is gone."""
     try:
         current = os.lstat(path)

@@ -192,9 +192,10 @@ def run(
             supervisor.attach_monitor(
                 path, allowed, existing_fd=handover.monitor_fd if handover else None
             )
-        except OSError as exc:
+        except (OSError, BindError) as exc:
             supervisor.store.close_all()
-            log.error("startup_failed", error=f"monitor {path}: {exc}", note="nothing was bound")
+            reason = exc.message if isinstance(exc, BindError) else f"{path}: {exc}"
+            log.error("startup_failed", error=f"monitor: {reason}", note="nothing was bound")
             return 1
     supervisor.start(handover)
     if handover is not None:

@@ -18,15 +18,16 @@ import array
 import errno
 import os
 import socket
-import stat
 import struct
 from collections import deque
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
+from .binding import remove_stale_socket_file
 from .loop import EventLoop
 from .qmp import Closed, Execute, QmpConnection, Send
+from .units import SocketKind
 
 # At most 64 clients at once (SPEC 5): each costs an fd and a buffer, and a
 # local monitor has a handful of clients; QEMU allows one per chardev.
@@ -373,20 +374,5 @@ def _fds_from(ancillary: list[tuple[int, int, bytes]]) -> list[int]:
 
 
 def _remove_stale_socket(path: Path) -> None:
-    """Remove a socket file nobody listens on; refuse anything else."""
-    try:
-        info = os.lstat(path)
-    except FileNotFoundError:
-        return
-    if not stat.S_ISSOCK(info.st_mode):
-        raise OSError(errno.EEXIST, f"{path} exists and is not a socket")
-    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as probe:
-        try:
-            probe.connect(str(path))
-        except ConnectionRefusedError:
-            path.unlink()
-            return
-        except OSError:
-            path.unlink()
-            return
-    raise OSError(errno.EADDRINUSE, f"{path}: another supervisor is listening there")
+    """Make room at ``path`` (binding.remove_stale_socket_file: the one implementation)."""
+    remove_stale_socket_file(path, SocketKind.STREAM, "monitor")

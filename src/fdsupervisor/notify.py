@@ -27,14 +27,15 @@ import contextlib
 import errno as _errno
 import os
 import socket
-import stat
 import struct
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Final
 
+from fdsupervisor.binding import remove_stale_socket_file, unlink_if_same
 from fdsupervisor.errors import BindError
+from fdsupervisor.units import SocketKind
 
 __all__ = [
     "ERRNO_MAX",
@@ -640,7 +641,7 @@ class NotifySocket:
         twice does nothing.
         """
         if self._path is not None and self._inode is not None:
-            _unlink_if_same(self._path, self._inode)
+            unlink_if_same(self._path, self._inode)
             self._inode = None
         self._sock.close()
 
@@ -758,55 +759,5 @@ def _close_all(fds: list[int]) -> None:
 
 
 def _remove_stale_socket_file(path: Path) -> None:
-    """Make room at ``path``: remove a socket file nobody is bound to, refuse anything else."""
-    try:
-        before = os.lstat(path)
-    except FileNotFoundError:
-        return
-    except OSError as error:
-        raise BindError("NOTIFY_SOCKET", f"cannot inspect {path}: {error}") from error
-    if not stat.S_ISSOCK(before.st_mode):
-        raise BindError(
-            "NOTIFY_SOCKET",
-            f"{path} exists and is not a socket; it is left alone: "
-            "remove it or choose another path",
-        )
-    with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as probe:
-        try:
-            probe.connect(os.fsencode(path))
-        except (ConnectionRefusedError, FileNotFoundError):
-            pass  # nobody is bound to it any more
-        except OSError as error:
-            if error.errno != _errno.EPROTOTYPE:
-                raise BindError(
-                    "NOTIFY_SOCKET", f"cannot tell whether {path} is in use: {error}"
-                ) from error
-            raise BindError(
-                "NOTIFY_SOCKET", f"{path} is in use by a socket of another kind"
-            ) from error
-        else:
-            raise BindError(
-                "NOTIFY_SOCKET",
-                f"{path} is in use (is another supervisor running?)",
-            )
-    if not _unlink_if_same(path, (before.st_dev, before.st_ino)):
-        raise BindError("NOTIFY_SOCKET", f"{path} changed while it was checked")
-
-
-def _unlink_if_same(path: Path, inode: tuple[int, int]) -> bool:
-    """Unlink ``path`` if it still is the socket file ``inode``; True if it is gone."""
-    try:
-        current = os.lstat(path)
-    except FileNotFoundError:
-        return True
-    except OSError:
-        return False
-    if not stat.S_ISSOCK(current.st_mode) or (current.st_dev, current.st_ino) != inode:
-        return False
-    try:
-        os.unlink(path)
-    except FileNotFoundError:
-        pass
-    except OSError:
-        return False
-    return True
+    """Make room at ``path`` (binding.remove_stale_socket_file: the one implementation)."""
+    remove_stale_socket_file(path, SocketKind.DATAGRAM, "NOTIFY_SOCKET")

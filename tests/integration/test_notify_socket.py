@@ -460,7 +460,7 @@ def test_bind_refuses_a_file_that_is_not_a_socket(tmp_path: Path) -> None:
     path = tmp_path / "n.sock"
     path.write_text("precious")
     baseline = open_fds()
-    with pytest.raises(BindError, match="exists and is not a socket"):
+    with pytest.raises(BindError, match="not a socket; it is left alone"):
         NotifySocket.bind(path)
     assert path.read_text() == "precious"
     assert open_fds() == baseline

@@ -247,11 +247,11 @@ def test_the_monitor_path_is_never_followed_or_replaced(
         assert sup.proc.wait(30) == 1
         failed = sup.wait_for("startup_failed")
         if kind == "live socket":
-            assert "another supervisor is listening there" in failed["error"]
+            assert "is in use by a listening socket" in failed["error"]
             with socket.socket(socket.AF_UNIX) as probe:
                 probe.connect(str(path))  # still the test's own listener
         else:
-            assert "exists and is not a socket" in failed["error"]
+            assert ", not a socket; it is left alone" in failed["error"]
     finally:
         live.close()
     assert precious.read_text() == "keep me"
