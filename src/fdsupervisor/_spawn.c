@@ -175,7 +175,10 @@ child_main(void *argument)
     int top = LISTEN_FDS_START + plan->fd_count;
     sigset_t empty;
 
-    CHILD_STEP("setpgid", setpgid(0, 0));
+    /* A session of its own, as systemd's exec_child() does for every service:
+     * its own process group too, which no other worker can join (setpgid()
+     * only joins groups of the caller's session); see spawn.py. */
+    CHILD_STEP("setsid", setsid());
     plan->failed_stage = "signals";
     reset_signal_dispositions(&plan->reset_ignored);
 
@@ -343,7 +346,7 @@ PyDoc_STRVAR(spawn_doc,
 "Start ``executable`` in a new process with clone(CLONE_VM | CLONE_VFORK) and\n"
 "return its pid once it has exec'd.\n"
 "\n"
-"The child moves to its own process group, resets signal handlers (and the\n"
+"The child starts its own session (and process group), resets signal handlers (and the\n"
 "signals in ``reset_signals`` even when ignored) to SIG_DFL, places ``fds``\n"
 "at 3, 4, ... (``stdio_fd``, unless -1, also at 0 and 1), closes every other\n"
 "fd above 2, changes to ``cwd`` unless None, sets ``groups`` unless None, the\n"
@@ -351,7 +354,7 @@ PyDoc_STRVAR(spawn_doc,
 "name of ``pid_variables``, empties its signal mask and execs.\n"
 "\n"
 "A failure in the child raises OSError(errno, 'STAGE: reason') once the\n"
-"child is reaped; STAGE is one of setpgid, fds, chdir, setgroups, setgid,\n"
+"child is reaped; STAGE is one of setsid, fds, chdir, setgroups, setgid,\n"
 "setuid, signals, exec.");
 
 static PyObject *
@@ -547,9 +550,8 @@ native_spawn(PyObject *Py_UNUSED(module), PyObject *const *args, Py_ssize_t narg
         raise_child_error(plan.failed_stage, plan.failed_errno);
         goto done;
     }
-    /* The child is in its own group already (CLONE_VFORK waited for its
-     * exec); this only matters where vfork semantics are emulated. */
-    (void)setpgid(pid, pid);
+    /* The child leads its own session already: CLONE_VFORK waited for its
+     * exec. (No setpgid() from here: it would fail on a session leader.) */
     result = PyLong_FromLong((long)pid);
 
 done:

@@ -10,8 +10,8 @@ Neither ``subprocess`` nor ``os.posix_spawn`` fits: ``LISTEN_PID`` (and
 ``WATCHDOG_PID``) must hold the worker's own pid, which is known only in the
 child, between fork and ``execve()`` (systemd sets it there too, in
 ``build_environment()``), and the passed fds must be renumbered to 3, 4, ...
-Two implementations do the same steps in the child (own process group,
-default signals, fds in place, working directory, credentials, pid
+Two implementations do the same steps in the child (own session and so own
+process group, default signals, fds in place, working directory, credentials, pid
 variables, exec):
 
 - ``fdsupervisor._spawn``, a C extension: ``clone(CLONE_VM | CLONE_VFORK)``
@@ -256,13 +256,11 @@ def _spawn_python(plan: SpawnPlan) -> int:
         _exec_child(plan, write_end)
     os.close(write_end)
     try:
-        # The child is in its own process group before we return: a stop
-        # signal sent to the group at once must not miss it (the child
-        # calls setpgid too; whoever is first wins, as in job-control shells).
-        try:
-            os.setpgid(pid, pid)
-        except OSError:
-            pass
+        # Until the exec (which closes the pipe) or a failure report, so the
+        # child's setsid() has happened when we return: a stop signal sent to
+        # its group at once cannot miss it. No setpgid() from here, as job-control
+        # shells do to close that race: it would make the child a group leader,
+        # and a group leader's setsid() fails with EPERM.
         report = _read_all(read_end)
     finally:
         os.close(read_end)
@@ -288,9 +286,15 @@ def _read_all(fd: int) -> bytes:
 
 
 def _exec_child(plan: SpawnPlan, report_fd: int) -> None:  # pragma: no cover - child
-    stage = "prepare"
+    stage = "setsid"
     try:
-        os.setpgid(0, 0)
+        # A session of its own, as systemd starts every service (exec_child() in
+        # execute.c, exec-invoke.c since v255, calls setsid(); EXIT_SETSID if it
+        # fails): its own process group too, and no other worker's
+        # setpgid() can join it, since setpgid() only joins groups of the
+        # caller's own session. Attribution of notify messages by group relies on it.
+        os.setsid()
+        stage = "prepare"
         signal.set_wakeup_fd(-1)
         for signum in RESET_SIGNALS:
             signal.signal(signum, signal.SIG_DFL)

@@ -1110,6 +1110,9 @@ class Supervisor:
 
         Like systemd's NotifyAccess=all restricted to the service's own
         processes: a process of the worker's group (its children) may speak for it.
+        The group cannot be forged: each worker leads a session of its own
+        (spawn.py), and setpgid() joins only groups of the caller's session, so a
+        process in a worker's group descends from that worker.
         """
         for runtime in self.units.values():
             worker = runtime.service.worker_by_pid(pid)

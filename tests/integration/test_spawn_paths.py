@@ -257,10 +257,29 @@ def test_pid_variables_hold_the_workers_own_pid(spawn_with: Spawn) -> None:
         )
 
 
-def test_worker_leads_its_own_process_group(spawn_with: Spawn) -> None:
+def test_worker_leads_its_own_session_and_process_group(spawn_with: Spawn) -> None:
     with running(spawn_with, sleeper()) as pid:
         assert os.getpgid(pid) == pid
-        assert os.getsid(pid) == os.getsid(0)
+        assert os.getsid(pid) == pid
+
+
+JOIN_GROUP = """
+import os, sys
+try:
+    os.setpgid(0, int(sys.argv[1]))
+except PermissionError:
+    sys.exit(3)
+sys.exit(0 if os.getpgid(0) == int(sys.argv[1]) else 4)
+"""
+
+
+def test_a_worker_cannot_join_another_workers_group(spawn_with: Spawn) -> None:
+    """setpgid() joins only groups of the caller's session: the other worker's is not."""
+    with running(spawn_with, sleeper()) as other:
+        joiner = spawn_with(plan_for([sys.executable, "-c", JOIN_GROUP, str(other)]))
+        _, status = os.waitpid(joiner, 0)
+        assert os.waitstatus_to_exitcode(status) == 3, "setpgid() into another worker's group"
+        assert os.getpgid(other) == other
 
 
 def test_working_directory(spawn_with: Spawn, tmp_path: Path) -> None:
