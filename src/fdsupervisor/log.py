@@ -9,6 +9,10 @@ object per line), ``journal`` (one journal entry per event through
 systemd-python's ``journal.send()``, every key a field of its own) and
 ``auto``: ``journal`` when stderr is connected to the journal
 (``JOURNAL_STREAM``, below), else ``console``.
+
+Warnings that anyone on the machine can cause (a datagram to the notify
+socket) go through a :class:`RateLimitedLog`, so that a flood of them costs a
+few lines, not one line each.
 """
 
 from __future__ import annotations
@@ -17,7 +21,9 @@ import json
 import os
 import re
 import sys
+import time
 from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
 from typing import Any, Final, TextIO
 
 import structlog
@@ -253,3 +259,96 @@ def _journal_logger(send: JournalSend, fallback: TextIO) -> Any:
         wrapper_class=structlog.make_filtering_bound_logger(0),
         cache_logger_on_first_use=False,
     )
+
+
+# --------------------------------------------------------------------------- rate limit
+
+#: A :class:`RateLimitedLog` writes at most this many lines of one event ...
+LOG_RATE_BURST: Final = 10
+#: ... in this many seconds, and one ``warnings_suppressed`` line for the rest.
+#: Our own figures: 10 lines show the first few senders of a burst, and a
+#: flood costs at most 11 lines per event in 10 s (journald's default,
+#: ``RateLimitBurst=10000`` in ``RateLimitIntervalSec=30s``, is meant for a
+#: whole service's output, not one warning).
+LOG_RATE_INTERVAL: Final = 10.0
+
+
+@dataclass(slots=True)
+class _Window:
+    begin: float
+    logged: int = 0
+    suppressed: int = 0
+    last: dict[str, Any] = field(default_factory=dict)
+
+
+class RateLimitedLog:
+    """A logger's ``warning()`` that writes at most ``burst`` lines of each event per ``interval``.
+
+    The rule of systemd's ``ratelimit_below()`` (``src/basic/ratelimit.c``)
+    as journald applies it ("Suppressed N messages from ..."), per event
+    name: the first warning of an event opens a window of ``interval``
+    seconds on ``clock``; the first ``burst`` warnings in it are written, the
+    others are counted. Once the window is over, one ``warnings_suppressed``
+    line says how many lines of which event were left out (``suppressed``)
+    and the fields of the last one (``last``); the next warning opens a new
+    window. The summary is written by the first warning after the window, or
+    by :meth:`flush`, which the owner calls at :meth:`due` (and with
+    ``everything=True`` at the end), so that a count never waits for the
+    next flood.
+
+    Only warnings are limited: ``info()`` and the rest of ``log`` are
+    untouched, as :class:`~fdsupervisor.notify.NotifySocket` and the
+    supervisor's notify handler only warn.
+    """
+
+    def __init__(
+        self,
+        log: Any,
+        *,
+        interval: float = LOG_RATE_INTERVAL,
+        burst: int = LOG_RATE_BURST,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self._log = log
+        self._interval = interval
+        self._burst = burst
+        self._clock = clock
+        self._windows: dict[str, _Window] = {}
+
+    def warning(self, event: str, **fields: Any) -> None:
+        now = self._clock()
+        window = self._windows.get(event)
+        if window is not None and now - window.begin >= self._interval:
+            self._summarise(event, window)
+            window = None
+        if window is None:
+            window = self._windows[event] = _Window(now)
+        if window.logged < self._burst:
+            window.logged += 1
+            self._log.warning(event, **fields)
+        else:
+            window.suppressed += 1
+            window.last = fields
+
+    def due(self) -> float | None:
+        """The clock time at which a summary is owed, or ``None`` if nothing was left out."""
+        ends = [w.begin + self._interval for w in self._windows.values() if w.suppressed]
+        return min(ends, default=None)
+
+    def flush(self, *, everything: bool = False) -> None:
+        """Write the summary of every window that is over (``everything``: of every window)."""
+        now = self._clock()
+        for event, window in list(self._windows.items()):
+            if everything or now - window.begin >= self._interval:
+                self._summarise(event, window)
+                del self._windows[event]
+
+    def _summarise(self, event: str, window: _Window) -> None:
+        if window.suppressed:
+            self._log.warning(
+                "warnings_suppressed",
+                warning=event,
+                suppressed=window.suppressed,
+                interval=self._interval,
+                last=window.last,
+            )

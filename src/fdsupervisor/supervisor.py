@@ -37,6 +37,7 @@ from .addresses import FdAddress, check_name
 from .binding import BoundSocket, InheritedFds, adopt_socket, bind_socket, describe_socket
 from .errors import BindError, ConfigErrors, FdSupervisorError, SpawnError, ValueProblem
 from .fdstore import FdStore, RawFd, service_owner, unit_owner
+from .log import RateLimitedLog
 from .loop import EventLoop, Timer
 from .monitor import MonitorServer
 from .notify import NotifyMessage, NotifySocket
@@ -134,6 +135,10 @@ class Supervisor:
         self.base_dir = Path.cwd()
         self.listeners: list[Callable[[str, dict[str, Any]], None]] = []
         self.notify_socket: NotifySocket | None = None
+        # Anyone on the machine can send to the notify socket: what they cause is
+        # logged through a rate limit (a flood from nobody costs a few lines).
+        self._notify_log = RateLimitedLog(log, clock=self.loop.time)
+        self._notify_log_timer: Timer | None = None
         # Stored worker fds are watched for hang-ups only (FDPOLL): an inner epoll
         # with no events requested reports just EPOLLHUP / EPOLLERR, as systemd's
         # fd store does with its event sources.
@@ -282,7 +287,9 @@ class Supervisor:
         program left them instead: running workers are supervised again.
         """
         self._install_signals()
-        self.notify_socket = NotifySocket.bind_abstract(f"fdsupervisor/{os.getpid()}/notify")
+        self.notify_socket = NotifySocket.bind_abstract(
+            f"fdsupervisor/{os.getpid()}/notify", log=self._notify_log
+        )
         self.loop.add_reader(self.notify_socket.fileno(), self._on_notify)
         self.loop.add_reader(self._hangups.fileno(), self._on_hangups)
         if handover is None:
@@ -1135,11 +1142,28 @@ class Supervisor:
             if sender is None:
                 for fd in datagram.fds:
                     os.close(fd)
-                self.log.warning(
-                    "notify_ignored", pid=datagram.pid, reason="not a worker's process"
+                self._notify_log.warning(
+                    "notify_ignored",
+                    pid=datagram.pid,
+                    uid=datagram.uid,
+                    reason="not a worker's process",
                 )
                 continue
             self._notified(*sender, datagram.message, datagram.fds)
+        self._schedule_notify_log_flush()
+
+    def _schedule_notify_log_flush(self) -> None:
+        """Have the count of suppressed warnings written once its window is over."""
+        due = self._notify_log.due()
+        if due is None or self._notify_log_timer is not None:
+            return
+
+        def flush() -> None:
+            self._notify_log_timer = None
+            self._notify_log.flush()
+            self._schedule_notify_log_flush()
+
+        self._notify_log_timer = self.loop.call_at(due, flush)
 
     def _notified(
         self, runtime: UnitRuntime, worker: Worker, message: NotifyMessage, fds: list[int]
@@ -1318,6 +1342,7 @@ class Supervisor:
         self.store.close_all()
         if self.notify_socket is not None:
             self.notify_socket.close()
+        self._notify_log.flush(everything=True)
         self._hangups.close()
         for signum, handler in self._old_handlers.items():
             signal.signal(signum, handler)
