@@ -26,6 +26,7 @@ import array
 import contextlib
 import errno as _errno
 import os
+import secrets
 import socket
 import struct
 from collections.abc import Callable
@@ -40,8 +41,10 @@ from fdsupervisor.units import SocketKind
 __all__ = [
     "ERRNO_MAX",
     "FDNAME_MAX",
+    "NOTIFY_BIND_ATTEMPTS",
     "NOTIFY_BUFFER_MAX",
     "NOTIFY_FD_MAX",
+    "NOTIFY_NAME_BITS",
     "NOTIFY_RECEIVE_BATCH",
     "NOTIFY_SOCKET_MODE",
     "Datagram",
@@ -86,6 +89,19 @@ NOTIFY_RECEIVE_BATCH: Final = 64
 #: credentials, and the supervisor only listens to the pids of its own
 #: workers. Restrict access with the permissions of the directory instead.
 NOTIFY_SOCKET_MODE: Final = 0o666
+
+#: How many random bits :meth:`NotifySocket.bind_unpredictable` puts in the
+#: abstract name. Any local user may bind any free abstract name, so a name
+#: someone can guess before the supervisor binds it can be taken first; 128
+#: bits from :mod:`secrets` (the size of a UUID4's randomness, the strength
+#: of a 128-bit key) cannot be guessed, only read once it is bound (from
+#: ``/proc/net/unix``), when it is no longer free.
+NOTIFY_NAME_BITS: Final = 128
+
+#: How often :meth:`NotifySocket.bind_unpredictable` draws a new name when
+#: the one drawn is taken. With 128 random bits that takes a collision nobody
+#: can arrange; the retry is there so that even then the supervisor starts.
+NOTIFY_BIND_ATTEMPTS: Final = 8
 
 #: The longest ``FDNAME=`` (systemd's ``FDNAME_MAX``, ``fdname_is_valid()``).
 FDNAME_MAX: Final = 255
@@ -619,6 +635,67 @@ class NotifySocket:
             sock.close()
             raise BindError("NOTIFY_SOCKET", f"cannot bind @{name}: {error}") from error
         return cls(sock, "@" + name, log=log)
+
+    @classmethod
+    def bind_unpredictable(
+        cls, prefix: str, *, log: Any = None, attempts: int = NOTIFY_BIND_ATTEMPTS
+    ) -> NotifySocket:
+        """Bind ``prefix`` plus :data:`NOTIFY_NAME_BITS` random bits (hex) as an abstract name.
+
+        The supervisor's notify socket: a predictable name (it used to be
+        ``fdsupervisor/<pid>/notify``) can be bound by any local user before
+        the supervisor binds it, which stopped the supervisor at start-up and,
+        in an upgrade's exec, let that user receive the workers' ``FDSTORE=1``
+        fds. A name that is taken all the same is drawn again, up to
+        ``attempts`` times in all; then :class:`BindError` is raised.
+        """
+        error: BindError | None = None
+        for _ in range(attempts):
+            name = prefix + secrets.token_hex(NOTIFY_NAME_BITS // 8)
+            try:
+                return cls.bind_abstract(name, log=log)
+            except BindError as exc:
+                cause = exc.__cause__
+                if not isinstance(cause, OSError) or cause.errno != _errno.EADDRINUSE:
+                    raise
+                error = exc
+        raise BindError(
+            "NOTIFY_SOCKET", f"no free abstract name in {attempts} random tries: {error}"
+        )
+
+    @classmethod
+    def adopt(cls, fd: int, *, log: Any = None) -> NotifySocket:
+        """Take over an abstract notify socket handed across an upgrade's exec.
+
+        The socket stays bound the whole time, so its name is never free for
+        someone else to bind and the workers' ``NOTIFY_SOCKET`` stays valid
+        (systemd keeps its own notify socket across ``daemon-reexec`` the same
+        way: ``manager_serialize()`` passes ``notify-fd`` in its fd set). The
+        fd becomes close-on-exec and non-blocking again, with ``SO_PASSCRED``.
+        Anything but a bound abstract ``AF_UNIX`` datagram socket is refused
+        with :class:`BindError`, and ``fd`` is closed.
+        """
+        try:
+            sock = socket.socket(fileno=fd)
+        except OSError as error:
+            with contextlib.suppress(OSError):
+                os.close(fd)
+            raise BindError("NOTIFY_SOCKET", f"cannot adopt fd {fd}: {error}") from error
+        try:
+            name = sock.getsockname() if sock.family == socket.AF_UNIX else None
+            if sock.type != socket.SOCK_DGRAM or not isinstance(name, bytes) or name[:1] != b"\0":
+                raise BindError(
+                    "NOTIFY_SOCKET", f"fd {fd} is not a bound abstract unix datagram socket"
+                )
+            sock.set_inheritable(False)
+            sock.setblocking(False)
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_PASSCRED, 1)
+        except BaseException as error:
+            sock.close()
+            if isinstance(error, OSError):
+                raise BindError("NOTIFY_SOCKET", f"cannot adopt fd {fd}: {error}") from error
+            raise
+        return cls(sock, "@" + os.fsdecode(name[1:]), log=log)
 
     @property
     def address(self) -> str:

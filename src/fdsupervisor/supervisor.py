@@ -64,6 +64,8 @@ from .upgrade import (
 )
 
 HANDLED_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGUSR2)
+# The notify socket's abstract name, before its random part (NotifySocket.bind_unpredictable).
+NOTIFY_NAME_PREFIX = "fdsupervisor/notify/"
 # Accept mode: at most this many connections per wake-up, so that one busy
 # socket cannot starve the loop; and a pause after EMFILE before trying again.
 ACCEPT_BATCH = 64
@@ -287,9 +289,7 @@ class Supervisor:
         program left them instead: running workers are supervised again.
         """
         self._install_signals()
-        self.notify_socket = NotifySocket.bind_abstract(
-            f"fdsupervisor/{os.getpid()}/notify", log=self._notify_log
-        )
+        self.notify_socket = self._open_notify_socket(handover)
         self.loop.add_reader(self.notify_socket.fileno(), self._on_notify)
         self.loop.add_reader(self._hangups.fileno(), self._on_hangups)
         if handover is None:
@@ -303,6 +303,24 @@ class Supervisor:
         summary = f"{len(self.units)} units, {len(self.store)} sockets"
         self.log.info("ready", units=len(self.units), sockets=len(self.store), pid=os.getpid())
         self.notifier.ready(summary)
+
+    def _open_notify_socket(self, handover: HandoverState | None) -> NotifySocket:
+        """The old program's notify socket after an upgrade, else one bound anew.
+
+        A name nobody can guess (any user may bind a free abstract name), kept
+        bound across an upgrade's exec so that it is never free for someone
+        else to take (docs/security.md).
+        """
+        if handover is not None and handover.notify_fd is not None:
+            try:
+                return NotifySocket.adopt(handover.notify_fd, log=self._notify_log)
+            except BindError as exc:
+                self.log.warning(
+                    "notify_socket_rebound",
+                    error=exc.message,
+                    note="running workers' NOTIFY_SOCKET no longer reaches the supervisor",
+                )
+        return NotifySocket.bind_unpredictable(NOTIFY_NAME_PREFIX, log=self._notify_log)
 
     def _activate(self, runtime: UnitRuntime) -> None:
         """Start a unit as its activation says: now, on traffic, or per connection."""
@@ -622,7 +640,10 @@ class Supervisor:
                 ),
             )
         monitor_fd = self.monitor.fileno() if self.monitor is not None else None
-        return HandoverState(self.exec_argv, tuple(items), services, monitor_fd)
+        notify_fd = self.notify_socket.fileno() if self.notify_socket is not None else None
+        return HandoverState(
+            self.exec_argv, tuple(items), services, monitor_fd, notify_fd=notify_fd
+        )
 
     def adopt_handover(self, state: HandoverState) -> None:
         """In the new program: take over the old one's fds, then bind what is new.

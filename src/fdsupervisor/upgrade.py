@@ -4,9 +4,11 @@ SIGUSR2 (or the monitor's ``upgrade``) makes the supervisor ``execve()`` its
 own program again, possibly a newer version, keeping its pid. What must
 survive crosses the exec in two ways:
 
-- every fd of the store (sockets, stored fds) and the monitor's listening
-  socket stay open across the exec: their close-on-exec flag is cleared just
-  before ``execve()`` and set again by the new program as it adopts them;
+- every fd of the store (sockets, stored fds), the monitor's listening
+  socket and the notify socket stay open across the exec: their close-on-exec
+  flag is cleared just before ``execve()`` and set again by the new program
+  as it adopts them (the notify socket is never closed, so no one else can
+  bind its name meanwhile, and the workers' ``NOTIFY_SOCKET`` stays valid);
 - a description of them and of the workers (:class:`HandoverState`, JSON)
   travels in a memfd whose number is in ``FDSUPERVISOR_HANDOVER_FD``.
 
@@ -83,6 +85,8 @@ class HandoverState:
     store: tuple[StoredItem, ...]
     services: Mapping[str, ServiceItem]
     monitor_fd: int | None = None
+    # Optional: without it (an older program's state) the new program binds a fresh name.
+    notify_fd: int | None = None
     version: int = STATE_VERSION
     fds: tuple[int, ...] = field(init=False)
 
@@ -90,6 +94,8 @@ class HandoverState:
         numbers = [item.fd for item in self.store]
         if self.monitor_fd is not None:
             numbers.append(self.monitor_fd)
+        if self.notify_fd is not None:
+            numbers.append(self.notify_fd)
         object.__setattr__(self, "fds", tuple(numbers))
 
     def to_json(self) -> bytes:
@@ -118,6 +124,7 @@ class HandoverState:
                 store=store,
                 services=services,
                 monitor_fd=data["monitor_fd"],
+                notify_fd=data.get("notify_fd"),
             )
         except (KeyError, TypeError, ValueError) as exc:
             raise UpgradeError(f"unreadable handover state: {exc}") from None
