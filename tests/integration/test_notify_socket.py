@@ -484,3 +484,76 @@ def test_bind_path_too_long(tmp_path: Path) -> None:
 def test_bind_abstract_refuses_bad_names(name: str) -> None:
     with pytest.raises(BindError, match="invalid abstract socket name"):
         NotifySocket.bind_abstract(name)
+
+
+# -- the supervisor's own notify socket: a name nobody can guess, adopted after an upgrade --
+
+
+def test_bind_unpredictable_draws_128_random_bits(log: RecordingLog) -> None:
+    prefix = f"fdsupervisor-test-{os.getpid()}/"
+    with (
+        NotifySocket.bind_unpredictable(prefix, log=log) as first,
+        NotifySocket.bind_unpredictable(prefix) as second,
+    ):
+        for sock in (first, second):
+            assert sock.address.startswith("@" + prefix)
+            random_part = sock.address.removeprefix("@" + prefix)
+            assert len(random_part) == notify.NOTIFY_NAME_BITS // 4
+            int(random_part, 16)
+        assert first.address != second.address
+        run_child(first, SD_NOTIFY_READY.format(pid="pid=os.getpid()"))
+        assert receive_one(first).message.ready
+
+
+def test_bind_unpredictable_draws_again_when_a_name_is_taken(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    prefix = f"fdsupervisor-test-{uuid.uuid4().hex}/"
+    drawn = iter(["taken", "taken", "free"])
+    monkeypatch.setattr(notify.secrets, "token_hex", lambda nbytes: next(drawn))
+    with NotifySocket.bind_abstract(prefix + "taken"):
+        with NotifySocket.bind_unpredictable(prefix) as sock:
+            assert sock.address == "@" + prefix + "free"
+        baseline = open_fds()
+        monkeypatch.setattr(notify.secrets, "token_hex", lambda nbytes: "taken")
+        with pytest.raises(BindError, match="no free abstract name in 3 random tries"):
+            NotifySocket.bind_unpredictable(prefix, attempts=3)
+        assert open_fds() == baseline
+
+
+def test_adopt_takes_over_the_same_socket(log: RecordingLog, sender: socket.socket) -> None:
+    with NotifySocket.bind_unpredictable("fdsupervisor-test/", log=log) as original:
+        fd = os.dup(original.fileno())  # as the exec leaves it: inheritable, blocking
+        os.set_blocking(fd, True)
+        adopted = NotifySocket.adopt(fd, log=log)
+        with adopted:
+            assert adopted.address == original.address and adopted.path is None
+            assert adopted.fileno() == fd
+            assert not os.get_inheritable(fd)
+            assert fcntl.fcntl(fd, fcntl.F_GETFL) & os.O_NONBLOCK
+            send(sender, adopted, b"STATUS=still here")
+            assert receive_one(adopted).message.status == "still here"
+
+
+@pytest.mark.parametrize("kind", ["stream", "path", "unbound", "pipe", "closed"])
+def test_adopt_refuses_anything_else_and_closes_it(tmp_path: Path, kind: str) -> None:
+    baseline = open_fds()
+    if kind == "stream":
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        sock.bind(f"\0fdsupervisor-test-{uuid.uuid4().hex}")
+        fd = sock.detach()
+    elif kind == "path":
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+        sock.bind(str(tmp_path / "n.sock"))
+        fd = sock.detach()
+    elif kind == "unbound":
+        fd = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM).detach()
+    elif kind == "pipe":
+        fd, write_end = os.pipe()
+        os.close(write_end)
+    else:
+        fd = os.open(os.devnull, os.O_RDONLY)
+        os.close(fd)
+    with pytest.raises(BindError, match=f"cannot adopt fd {fd}|fd {fd} is not a bound abstract"):
+        NotifySocket.adopt(fd)
+    assert open_fds() == baseline
