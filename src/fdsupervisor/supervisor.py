@@ -553,6 +553,7 @@ class Supervisor:
         self.notifier.ping()
         state = self._handover_state()
         state_fd = write_state(state)
+        self._notify_log.flush(everything=True)  # counts of suppressed warnings do not cross
         self.log.info("upgrading", pid=os.getpid(), fds=len(state.fds))
         self.notifier.reloading()
         if self.monitor is not None:
