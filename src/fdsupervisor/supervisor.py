@@ -395,7 +395,9 @@ class Supervisor:
             new_units = load_units(self.unit_paths)
         except ConfigErrors as exc:
             raise self._reload_refused(str(exc)) from None
-        plan = plan_reload([rt.unit for rt in self.units.values()], new_units)
+        plan = plan_reload(
+            [rt.unit for rt in self.units.values()], new_units, self._added_sockets()
+        )
         if plan.problems:
             raise self._reload_refused("\n".join(plan.problems))
         new_by_name = {unit.name: unit for unit in new_units}
@@ -422,6 +424,17 @@ class Supervisor:
             self._finish_reload()
         return {"summary": plan.summary(), "waiting-for": sorted(stopping)}
 
+    def _added_sockets(self) -> dict[SocketKey, SocketSpec]:
+        """Sockets added to units at run time (socket-add), which no unit file declares."""
+        added = {}
+        for name, runtime in self.units.items():
+            for entry in self.store.owned_by(unit_owner(name)):
+                if entry.name not in runtime.unit.socket_names and isinstance(
+                    entry.resource, BoundSocket
+                ):
+                    added[(name, entry.name)] = entry.resource.spec
+        return added
+
     def _reload_refused(self, reason: str) -> FdSupervisorError:
         self.log.error("reload_failed", error=reason, note="nothing was changed")
         self.notifier.status(f"reload failed, nothing changed: {reason.splitlines()[0]}")
@@ -445,7 +458,14 @@ class Supervisor:
         return next(s for s in units[key[0]].sockets if s.name == key[1])
 
     def _apply_now(self, plan: ReloadPlan, units: Mapping[str, Unit]) -> None:
-        """The part of a reload that needs no worker to stop: backlogs and moves."""
+        """The part of a reload that needs no worker to stop: adoptions, backlogs and moves."""
+        for key in plan.adopt_sockets:  # a runtime socket, now declared: the same fd
+            entry = self.store.get(unit_owner(key[0]), key[1])
+            if entry is not None and isinstance(entry.resource, BoundSocket):
+                entry.resource = dataclasses.replace(
+                    entry.resource, spec=self._new_spec(units, key)
+                )
+                self.log.info("socket_adopted", unit=key[0], socket=key[1], fd=entry.fd)
         for key in plan.relisten_sockets:
             entry = self.store.get(unit_owner(key[0]), key[1])
             if entry is not None and isinstance(entry.resource, BoundSocket):
