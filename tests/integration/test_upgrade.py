@@ -1,15 +1,22 @@
-"""Upgrade in place (SIGUSR2, the monitor's upgrade): same pid, same workers, same fds."""
+"""Upgrade in place (SIGUSR2, the monitor's upgrade): same pid, same workers, same fds.
+
+A new program that fails before it is ready falls back to the handed-over units
+(issue 9, item 5).
+"""
 
 from __future__ import annotations
 
 import os
 import signal
 import socket
+import stat
+import textwrap
 from pathlib import Path
+from typing import Any
 
 import pytest
 
-from tests.conftest import open_fds, report_from
+from tests.conftest import PYTHON, REPORT_WORKER, open_fds, report_from
 from tests.integration.test_reload import free_port, steady_clients, unit_text
 from tests.monitor_client import RawClient
 
@@ -96,3 +103,160 @@ def test_failed_upgrade_leaves_the_old_supervisor_running(supervisor, tmp_path: 
     assert "broken.yaml" in reply["error"]["desc"]
     assert sup.count("upgraded") == 0
     assert report_from("127.0.0.1", port)["pid"] == pid
+
+
+# --------------------------------------------------------------------------- a failed new program
+
+
+def web_with_extra(port: int, extra: str) -> str:
+    """web on its port plus a new socket ``extra`` (listen: ``extra``), as an edit adds it."""
+    return textwrap.dedent(f"""
+        sockets:
+          http: {{listen: "127.0.0.1:{port}"}}
+          extra: {{listen: "{extra}"}}
+        service:
+          exec: [{PYTHON}, {REPORT_WORKER}]
+          restart: always
+        """)
+
+
+def observed(sup) -> dict[str, Any]:
+    """What a failed upgrade must not change: the store, the workers, the fd count."""
+    with RawClient(sup.monitor_path).negotiate() as client:
+        fds = sorted(client.command("query-fds")["return"], key=lambda f: (f["owner"], f["fdname"]))
+        services = {
+            s["unit"]: sorted(s["pids"]) for s in client.command("query-services")["return"]
+        }
+    return {"fds": fds, "pids": services, "fd_count": settled_fd_count(sup)}
+
+
+def two_units(sup_factory, **kwargs: Any) -> tuple[Any, int, dict[str, Any]]:
+    port = free_port()
+    sup = sup_factory(
+        {
+            "web": unit_text(f'listen: "127.0.0.1:{port}"', extra="  instances: 2"),
+            "local": unit_text('listen: "unix:local.sock"'),
+        },
+        **kwargs,
+    )
+    for unit, instance in (("web", 0), ("web", 1), ("local", 0)):
+        sup.wait_for("worker_started", unit=unit, instance=instance)
+    return sup, port, observed(sup)
+
+
+def upgrade_falls_back(sup) -> dict[str, Any]:
+    """SIGUSR2; the new program fails and runs the handed-over units: its upgrade_failed."""
+    mark = sup.mark()
+    os.kill(sup.pid, signal.SIGUSR2)
+    sup.wait_for("upgrade_rolled_back", after=mark, timeout=30)
+    failed = sup.wait_for("upgrade_failed", after=mark)
+    assert failed["note"] == "carrying on with the handed-over units"
+    assert sup.count("upgraded") == 0 and sup.proc.poll() is None
+    assert not [line for line in sup.output if "nothing was bound" in line]
+    return failed
+
+
+def still_supervised(sup, port: int, before: dict[str, Any]) -> None:
+    """Same workers serving, same store, same fd count; and a worker's death is still handled."""
+    assert observed(sup) == before
+    assert report_from("127.0.0.1", port)["pid"] in before["pids"]["web"]
+    victim = before["pids"]["web"][0]
+    mark = sup.mark()
+    os.kill(victim, signal.SIGKILL)
+    sup.wait_for("worker_exited", pid=victim, after=mark)
+    assert (
+        sup.wait_for("worker_started", unit="web", after=mark)["pid"] not in before["pids"]["web"]
+    )
+
+
+def test_a_new_socket_on_a_port_in_use_falls_back(supervisor, tmp_path: Path) -> None:
+    sup, port, before = two_units(supervisor)
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        busy = taken.getsockname()[1]
+        (tmp_path / "units" / "web.yaml").write_text(web_with_extra(port, f"127.0.0.1:{busy}"))
+        failed = upgrade_falls_back(sup)
+    assert "socket extra" in failed["error"] and "Address already in use" in failed["error"]
+    still_supervised(sup, port, before)
+
+
+def test_a_symlink_at_a_new_unix_path_falls_back(supervisor, tmp_path: Path) -> None:
+    sup, port, before = two_units(supervisor)
+    target = tmp_path / "precious"
+    target.write_text("root's file\n")
+    (tmp_path / "units" / "extra.sock").symlink_to(target)
+    (tmp_path / "units" / "web.yaml").write_text(web_with_extra(port, "unix:extra.sock"))
+    failed = upgrade_falls_back(sup)
+    assert "socket extra" in failed["error"] and "symbolic link" in failed["error"]
+    assert (tmp_path / "units" / "extra.sock").is_symlink()
+    assert target.read_text() == "root's file\n"
+    still_supervised(sup, port, before)
+
+
+def test_a_deleted_monitor_socket_file_is_bound_again(supervisor) -> None:
+    sup, port, before = two_units(supervisor)
+    sup.monitor_path.unlink()
+    mark = sup.mark()
+    os.kill(sup.pid, signal.SIGUSR2)
+    recreated = sup.wait_for("monitor_recreated", after=mark, timeout=30)
+    assert recreated["problem"] == "the monitor socket file is gone"
+    sup.wait_for("upgraded", after=mark)
+    assert stat.S_IMODE(os.stat(sup.monitor_path).st_mode) == 0o600
+    assert observed(sup) == before, "the monitor answers again; nothing else changed"
+    assert report_from("127.0.0.1", port)["pid"] in before["pids"]["web"]
+    assert sup.stop() == 0
+    assert not sup.monitor_path.exists()
+
+
+NEW_CODE_FAILS = """
+import os
+
+if os.environ.get("FDSUPERVISOR_HANDOVER_FD"):
+    from fdsupervisor import supervisor
+
+    restore = supervisor.Supervisor._restore_services
+    calls = []
+
+    def fails(self, state):
+        # the real work first (pidfds opened, signals and notify socket set up), then a bug
+        restore(self, state)
+        calls.append(1)
+        if len(calls) <= {failures}:
+            raise RuntimeError("new code fails as it runs")
+
+    supervisor.Supervisor._restore_services = fails
+"""
+
+
+def test_new_code_that_fails_as_it_runs_falls_back(supervisor, tmp_path: Path) -> None:
+    site = tmp_path / "site"
+    site.mkdir()
+    sup, port, before = two_units(supervisor, env={"PYTHONPATH": str(site)})
+    (site / "sitecustomize.py").write_text(NEW_CODE_FAILS.format(failures=1))
+    failed = upgrade_falls_back(sup)
+    assert failed["error"] == "RuntimeError: new code fails as it runs"
+    assert "new code fails as it runs" in failed["exception"], "with its traceback"
+    still_supervised(sup, port, before)
+    (site / "sitecustomize.py").unlink()
+    mark = sup.mark()
+    os.kill(sup.pid, signal.SIGUSR2)
+    sup.wait_for("upgraded", after=mark, timeout=30)  # once fixed, the upgrade goes through
+
+
+def test_when_the_fallback_fails_too_it_says_so_and_exits_1(supervisor, tmp_path: Path) -> None:
+    site = tmp_path / "site"
+    site.mkdir()
+    sup, port, before = two_units(supervisor, env={"PYTHONPATH": str(site)})
+    (site / "sitecustomize.py").write_text(NEW_CODE_FAILS.format(failures=2))
+    os.kill(sup.pid, signal.SIGUSR2)
+    gave_up = sup.wait_for("upgrade_fallback_failed", timeout=30)
+    try:
+        assert sup.proc.wait(15) == 1
+        assert "no supervisor is left" in gave_up["note"]
+        # orphaned, not killed: they hold their sockets and serve on
+        assert report_from("127.0.0.1", port)["pid"] in before["pids"]["web"]
+    finally:
+        for pids in before["pids"].values():
+            for pid in pids:  # started (through the supervisor) by this test
+                os.kill(pid, signal.SIGKILL)
