@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import gc
 import os
+import signal
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -25,7 +26,7 @@ from .binding import InheritedFds
 from .errors import BindError, ConfigErrors, FdSupervisorError
 from .log import LOG_FORMATS, make_logger
 from .monitor import default_monitor_path
-from .supervisor import Supervisor
+from .supervisor import HANDLED_SIGNALS, Supervisor
 from .systemd import SystemdNotifier, SystemdSockets
 from .units import Unit, load_unit_text, load_units, unit_from_command_line
 from .upgrade import (
@@ -309,6 +310,7 @@ def run_upgraded(
             os.close(copies.monitor_fd)
         attempt.finish_handover()
         log.info("upgraded", pid=os.getpid(), workers=_workers(handover))
+        _unblock_signals()
         return attempt.run()
     attempt = None
     # Objects of the failed attempt that still wrap a copy close it now, before
@@ -334,7 +336,20 @@ def run_upgraded(
         note="the old units run on the handed-over fds; fix the cause and upgrade again",
     )
     supervisor.notifier.status("upgrade failed: running the units handed over")
+    _unblock_signals()
     return supervisor.run()
+
+
+def _unblock_signals() -> None:
+    """The handled signals, blocked by the old program since before its exec, arrive now.
+
+    Handlers are installed by then (``Supervisor.start``). A SIGUSR2 that came
+    meanwhile asked for the upgrade that has just happened (or failed): dropped,
+    as the old program drops one that comes while it prepares the upgrade.
+    """
+    if signal.SIGUSR2 in signal.sigpending():
+        signal.sigtimedwait([signal.SIGUSR2], 0)
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, HANDLED_SIGNALS)
 
 
 def _fall_back(handover: HandoverState, inherited: InheritedFds, log: Any) -> Supervisor:

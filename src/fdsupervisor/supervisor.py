@@ -560,6 +560,13 @@ class Supervisor:
         self.notifier.ping()
         state = self._handover_state()
         state_fd = write_state(state)
+        # From here until the new program is ready, a handled signal must neither
+        # kill it (after execve() its disposition is the default until the new
+        # program installs handlers; SIGHUP's default is to terminate) nor be lost:
+        # blocked, it stays pending across execve() (signal(7)) and the new program
+        # unblocks it once ready. Blocked only now, so the check above ran unblocked.
+        old_mask = signal.pthread_sigmask(signal.SIG_BLOCK, HANDLED_SIGNALS)
+        self._repost_signals()
         self.log.info("upgrading", pid=os.getpid(), fds=len(state.fds))
         self.notifier.reloading()
         if self.monitor is not None:
@@ -573,9 +580,30 @@ class Supervisor:
         except OSError as exc:
             set_inheritable(state.fds, False)
             os.close(state_fd)
+            signal.pthread_sigmask(signal.SIG_SETMASK, old_mask)  # what was pending arrives now
             self.notifier.ready("upgrade failed; still running the old program")
             raise self._upgrade_refused(f"execve {sys.executable}: {exc}") from None
         raise AssertionError("unreachable")  # pragma: no cover
+
+    def _repost_signals(self) -> None:
+        """Signals that arrived while the upgrade was prepared: pending again, for the new program.
+
+        Their numbers wait in the wake-up socket, which does not survive the
+        exec; with the signals blocked, raising them again leaves them pending
+        across it. A SIGUSR2 among them asked for this very upgrade.
+        """
+        if self._wakeup is None:
+            return
+        while True:
+            try:
+                data = self._wakeup[0].recv(512)
+            except (BlockingIOError, InterruptedError):
+                break
+            if not data:
+                break
+            for signum in set(data) - {signal.SIGUSR2}:
+                if signum in HANDLED_SIGNALS:
+                    os.kill(os.getpid(), signum)
 
     def _upgrade_refused(self, reason: str) -> FdSupervisorError:
         self.log.error("upgrade_failed", error=reason, note="the running supervisor carries on")
@@ -744,7 +772,8 @@ class Supervisor:
         copies of the handed-over fds); the copies are closed too, but not the
         socket files they share with the originals, which still serve them.
         Workers this program started are killed and reaped; the handed-over
-        ones are left alone.
+        ones are left alone. The handled signals stay blocked: the fallback
+        installs its handlers before they are unblocked.
         """
         handed_fds = set(state.fds)
         handed_pids = {w.pid for item in state.services.values() for w in item.workers}
@@ -1402,9 +1431,11 @@ class Supervisor:
             elif signum == signal.SIGHUP:
                 with contextlib.suppress(FdSupervisorError):  # logged by reload()
                     self.reload()
-            elif signum == signal.SIGUSR2:
-                with contextlib.suppress(FdSupervisorError):  # logged by upgrade()
-                    self.upgrade()
+        # An upgrade last: the signals that came with it are handled first, not
+        # lost with this program (a shutdown or a reload then refuses it).
+        if signal.SIGUSR2 in data:
+            with contextlib.suppress(FdSupervisorError):  # logged by upgrade()
+                self.upgrade()
 
     def shutdown(self, reason: str) -> None:
         if self.shutting_down:

@@ -34,6 +34,11 @@ for an ``execve()`` that fails (it tries ``/sbin/init``, then ``/bin/sh``);
 in s6 every service has its own ``s6-supervise`` process, so a scanner
 that fails loses no service's supervision. One process supervises all
 workers here, so the new program must be able to go back to the old units.
+
+The signals the supervisor handles are blocked across the exec (the mask
+and pending signals survive ``execve()``, signal(7)); the new program
+unblocks them only once its handlers are installed and it is ready, so a
+SIGHUP or SIGTERM in between is delivered then instead of killing it.
 """
 
 from __future__ import annotations

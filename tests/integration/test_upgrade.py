@@ -1,7 +1,7 @@
 """Upgrade in place (SIGUSR2, the monitor's upgrade): same pid, same workers, same fds.
 
 A new program that fails before it is ready falls back to the handed-over units
-(issue 9, item 5).
+(issue 9, item 5); the handled signals are blocked across the exec (item 6).
 """
 
 from __future__ import annotations
@@ -11,6 +11,7 @@ import signal
 import socket
 import stat
 import textwrap
+import time
 from pathlib import Path
 from typing import Any
 
@@ -260,3 +261,108 @@ def test_when_the_fallback_fails_too_it_says_so_and_exits_1(supervisor, tmp_path
         for pids in before["pids"].values():
             for pid in pids:  # started (through the supervisor) by this test
                 os.kill(pid, signal.SIGKILL)
+
+
+# --------------------------------------------------------------------------- signals across the exec
+
+
+def events_after(sup, mark: int, name: str) -> list[int]:
+    with sup._cond:
+        return [i for i, e in enumerate(sup.events) if i >= mark and e.get("event") == name]
+
+
+def signal_through_the_upgrade(sup, signum: int) -> tuple[int, int]:
+    """SIGUSR2, then ``signum`` every 3 ms from ``upgrading`` until ``upgraded`` (bounded).
+
+    Returns the event index where the upgrade started and how many signals were sent.
+    """
+    mark = sup.mark()
+    os.kill(sup.pid, signal.SIGUSR2)
+    sup.wait_for("upgrading", after=mark, timeout=30)
+    sent, deadline = 0, time.monotonic() + 20
+    while (
+        not events_after(sup, mark, "upgraded")
+        and sup.proc.poll() is None
+        and time.monotonic() < deadline
+    ):
+        os.kill(sup.pid, signum)
+        sent += 1
+        time.sleep(0.003)  # the pace of the sender, not a synchronisation
+    return mark, sent
+
+
+def test_sighup_right_after_the_exec_is_a_reload_not_a_death(supervisor) -> None:
+    port = free_port()
+    sup = supervisor({"web": unit_text(f'listen: "127.0.0.1:{port}"')})
+    pid = sup.wait_for("worker_started")["pid"]
+    mark, sent = signal_through_the_upgrade(sup, signal.SIGHUP)
+    assert sup.proc.poll() is None, f"killed by SIGHUP: {sup.proc.returncode}"
+    assert sent > 3, "signals were sent while the new program started"
+    (upgraded,) = events_after(sup, mark, "upgraded")
+    sup.wait_for("reloaded", after=upgraded)  # the pending SIGHUP took effect
+    assert report_from("127.0.0.1", port)["pid"] == pid
+
+
+def test_sigterm_right_after_the_exec_stops_cleanly(supervisor, tmp_path: Path) -> None:
+    sup = supervisor({"local": unit_text('listen: "unix:local.sock"')})
+    sup.wait_for("worker_started")
+    mark, sent = signal_through_the_upgrade(sup, signal.SIGTERM)
+    assert sent > 0
+    assert sup.proc.wait(20) == 0, "stopped cleanly, not killed by SIGTERM"
+    assert events_after(sup, mark, "upgraded") and events_after(sup, mark, "stopped")
+    assert sup.wait_for("shutting_down", after=mark)["reason"] == "SIGTERM"
+    assert not (tmp_path / "units" / "local.sock").exists()
+
+
+def pending_restart_unit(port: int, stdout: str) -> str:
+    return textwrap.dedent(f"""
+        sockets:
+          http: {{listen: "127.0.0.1:{port}"}}
+        service:
+          exec: [{PYTHON}, {REPORT_WORKER}]
+          restart: always
+          restart-delay: 60s
+          stdout: {stdout}
+        """)
+
+
+def blocked_signals(pid: int) -> int:
+    with open(f"/proc/{pid}/status") as status:
+        for line in status:
+            if line.startswith("SigBlk:"):
+                return int(line.split()[1], 16)
+    raise AssertionError("no SigBlk")
+
+
+def test_workers_started_while_signals_are_blocked_get_an_empty_mask(supervisor) -> None:
+    # inherit: the native spawn (clone in C); null: the os.fork() path
+    units = {"native": pending_restart_unit(free_port(), "inherit")}
+    units["forked"] = pending_restart_unit(free_port(), "null")
+    sup = supervisor(units)
+    for name in units:
+        pid = sup.wait_for("worker_started", unit=name)["pid"]
+        os.kill(pid, signal.SIGKILL)
+        assert sup.wait_for("worker_exited", pid=pid)["restart_in"] == 60
+    mark = sup.mark()
+    os.kill(sup.pid, signal.SIGUSR2)
+    # the restarts were due: the new program starts them before it unblocks signals
+    started = [sup.wait_for("worker_started", unit=name, after=mark) for name in units]
+    first_upgraded = sup.wait_for("upgraded", after=mark)
+    assert all(sup.events.index(e) < sup.events.index(first_upgraded) for e in started)
+    for event in started:
+        assert blocked_signals(event["pid"]) == 0, event["unit"]
+    assert blocked_signals(sup.pid) == 0, "the supervisor unblocked them once ready"
+
+
+def test_sigusr2_during_the_upgrade_asks_for_that_upgrade(supervisor) -> None:
+    port = free_port()
+    sup = supervisor({"web": unit_text(f'listen: "127.0.0.1:{port}"')})
+    pid = sup.wait_for("worker_started")["pid"]
+    mark, sent = signal_through_the_upgrade(sup, signal.SIGUSR2)
+    assert sup.proc.poll() is None, f"killed by SIGUSR2: {sup.proc.returncode}"
+    assert sent > 3
+    with RawClient(sup.monitor_path).negotiate() as client:
+        # two round trips: whatever was pending at the unblock has been handled
+        client.command("query-version")
+        assert client.command("query-services")["return"][0]["pids"] == [pid]
+    assert len(events_after(sup, mark, "upgrading")) == 1, "one upgrade, not one more"
