@@ -308,7 +308,10 @@ def run_upgraded(
         close_originals(handover)
         if copies.monitor_fd is not None and attempt.monitor is None:
             os.close(copies.monitor_fd)
-        attempt.finish_handover()
+        try:
+            attempt.finish_handover()
+        except Exception:  # past ready, nothing to go back to: supervise on
+            log.exception("internal_error", note="please report this")
         log.info("upgraded", pid=os.getpid(), workers=_workers(handover))
         _unblock_signals()
         return attempt.run()

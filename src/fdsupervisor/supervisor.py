@@ -566,23 +566,26 @@ class Supervisor:
         # blocked, it stays pending across execve() (signal(7)) and the new program
         # unblocks it once ready. Blocked only now, so the check above ran unblocked.
         old_mask = signal.pthread_sigmask(signal.SIG_BLOCK, HANDLED_SIGNALS)
-        self._repost_signals()
-        self.log.info("upgrading", pid=os.getpid(), fds=len(state.fds))
-        self.notifier.reloading()
-        if self.monitor is not None:
-            self.monitor.close_clients()  # connections do not cross; clients reconnect
-        set_inheritable(state.fds, True)
-        environ = {k: v for k, v in os.environ.items() if not k.startswith("LISTEN_")}
-        environ[HANDOVER_ENV] = str(state_fd)
-        argv = [sys.executable, "-m", "fdsupervisor", *self.exec_argv]
         try:
-            os.execve(sys.executable, argv, environ)
-        except OSError as exc:
-            set_inheritable(state.fds, False)
-            os.close(state_fd)
-            signal.pthread_sigmask(signal.SIG_SETMASK, old_mask)  # what was pending arrives now
-            self.notifier.ready("upgrade failed; still running the old program")
-            raise self._upgrade_refused(f"execve {sys.executable}: {exc}") from None
+            self._repost_signals()
+            self.log.info("upgrading", pid=os.getpid(), fds=len(state.fds))
+            self.notifier.reloading()
+            if self.monitor is not None:
+                self.monitor.close_clients()  # connections do not cross; clients reconnect
+            set_inheritable(state.fds, True)
+            environ = {k: v for k, v in os.environ.items() if not k.startswith("LISTEN_")}
+            environ[HANDOVER_ENV] = str(state_fd)
+            argv = [sys.executable, "-m", "fdsupervisor", *self.exec_argv]
+            try:
+                os.execve(sys.executable, argv, environ)
+            except OSError as exc:
+                set_inheritable(state.fds, False)
+                os.close(state_fd)
+                self.notifier.ready("upgrade failed; still running the old program")
+                raise self._upgrade_refused(f"execve {sys.executable}: {exc}") from None
+        finally:
+            # Only reached when the exec did not happen: what was pending arrives now.
+            signal.pthread_sigmask(signal.SIG_SETMASK, old_mask)
         raise AssertionError("unreachable")  # pragma: no cover
 
     def _repost_signals(self) -> None:
