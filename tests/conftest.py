@@ -53,7 +53,9 @@ class SupervisorProcess:
         self.output: list[str] = []
         self._cond = threading.Condition()
         full_env = dict(os.environ, **(env or {}))
-        full_env["PYTHONPATH"] = str(ROOT / "src")
+        # The worktree's package first; a test may add directories after it.
+        extra_path = (env or {}).get("PYTHONPATH")
+        full_env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT / "src"), extra_path]))
         self.proc = subprocess.Popen(
             [PYTHON, "-m", "fdsupervisor", "run", "--log-format", "json", *args],
             cwd=cwd,

@@ -2,12 +2,19 @@
 
 ``run`` scans the fds it inherited before it opens anything itself: those,
 and only those, are what a unit may reference as ``{type: fd, str: "N"}``.
+
+After an upgrade's exec (:mod:`fdsupervisor.upgrade`), :func:`run_upgraded`
+takes over instead, and falls back to the old program's units if anything
+fails before the new program is ready: the workers never lose their
+supervisor to a failed upgrade.
 """
 
 from __future__ import annotations
 
 import argparse
+import gc
 import os
+import signal
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -19,10 +26,19 @@ from .binding import InheritedFds
 from .errors import BindError, ConfigErrors, FdSupervisorError
 from .log import LOG_FORMATS, make_logger
 from .monitor import default_monitor_path
-from .supervisor import Supervisor
+from .supervisor import HANDLED_SIGNALS, Supervisor
 from .systemd import SystemdNotifier, SystemdSockets
-from .units import Unit, load_units, unit_from_command_line
-from .upgrade import HandoverState, take_state
+from .units import Unit, load_unit_text, load_units, unit_from_command_line
+from .upgrade import (
+    CommandLineUnit,
+    HandoverState,
+    RunConfig,
+    UpgradeError,
+    close_copies,
+    close_originals,
+    copy_fds,
+    take_state,
+)
 
 
 def _ensure_stdio() -> None:
@@ -101,7 +117,16 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     _ensure_stdio()
     # An upgrade's handover first: its fds are ours already, not inherited ones.
-    handover = take_state(dict(os.environ))
+    try:
+        handover = take_state(dict(os.environ))
+    except UpgradeError as exc:
+        # Without the state there is nothing to fall back to.
+        print(
+            f"fdsupervisor: upgrade failed: {exc}; no supervisor is left, "
+            "the workers run on unsupervised: start fdsupervisor again",
+            file=sys.stderr,
+        )
+        return 1
     scanned = InheritedFds.scan()
     inherited = InheritedFds(scanned.numbers - set(handover.fds)) if handover else scanned
     args_list = list(sys.argv[1:] if argv is None else argv)
@@ -110,34 +135,44 @@ def main(argv: Sequence[str] | None = None) -> int:
     if "--" in args_list:
         split = args_list.index("--")
         args_list, command = args_list[:split], args_list[split + 1 :]
+    if handover is not None:
+        return run_upgraded(args_list, command, inherited, handover)
     args = build_parser().parse_args(args_list)
     if args.command == "check":
         return check(args.units)
     if args.command == "ctl":
         return ctl.run(args)
-    systemd_sockets = (
-        SystemdSockets() if handover else SystemdSockets.from_environment(os.environ, os.getpid())
+    systemd_sockets = SystemdSockets.from_environment(os.environ, os.getpid())
+    return run(args, command, inherited, exec_argv, systemd_sockets)
+
+
+def _command_line_unit(args: argparse.Namespace, command: list[str]) -> CommandLineUnit | None:
+    """What ``--listen ... -- COMMAND`` asks for, or None when unit files are given."""
+    if not (args.listen or command):
+        return None
+    if args.units:
+        raise FdSupervisorError("give either unit files or --listen ... -- COMMAND, not both")
+    if not args.listen or not command:
+        raise FdSupervisorError("--listen NAME=ADDRESS needs a command after --")
+    listens = []
+    for item in args.listen:
+        name, sep, address = item.partition("=")
+        if not sep:
+            raise FdSupervisorError(f"--listen {item!r}: expected NAME=ADDRESS")
+        listens.append((name, address))
+    return CommandLineUnit(tuple(listens), tuple(command), args.accept, args.on_demand, args.inetd)
+
+
+def _unit_of_command_line(line: CommandLineUnit) -> Unit:
+    return unit_from_command_line(
+        line.listens, line.command, accept=line.accept, on_demand=line.on_demand, inetd=line.inetd
     )
-    return run(args, command, inherited, exec_argv, handover, systemd_sockets)
 
 
 def _load(args: argparse.Namespace, command: list[str]) -> list[Unit]:
-    if args.listen or command:
-        if args.units:
-            raise FdSupervisorError("give either unit files or --listen ... -- COMMAND, not both")
-        if not args.listen or not command:
-            raise FdSupervisorError("--listen NAME=ADDRESS needs a command after --")
-        listens = []
-        for item in args.listen:
-            name, sep, address = item.partition("=")
-            if not sep:
-                raise FdSupervisorError(f"--listen {item!r}: expected NAME=ADDRESS")
-            listens.append((name, address))
-        return [
-            unit_from_command_line(
-                listens, command, accept=args.accept, on_demand=args.on_demand, inetd=args.inetd
-            )
-        ]
+    line = _command_line_unit(args, command)
+    if line is not None:
+        return [_unit_of_command_line(line)]
     if not args.units:
         raise FdSupervisorError(
             "no units given: name unit files or directories, "
@@ -151,7 +186,6 @@ def run(
     command: list[str],
     inherited: InheritedFds,
     exec_argv: Sequence[str] = (),
-    handover: HandoverState | None = None,
     systemd_sockets: SystemdSockets | None = None,
 ) -> int:
     log = make_logger(args.log_format)
@@ -166,45 +200,202 @@ def run(
     except FdSupervisorError as exc:
         print(f"fdsupervisor: {exc}", file=sys.stderr)
         return 1
-    supervisor = Supervisor(
-        units,
-        log=log,
-        inherited=inherited,
-        environ=os.environ,
-        max_stored_fds=args.max_stored_fds,
-        unit_paths=args.units if not (args.listen or command) else (),
-        notifier=SystemdNotifier(os.environ),
-        exec_argv=exec_argv,
-        systemd_sockets=systemd_sockets,
-    )
+    config = _run_config(args, command)
+    supervisor = _supervisor(units, log, inherited, config, exec_argv, systemd_sockets)
     try:
-        if handover is None:
-            supervisor.bind_all()
-        else:
-            supervisor.adopt_handover(handover)
+        supervisor.bind_all()
     except (BindError, FdSupervisorError) as exc:
         log.error("startup_failed", error=str(exc), note="nothing was bound")
         return 1
-    if not args.no_monitor:
-        path = args.monitor or default_monitor_path(os.environ, os.getuid())
-        allowed = frozenset({0, os.getuid(), *args.monitor_allow_uid})
+    if config.monitor_path is not None:
+        path = Path(config.monitor_path)
         try:
-            supervisor.attach_monitor(
-                path, allowed, existing_fd=handover.monitor_fd if handover else None
-            )
+            supervisor.attach_monitor(path, frozenset(config.monitor_allowed_uids))
         except (OSError, BindError) as exc:
             supervisor.store.close_all()
             reason = exc.message if isinstance(exc, BindError) else f"{path}: {exc}"
             log.error("startup_failed", error=f"monitor: {reason}", note="nothing was bound")
             return 1
-    supervisor.start(handover)
-    if handover is not None:
-        log.info(
-            "upgraded",
-            pid=os.getpid(),
-            workers=sum(len(s.workers) for s in handover.services.values()),
-        )
+    supervisor.start()
     return supervisor.run()
+
+
+def _run_config(args: argparse.Namespace, command: list[str]) -> RunConfig:
+    """How this program runs, for an upgrade's fallback (unit texts are added at the upgrade)."""
+    monitor = None
+    if not args.no_monitor:
+        monitor = str(args.monitor or default_monitor_path(os.environ, os.getuid()))
+    line = _command_line_unit(args, command)
+    return RunConfig(
+        log_format=args.log_format,
+        max_stored_fds=args.max_stored_fds,
+        unit_paths=tuple(map(str, args.units)) if line is None else (),
+        command_line=line,
+        monitor_path=monitor,
+        monitor_allowed_uids=tuple(sorted({0, os.getuid(), *args.monitor_allow_uid})),
+    )
+
+
+def _supervisor(
+    units: Sequence[Unit],
+    log: Any,
+    inherited: InheritedFds,
+    config: RunConfig,
+    exec_argv: Sequence[str],
+    systemd_sockets: SystemdSockets | None,
+) -> Supervisor:
+    return Supervisor(
+        units,
+        log=log,
+        inherited=inherited,
+        environ=os.environ,
+        max_stored_fds=config.max_stored_fds,
+        unit_paths=[Path(p) for p in config.unit_paths],
+        notifier=SystemdNotifier(os.environ),
+        exec_argv=exec_argv,
+        systemd_sockets=systemd_sockets,
+        run_config=config,
+    )
+
+
+def run_upgraded(
+    args_list: list[str], command: list[str], inherited: InheritedFds, handover: HandoverState
+) -> int:
+    """The new program of an upgrade: take over, or go back to the old units; exit only if neither.
+
+    Everything from reading the state to ``ready`` is guarded: whatever
+    fails (the command line, the unit files, a bind, the monitor, this
+    program's own code), what the attempt opened is closed and the old
+    program's units run on the original fds, binding nothing new.
+    """
+    config = handover.config
+    log = make_logger(config.log_format if config is not None else "auto")
+    copies: HandoverState | None = None
+    attempt: Supervisor | None = None
+    try:
+        args = build_parser().parse_args(args_list)
+        if args.command != "run":
+            raise UpgradeError(f"the handed-over command line is not 'run': {args.command!r}")
+        log = make_logger(args.log_format)
+        units = _load(args, command)
+        new_config = _run_config(args, command)
+        copies = copy_fds(handover)
+        attempt = _supervisor(units, log, inherited, new_config, handover.argv, SystemdSockets())
+        attempt.adopt_handover(copies)
+        if new_config.monitor_path is not None:
+            attempt.attach_monitor(
+                Path(new_config.monitor_path),
+                frozenset(new_config.monitor_allowed_uids),
+                existing_fd=copies.monitor_fd,
+                existing_inode=handover.monitor_inode,
+            )
+        attempt.start(copies)
+    except (Exception, SystemExit) as exc:  # SystemExit: argparse refused the command line
+        expected = isinstance(exc, (FdSupervisorError, OSError, SystemExit))
+        log.error(
+            "upgrade_failed",
+            error=_failure(exc),
+            note="carrying on with the handed-over units",
+            exc_info=not expected,
+        )
+        if attempt is not None and copies is not None:
+            try:
+                attempt.abandon(copies)
+            except Exception:  # this program's own code again: the copies are closed below
+                log.exception("upgrade_abandon_failed")
+    else:
+        # The copies serve now; the originals and what is gone go.
+        close_originals(handover)
+        if copies.monitor_fd is not None and attempt.monitor is None:
+            os.close(copies.monitor_fd)
+        try:
+            attempt.finish_handover()
+        except Exception:  # past ready, nothing to go back to: supervise on
+            log.exception("internal_error", note="please report this")
+        log.info("upgraded", pid=os.getpid(), workers=_workers(handover))
+        _unblock_signals()
+        return attempt.run()
+    attempt = None
+    # Objects of the failed attempt that still wrap a copy close it now, before
+    # the fallback opens anything whose number a late close could hit.
+    gc.collect()
+    if copies is not None:
+        close_copies(copies, handover)
+    try:
+        supervisor = _fall_back(handover, inherited, log)
+    except Exception as exc:
+        log.error(
+            "upgrade_fallback_failed",
+            error=_failure(exc),
+            note="no supervisor is left: the workers run on unsupervised, holding their "
+            "sockets; start fdsupervisor again",
+            exc_info=not isinstance(exc, FdSupervisorError),
+        )
+        return 1
+    log.warning(
+        "upgrade_rolled_back",
+        pid=os.getpid(),
+        workers=_workers(handover),
+        note="the old units run on the handed-over fds; fix the cause and upgrade again",
+    )
+    supervisor.notifier.status("upgrade failed: running the units handed over")
+    _unblock_signals()
+    return supervisor.run()
+
+
+def _unblock_signals() -> None:
+    """The handled signals, blocked by the old program since before its exec, arrive now.
+
+    Handlers are installed by then (``Supervisor.start``). A SIGUSR2 that came
+    meanwhile asked for the upgrade that has just happened (or failed): dropped,
+    as the old program drops one that comes while it prepares the upgrade.
+    """
+    if signal.SIGUSR2 in signal.sigpending():
+        signal.sigtimedwait([signal.SIGUSR2], 0)
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, HANDLED_SIGNALS)
+
+
+def _fall_back(handover: HandoverState, inherited: InheritedFds, log: Any) -> Supervisor:
+    """The old program's units on the original fds, from the state alone: nothing new."""
+    config = handover.config
+    if config is None:
+        raise UpgradeError("the old program handed over no configuration to go back to")
+    if config.command_line is not None:
+        units = [_unit_of_command_line(config.command_line)]
+    else:
+        units = [
+            load_unit_text(f.text, Path(f.path), Path(f.path).parent) for f in config.unit_files
+        ]
+    supervisor = _supervisor(units, log, inherited, config, handover.argv, SystemdSockets())
+    supervisor.adopt_handover(handover, bind_new=False)
+    if config.monitor_path is not None:
+        try:
+            supervisor.attach_monitor(
+                Path(config.monitor_path),
+                frozenset(config.monitor_allowed_uids),
+                existing_fd=handover.monitor_fd,
+                existing_inode=handover.monitor_inode,
+            )
+        except Exception as exc:  # the workers matter more than the monitor
+            log.error(
+                "monitor_unavailable",
+                error=_failure(exc),
+                note="running without a monitor; the workers are supervised",
+            )
+    supervisor.start(handover)
+    return supervisor
+
+
+def _failure(exc: BaseException) -> str:
+    if isinstance(exc, SystemExit):
+        return f"the new program does not accept the command line (exit status {exc.code})"
+    if isinstance(exc, FdSupervisorError):
+        return str(exc)
+    return f"{type(exc).__name__}: {exc}"
+
+
+def _workers(state: HandoverState) -> int:
+    return sum(len(item.workers) for item in state.services.values())
 
 
 def check(paths: Sequence[Path]) -> int:

@@ -18,6 +18,7 @@ import array
 import errno
 import os
 import socket
+import stat
 import struct
 from collections import deque
 from collections.abc import Callable, Mapping
@@ -25,6 +26,7 @@ from pathlib import Path
 from typing import Any
 
 from .binding import remove_stale_socket_file
+from .errors import BindError
 from .loop import EventLoop
 from .qmp import Closed, Execute, QmpConnection, Send
 from .units import SocketKind
@@ -249,13 +251,61 @@ class MonitorServer:
         self.clients: list[MonitorClient] = []
         self.execute = execute
         self._sock: socket.socket | None = None
-        self._inode: int | None = None
+        self._inode: int | None = None  # of the socket file at path, while it is ours
+        self._created = False  # this program bound the socket (not handed over)
 
-    def open(self, existing: socket.socket | None = None) -> None:
-        """Bind the monitor socket, or take over ``existing`` (an upgrade's handover)."""
-        if existing is not None:
+    @property
+    def inode(self) -> int | None:
+        """The socket file's inode, or None when the file at ``path`` is not ours."""
+        return self._inode
+
+    def open(self, existing: socket.socket | None = None, inode: int | None = None) -> None:
+        """Bind the monitor socket, or take over ``existing`` (an upgrade's handover).
+
+        ``inode`` is the old program's socket file. If that file is gone or
+        another one is at ``path``, no client can reach ``existing``: a new
+        socket is bound at ``path`` if it is free, else ``existing`` is kept
+        with a warning. Neither is a reason to give up the supervisor.
+        """
+        if existing is None:
+            self._listen(self._bind())
+            return
+        problem = self._path_problem(inode)
+        if problem is None:
             self._listen(existing)
             return
+        try:
+            fresh = self._bind()
+        except (OSError, BindError) as exc:
+            self.log.warning(
+                "monitor_unreachable",
+                path=str(self.path),
+                problem=problem,
+                error=str(exc),
+                note="serving the handed-over monitor socket, which no client can reach; "
+                "free the path and upgrade again",
+            )
+            self._listen(existing, owns_path=False)
+            return
+        existing.close()
+        self.log.warning("monitor_recreated", path=str(self.path), problem=problem)
+        self._listen(fresh)
+
+    def _path_problem(self, inode: int | None) -> str | None:
+        """Why the file at ``path`` is not the handed-over socket's, or None if it is."""
+        try:
+            info = os.lstat(self.path)
+        except FileNotFoundError:
+            return "the monitor socket file is gone"
+        except OSError as exc:
+            return f"cannot inspect the monitor socket file: {exc}"
+        if not stat.S_ISSOCK(info.st_mode):
+            return "the monitor socket file was replaced by something that is not a socket"
+        if inode is not None and info.st_ino != inode:
+            return "the monitor socket file was replaced by another socket file"
+        return None
+
+    def _bind(self) -> socket.socket:
         _make_private_directories(self.path.parent)
         _remove_stale_socket(self.path)
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
@@ -268,12 +318,13 @@ class MonitorServer:
         finally:
             os.umask(old_umask)
         sock.listen(64)
-        self._listen(sock)
+        self._created = True
+        return sock
 
-    def _listen(self, sock: socket.socket) -> None:
+    def _listen(self, sock: socket.socket, *, owns_path: bool = True) -> None:
         sock.setblocking(False)
         self._sock = sock
-        self._inode = os.stat(self.path).st_ino
+        self._inode = os.lstat(self.path).st_ino if owns_path else None
         self.loop.add_reader(sock.fileno(), self._accept)
         self.log.info("monitor_listening", path=str(self.path))
 
@@ -342,10 +393,16 @@ class MonitorServer:
             self._sock.close()
             self._sock = None
             try:
-                if os.stat(self.path).st_ino == self._inode:
+                if self._inode is not None and os.stat(self.path).st_ino == self._inode:
                     self.path.unlink()
             except FileNotFoundError:
                 pass
+
+    def abandon(self) -> None:
+        """Close, but leave a handed-over socket's file: the original fd still serves it."""
+        if not self._created:
+            self._inode = None
+        self.close()
 
 
 def _make_private_directories(directory: Path) -> None:

@@ -63,6 +63,17 @@ The rules:
   ``systemd-socket-activate`` does, leaves ours the only one). Two inet
   sockets that both set reuse-port do not conflict (socket(7),
   SO_REUSEPORT), nor does an inet port 0.
+- A socket **added at run time** (the monitor's ``socket-add`` with a
+  ``unit``) belongs to no unit file, and a reload leaves it alone, unless
+  the new unit file now declares a socket of that unit under its name: then
+  it counts as that key's old socket. Bound the same way (address, kind and
+  options; only the backlog may differ), it is **adopted**: the same fd,
+  now the unit's own (``adopt_sockets``, also in ``keep_sockets`` or
+  ``relisten_sockets``), as systemd keeps an fd whose address matches
+  (``socket_address_is()``). Otherwise it is **rebound** as a changed socket
+  would be: the declared socket is bound and the runtime one closed. Such a
+  key takes part in no move, either way: the runtime fd holds it in the
+  store until it is closed. A runtime socket that no unit file declares stays.
 - **Inherited fds** (``{type: fd, str: "3"}``) are adopted at start-up only;
   those no unit used were closed then (SPEC section 2). An fd socket that is
   unchanged is kept, one that moves is moved; one that would have to be
@@ -161,6 +172,9 @@ class ReloadPlan:
     """Units whose service or fd layout changed: their workers must get the new layout."""
     unchanged_units: tuple[str, ...] = ()
     """Workers keep running untouched."""
+    adopt_sockets: tuple[SocketKey, ...] = ()
+    """Sockets added at run time that the unit file now declares, bound the same way:
+    each is also in ``keep_sockets`` or ``relisten_sockets``; its spec becomes the declared one."""
     problems: tuple[str, ...] = ()
     """Why this plan cannot be applied (FILE:LINE:COL: key.path: message); empty if it can."""
 
@@ -190,6 +204,8 @@ class ReloadPlan:
             f"{len(self.rebind_sockets)} rebound, {len(self.bind_sockets)} bound, "
             f"{len(self.close_sockets)} closed, {len(self.close_first)} close-first"
         )
+        if self.adopt_sockets:
+            text += f", {len(self.adopt_sockets)} adopted"
         if self.problems:
             count = len(self.problems)
             text += f"; {count} problem{'' if count == 1 else 's'}"
@@ -255,9 +271,15 @@ def _needs_relisten(old: SocketSpec, new: SocketSpec) -> bool:
 
 
 def _match_sockets(
-    old: Mapping[SocketKey, _Placed], new: Mapping[SocketKey, _Placed]
+    old: Mapping[SocketKey, _Placed],
+    new: Mapping[SocketKey, _Placed],
+    added: Collection[SocketKey] = (),
 ) -> _SocketMatch:
-    """Keep, relisten, move, rebind, close or bind: each old and new socket exactly once."""
+    """Keep, relisten, move, rebind, close or bind: each old and new socket exactly once.
+
+    ``added`` are keys of sockets added at run time: matched by key only, never moved
+    (a move onto such a key would meet the runtime socket's fd still in the store).
+    """
     match = _SocketMatch()
     for key, placed in new.items():
         previous = old.get(key)
@@ -269,7 +291,11 @@ def _match_sockets(
             match.keep.append(key)
     matched = {*match.keep, *match.relisten}
     _match_moves(
-        match, old, new, [k for k in old if k not in matched], [k for k in new if k not in matched]
+        match,
+        old,
+        new,
+        [k for k in old if k not in matched and k not in added],
+        [k for k in new if k not in matched and k not in added],
     )
     matched_old = matched | {source for source, _ in match.moves}
     matched_new = matched | {target for _, target in match.moves}
@@ -518,20 +544,45 @@ def _group_units(
 # --------------------------------------------------------------------------- public
 
 
-def plan_reload(old: Sequence[Unit], new: Sequence[Unit]) -> ReloadPlan:
+def _added_sockets(
+    old_units: Mapping[str, Unit],
+    new_sockets: Mapping[SocketKey, _Placed],
+    added: Mapping[SocketKey, SocketSpec],
+) -> dict[SocketKey, _Placed]:
+    """The sockets added at run time that a new unit declares under their key, placed."""
+    placed = {}
+    for key, spec in added.items():
+        unit = old_units.get(key[0])
+        if unit is None or key not in new_sockets or key[1] in unit.socket_names:
+            continue
+        placed[key] = _Placed(key, _resolved(replace(spec, name=key[1]), unit.base_dir), unit)
+    return placed
+
+
+def plan_reload(
+    old: Sequence[Unit],
+    new: Sequence[Unit],
+    added: Mapping[SocketKey, SocketSpec] | None = None,
+) -> ReloadPlan:
     """What to change to go from the running ``old`` units to the loaded ``new`` ones.
 
     Pure: nothing is opened, closed or looked at. ``new`` must be a
     validated set (``units.load_units()``); a unit name given twice on one
-    side raises :class:`ValueError`. An inherited fd that would have to be
-    adopted anew is reported in ``problems`` (see the module docstring), and
-    a plan with problems must not be applied.
+    side raises :class:`ValueError`. ``added`` are the sockets added at run
+    time to the old units (``socket-add``), by key, as they were bound; a
+    relative unix path resolves against its unit's ``base_dir``. An
+    inherited fd that would have to be adopted anew is reported in
+    ``problems`` (see the module docstring), and a plan with problems must
+    not be applied.
     """
     old_units, new_units = _by_name(old, "old"), _by_name(new, "new")
     old_sockets, new_sockets = _sockets(old), _sockets(new)
-    match = _match_sockets(old_sockets, new_sockets)
+    declared_added = _added_sockets(old_units, new_sockets, added or {})
+    old_sockets = {**old_sockets, **declared_added}
+    match = _match_sockets(old_sockets, new_sockets, declared_added)
     close_first, bind_after_close = _close_first(match, old_sockets, new_sockets)
-    units = _group_units(old_units, new_units, {*match.keep, *match.relisten})
+    kept = {*match.keep, *match.relisten}
+    units = _group_units(old_units, new_units, kept)
     return ReloadPlan(
         keep_sockets=tuple(match.keep),
         relisten_sockets=tuple(match.relisten),
@@ -546,5 +597,6 @@ def plan_reload(old: Sequence[Unit], new: Sequence[Unit]) -> ReloadPlan:
         stop_units=units.stop,
         restart_units=units.restart,
         unchanged_units=units.unchanged,
+        adopt_sockets=tuple(k for k in new_sockets if k in declared_added and k in kept),
         problems=tuple(_problems(match, old_sockets, new_sockets)),
     )

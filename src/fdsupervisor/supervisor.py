@@ -56,8 +56,10 @@ from .units import ACCEPT_FD_NAME, Activation, SocketKind, SocketSpec, Unit, loa
 from .upgrade import (
     HANDOVER_ENV,
     HandoverState,
+    RunConfig,
     ServiceItem,
     StoredItem,
+    UnitFile,
     WorkerItem,
     set_inheritable,
     write_state,
@@ -115,6 +117,7 @@ class Supervisor:
         unit_paths: Sequence[Path] = (),
         exec_argv: Sequence[str] = (),
         systemd_sockets: SystemdSockets | None = None,
+        run_config: RunConfig | None = None,
     ) -> None:
         self.log = log
         self.environ = dict(environ)
@@ -132,6 +135,11 @@ class Supervisor:
         self.shutting_down = False
         self.unit_paths = tuple(unit_paths)
         self.exec_argv = tuple(exec_argv)  # how to run this supervisor again (upgrade)
+        self.run_config = run_config  # how it runs, for an upgrade's fallback
+        # An upgrade's take-over closes these only once it is ready (finish_handover):
+        # sockets of units gone from the unit files, workers of such units.
+        self._handover_leftovers: list[tuple[str, BoundSocket]] = []
+        self._handover_orphans: list[int] = []
         self.monitor: MonitorServer | None = None
         self._reload: PendingReload | None = None
         self.base_dir = Path.cwd()
@@ -158,9 +166,13 @@ class Supervisor:
     # -- start-up -----------------------------------------------------------
 
     def attach_monitor(
-        self, path: Path, allowed_uids: frozenset[int], existing_fd: int | None = None
+        self,
+        path: Path,
+        allowed_uids: frozenset[int],
+        existing_fd: int | None = None,
+        existing_inode: int | None = None,
     ) -> MonitorServer:
-        """Open the QMP monitor on ``path`` (or adopt its handed-over socket)."""
+        """Open the QMP monitor on ``path`` (or adopt its handed-over socket and file inode)."""
         from .commands import Commands
 
         server = MonitorServer(
@@ -175,7 +187,7 @@ class Supervisor:
         if existing_fd is not None:
             os.set_inheritable(existing_fd, False)
             existing = socket.socket(fileno=existing_fd)
-        server.open(existing)
+        server.open(existing, existing_inode)
         self.monitor = server
         self.listeners.append(lambda name, data: server.broadcast(_event_line(name, data)))
         self.on_shutdown.append(server.close)
@@ -420,7 +432,9 @@ class Supervisor:
             new_units = load_units(self.unit_paths)
         except ConfigErrors as exc:
             raise self._reload_refused(str(exc)) from None
-        plan = plan_reload([rt.unit for rt in self.units.values()], new_units)
+        plan = plan_reload(
+            [rt.unit for rt in self.units.values()], new_units, self._added_sockets()
+        )
         if plan.problems:
             raise self._reload_refused("\n".join(plan.problems))
         new_by_name = {unit.name: unit for unit in new_units}
@@ -447,6 +461,17 @@ class Supervisor:
             self._finish_reload()
         return {"summary": plan.summary(), "waiting-for": sorted(stopping)}
 
+    def _added_sockets(self) -> dict[SocketKey, SocketSpec]:
+        """Sockets added to units at run time (socket-add), which no unit file declares."""
+        added = {}
+        for name, runtime in self.units.items():
+            for entry in self.store.owned_by(unit_owner(name)):
+                if entry.name not in runtime.unit.socket_names and isinstance(
+                    entry.resource, BoundSocket
+                ):
+                    added[(name, entry.name)] = entry.resource.spec
+        return added
+
     def _reload_refused(self, reason: str) -> FdSupervisorError:
         self.log.error("reload_failed", error=reason, note="nothing was changed")
         self.notifier.status(f"reload failed, nothing changed: {reason.splitlines()[0]}")
@@ -470,7 +495,14 @@ class Supervisor:
         return next(s for s in units[key[0]].sockets if s.name == key[1])
 
     def _apply_now(self, plan: ReloadPlan, units: Mapping[str, Unit]) -> None:
-        """The part of a reload that needs no worker to stop: backlogs and moves."""
+        """The part of a reload that needs no worker to stop: adoptions, backlogs and moves."""
+        for key in plan.adopt_sockets:  # a runtime socket, now declared: the same fd
+            entry = self.store.get(unit_owner(key[0]), key[1])
+            if entry is not None and isinstance(entry.resource, BoundSocket):
+                entry.resource = dataclasses.replace(
+                    entry.resource, spec=self._new_spec(units, key)
+                )
+                self.log.info("socket_adopted", unit=key[0], socket=key[1], fd=entry.fd)
         for key in plan.relisten_sockets:
             entry = self.store.get(unit_owner(key[0]), key[1])
             if entry is not None and isinstance(entry.resource, BoundSocket):
@@ -554,22 +586,53 @@ class Supervisor:
         state = self._handover_state()
         state_fd = write_state(state)
         self._notify_log.flush(everything=True)  # counts of suppressed warnings do not cross
-        self.log.info("upgrading", pid=os.getpid(), fds=len(state.fds))
-        self.notifier.reloading()
-        if self.monitor is not None:
-            self.monitor.close_clients()  # connections do not cross; clients reconnect
-        set_inheritable(state.fds, True)
-        environ = {k: v for k, v in os.environ.items() if not k.startswith("LISTEN_")}
-        environ[HANDOVER_ENV] = str(state_fd)
-        argv = [sys.executable, "-m", "fdsupervisor", *self.exec_argv]
+        # From here until the new program is ready, a handled signal must neither
+        # kill it (after execve() its disposition is the default until the new
+        # program installs handlers; SIGHUP's default is to terminate) nor be lost:
+        # blocked, it stays pending across execve() (signal(7)) and the new program
+        # unblocks it once ready. Blocked only now, so the check above ran unblocked.
+        old_mask = signal.pthread_sigmask(signal.SIG_BLOCK, HANDLED_SIGNALS)
         try:
-            os.execve(sys.executable, argv, environ)
-        except OSError as exc:
-            set_inheritable(state.fds, False)
-            os.close(state_fd)
-            self.notifier.ready("upgrade failed; still running the old program")
-            raise self._upgrade_refused(f"execve {sys.executable}: {exc}") from None
+            self._repost_signals()
+            self.log.info("upgrading", pid=os.getpid(), fds=len(state.fds))
+            self.notifier.reloading()
+            if self.monitor is not None:
+                self.monitor.close_clients()  # connections do not cross; clients reconnect
+            set_inheritable(state.fds, True)
+            environ = {k: v for k, v in os.environ.items() if not k.startswith("LISTEN_")}
+            environ[HANDOVER_ENV] = str(state_fd)
+            argv = [sys.executable, "-m", "fdsupervisor", *self.exec_argv]
+            try:
+                os.execve(sys.executable, argv, environ)
+            except OSError as exc:
+                set_inheritable(state.fds, False)
+                os.close(state_fd)
+                self.notifier.ready("upgrade failed; still running the old program")
+                raise self._upgrade_refused(f"execve {sys.executable}: {exc}") from None
+        finally:
+            # Only reached when the exec did not happen: what was pending arrives now.
+            signal.pthread_sigmask(signal.SIG_SETMASK, old_mask)
         raise AssertionError("unreachable")  # pragma: no cover
+
+    def _repost_signals(self) -> None:
+        """Signals that arrived while the upgrade was prepared: pending again, for the new program.
+
+        Their numbers wait in the wake-up socket, which does not survive the
+        exec; with the signals blocked, raising them again leaves them pending
+        across it. A SIGUSR2 among them asked for this very upgrade.
+        """
+        if self._wakeup is None:
+            return
+        while True:
+            try:
+                data = self._wakeup[0].recv(512)
+            except (BlockingIOError, InterruptedError):
+                break
+            if not data:
+                break
+            for signum in set(data) - {signal.SIGUSR2}:
+                if signum in HANDLED_SIGNALS:
+                    os.kill(os.getpid(), signum)
 
     def _upgrade_refused(self, reason: str) -> FdSupervisorError:
         self.log.error("upgrade_failed", error=reason, note="the running supervisor carries on")
@@ -643,15 +706,35 @@ class Supervisor:
         monitor_fd = self.monitor.fileno() if self.monitor is not None else None
         notify_fd = self.notify_socket.fileno() if self.notify_socket is not None else None
         return HandoverState(
-            self.exec_argv, tuple(items), services, monitor_fd, notify_fd=notify_fd
+            self.exec_argv,
+            tuple(items),
+            services,
+            monitor_fd,
+            notify_fd=notify_fd,
+            config=self._current_config(),
+            monitor_inode=self.monitor.inode if self.monitor is not None else None,
         )
 
-    def adopt_handover(self, state: HandoverState) -> None:
+    def _current_config(self) -> RunConfig | None:
+        """How to run exactly the units running now (None: the new program cannot fall back)."""
+        if self.run_config is None or self.run_config.command_line is not None:
+            return self.run_config  # a command-line unit comes from the command line again
+        files = []
+        for runtime in self.units.values():
+            if runtime.unit.text is None:
+                return None
+            files.append(UnitFile(str(runtime.unit.source), runtime.unit.text))
+        return dataclasses.replace(self.run_config, unit_files=tuple(files))
+
+    def adopt_handover(self, state: HandoverState, *, bind_new: bool = True) -> None:
         """In the new program: take over the old one's fds, then bind what is new.
 
-        Sockets of units that are gone from the unit files are closed; sockets
-        the unit files have and the old program had not are bound. (A change of
-        configuration is a reload's business; this only keeps both in step.)
+        Sockets of units that are gone from the unit files are closed once the
+        new program is ready (:meth:`finish_handover`), not before: a take-over
+        that fails until then falls back to them. Sockets the unit files have
+        and the old program had not are bound, unless ``bind_new`` is false (the
+        fallback: only what was handed over). (A change of configuration is a
+        reload's business; this only keeps both in step.)
         """
         wanted = {(u.name, s.name): s for u in self._unit_list() for s in u.sockets}
         for item in state.store:
@@ -666,19 +749,14 @@ class Supervisor:
             sock = socket.socket(fileno=item.fd)
             spec = wanted.pop((unit, item.name), None) if unit is not None else None
             if unit is not None and unit not in self.units:
-                self.log.warning(
-                    "socket_closed",
-                    unit=unit,
-                    socket=item.name,
-                    reason="its unit is gone from the unit files",
-                )
-                BoundSocket(
+                leftover = BoundSocket(
                     item.name,
                     self._runtime_spec(item),
                     sock,
                     Path(item.created_path) if item.created_path else None,
                     created_inode=item.created_inode,
-                ).close()
+                )
+                self._handover_leftovers.append((unit, leftover))
                 continue
             bound = BoundSocket(
                 item.name,
@@ -690,11 +768,79 @@ class Supervisor:
             )
             self.store.add(item.owner, item.name, bound)
         for (unit_name, _socket_name), spec in wanted.items():
+            if not bind_new:
+                # The old program did not hold it either (socket-del, or a bind
+                # that failed at a reload): the fallback changes nothing.
+                self.log.warning(
+                    "socket_not_bound", unit=unit_name, socket=spec.name, reason="not handed over"
+                )
+                continue
             runtime = self.units[unit_name]
             bound = bind_socket(spec, base_dir=runtime.unit.base_dir, inherited=self.inherited)
             self.store.add(unit_owner(unit_name), spec.name, bound)
         self.log.info("handover_adopted", fds=len(state.fds), services=len(state.services))
         self.sync_systemd_store()
+
+    def finish_handover(self) -> None:
+        """Once the new program is ready: close and stop what the unit files no longer have."""
+        leftovers, self._handover_leftovers = self._handover_leftovers, []
+        for unit, bound in leftovers:
+            self.log.warning(
+                "socket_closed",
+                unit=unit,
+                socket=bound.name,
+                reason="its unit is gone from the unit files",
+            )
+            bound.close()
+        orphans, self._handover_orphans = self._handover_orphans, []
+        for pid in orphans:
+            self._orphan(pid)
+
+    def abandon(self, state: HandoverState) -> None:
+        """Undo a take-over that failed before it was ready: close what this program opened.
+
+        ``state`` is what it was given (:func:`~fdsupervisor.upgrade.copy_fds`:
+        copies of the handed-over fds); the copies are closed too, but not the
+        socket files they share with the originals, which still serve them.
+        Workers this program started are killed and reaped; the handed-over
+        ones are left alone. The handled signals stay blocked: the fallback
+        installs its handlers before they are unblocked.
+        """
+        handed_fds = set(state.fds)
+        handed_pids = {w.pid for item in state.services.values() for w in item.workers}
+        for runtime in self.units.values():
+            for pid, pidfd in runtime.pidfds.items():
+                if pid not in handed_pids:
+                    self._signal_group(pid, signal.SIGKILL)
+                    with contextlib.suppress(ChildProcessError):
+                        os.waitpid(pid, 0)
+                os.close(pidfd)
+            runtime.pidfds.clear()
+        if self.monitor is not None:
+            self.monitor.abandon()
+            self.monitor = None
+        for entry in self.store:
+            fd, resource = entry.fd, self.store.take(entry.owner, entry.name)
+            if fd in handed_fds and isinstance(resource, BoundSocket):
+                resource.sock.close()  # the original still serves its file
+            else:
+                resource.close()
+        for _unit, bound in self._handover_leftovers:
+            bound.sock.close()
+        self._handover_leftovers.clear()
+        self._handover_orphans.clear()
+        if self.notify_socket is not None:
+            self.notify_socket.close()
+            self.notify_socket = None
+        self._hangups.close()
+        if self._wakeup is not None:
+            for signum, handler in self._old_handlers.items():
+                signal.signal(signum, handler)
+            signal.set_wakeup_fd(-1)
+            for sock in self._wakeup:
+                sock.close()
+            self._wakeup = None
+        self.loop.close()
 
     def _unit_list(self) -> list[Unit]:
         return [runtime.unit for runtime in self.units.values()]
@@ -713,8 +859,8 @@ class Supervisor:
         for name, item in state.services.items():
             runtime = self.units.get(name)
             if runtime is None:
-                for worker in item.workers:
-                    self._orphan(worker.pid)
+                # stopped by finish_handover(), once this program is ready
+                self._handover_orphans.extend(worker.pid for worker in item.workers)
                 continue
             service = runtime.service
             service.state = ServiceState(item.state)
@@ -1336,9 +1482,11 @@ class Supervisor:
             elif signum == signal.SIGHUP:
                 with contextlib.suppress(FdSupervisorError):  # logged by reload()
                     self.reload()
-            elif signum == signal.SIGUSR2:
-                with contextlib.suppress(FdSupervisorError):  # logged by upgrade()
-                    self.upgrade()
+        # An upgrade last: the signals that came with it are handled first, not
+        # lost with this program (a shutdown or a reload then refuses it).
+        if signal.SIGUSR2 in data:
+            with contextlib.suppress(FdSupervisorError):  # logged by upgrade()
+                self.upgrade()
 
     def shutdown(self, reason: str) -> None:
         if self.shutting_down:

@@ -151,6 +151,9 @@ class Unit:
     sockets: tuple[SocketSpec, ...]
     service: ServiceSpec
     socket_names: tuple[str, ...] = field(init=False)
+    # The unit file's text as it was loaded: an upgrade hands it over so that the
+    # new program can go back to exactly this unit (upgrade.RunConfig).
+    text: str | None = field(default=None, compare=False, repr=False)
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "socket_names", tuple(s.name for s in self.sockets))
@@ -1037,7 +1040,7 @@ def load_unit_text(text: str, source: Path, base_dir: Path) -> Unit:
     unit = parser.unit(text)
     if parser.errors or unit is None:
         raise ConfigErrors(parser.errors)
-    return unit
+    return replace(unit, text=text)
 
 
 def load_unit_file(path: Path) -> Unit:

@@ -12,6 +12,8 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
+import pytest
+
 from tests.conftest import PYTHON, REPORT_WORKER, open_fds, report_from
 from tests.monitor_client import RawClient
 
@@ -150,3 +152,85 @@ def test_fd_count_is_stable_over_20_reloads(supervisor, tmp_path: Path) -> None:
         sup.wait_for("reloaded", after=mark)
     assert report_from("127.0.0.1", port)["env"]["APP_VERSION"] == "19"
     assert open_fds(sup.pid) == baseline
+
+
+def two_socket_unit(http_port: int, admin_port: int) -> str:
+    return textwrap.dedent(f"""
+        sockets:
+          http: {{listen: "127.0.0.1:{http_port}"}}
+          admin: {{listen: "127.0.0.1:{admin_port}"}}
+        service:
+          exec: [{PYTHON}, {REPORT_WORKER}]
+          restart: always
+        """)
+
+
+def admin_inode(client: RawClient) -> int:
+    """The inode of web's socket 'admin', through a duplicate the monitor sends back."""
+    reply = client.command("fd-retrieve", fdname="admin", owner="unit:web")
+    assert reply == {"return": {}}, reply
+    fd = client.fds.pop()
+    try:
+        return os.fstat(fd).st_ino
+    finally:
+        os.close(fd)
+
+
+def add_admin_socket(sup, port: int) -> int:
+    """socket-add id=admin unit=web on 127.0.0.1:port; returns the socket's inode."""
+    with RawClient(sup.monitor_path).negotiate() as client:
+        addr = {"type": "inet", "host": "127.0.0.1", "port": str(port)}
+        reply = client.command("socket-add", id="admin", unit="web", addr=addr)
+        assert reply == {"return": {}}, reply
+        return admin_inode(client)
+
+
+def reload_and_wait(sup) -> dict:
+    mark = sup.mark()
+    with RawClient(sup.monitor_path).negotiate() as client:
+        reply = client.command("reload")
+    assert "return" in reply, reply
+    sup.wait_for("reloaded", after=mark)
+    return reply["return"]
+
+
+def test_a_runtime_socket_made_permanent_is_adopted(supervisor, tmp_path: Path) -> None:
+    http, admin = free_port(), free_port()
+    sup = supervisor({"web": unit_text(f'listen: "127.0.0.1:{http}"')})
+    old_pid = sup.wait_for("worker_started", unit="web")["pid"]
+    inode = add_admin_socket(sup, admin)
+    (tmp_path / "units" / "web.yaml").write_text(two_socket_unit(http, admin))
+    mark = sup.mark()
+    summary = reload_and_wait(sup)["summary"]
+    assert "1 adopted" in summary and "0 bound" in summary, summary
+    new_pid = sup.wait_for("worker_started", unit="web", after=mark)["pid"]
+    assert new_pid != old_pid, "the fd layout changed: a new worker"
+    served = report_from("127.0.0.1", admin)
+    assert served["pid"] == new_pid and served["listen_fdnames"] == "http:admin"
+    assert report_from("127.0.0.1", http)["pid"] == new_pid
+    with RawClient(sup.monitor_path).negotiate() as client:
+        assert admin_inode(client) == inode, "the same socket serves: nothing rebound"
+        (web,) = client.command("query-services")["return"]
+        assert web["state"] == "running" and web["pids"] == [new_pid]
+    assert sup.count("internal_error") == 0
+
+
+def test_a_runtime_socket_declared_elsewhere_is_replaced(supervisor, tmp_path: Path) -> None:
+    http, added, declared = free_port(), free_port(), free_port()
+    sup = supervisor({"web": unit_text(f'listen: "127.0.0.1:{http}"')})
+    sup.wait_for("worker_started", unit="web")
+    inode = add_admin_socket(sup, added)
+    (tmp_path / "units" / "web.yaml").write_text(two_socket_unit(http, declared))
+    mark = sup.mark()
+    summary = reload_and_wait(sup)["summary"]
+    assert "1 rebound" in summary and "adopted" not in summary, summary
+    new_pid = sup.wait_for("worker_started", unit="web", after=mark)["pid"]
+    served = report_from("127.0.0.1", declared)
+    assert served["pid"] == new_pid and served["listen_fdnames"] == "http:admin"
+    with pytest.raises(ConnectionRefusedError):
+        socket.create_connection(("127.0.0.1", added), timeout=5).close()
+    with RawClient(sup.monitor_path).negotiate() as client:
+        assert admin_inode(client) != inode
+        (web,) = client.command("query-services")["return"]
+        assert web["state"] == "running" and web["pids"] == [new_pid]
+    assert sup.count("internal_error") == 0

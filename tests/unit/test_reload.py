@@ -459,6 +459,96 @@ def test_relative_unix_paths_compare_resolved() -> None:
     assert moved.rebind_sockets == (("u", "s"),) and moved.close_first == ()
 
 
+# --------------------------------------------------------------------------- sockets added at run time
+
+
+def added(name: str, address: SocketAddress, **options: Any) -> SocketSpec:
+    """A socket as the monitor's socket-add binds it: address, kind and backlog, no options."""
+    return SocketSpec(name, address, **options)
+
+
+ADMIN = added("admin", InetAddress("127.0.0.1", "8081"))
+WEB_ONLY_HTTP = unit("web", {"http": "127.0.0.1:8080"})
+WEB_DECLARES_ADMIN = unit("web", {"http": "127.0.0.1:8080", "admin": "127.0.0.1:8081"})
+
+
+def test_a_runtime_socket_the_unit_file_now_declares_is_adopted() -> None:
+    plan = plan_reload([WEB_ONLY_HTTP], [WEB_DECLARES_ADMIN], {("web", "admin"): ADMIN})
+    assert plan.adopt_sockets == (("web", "admin"),)
+    assert ("web", "admin") in plan.keep_sockets
+    assert not (plan.bind_sockets or plan.rebind_sockets or plan.close_sockets)
+    assert not plan.close_first
+    # its place in the fd layout changes (declared sockets come first): new workers
+    assert plan.restart_units == ("web",)
+    assert plan.summary().endswith(", 1 adopted")
+
+
+def test_without_the_runtime_socket_the_same_file_binds_it() -> None:
+    plan = plan_reload([WEB_ONLY_HTTP], [WEB_DECLARES_ADMIN])
+    assert plan.bind_sockets == (("web", "admin"),) and not plan.adopt_sockets
+
+
+def test_an_adopted_runtime_socket_with_another_backlog_is_relistened() -> None:
+    plan = plan_reload(
+        [WEB_ONLY_HTTP], [WEB_DECLARES_ADMIN], {("web", "admin"): replace(ADMIN, backlog=5)}
+    )
+    assert plan.adopt_sockets == plan.relisten_sockets == (("web", "admin"),)
+
+
+@pytest.mark.parametrize(
+    "runtime",
+    [
+        added("admin", InetAddress("127.0.0.1", "8082")),  # another port
+        added("admin", InetAddress("127.0.0.1", "8081"), kind=SocketKind.DATAGRAM),
+        added("admin", InetAddress("127.0.0.1", "8081"), keep_alive=True),  # other options
+        added("admin", FdAddress("handed-in")),  # a getfd'd socket: its address is unknown
+    ],
+)
+def test_a_mismatching_runtime_socket_is_rebound_as_a_changed_socket(runtime: SocketSpec) -> None:
+    plan = plan_reload([WEB_ONLY_HTTP], [WEB_DECLARES_ADMIN], {("web", "admin"): runtime})
+    assert plan.rebind_sockets == (("web", "admin"),)
+    assert not (plan.adopt_sockets or plan.bind_sockets or plan.close_sockets)
+    assert plan.restart_units == ("web",)
+    assert not plan.problems
+
+
+def test_a_runtime_socket_on_the_declared_address_with_other_options_closes_first() -> None:
+    # The same address, bound with other options: the new one waits for the old to close.
+    runtime = added("admin", InetAddress("127.0.0.1", "8081"), keep_alive=True)
+    plan = plan_reload([WEB_ONLY_HTTP], [WEB_DECLARES_ADMIN], {("web", "admin"): runtime})
+    assert plan.close_first == plan.bind_after_close == (("web", "admin"),)
+
+
+def test_a_runtime_socket_relative_path_resolves_against_its_unit() -> None:
+    declared = unit("web", {"http": "127.0.0.1:8080", "admin": "unix:admin.sock"})
+    runtime = added("admin", UnixAddress("admin.sock"))
+    plan = plan_reload([WEB_ONLY_HTTP], [declared], {("web", "admin"): runtime})
+    assert plan.adopt_sockets == (("web", "admin"),)
+
+
+def test_undeclared_runtime_sockets_are_left_alone() -> None:
+    runtime = {("web", "admin"): ADMIN, ("gone", "x"): ADMIN}
+    plan = plan_reload([WEB_ONLY_HTTP], [WEB_ONLY_HTTP], runtime)
+    assert plan.nothing_to_do
+    renamed = unit("web", {"http": "127.0.0.1:8080", "mgmt": "127.0.0.1:8081"})
+    plan = plan_reload([WEB_ONLY_HTTP], [renamed], runtime)
+    # Not moved to another name: bound (the runtime socket stays, so this bind
+    # fails at reload time with the address in use, and nothing changes).
+    assert plan.bind_sockets == (("web", "mgmt"),) and not plan.move_sockets
+
+
+def test_no_move_lands_on_a_runtime_socket_key() -> None:
+    # http's address is now declared as admin, which a runtime socket holds:
+    # a move onto admin would meet that fd in the store.
+    swapped = unit("web", {"admin": "127.0.0.1:8080"})
+    plan = plan_reload([WEB_ONLY_HTTP], [swapped], {("web", "admin"): ADMIN})
+    assert not plan.move_sockets
+    assert plan.rebind_sockets == (("web", "admin"),)
+    assert plan.close_sockets == (("web", "http"),)
+    assert plan.close_first == (("web", "http"),)
+    assert plan.bind_after_close == (("web", "admin"),)
+
+
 # --------------------------------------------------------------------------- summary
 
 
