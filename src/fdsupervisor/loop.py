@@ -114,10 +114,7 @@ class EventLoop:
 
     def _timer_cancelled(self) -> None:
         self._cancelled += 1
-        if (
-            len(self._timers) > MIN_TIMERS_TO_COMPACT
-            and self._cancelled > len(self._timers) // 2
-        ):
+        if len(self._timers) > MIN_TIMERS_TO_COMPACT and self._cancelled > len(self._timers) // 2:
             for timer in self._timers:
                 if timer.cancelled:
                     timer.on_cancel = None

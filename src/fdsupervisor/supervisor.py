@@ -33,7 +33,7 @@ from typing import Any
 from systemd import journal
 
 from . import __version__
-from .addresses import FdAddress, check_name
+from .addresses import FdAddress, check_name, timer_seconds
 from .binding import BoundSocket, InheritedFds, adopt_socket, bind_socket, describe_socket
 from .errors import BindError, ConfigErrors, FdSupervisorError, SpawnError, ValueProblem
 from .fdstore import FdStore, RawFd, service_owner, unit_owner
@@ -1160,7 +1160,18 @@ class Supervisor:
         if message.main_pid is not None:
             self.log.info("worker_main_pid", unit=unit, pid=worker.pid, main_pid=message.main_pid)
         if message.watchdog_usec is not None and message.watchdog_usec > 0:
-            self._arm_watchdog(runtime, worker.pid, message.watchdog_usec / 1_000_000)
+            # clamped where it enters: any number a worker sends must make a timer
+            seconds = timer_seconds(message.watchdog_usec)
+            if seconds < message.watchdog_usec / 1_000_000:
+                self.log.warning(
+                    "notify_clamped",
+                    unit=unit,
+                    pid=worker.pid,
+                    key="WATCHDOG_USEC",
+                    value=message.watchdog_usec,
+                    seconds=seconds,
+                )
+            self._arm_watchdog(runtime, worker.pid, seconds)
         elif message.watchdog and worker.pid in runtime.watchdog_timers:
             self._arm_watchdog(runtime, worker.pid, runtime.unit.service.watchdog)
         if message.watchdog_trigger:

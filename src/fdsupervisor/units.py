@@ -51,6 +51,7 @@ from yaml.nodes import MappingNode, Node, ScalarNode, SequenceNode
 from yaml.reader import ReaderError
 
 from .addresses import (
+    MAX_DURATION,
     Context,
     FdAddress,
     InetAddress,
@@ -546,6 +547,14 @@ class _UnitReader:
             raise self.error(node, path, problem.message) from None
         if seconds == math.inf and not allow_infinity:
             raise self.error(node, path, "must be a finite duration, not infinity")
+        if math.isfinite(seconds) and seconds > MAX_DURATION:
+            never = "; for 'never' write infinity" if allow_infinity else ""
+            raise self.error(
+                node,
+                path,
+                f"the duration {_node_text(node)} is too long: at most 1y "
+                f"({MAX_DURATION:.0f} seconds){never}",
+            )
         return seconds
 
     def choice(self, node: Node, path: KeyPath, choices: type[enum.StrEnum]) -> str:

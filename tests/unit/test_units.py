@@ -768,6 +768,8 @@ def test_stop_signal_errors(value: str) -> None:
         ("start-timeout: .inf\n", "start_timeout", math.inf),
         ("watchdog: 0\n", "watchdog", 0.0),
         ("watchdog: 1min 30s\n", "watchdog", 90.0),
+        ("restart-delay: 1y\n", "restart_delay", 31_557_600.0),  # the longest there is
+        ("stop-timeout: 365d 6h\n", "stop_timeout", 31_557_600.0),
         ("start-limit: {interval: 0}\n", "start_limit_interval", 0.0),
         ("start-limit: {burst: 1}\n", "start_limit_burst", 1),
         ("fd-store-max: 0\n", "fd_store_max", 0),
@@ -820,6 +822,22 @@ def test_service_values(lines: str, attribute: str, value: object) -> None:
             "service.restart-delay: must be a finite duration, not infinity",
         ),
         ("watchdog: infinity\n", "service.watchdog: must be a finite duration, not infinity"),
+        (
+            "restart-delay: 400000y\n",
+            "service.restart-delay: the duration '400000y' is too long: at most 1y (31557600 seconds)",
+        ),
+        (
+            "watchdog: 10000000000\n",
+            "service.watchdog: the duration '10000000000' is too long: at most 1y (31557600 seconds)",
+        ),
+        (
+            "stop-timeout: 1y 1s\n",
+            "service.stop-timeout: the duration '1y 1s' is too long: at most 1y (31557600 seconds); for 'never' write infinity",
+        ),
+        (
+            "start-limit: {interval: 5000y}\n",
+            "service.start-limit.interval: the duration '5000y' is too long: at most 1y (31557600 seconds)",
+        ),
         (
             "restart-delay: 2s\nrestart-delay-max: 1s\n",
             "service.restart-delay-max: restart-delay-max must not be shorter than restart-delay",

@@ -1,0 +1,168 @@
+"""Issue 9's resource attacks, mounted for real: timers, fd budgets, EMFILE, the unit directory.
+
+Each test starts a real supervisor, lets a real process (a worker running as
+``nobody``, a monitor client, a unit file in the directory) try to break it,
+and then checks that the supervisor still answers, still stops on SIGTERM
+and harmed nobody else. See docs/security.md for each attack and defence.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import textwrap
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import PYTHON, ROOT, SupervisorProcess
+from tests.monitor_client import RawClient
+
+SYSTEM_PYTHON = "/usr/bin/python3"
+needs_root = pytest.mark.skipif(
+    os.getuid() != 0 or not os.path.exists(SYSTEM_PYTHON),
+    reason="needs root (to run a worker as nobody) and /usr/bin/python3",
+)
+
+
+def answers(sup: SupervisorProcess, timeout: float = 5.0) -> list[dict[str, object]]:
+    """The supervisor still serves its monitor: two round trips, each within ``timeout``."""
+    with RawClient(sup.monitor_path, timeout=timeout).negotiate() as client:
+        client.command("query-version")
+        services: list[dict[str, object]] = client.command("query-services")["return"]
+        return services
+
+
+def stops_cleanly(sup: SupervisorProcess) -> None:
+    assert sup.stop(timeout=10) == 0
+    assert sup.count("internal_error") == 0, "a callback failed in the loop"
+
+
+# -- timers: any value a unit or a worker gives (item 2) ------------------------------------
+
+# Runs as nobody: sends one notify datagram, says so, and waits to be stopped.
+NOTIFY_ONCE = """
+import os, signal, socket, sys
+address = os.environ["NOTIFY_SOCKET"]
+if address.startswith("@"):
+    address = "\\0" + address[1:]
+with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as sock:
+    sock.sendto(sys.argv[1].encode(), address)
+print("sent as", os.getuid(), flush=True)
+signal.pause()
+"""
+
+
+@needs_root
+def test_a_huge_watchdog_usec_from_a_worker_running_as_nobody_is_clamped(supervisor) -> None:
+    """WATCHDOG_USEC=10000000000000000 (317 years) used to make every epoll_wait raise
+    OverflowError: a busy loop, no monitor reply, SIGTERM ignored."""
+    unit = f"""
+        service:
+          exec: [{SYSTEM_PYTHON}, -c, {json.dumps(NOTIFY_ONCE)}, "WATCHDOG_USEC=10000000000000000"]
+          user: nobody
+          working-directory: /
+        """
+    sup = supervisor({"evil": unit})
+    sup.wait_output("sent as 65534")
+    clamped = sup.wait_for("notify_clamped", key="WATCHDOG_USEC")
+    assert clamped["seconds"] == 31_557_600  # one year: as good as never
+    services = answers(sup)
+    assert services[0]["state"] == "running"
+    stops_cleanly(sup)
+
+
+def test_stop_timeout_infinity_waits_for_a_slow_worker_and_the_loop_lives_on(supervisor) -> None:
+    """stop-timeout: infinity (documented) then a stop whose worker needs 1.5 s to exit."""
+    slow = (
+        "import signal, sys, time\n"
+        "def stop(*_):\n"
+        "    print('stopping slowly', flush=True)\n"
+        "    time.sleep(1.5)\n"
+        "    sys.exit(0)\n"
+        "signal.signal(signal.SIGTERM, stop)\n"
+        "print('up', flush=True)\n"
+        "while True:\n"
+        "    signal.pause()\n"
+    )
+    unit = f"""
+        service:
+          exec: [{PYTHON}, -c, {json.dumps(slow)}]
+          stop-timeout: infinity
+        """
+    sup = supervisor({"slow": unit})
+    sup.wait_output("up")
+    mark = sup.mark()
+    with RawClient(sup.monitor_path, timeout=5).negotiate() as client:
+        assert client.command("service-stop", unit="slow") == {"return": {}}
+        sup.wait_output("stopping slowly")
+        # while the worker takes its time, the monitor answers
+        assert client.command("query-services")["return"][0]["state"] == "stopping"
+        sup.wait_for("worker_exited", unit="slow", after=mark, timeout=10)
+        assert client.command("query-services")["return"][0]["state"] == "inactive"
+    assert sup.count("stop_timeout") == 0, "infinity means no SIGKILL, ever"
+    stops_cleanly(sup)
+
+
+def test_the_longest_restart_delay_there_is_leaves_the_loop_answering(supervisor) -> None:
+    """restart-delay: 1y is allowed (the maximum): a restart a year away must not
+    become one epoll_wait timeout (at most 24.8 days)."""
+    unit = f"""
+        service:
+          exec: [{PYTHON}, -c, "raise SystemExit(3)"]
+          restart-delay: 1y
+        """
+    sup = supervisor({"later": unit})
+    exited = sup.wait_for("worker_exited", unit="later")
+    assert exited["restart_in"] == 31_557_600
+    assert answers(sup)[0]["state"] == "starting"
+    stops_cleanly(sup)
+
+
+@pytest.mark.parametrize(
+    ("line", "message"),
+    [
+        (
+            "restart-delay: 400000y",
+            "service.restart-delay: the duration '400000y' is too long: at most 1y "
+            "(31557600 seconds)",
+        ),
+        (
+            "stop-timeout: 10000000000",
+            "service.stop-timeout: the duration '10000000000' is too long: at most 1y "
+            "(31557600 seconds); for 'never' write infinity",
+        ),
+    ],
+)
+def test_check_and_run_refuse_an_absurd_duration_naming_key_and_maximum(
+    supervisor, tmp_path: Path, line: str, message: str
+) -> None:
+    units = tmp_path / "units"
+    units.mkdir()
+    (units / "web.yaml").write_text(
+        textwrap.dedent(
+            f"""\
+            sockets:
+              http: {{listen: "127.0.0.1:0"}}
+            service:
+              exec: [{PYTHON}, -c, "pass"]
+              {line}
+            """
+        )
+    )
+    column = len("  ") + line.index(":") + 3
+    expected = f"{units / 'web.yaml'}:5:{column}: {message}"
+    checked = subprocess.run(
+        [PYTHON, "-m", "fdsupervisor", "check", str(units)],
+        capture_output=True,
+        text=True,
+        timeout=30,
+        env=dict(os.environ, PYTHONPATH=str(ROOT / "src")),
+    )
+    assert checked.returncode == 1
+    assert checked.stderr == f"fdsupervisor: {expected}\n"
+    sup = supervisor(wait_ready=False)
+    assert sup.proc.wait(30) == 1
+    sup.wait_output(expected)
+    assert sup.count("socket_bound") == 0
