@@ -10,13 +10,15 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import textwrap
 from pathlib import Path
 
 import pytest
 
-from tests.conftest import PYTHON, ROOT, SupervisorProcess
+from tests.conftest import PYTHON, REPORT_WORKER, ROOT, SupervisorProcess, report_from
+from tests.integration.test_security import free_fds, out_of_fds
 from tests.monitor_client import RawClient
 
 SYSTEM_PYTHON = "/usr/bin/python3"
@@ -166,3 +168,46 @@ def test_check_and_run_refuse_an_absurd_duration_naming_key_and_maximum(
     assert sup.proc.wait(30) == 1
     sup.wait_output(expected)
     assert sup.count("socket_bound") == 0
+
+
+# -- a short EMFILE spell (item 9) ----------------------------------------------------------
+
+# Two sockets: a new worker needs two free fds, reaping the old one frees only its pidfd
+# (see test_security.TWO_SOCKETS); a start limit of 2 that the shortage outlasts.
+TWO_SOCKETS_TIGHT_LIMIT = f"""
+    sockets:
+      http: {{listen: "127.0.0.1:0"}}
+      second: {{listen: "127.0.0.1:0"}}
+    service:
+      exec: [{PYTHON}, {REPORT_WORKER}]
+      restart: always
+      restart-delay: 100ms
+      start-limit: {{burst: 2, interval: 60s}}
+    """
+
+
+def test_an_emfile_spell_longer_than_the_start_limit_still_ends_in_a_running_service(
+    supervisor,
+) -> None:
+    """Out of fds for four retries, twice the start limit: the service must not be failed
+    for good (docs/security.md: a start that fails for lack of fds "succeeds once fds are
+    free"), and the retries back off."""
+    sup = supervisor({"web": TWO_SOCKETS_TIGHT_LIMIT})
+    first = sup.wait_for("worker_started")["pid"]
+    with RawClient(sup.monitor_path).negotiate() as client:
+        with out_of_fds(sup, client) as names:
+            mark = sup.mark()
+            os.kill(first, signal.SIGKILL)
+            retries = []
+            for _ in range(4):
+                failed = sup.wait_for("worker_start_failed", after=mark, timeout=10)
+                assert "Too many open files" in failed["error"]
+                retries.append(failed["restart_in"])
+                mark = sup.events.index(failed) + 1
+            free_fds(client, names)
+        assert retries == [0.1, 0.2, 0.4, 0.8]
+        second = sup.wait_for("worker_started", after=mark, timeout=10)["pid"]
+        assert report_from("127.0.0.1", sup.port("http"))["pid"] == second
+        services = client.command("query-services")["return"]
+    assert services[0]["state"] == "running" and services[0]["pids"] == [second]
+    assert sup.count("service_failed") == 0
