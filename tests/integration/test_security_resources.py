@@ -14,6 +14,7 @@ import signal
 import subprocess
 import textwrap
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -211,3 +212,78 @@ def test_an_emfile_spell_longer_than_the_start_limit_still_ends_in_a_running_ser
         services = client.command("query-services")["return"]
     assert services[0]["state"] == "running" and services[0]["pids"] == [second]
     assert sup.count("service_failed") == 0
+
+
+# -- stored fds of a unit a reload removes (item 10) ----------------------------------------
+
+# Stores one end of a socketpair under FDNAME=kept (FDPOLL=0: kept even when the other
+# end, its own, goes with it), says so, and waits to be stopped.
+STORE_ONE_FD = """
+import array, os, signal, socket
+address = os.environ["NOTIFY_SOCKET"]
+if address.startswith("@"):
+    address = "\\0" + address[1:]
+mine, kept = socket.socketpair()
+with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as sock:
+    rights = [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", [kept.fileno()]))]
+    sock.sendmsg([b"FDSTORE=1\\nFDNAME=kept\\nFDPOLL=0"], rights, 0, address)
+kept.close()
+print("stored", flush=True)
+signal.pause()
+"""
+
+
+def test_a_reload_that_removes_a_unit_closes_what_its_workers_stored(
+    supervisor, tmp_path: Path
+) -> None:
+    keeper = f"""
+        service:
+          exec: [{PYTHON}, -c, {json.dumps(STORE_ONE_FD)}]
+          fd-store-max: 4
+        """
+    stays = f"""
+        service:
+          exec: [{PYTHON}, -c, "import signal; signal.pause()"]
+        """
+    sup = supervisor({"keeper": keeper, "stays": stays})
+    stored = sup.wait_for("fd_stored", unit="keeper", fdname="kept")
+    target = fd_target(sup.pid, stored["fd"])
+    with RawClient(sup.monitor_path).negotiate() as client:
+        owners = [(f["owner"], f["fdname"]) for f in client.command("query-fds")["return"]]
+        assert ("service:keeper", "kept") in owners
+        (tmp_path / "units" / "keeper.yaml").unlink()
+        mark = sup.mark()
+        assert "return" in client.command("reload")
+        sup.wait_for("reloaded", after=mark)
+        closed = sup.wait_for("fd_store_removed", after=mark, owner="service:keeper")
+        assert closed["fdname"] == "kept" and closed["reason"] == "its unit was removed by reload"
+        event = next_event(client, "FD_CLOSED")
+        assert event["data"] == {"fdname": "kept", "owner": "service:keeper"}
+        owners = [(f["owner"], f["fdname"]) for f in client.command("query-fds")["return"]]
+        assert not [o for o in owners if o[0] == "service:keeper"], owners
+        services = [s["unit"] for s in client.command("query-services")["return"]]
+        assert services == ["stays"]
+    assert target not in fd_targets(sup.pid).values(), "the stored fd is still open"
+    stops_cleanly(sup)
+
+
+def fd_target(pid: int, fd: int) -> str:
+    return os.readlink(f"/proc/{pid}/fd/{fd}")
+
+
+def fd_targets(pid: int) -> dict[int, str]:
+    result = {}
+    for name in os.listdir(f"/proc/{pid}/fd"):
+        try:
+            result[int(name)] = os.readlink(f"/proc/{pid}/fd/{name}")
+        except FileNotFoundError:
+            continue
+    return result
+
+
+def next_event(client: RawClient, name: str) -> dict[str, Any]:
+    """The next event called ``name`` the client receives (within its socket timeout)."""
+    while True:
+        message = client.read()
+        if message.get("event") == name:
+            return message
