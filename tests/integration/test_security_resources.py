@@ -287,3 +287,81 @@ def next_event(client: RawClient, name: str) -> dict[str, Any]:
         message = client.read()
         if message.get("event") == name:
             return message
+
+
+# -- what the unit directory may hold (item 11) ---------------------------------------------
+
+MIB = 1 << 20
+
+
+def plant(kind: str, path: Path) -> str:
+    """Put an attacker's ``*.yaml`` at ``path``; returns the error expected for it."""
+    if kind == "fifo":
+        os.mkfifo(path)
+        return f"{path}: is a FIFO, not a regular file: only regular files are read as units"
+    if kind == "/dev/zero":
+        path.symlink_to("/dev/zero")
+        return (
+            f"{path}: is a character device (through a symbolic link), not a regular file: "
+            "only regular files are read as units"
+        )
+    with path.open("wb") as file:  # a valid start, then comments past the limit
+        file.write(b"service:\n  exec: [/bin/true]\n")
+        file.write(b"#" * (MIB + 1 - file.tell() - 1) + b"\n")
+    return f"{path}: too large ({MIB + 1} bytes): a unit file may be at most 1 MiB ({MIB} bytes)"
+
+
+KINDS = ["fifo", "/dev/zero", "1 MiB + 1"]
+QUICK = f"""
+    sockets:
+      http: {{listen: "127.0.0.1:0"}}
+    service:
+      exec: [{PYTHON}, -c, "import signal; signal.pause()"]
+    """
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_check_refuses_what_is_not_a_small_regular_file_at_once(tmp_path: Path, kind: str) -> None:
+    units = tmp_path / "units"
+    units.mkdir()
+    (units / "good.yaml").write_text(textwrap.dedent(QUICK))
+    expected = plant(kind, units / "bad.yaml")
+    checked = subprocess.run(
+        [PYTHON, "-m", "fdsupervisor", "check", str(units)],
+        capture_output=True,
+        text=True,
+        timeout=10,  # it used to hang (FIFO), grow without bound (/dev/zero) or take minutes
+        env=dict(os.environ, PYTHONPATH=str(ROOT / "src")),
+    )
+    assert checked.returncode == 1
+    assert checked.stderr == f"fdsupervisor: {expected}\n"
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_start_refuses_it_with_nothing_bound(supervisor, tmp_path: Path, kind: str) -> None:
+    units = tmp_path / "units"
+    units.mkdir()
+    (units / "good.yaml").write_text(textwrap.dedent(QUICK))
+    expected = plant(kind, units / "bad.yaml")
+    sup = supervisor(wait_ready=False)
+    assert sup.proc.wait(10) == 1
+    sup.wait_output(expected)
+    assert sup.count("socket_bound") == 0 and sup.count("worker_started") == 0
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_reload_refuses_it_and_running_services_are_untouched(
+    supervisor, tmp_path: Path, kind: str
+) -> None:
+    sup = supervisor({"good": QUICK})
+    pid = sup.wait_for("worker_started", unit="good")["pid"]
+    expected = plant(kind, tmp_path / "units" / "bad.yaml")
+    with RawClient(sup.monitor_path, timeout=5).negotiate() as client:
+        refused = client.command("reload")["error"]["desc"]
+        assert refused == f"reload refused, nothing was changed: {expected}"
+        mark = sup.mark()
+        os.kill(sup.pid, signal.SIGHUP)
+        assert sup.wait_for("reload_failed", after=mark)["error"] == expected
+        services = client.command("query-services")["return"]
+    assert [(s["unit"], s["state"], s["pids"]) for s in services] == [("good", "running", [pid])]
+    stops_cleanly(sup)

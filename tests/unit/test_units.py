@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import os
 import signal
 import textwrap
 from pathlib import Path
@@ -15,6 +16,7 @@ from hypothesis import strategies as st
 from fdsupervisor.addresses import FdAddress, InetAddress, UnixAddress, VsockAddress
 from fdsupervisor.errors import ConfigError, ConfigErrors, Location
 from fdsupervisor.units import (
+    MAX_UNIT_FILE_SIZE,
     Activation,
     RestartPolicy,
     ServiceSpec,
@@ -1056,6 +1058,32 @@ def test_load_unit_file_read_errors(tmp_path: Path) -> None:
     assert (
         str(info.value) == f"{tmp_path}/bin.yaml:2:1: not valid UTF-8 (byte 18: invalid start byte)"
     )
+
+
+def test_a_unit_file_may_be_exactly_1_mib_and_not_one_byte_more(tmp_path: Path) -> None:
+    head = b"service:\n  exec: [app]\n#"
+    path = tmp_path / "big.yaml"
+    path.write_bytes(head + b"x" * (MAX_UNIT_FILE_SIZE - len(head) - 1) + b"\n")
+    assert load_unit_file(path).service.exec == ("app",)
+    with path.open("ab") as file:
+        file.write(b"#")
+    with pytest.raises(ConfigErrors) as info:
+        load_unit_file(path)
+    assert str(info.value) == (
+        f"{path}: too large (1048577 bytes): a unit file may be at most 1 MiB (1048576 bytes)"
+    )
+
+
+def test_only_regular_files_are_read_and_a_fifo_does_not_block(tmp_path: Path) -> None:
+    os.mkfifo(tmp_path / "fifo.yaml")  # no writer: a blocking open() would wait forever
+    with pytest.raises(ConfigErrors) as info:
+        load_unit_file(tmp_path / "fifo.yaml")
+    assert str(info.value) == (
+        f"{tmp_path}/fifo.yaml: is a FIFO, not a regular file: only regular files are read as units"
+    )
+    with pytest.raises(ConfigErrors) as info:
+        load_unit_file(Path("/dev/null"))
+    assert "/dev/null: is a character device, not a regular file" in str(info.value)
 
 
 def test_load_units_expands_directories(tmp_path: Path) -> None:
