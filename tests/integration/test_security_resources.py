@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import resource
 import signal
 import subprocess
 import textwrap
@@ -18,8 +19,15 @@ from typing import Any
 
 import pytest
 
-from tests.conftest import PYTHON, REPORT_WORKER, ROOT, SupervisorProcess, report_from
-from tests.integration.test_security import free_fds, out_of_fds
+from tests.conftest import (
+    PYTHON,
+    REPORT_WORKER,
+    ROOT,
+    SupervisorProcess,
+    open_fds,
+    report_from,
+)
+from tests.integration.test_security import free_fds, out_of_fds, settle
 from tests.monitor_client import RawClient
 
 SYSTEM_PYTHON = "/usr/bin/python3"
@@ -364,4 +372,116 @@ def test_reload_refuses_it_and_running_services_are_untouched(
         assert sup.wait_for("reload_failed", after=mark)["error"] == expected
         services = client.command("query-services")["return"]
     assert [(s["unit"], s["state"], s["pids"]) for s in services] == [("good", "running", [pid])]
+    stops_cleanly(sup)
+
+
+# -- fds a monitor client makes the supervisor hold (item 8) --------------------------------
+
+SCM_MAX_FD = 253
+BUDGET_AT_1024 = 256  # a quarter of RLIMIT_NOFILE 1024
+
+
+def nofile(sup: SupervisorProcess, limit: int) -> None:
+    """The supervisor at RLIMIT_NOFILE ``limit`` (soft and hard: no way back up), the
+    figure of the issue's attacks."""
+    resource.prlimit(sup.pid, resource.RLIMIT_NOFILE, (limit, limit))
+
+
+def test_four_clients_holding_253_fds_each_leave_room_for_the_next_client(supervisor) -> None:
+    sup = supervisor({"good": QUICK})
+    read_end, write_end = os.pipe()
+    with RawClient(sup.monitor_path).negotiate() as probe:
+        settle(probe)
+        baseline = len(open_fds(sup.pid))
+    nofile(sup, 1024)
+    holders = [RawClient(sup.monitor_path).negotiate() for _ in range(4)]
+    try:
+        for holder in holders:
+            holder.send(b" ", [read_end] * SCM_MAX_FD)  # 253 fds, never claimed
+            settle(holder)
+        with RawClient(sup.monitor_path, timeout=5) as fifth:  # it used to get no greeting
+            assert fifth.greeting["QMP"]["capabilities"] == []
+            fifth.negotiate()
+            assert fifth.command("query-services")["return"][0]["state"] == "running"
+            clients = len(holders) + 1 - 1  # the holders and the fifth; the probe has gone
+            held = len(open_fds(sup.pid)) - baseline - clients
+            assert held == SCM_MAX_FD, "only the first batch fits the budget of 256"
+        for holder in holders[1:]:
+            refused = holder.command("getfd", fdname="mine")["error"]["desc"]
+            assert refused == (
+                "A file descriptor was sent but could not be received: the monitor's "
+                f"clients would hold {2 * SCM_MAX_FD} file descriptors together "
+                f"(at most {BUDGET_AT_1024}); try again later"
+            )
+        assert sup.count("monitor_fds_refused") == 3, "one warning per client"
+        assert holders[0].command("getfd", fdname="mine") == {"return": {}}
+        assert holders[0].command("closefd", fdname="mine") == {"return": {}}
+    finally:
+        for holder in holders:
+            holder.close()
+    with RawClient(sup.monitor_path).negotiate() as probe:
+        settle(probe)
+        assert len(open_fds(sup.pid)) == baseline
+    os.close(read_end)
+    os.close(write_end)
+    stops_cleanly(sup)
+
+
+def test_3000_unread_fd_retrieve_replies_hold_at_most_253_fds(supervisor) -> None:
+    """The unread-output limit counts bytes, 16 per reply: 3,000 replies held 3,000 fds."""
+    sup = supervisor({"good": QUICK})
+    read_end, write_end = os.pipe()
+    with RawClient(sup.monitor_path).negotiate() as probe:
+        settle(probe)
+        baseline = len(open_fds(sup.pid))
+    nofile(sup, 1024)
+    with RawClient(sup.monitor_path).negotiate() as attacker:
+        assert attacker.command("getfd", fds=[read_end], fdname="x") == {"return": {}}
+        command = json.dumps({"execute": "fd-retrieve", "arguments": {"fdname": "x"}})
+        attacker.send(command.encode() * 3000)  # and not one reply read
+        warned = sup.wait_for("monitor_fds_refused", command="fd-retrieve", timeout=10)
+        assert "this client would hold 254 file descriptors (at most 253)" in warned["reason"]
+        with RawClient(sup.monitor_path, timeout=5).negotiate() as bystander:
+            settle(bystander)
+            # less the probe that has gone, plus the stored fd and the two clients
+            held = len(open_fds(sup.pid)) - (baseline - 1) - 3
+            assert held <= SCM_MAX_FD, f"{held} fds held for the attacker"
+            # the budget of 256 leaves the bystander room for its own retrieve
+            assert bystander.command("fd-retrieve", fdname="x") == {"return": {}}
+            assert len(bystander.fds) == 1
+            os.close(bystander.fds.pop())
+        replies = [attacker.reply() for _ in range(3000)]
+        successes = [r for r in replies if "return" in r]
+        errors = {r["error"]["desc"] for r in replies if "error" in r}
+        assert len(successes) >= SCM_MAX_FD and len(attacker.fds) == len(successes)
+        assert errors == {
+            "fd-retrieve refused: this client would hold 254 file descriptors (at most 253): "
+            "claim them with getfd or read the fd-retrieve replies first"
+        }
+        for fd in attacker.fds:
+            os.close(fd)
+        assert attacker.command("closefd", fdname="x") == {"return": {}}
+    with RawClient(sup.monitor_path).negotiate() as probe:
+        settle(probe)
+        assert len(open_fds(sup.pid)) == baseline
+    os.close(read_end)
+    os.close(write_end)
+    stops_cleanly(sup)
+
+
+def test_the_soft_fd_limit_is_raised_to_the_hard_limit_at_start(supervisor) -> None:
+    """As systemd raises its own (main.c, bump_rlimit_nofile()); logged with the figure."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard <= 1024 and hard != resource.RLIM_INFINITY:
+        pytest.skip("the hard RLIMIT_NOFILE leaves nothing to raise")
+    resource.setrlimit(resource.RLIMIT_NOFILE, (1024, hard))  # what the child inherits
+    try:
+        sup = supervisor({"good": QUICK})
+    finally:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+    raised = sup.wait_for("fd_limit")
+    assert raised["raised_from"] == 1024
+    now = resource.prlimit(sup.pid, resource.RLIMIT_NOFILE)
+    assert raised["soft"] == now[0] == (hard if hard != resource.RLIM_INFINITY else now[1])
+    assert now[0] > 1024
     stops_cleanly(sup)
