@@ -495,8 +495,9 @@ class Supervisor:
             self._cancel_restarts(runtime)
             self.store.close_owner(unit_owner(name))
             # What its workers stored (FDSTORE=1) would otherwise stay for good, out of
-            # reach of every command and counted against --max-stored-fds; systemd
-            # likewise empties a unit's fd store when the unit is unloaded.
+            # reach of every command and counted against --max-stored-fds. systemd
+            # likewise empties a service's fd store once it has stopped for good
+            # (FileDescriptorStorePreserve=no, its default).
             for entry in self.store.owned_by(service_owner(name)):
                 self._drop_stored(entry.owner, entry.name, "its unit was removed by reload")
         for name in (*plan.restart_units, *plan.start_units):
