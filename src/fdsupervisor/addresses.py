@@ -598,6 +598,13 @@ _UNITS: Final[tuple[tuple[str, int], ...]] = (
     ("\u00b5s", 1),  # MICRO SIGN
 )
 _USEC_INFINITY: Final = 2**64 - 1  # systemd's USEC_INFINITY; values reaching it are ERANGE
+# The longest finite duration a unit file may give, and the longest timer a
+# worker's WATCHDOG_USEC= may set: one year (systemd's "1y", 365.25 days).
+# systemd takes anything below USEC_INFINITY (584,542 years) and saturates
+# sums at it (usec_add()); no delay or timeout that long means anything but
+# "never", which is `infinity` where a key allows it, and a longer one is a
+# typo ("400000y") or an attack on the event loop's arithmetic.
+MAX_DURATION: Final = 31_557_600.0
 _WHITESPACE: Final = " \t\n\r"  # systemd's WHITESPACE
 _COMPONENT_RE: Final = re.compile(r"(\+?[0-9]+)?(\.[0-9]*)?")
 _DURATION_HELP: Final = (
@@ -624,6 +631,16 @@ def parse_duration(value: object) -> float:
     if value * USEC_PER_SEC >= _USEC_INFINITY:
         raise ValueProblem(f"the duration {value!r} is too large")
     return float(value)
+
+
+def timer_seconds(usec: int) -> float:
+    """A timeout in microseconds from a worker (``WATCHDOG_USEC=``) as seconds for a timer.
+
+    Clamped to :data:`MAX_DURATION`, as systemd's ``usec_add()`` saturates a
+    deadline instead of letting it overflow; ``USEC_INFINITY`` is clamped
+    too (systemd reads it as "no watchdog": a year is as good as never).
+    """
+    return min(usec / USEC_PER_SEC, MAX_DURATION)
 
 
 def _parse_sec(text: str) -> float:

@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import gc
 import os
+import resource
 import signal
 import sys
 from collections.abc import Sequence
@@ -51,6 +52,29 @@ def _ensure_stdio() -> None:
             if null != fd:
                 os.dup2(null, fd)
                 os.close(null)
+
+
+def raise_fd_limit() -> tuple[int, int, int]:
+    """Raise the soft RLIMIT_NOFILE to the hard limit; (before, now, hard).
+
+    systemd does the same for itself at start (main.c, bump_rlimit_nofile()):
+    the soft limit of 1024 exists for programs that still use select(), and
+    the supervisor uses epoll. An infinite hard limit means the kernel's
+    fs.nr_open, the most setrlimit() accepts.
+    """
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    target = hard
+    if hard == resource.RLIM_INFINITY:
+        try:
+            target = int(Path("/proc/sys/fs/nr_open").read_text())
+        except (OSError, ValueError):
+            target = soft
+    if target > soft:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+        except (OSError, ValueError):
+            target = soft
+    return soft, max(soft, target), hard
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -189,6 +213,13 @@ def run(
     systemd_sockets: SystemdSockets | None = None,
 ) -> int:
     log = make_logger(args.log_format)
+    before, soft, hard = raise_fd_limit()
+    log.info(
+        "fd_limit",
+        soft=soft,
+        hard="infinity" if hard == resource.RLIM_INFINITY else hard,
+        raised_from=before if before != soft else None,
+    )
     if systemd_sockets is not None and systemd_sockets.problem:
         log.warning("listen_fds_ignored", problem=systemd_sockets.problem)
     try:

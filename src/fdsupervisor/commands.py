@@ -119,11 +119,8 @@ class Commands:
             raise CommandError(f"Parameter 'fdname' {exc.message}") from None
         fd = client.take_fd()
         if fd is None and client.lost_fds:
-            client.lost_fds = False
-            raise CommandError(
-                "A file descriptor was sent but could not be received: "
-                "the supervisor is out of file descriptors"
-            )
+            reason, client.lost_fds = client.lost_fds, None
+            raise CommandError(f"A file descriptor was sent but could not be received: {reason}")
         if fd is None:
             raise CommandError("No file descriptor supplied via SCM_RIGHTS")
         self.supervisor.store.add(MONITOR_OWNER, name, RawFd(fd), replace=True)
@@ -162,6 +159,10 @@ class Commands:
                 f"'{name}' belongs to {owner}: only fds stored with getfd "
                 "can be removed; use socket-del for sockets"
             )
+        problem = client.fd_limit_problem(1)
+        client.fds_refused(problem, command="fd-retrieve")
+        if problem is not None:
+            raise CommandError(f"fd-retrieve refused: {problem}")
         duplicate = os.dup(entry.fd)  # close-on-exec, as every dup in Python
         if args.get("remove"):
             self.supervisor.store.close(owner, name)

@@ -4,18 +4,37 @@ The supervisor's whole life is "an fd became readable" (a pidfd, a socket,
 the signal wake-up pipe) or "a deadline passed" (a restart delay, a stop
 timeout). With nothing to do, :meth:`EventLoop.run_once` sleeps in
 ``epoll_wait`` with no timeout: an idle supervisor never wakes up.
+
+Any deadline is safe here, however it was computed: an infinite one (a
+``stop-timeout: infinity``) is never due and never becomes a poll timeout,
+a NaN counts as infinite, and a huge finite one only makes the loop wake
+up once a day to look again (``epoll_wait`` takes at most ``INT_MAX`` ms,
+and Python raises ``OverflowError`` beyond it: a loop that passed such a
+timeout on would fail on every pass, forever).
 """
 
 from __future__ import annotations
 
 import heapq
 import itertools
+import math
 import selectors
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
 Callback = Callable[[], None]
+
+# The longest single wait, as asyncio's MAXIMUM_SELECT_TIMEOUT (base_events.py):
+# a day, well under epoll_wait's INT_MAX milliseconds (24.8 days). A deadline
+# further away is simply looked at again after it.
+MAX_POLL_TIMEOUT = 24 * 3600.0
+# Cancelled timers are dropped from the heap when they reach its top; when
+# more than half of at least this many are cancelled, the heap is rebuilt
+# without them at once (asyncio's _MIN_SCHEDULED_TIMER_HANDLES and
+# _MIN_CANCELLED_TIMER_HANDLES_FRACTION), so that a worker re-arming a long
+# watchdog a thousand times a second cannot grow the heap for as long as that.
+MIN_TIMERS_TO_COMPACT = 100
 
 
 @dataclass(order=True, slots=True)
@@ -24,9 +43,13 @@ class Timer:
     seq: int
     callback: Callback = field(compare=False)
     cancelled: bool = field(default=False, compare=False)
+    on_cancel: Callable[[], None] | None = field(default=None, compare=False, repr=False)
 
     def cancel(self) -> None:
-        self.cancelled = True
+        if not self.cancelled:
+            self.cancelled = True
+            if self.on_cancel is not None:
+                self.on_cancel()
 
 
 class EventLoop:
@@ -34,6 +57,7 @@ class EventLoop:
         self.time = clock
         self._selector = selectors.DefaultSelector()
         self._timers: list[Timer] = []
+        self._cancelled = 0  # cancelled timers still in the heap
         self._seq = itertools.count()
 
     def add_reader(self, fd: int, callback: Callback) -> None:
@@ -76,20 +100,40 @@ class EventLoop:
             self._selector.register(fd, mask, (reader, writer))
 
     def call_at(self, when: float, callback: Callback) -> Timer:
+        """Run ``callback`` at monotonic time ``when``; ``inf`` (or NaN) means never."""
+        if math.isnan(when):
+            when = math.inf  # NaN compares false with everything: it would break the heap
         timer = Timer(when, next(self._seq), callback)
-        heapq.heappush(self._timers, timer)
+        if when != math.inf:  # never due: not kept at all (its cancel() still works)
+            timer.on_cancel = self._timer_cancelled
+            heapq.heappush(self._timers, timer)
         return timer
 
     def call_later(self, delay: float, callback: Callback) -> Timer:
         return self.call_at(self.time() + delay, callback)
 
+    def _timer_cancelled(self) -> None:
+        self._cancelled += 1
+        if len(self._timers) > MIN_TIMERS_TO_COMPACT and self._cancelled > len(self._timers) // 2:
+            for timer in self._timers:
+                if timer.cancelled:
+                    timer.on_cancel = None
+            self._timers = [t for t in self._timers if not t.cancelled]
+            heapq.heapify(self._timers)
+            self._cancelled = 0
+
+    def poll_timeout(self) -> float | None:
+        """How long the next wait may last: None (no deadline), else 0 to MAX_POLL_TIMEOUT."""
+        while self._timers and self._timers[0].cancelled:
+            heapq.heappop(self._timers).on_cancel = None
+            self._cancelled -= 1
+        if not self._timers:
+            return None
+        return min(max(0.0, self._timers[0].when - self.time()), MAX_POLL_TIMEOUT)
+
     def run_once(self) -> None:
         """Wait for the next event or deadline, then run what is due."""
-        while self._timers and self._timers[0].cancelled:
-            heapq.heappop(self._timers)
-        timeout = None
-        if self._timers:
-            timeout = max(0.0, self._timers[0].when - self.time())
+        timeout = self.poll_timeout()
         for key, events in self._selector.select(timeout):
             # Look the callbacks up again: an earlier callback in this batch
             # may have removed or replaced them (a client closed, say).
@@ -104,7 +148,10 @@ class EventLoop:
         now = self.time()
         while self._timers and (self._timers[0].cancelled or self._timers[0].when <= now):
             timer = heapq.heappop(self._timers)
-            if not timer.cancelled:
+            timer.on_cancel = None  # out of the heap: a late cancel() counts nothing
+            if timer.cancelled:
+                self._cancelled -= 1
+            else:
                 timer.callback()
 
     def close(self) -> None:

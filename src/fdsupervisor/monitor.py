@@ -10,6 +10,14 @@ fd passing follows QEMU 7.2's socket chardev (``tcp_chr_recv`` /
 that carried any, so a newer batch closes the unconsumed older one; held fds
 wait across commands that take none; ``getfd`` takes the first held fd and
 closes the rest of its batch; whatever is held is closed when the client goes.
+
+Every fd a client makes the supervisor hold is counted: the unclaimed ones
+it sent and the duplicates waiting in replies it has not read yet. Each
+client may hold :data:`MAX_FDS_PER_CLIENT`, all of them together the
+server's ``fd_budget`` (:func:`monitor_fd_budget`); past either, a new
+batch is closed at once (a warning, and the ``getfd`` that wanted it is
+told why) and ``fd-retrieve`` answers an error, so that no client can use
+up the fd table that the units, their workers and the other clients need.
 """
 
 from __future__ import annotations
@@ -17,6 +25,7 @@ from __future__ import annotations
 import array
 import errno
 import os
+import resource
 import socket
 import stat
 import struct
@@ -36,6 +45,14 @@ from .units import SocketKind
 MAX_CLIENTS = 64
 # The kernel's SCM_MAX_FD: no sendmsg carries more than 253 fds.
 MAX_FDS_PER_MESSAGE = 253
+# The fds one client may make the supervisor hold at once (unclaimed ones it
+# sent, duplicates waiting in unread fd-retrieve replies): one sendmsg's worth
+# (SCM_MAX_FD), what a client that claims its fds and reads its replies
+# never comes near.
+MAX_FDS_PER_CLIENT = MAX_FDS_PER_MESSAGE
+# All clients together may hold this share of RLIMIT_NOFILE: the other three
+# quarters stay for unit sockets, the store, pidfds, clients and spawning.
+MONITOR_FD_SHARE = 4
 RECV_SIZE = 65536
 # A client that does not read its replies stops being read once this much
 # output waits for it, as QEMU stops reading a client whose request queue is
@@ -51,6 +68,11 @@ MAX_WRITE = 64 << 10
 ACCEPT_RETRY_DELAY = 0.1
 
 _CRED = struct.Struct("3i")
+
+
+def monitor_fd_budget(nofile: int) -> int:
+    """The fds all monitor clients may hold together, from the soft RLIMIT_NOFILE."""
+    return max(MAX_FDS_PER_CLIENT, nofile // MONITOR_FD_SHARE)
 
 
 def default_monitor_path(environ: Mapping[str, str], uid: int) -> Path:
@@ -81,9 +103,13 @@ class MonitorClient:
         self.held: list[int] = []
         self.output: deque[tuple[bytes, list[int]]] = deque()
         self.pending = 0
+        self.queued_fds = 0  # our duplicates in self.output, not sent yet
         self.closed = False
         self._batching = False
-        self.lost_fds = False  # an fd sent to us was dropped by the kernel (EMFILE)
+        # Why the fds of its latest batch are gone (the kernel dropped them at
+        # EMFILE, or a limit closed them), for the getfd that wanted them.
+        self.lost_fds: str | None = None
+        self._refusing = False  # warned about a refused batch; quiet until one is accepted
         self._writing = False
         self._reading = True  # the server registers the reader on accept
 
@@ -104,6 +130,54 @@ class MonitorClient:
             os.close(fd)
         self.held = fds
 
+    @property
+    def fds_held(self) -> int:
+        """The fds this client makes the supervisor hold: unclaimed, and in unsent replies."""
+        return len(self.held) + self.queued_fds
+
+    def fd_limit_problem(self, more: int) -> str | None:
+        """Why this client may not make the supervisor hold ``more`` fds, or None."""
+        if self.fds_held + more > MAX_FDS_PER_CLIENT and self.queued_fds:
+            self._flush()  # replies made in this batch may leave now
+        if self.fds_held + more > MAX_FDS_PER_CLIENT:
+            return (
+                f"this client would hold {self.fds_held + more} file descriptors "
+                f"(at most {MAX_FDS_PER_CLIENT}): claim them with getfd or read the "
+                "fd-retrieve replies first"
+            )
+        total = self.server.fds_held() + more
+        if total > self.server.fd_budget:
+            return (
+                f"the monitor's clients would hold {total} file descriptors together "
+                f"(at most {self.server.fd_budget}); try again later"
+            )
+        return None
+
+    def _receive_fds(self, fds: list[int]) -> None:
+        """A new batch: it replaces the held one (QEMU), unless a limit refuses it."""
+        self._hold([])
+        problem = self.fd_limit_problem(len(fds))
+        if self.closed:  # the flush above found the peer gone
+            for fd in fds:
+                os.close(fd)
+            return
+        if problem is None:
+            self.held = fds
+            self.fds_refused(None)
+            return
+        for fd in fds:
+            os.close(fd)
+        self.lost_fds = problem
+        self.fds_refused(problem, received=len(fds))
+
+    def fds_refused(self, problem: str | None, **fields: object) -> None:
+        """Note a refusal (None: an acceptance); the first of a row is logged, once."""
+        if problem is None:
+            self._refusing = False
+        elif not self._refusing:
+            self._refusing = True
+            self.server.log.warning("monitor_fds_refused", reason=problem, **fields)
+
     # -- I/O ----------------------------------------------------------------------
 
     def on_readable(self) -> None:
@@ -117,10 +191,11 @@ class MonitorClient:
             data, ancillary, flags = b"", [], 0
         fds = _fds_from(ancillary)
         if fds:
-            self._hold(fds)
+            self.lost_fds = None
+            self._receive_fds(fds)
         if flags & socket.MSG_CTRUNC:
             # The kernel dropped fds it could not install (we are out of fds).
-            self.lost_fds = True
+            self.lost_fds = "the supervisor is out of file descriptors"
         # Replies and events made while handling one read leave in one write.
         self._batching = True
         ended = not data
@@ -149,6 +224,7 @@ class MonitorClient:
             return
         self.output.append((data, fds or []))
         self.pending += len(data)
+        self.queued_fds += len(fds or ())
         if self.pending > MAX_QUEUED_OUTPUT:
             self.server.log.warning(
                 "monitor_client_dropped",
@@ -186,6 +262,7 @@ class MonitorClient:
                 return
             for fd in fds:  # our duplicates: the client has its own now
                 os.close(fd)
+            self.queued_fds -= len(fds)
             self.pending -= sent
             if sent < len(data):
                 self.output.appendleft((data[sent:], []))
@@ -221,6 +298,7 @@ class MonitorClient:
             for fd in fds:
                 os.close(fd)
         self.output.clear()
+        self.queued_fds = 0
         self.sock.close()
         self.server.forget(self)
 
@@ -241,6 +319,7 @@ class MonitorServer:
         allowed_uids: frozenset[int],
         execute: Executor,
         max_clients: int = MAX_CLIENTS,
+        fd_budget: int | None = None,
     ) -> None:
         self.path = path
         self.loop = loop
@@ -248,6 +327,7 @@ class MonitorServer:
         self.package = package
         self.allowed_uids = allowed_uids
         self.max_clients = max_clients
+        self._fd_budget = fd_budget
         self.clients: list[MonitorClient] = []
         self.execute = execute
         self._sock: socket.socket | None = None
@@ -375,6 +455,17 @@ class MonitorServer:
     def close_clients(self) -> None:
         for client in list(self.clients):
             client.close()
+
+    def fds_held(self) -> int:
+        return sum(client.fds_held for client in self.clients)
+
+    @property
+    def fd_budget(self) -> int:
+        """What all clients may hold: given, or from the soft RLIMIT_NOFILE as it is now
+        (an operator's prlimit takes effect at once)."""
+        if self._fd_budget is not None:
+            return self._fd_budget
+        return monitor_fd_budget(resource.getrlimit(resource.RLIMIT_NOFILE)[0])
 
     def forget(self, client: MonitorClient) -> None:
         if client in self.clients:

@@ -18,6 +18,14 @@ Rules taken from systemd (systemd.service(5)) and supervisord:
   failed start and doubles the next delay up to ``restart-delay-max``; one
   that ran longer starts the sequence again at ``restart-delay``
   (supervisord's ``startsecs=1`` draws the same line).
+- a start that could not even create a worker (out of fds, processes or
+  memory) says nothing about the service: it is retried with a backoff of
+  its own (from ``RESOURCE_RETRY_DELAY`` doubling up to
+  ``RESOURCE_RETRY_DELAY_MAX``) and never counts toward the start limit, as
+  s6-supervise's ``trystart()`` retries a failed spawn later ("waiting 60
+  seconds") outside its restart accounting. systemd would count it
+  (SERVICE_FAILURE_RESOURCES goes through Restart= and the start limit);
+  that fails a service for good after a short EMFILE spell.
 """
 
 from __future__ import annotations
@@ -32,6 +40,12 @@ from .units import RestartPolicy, ServiceSpec
 
 STABLE_UPTIME = 1.0
 RESOURCE_RETRY_DELAY = 0.1
+# A few seconds: short enough that a service is back soon after fds are free,
+# long enough that a long shortage costs a log line every few seconds only.
+RESOURCE_RETRY_DELAY_MAX = 5.0
+# Backoff exponents stop growing here: 2.0 ** 1024 raises OverflowError, and a
+# crash loop with no start limit (interval: 0) would get there in time.
+_MAX_DOUBLINGS = 64
 
 CLEAN_SIGNALS = frozenset({signal.SIGHUP, signal.SIGINT, signal.SIGTERM, signal.SIGPIPE})
 
@@ -142,6 +156,7 @@ class Service:
         self.failure: str | None = None
         self._limit = StartLimit(spec.start_limit_burst, spec.start_limit_interval)
         self._failed_starts: dict[int, int] = {}
+        self._resource_failures: dict[int, int] = {}  # instance → spawns failed in a row
         self.connections = 0
 
     @property
@@ -163,6 +178,7 @@ class Service:
         if manual:
             self._limit.reset()
             self._failed_starts.clear()
+            self._resource_failures.clear()
             self.failure = None
         elif not self._limit.allow(now):
             return False
@@ -174,6 +190,7 @@ class Service:
     def worker_started(self, instance: int, pid: int, now: float) -> Worker:
         worker = Worker(instance, pid, now, ready=not self.spec.notify)
         self.workers[instance] = worker
+        self._resource_failures.pop(instance, None)
         self.refresh_state()
         return worker
 
@@ -246,25 +263,25 @@ class Service:
     def spawn_failed(self, instance: int, now: float) -> Decision:
         """No worker could even be created (out of fds, processes or memory).
 
-        A failed start, retried as ``restart:`` says with the backoff and the
-        start limit, as systemd applies Restart= to a start that failed for
-        lack of resources; ``restart: no`` makes the service failed.
+        Retried as ``restart:`` allows, with the resource backoff and outside
+        the start limit (see the module docstring); ``restart: no`` makes the
+        service failed.
         """
         if self.spec.restart is RestartPolicy.NO or self.state is ServiceState.STOPPING:
             self.state = ServiceState.FAILED
             return Failed("the worker could not be started")
-        if not self._limit.allow(now):
-            self.failure = (
-                f"start limit hit: more than {self.spec.start_limit_burst} starts "
-                f"within {self.spec.start_limit_interval:g}s"
-            )
-            self.state = ServiceState.FAILED
-            return Failed(self.failure)
-        # at least RESOURCE_RETRY_DELAY: with restart-delay 0 and no start limit,
-        # an immediate retry while out of fds would spin
-        delay = max(self._next_delay(Worker(instance, -1, now), now), RESOURCE_RETRY_DELAY)
+        failures = self._resource_failures.get(instance, 0) + 1
+        self._resource_failures[instance] = failures
+        delay = self._resource_delay(failures)
         self.restarts += 1
         return Restart(instance, now + delay, delay)
+
+    def _resource_delay(self, failures: int) -> float:
+        # at least RESOURCE_RETRY_DELAY: with restart-delay 0 an immediate retry
+        # while out of fds would spin; at most the smaller of the two maxima
+        first = max(self.spec.restart_delay, RESOURCE_RETRY_DELAY)
+        longest = max(first, min(self.spec.restart_delay_max, RESOURCE_RETRY_DELAY_MAX))
+        return min(first * 2.0 ** min(failures - 1, _MAX_DOUBLINGS), longest)
 
     def _next_delay(self, worker: Worker, now: float) -> float:
         if now - worker.started_at >= STABLE_UPTIME:
@@ -274,7 +291,7 @@ class Service:
         self._failed_starts[worker.instance] = failures
         if failures <= 1:
             return self.spec.restart_delay
-        delay = self.spec.restart_delay * 2.0 ** (failures - 1)
+        delay = self.spec.restart_delay * 2.0 ** min(failures - 1, _MAX_DOUBLINGS)
         return min(delay, self.spec.restart_delay_max)
 
     def request_stop(self) -> list[int]:

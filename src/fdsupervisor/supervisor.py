@@ -33,7 +33,7 @@ from typing import Any
 from systemd import journal
 
 from . import __version__
-from .addresses import FdAddress, check_name
+from .addresses import FdAddress, check_name, timer_seconds
 from .binding import BoundSocket, InheritedFds, adopt_socket, bind_socket, describe_socket
 from .errors import BindError, ConfigErrors, FdSupervisorError, SpawnError, ValueProblem
 from .fdstore import FdStore, RawFd, service_owner, unit_owner
@@ -551,6 +551,12 @@ class Supervisor:
             runtime = self.units.pop(name)
             self._cancel_restarts(runtime)
             self.store.close_owner(unit_owner(name))
+            # What its workers stored (FDSTORE=1) would otherwise stay for good, out of
+            # reach of every command and counted against --max-stored-fds. systemd
+            # likewise empties a service's fd store once it has stopped for good
+            # (FileDescriptorStorePreserve=no, its default).
+            for entry in self.store.owned_by(service_owner(name)):
+                self._drop_stored(entry.owner, entry.name, "its unit was removed by reload")
         for name in (*plan.restart_units, *plan.start_units):
             service = Service(name, units[name].service)
             existing = self.units.get(name)
@@ -1355,7 +1361,18 @@ class Supervisor:
         if message.main_pid is not None:
             self.log.info("worker_main_pid", unit=unit, pid=worker.pid, main_pid=message.main_pid)
         if message.watchdog_usec is not None and message.watchdog_usec > 0:
-            self._arm_watchdog(runtime, worker.pid, message.watchdog_usec / 1_000_000)
+            # clamped where it enters: any number a worker sends must make a timer
+            seconds = timer_seconds(message.watchdog_usec)
+            if seconds < message.watchdog_usec / 1_000_000:
+                self.log.warning(
+                    "notify_clamped",
+                    unit=unit,
+                    pid=worker.pid,
+                    key="WATCHDOG_USEC",
+                    value=message.watchdog_usec,
+                    seconds=seconds,
+                )
+            self._arm_watchdog(runtime, worker.pid, seconds)
         elif message.watchdog and worker.pid in runtime.watchdog_timers:
             self._arm_watchdog(runtime, worker.pid, runtime.unit.service.watchdog)
         if message.watchdog_trigger:

@@ -30,6 +30,14 @@ its source text. Choices made here, where SPEC.md is silent:
 - In accept mode a worker gets only its connection, at fd 3 named
   ``connection`` (SPEC section 4), so ``{fd:connection}`` is the one fd
   placeholder allowed there.
+- Only regular files of at most :data:`MAX_UNIT_FILE_SIZE` are read: a FIFO
+  would block the reader (and the supervisor's loop at reload) forever, a
+  device such as ``/dev/zero`` never ends, a huge file takes minutes and
+  gigabytes to parse. systemd likewise reads a unit file only if it is a
+  regular file (``unit_file_load()`` refuses others with ``-EBADMSG``) and
+  caps what it reads (``READ_FULL_BYTES_MAX``).
+- Durations are at most a year (``MAX_DURATION``); ``infinity`` where a key
+  allows it means never.
 """
 
 from __future__ import annotations
@@ -41,6 +49,7 @@ import os
 import re
 import shlex
 import signal
+import stat
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -51,6 +60,7 @@ from yaml.nodes import MappingNode, Node, ScalarNode, SequenceNode
 from yaml.reader import ReaderError
 
 from .addresses import (
+    MAX_DURATION,
     Context,
     FdAddress,
     InetAddress,
@@ -549,6 +559,14 @@ class _UnitReader:
             raise self.error(node, path, problem.message) from None
         if seconds == math.inf and not allow_infinity:
             raise self.error(node, path, "must be a finite duration, not infinity")
+        if math.isfinite(seconds) and seconds > MAX_DURATION:
+            never = "; for 'never' write infinity" if allow_infinity else ""
+            raise self.error(
+                node,
+                path,
+                f"the duration {_node_text(node)} is too long: at most 1y "
+                f"({MAX_DURATION:.0f} seconds){never}",
+            )
         return seconds
 
     def choice(self, node: Node, path: KeyPath, choices: type[enum.StrEnum]) -> str:
@@ -1043,14 +1061,66 @@ def load_unit_text(text: str, source: Path, base_dir: Path) -> Unit:
     return replace(unit, text=text)
 
 
+# The largest unit file read: 1 MiB, as large as one monitor message. Real
+# units are a few hundred bytes; a 1 MiB file still parses in seconds, where
+# 100 MB took over a minute and 1.5 GB.
+MAX_UNIT_FILE_SIZE: Final = 1 << 20
+
+_FILE_KINDS: Final = (
+    (stat.S_ISDIR, "a directory"),
+    (stat.S_ISFIFO, "a FIFO"),
+    (stat.S_ISCHR, "a character device"),
+    (stat.S_ISBLK, "a block device"),
+    (stat.S_ISSOCK, "a socket"),
+)
+
+
+def read_unit_file(path: Path) -> bytes:
+    """A unit file's bytes: a regular file of at most MAX_UNIT_FILE_SIZE, read without blocking.
+
+    Opened ``O_NONBLOCK`` so that a FIFO does not wait for a writer, then
+    checked on the open fd (no race with a swap of the path), then read
+    with a bound whatever ``st_size`` said (a file may grow meanwhile).
+    """
+
+    def refused(message: str) -> ConfigErrors:
+        return ConfigErrors([ConfigError(Location(str(path)), (), message)])
+
+    limit = f"a unit file may be at most 1 MiB ({MAX_UNIT_FILE_SIZE} bytes)"
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC | os.O_NOCTTY)
+    except OSError as error:
+        raise refused(f"cannot read: {error.strerror}") from None
+    try:
+        info = os.fstat(fd)
+        if not stat.S_ISREG(info.st_mode):
+            kind = next((name for test, name in _FILE_KINDS if test(info.st_mode)), "not a file")
+            through = " (through a symbolic link)" if path.is_symlink() else ""
+            raise refused(
+                f"is {kind}{through}, not a regular file: only regular files are read as units"
+            )
+        if info.st_size > MAX_UNIT_FILE_SIZE:
+            raise refused(f"too large ({info.st_size} bytes): {limit}")
+        chunks: list[bytes] = []
+        size = 0
+        while size <= MAX_UNIT_FILE_SIZE:
+            chunk = os.read(fd, MAX_UNIT_FILE_SIZE + 1 - size)
+            if not chunk:
+                break
+            chunks.append(chunk)
+            size += len(chunk)
+        if size > MAX_UNIT_FILE_SIZE:
+            raise refused(f"too large (more than {MAX_UNIT_FILE_SIZE} bytes): {limit}")
+        return b"".join(chunks)
+    except OSError as error:
+        raise refused(f"cannot read: {error.strerror}") from None
+    finally:
+        os.close(fd)
+
+
 def load_unit_file(path: Path) -> Unit:
     """Read and validate one unit file; relative paths in it resolve against its directory."""
-    try:
-        data = path.read_bytes()
-    except OSError as error:
-        raise ConfigErrors(
-            [ConfigError(Location(str(path)), (), f"cannot read: {error.strerror}")]
-        ) from None
+    data = read_unit_file(path)
     try:
         text = data.decode("utf-8")
     except UnicodeDecodeError as error:

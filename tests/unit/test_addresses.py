@@ -10,6 +10,7 @@ from hypothesis import assume, given
 from hypothesis import strategies as st
 
 from fdsupervisor.addresses import (
+    MAX_DURATION,
     NAME_RE,
     Context,
     FdAddress,
@@ -24,6 +25,7 @@ from fdsupervisor.addresses import (
     format_address,
     parse_address,
     parse_duration,
+    timer_seconds,
     unknown_key_message,
 )
 from fdsupervisor.errors import ValueProblem
@@ -762,3 +764,19 @@ def test_format_address_round_trips(value: object, context: Context) -> None:
         assume(False)
         return
     assert parse_address(format_address(address), context) == address
+
+
+@pytest.mark.parametrize(
+    ("usec", "seconds"),
+    [
+        (1, 1e-6),
+        (30_000_000, 30.0),
+        (31_557_600_000_000, 31_557_600.0),  # a year: the longest
+        (31_557_600_000_001, 31_557_600.0),
+        (10_000_000_000_000_000, 31_557_600.0),  # the 317 years
+        (2**64 - 1, 31_557_600.0),  # USEC_INFINITY
+    ],
+)
+def test_timer_seconds_clamps_a_workers_timeout_to_a_year(usec: int, seconds: float) -> None:
+    assert timer_seconds(usec) == pytest.approx(seconds)
+    assert timer_seconds(usec) <= MAX_DURATION

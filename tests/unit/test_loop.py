@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import math
 import os
 
-from fdsupervisor.loop import EventLoop
+import pytest
+
+from fdsupervisor.loop import MAX_POLL_TIMEOUT, MIN_TIMERS_TO_COMPACT, EventLoop
 
 
 class FakeClock:
@@ -72,4 +75,92 @@ def test_a_callback_may_remove_another_ready_fd() -> None:
     assert calls in ([1], [2])
     for fd in (*first, *second):
         os.close(fd)
+    loop.close()
+
+
+# -- any deadline is safe (issue 9, item 2) -------------------------------------------------
+
+
+def ready_pipe() -> tuple[int, int]:
+    """A pipe whose read end is readable: run_once returns at once, whatever the timeout."""
+    read_end, write_end = os.pipe()
+    os.write(write_end, b"x")
+    return read_end, write_end
+
+
+@pytest.mark.parametrize("when", [math.inf, math.nan])
+def test_an_infinite_deadline_is_never_due_and_never_a_poll_timeout(when: float) -> None:
+    clock = FakeClock()
+    loop = EventLoop(clock)
+    ran: list[str] = []
+    loop.call_at(when, lambda: ran.append("never"))
+    assert loop.poll_timeout() is None, "an idle loop with only a 'never' deadline sleeps"
+    read_end, write_end = ready_pipe()
+    loop.add_reader(read_end, lambda: None)
+    clock.now = 1e300
+    loop.run_once()
+    assert ran == []
+    loop.call_later(math.inf, lambda: ran.append("never either")).cancel()
+    loop.run_once()
+    assert ran == []
+    os.close(read_end)
+    os.close(write_end)
+    loop.close()
+
+
+@pytest.mark.parametrize("delay", [2_147_483.648, 1e10, 10_000_000_000.0, 1e300, 2.0**64])
+def test_a_huge_deadline_is_capped_and_still_runs_when_due(delay: float) -> None:
+    clock = FakeClock()
+    loop = EventLoop(clock)
+    ran: list[str] = []
+    loop.call_later(delay, lambda: ran.append("due"))
+    assert loop.poll_timeout() == MAX_POLL_TIMEOUT
+    read_end, write_end = ready_pipe()
+    loop.add_reader(read_end, lambda: None)
+    loop.run_once()  # epoll_wait must not see the huge timeout (OverflowError)
+    assert ran == []
+    clock.now += delay / 2
+    assert loop.poll_timeout() == MAX_POLL_TIMEOUT
+    clock.now = 100.0 + delay
+    assert loop.poll_timeout() == 0.0
+    loop.run_once()
+    assert ran == ["due"]
+    assert loop.poll_timeout() is None
+    os.close(read_end)
+    os.close(write_end)
+    loop.close()
+
+
+def test_the_poll_timeout_follows_the_earliest_live_deadline() -> None:
+    clock = FakeClock()
+    loop = EventLoop(clock)
+    early = loop.call_later(1.5, lambda: None)
+    loop.call_later(math.inf, lambda: None)
+    loop.call_later(7.0, lambda: None)
+    loop.call_later(-math.inf, lambda: None)  # long overdue: at once
+    assert loop.poll_timeout() == 0.0
+    read_end, write_end = ready_pipe()
+    loop.add_reader(read_end, lambda: None)
+    loop.run_once()
+    assert loop.poll_timeout() == 1.5
+    early.cancel()
+    assert loop.poll_timeout() == 7.0
+    clock.now += 10.0
+    assert loop.poll_timeout() == 0.0
+    os.close(read_end)
+    os.close(write_end)
+    loop.close()
+
+
+def test_cancelled_far_timers_do_not_pile_up() -> None:
+    """A worker that re-arms a year-long watchdog in a tight loop: each new timer
+    cancels the last; the heap must not keep them all for a year."""
+    loop = EventLoop(FakeClock())
+    timer = loop.call_later(365 * 86400.0, lambda: None)
+    for _ in range(10_000):
+        timer.cancel()
+        timer = loop.call_later(365 * 86400.0, lambda: None)
+    assert len(loop._timers) <= 2 * MIN_TIMERS_TO_COMPACT + 2
+    timer.cancel()
+    assert loop.poll_timeout() is None
     loop.close()

@@ -7,6 +7,7 @@ import signal
 import pytest
 
 from fdsupervisor.service import (
+    RESOURCE_RETRY_DELAY_MAX,
     STABLE_UPTIME,
     ExitStatus,
     Failed,
@@ -173,3 +174,98 @@ def test_describe_has_the_spec_shape() -> None:
         "last-exit": {"signal": 9},
         "status": None,
     }
+
+
+# -- starts that could not create a worker (out of fds): issue 9, item 9 ---------------------
+
+
+def spawn_failures(service: Service, count: int, start: float = 0.0) -> list[Restart]:
+    """``count`` spawns of instance 0 in a row that fail, each retried when it is due."""
+    decisions, now = [], start
+    for _ in range(count):
+        decision = service.spawn_failed(0, now)
+        assert isinstance(decision, Restart), decision
+        decisions.append(decision)
+        now = decision.at
+    return decisions
+
+
+def test_resource_failures_do_not_count_toward_the_start_limit() -> None:
+    """A second without fds used to burn burst 5 in 0.8 s and fail the service for good."""
+    # the window spans the whole shortage: had the retries counted, the 5th would fail it
+    service = make(restart_delay=0.1, start_limit_burst=5, start_limit_interval=1000.0)
+    assert service.request_start(0.0, manual=False)  # 1 start of 5
+    decisions = spawn_failures(service, 50)
+    assert decisions[-1].at < 1000.0
+    assert service.state is ServiceState.STARTING and service.failure is None
+    # once fds are free, the retry that is due creates the worker
+    service.worker_started(0, 100, decisions[-1].at)
+    assert service.state is ServiceState.RUNNING
+    # and the start limit is as it was before the shortage: 4 more starts are allowed
+    now = decisions[-1].at
+    for pid in range(101, 105):
+        decision = service.worker_exited(pid - 1, KILLED, now + 0.01)
+        assert isinstance(decision, Restart)
+        now = decision.at
+        service.worker_started(0, pid, now)
+    assert isinstance(service.worker_exited(104, KILLED, now + 0.01), Failed)
+
+
+def test_resource_failures_back_off_exponentially_up_to_a_few_seconds() -> None:
+    service = make(restart_delay=0.1)
+    service.request_start(0.0, manual=False)
+    delays = [d.delay for d in spawn_failures(service, 9)]
+    assert delays == [0.1, 0.2, 0.4, 0.8, 1.6, 3.2, 5.0, 5.0, 5.0]
+    assert RESOURCE_RETRY_DELAY_MAX == 5.0
+
+
+@pytest.mark.parametrize(
+    ("restart_delay", "restart_delay_max", "expected"),
+    [
+        (0.0, 30.0, [0.1, 0.2, 0.4, 0.8]),  # restart-delay 0 must not spin while out of fds
+        (0.1, 0.3, [0.1, 0.2, 0.3, 0.3]),  # a smaller restart-delay-max caps it
+        (2.0, 30.0, [2.0, 4.0, 5.0, 5.0]),
+        (8.0, 30.0, [8.0, 8.0, 8.0, 8.0]),  # never shorter than restart-delay
+    ],
+)
+def test_the_resource_backoff_follows_the_units_delays(
+    restart_delay: float, restart_delay_max: float, expected: list[float]
+) -> None:
+    service = make(restart_delay=restart_delay, restart_delay_max=restart_delay_max)
+    service.request_start(0.0, manual=False)
+    assert [d.delay for d in spawn_failures(service, 4)] == pytest.approx(expected)
+
+
+def test_a_worker_that_starts_resets_the_resource_backoff() -> None:
+    service = make(restart_delay=0.1)
+    service.request_start(0.0, manual=False)
+    last = spawn_failures(service, 5)[-1]
+    service.worker_started(0, 100, last.at)
+    service.worker_exited(100, KILLED, last.at + 5.0)  # a stable run, then a crash
+    assert [d.delay for d in spawn_failures(service, 2, last.at + 5.1)] == [0.1, 0.2]
+
+
+def test_a_shortage_of_a_thousand_retries_never_overflows() -> None:
+    """2.0 ** 1024 raises OverflowError: the exponent must stop growing."""
+    service = make(restart_delay=0.1, start_limit_interval=0.0)
+    service.request_start(0.0, manual=False)
+    assert spawn_failures(service, 1100)[-1].delay == RESOURCE_RETRY_DELAY_MAX
+    now = 0.0
+    for pid in range(1, 1100):  # a crash loop with no start limit
+        service.worker_started(0, pid, now)
+        decision = service.worker_exited(pid, KILLED, now + 0.01)
+        assert isinstance(decision, Restart)
+        now = decision.at
+    assert decision.delay == service.spec.restart_delay_max
+
+
+def test_restart_no_or_a_stop_makes_a_resource_failure_final() -> None:
+    service = make(restart=RestartPolicy.NO)
+    service.request_start(0.0, manual=False)
+    assert isinstance(service.spawn_failed(0, 0.0), Failed)
+    assert service.state is ServiceState.FAILED
+    stopping = make()
+    stopping.request_start(0.0, manual=False)
+    stopping.worker_started(1, 7, 0.0)
+    stopping.request_stop()
+    assert isinstance(stopping.spawn_failed(0, 0.0), Failed)

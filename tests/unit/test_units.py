@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import os
 import signal
 import textwrap
 from pathlib import Path
@@ -15,6 +16,7 @@ from hypothesis import strategies as st
 from fdsupervisor.addresses import FdAddress, InetAddress, UnixAddress, VsockAddress
 from fdsupervisor.errors import ConfigError, ConfigErrors, Location
 from fdsupervisor.units import (
+    MAX_UNIT_FILE_SIZE,
     Activation,
     RestartPolicy,
     ServiceSpec,
@@ -768,6 +770,8 @@ def test_stop_signal_errors(value: str) -> None:
         ("start-timeout: .inf\n", "start_timeout", math.inf),
         ("watchdog: 0\n", "watchdog", 0.0),
         ("watchdog: 1min 30s\n", "watchdog", 90.0),
+        ("restart-delay: 1y\n", "restart_delay", 31_557_600.0),  # the longest there is
+        ("stop-timeout: 365d 6h\n", "stop_timeout", 31_557_600.0),
         ("start-limit: {interval: 0}\n", "start_limit_interval", 0.0),
         ("start-limit: {burst: 1}\n", "start_limit_burst", 1),
         ("fd-store-max: 0\n", "fd_store_max", 0),
@@ -820,6 +824,22 @@ def test_service_values(lines: str, attribute: str, value: object) -> None:
             "service.restart-delay: must be a finite duration, not infinity",
         ),
         ("watchdog: infinity\n", "service.watchdog: must be a finite duration, not infinity"),
+        (
+            "restart-delay: 400000y\n",
+            "service.restart-delay: the duration '400000y' is too long: at most 1y (31557600 seconds)",
+        ),
+        (
+            "watchdog: 10000000000\n",
+            "service.watchdog: the duration '10000000000' is too long: at most 1y (31557600 seconds)",
+        ),
+        (
+            "stop-timeout: 1y 1s\n",
+            "service.stop-timeout: the duration '1y 1s' is too long: at most 1y (31557600 seconds); for 'never' write infinity",
+        ),
+        (
+            "start-limit: {interval: 5000y}\n",
+            "service.start-limit.interval: the duration '5000y' is too long: at most 1y (31557600 seconds)",
+        ),
         (
             "restart-delay: 2s\nrestart-delay-max: 1s\n",
             "service.restart-delay-max: restart-delay-max must not be shorter than restart-delay",
@@ -1038,6 +1058,32 @@ def test_load_unit_file_read_errors(tmp_path: Path) -> None:
     assert (
         str(info.value) == f"{tmp_path}/bin.yaml:2:1: not valid UTF-8 (byte 18: invalid start byte)"
     )
+
+
+def test_a_unit_file_may_be_exactly_1_mib_and_not_one_byte_more(tmp_path: Path) -> None:
+    head = b"service:\n  exec: [app]\n#"
+    path = tmp_path / "big.yaml"
+    path.write_bytes(head + b"x" * (MAX_UNIT_FILE_SIZE - len(head) - 1) + b"\n")
+    assert load_unit_file(path).service.exec == ("app",)
+    with path.open("ab") as file:
+        file.write(b"#")
+    with pytest.raises(ConfigErrors) as info:
+        load_unit_file(path)
+    assert str(info.value) == (
+        f"{path}: too large (1048577 bytes): a unit file may be at most 1 MiB (1048576 bytes)"
+    )
+
+
+def test_only_regular_files_are_read_and_a_fifo_does_not_block(tmp_path: Path) -> None:
+    os.mkfifo(tmp_path / "fifo.yaml")  # no writer: a blocking open() would wait forever
+    with pytest.raises(ConfigErrors) as info:
+        load_unit_file(tmp_path / "fifo.yaml")
+    assert str(info.value) == (
+        f"{tmp_path}/fifo.yaml: is a FIFO, not a regular file: only regular files are read as units"
+    )
+    with pytest.raises(ConfigErrors) as info:
+        load_unit_file(Path("/dev/null"))
+    assert "/dev/null: is a character device, not a regular file" in str(info.value)
 
 
 def test_load_units_expands_directories(tmp_path: Path) -> None:
