@@ -847,10 +847,11 @@ class Supervisor:
     def _spawn_watched(self, unit: Unit, plan: SpawnPlan) -> tuple[int, int]:
         """Spawn, and open the pidfd that watches the worker; both or neither.
 
-        The unit's stdout: and stderr: targets are opened for this worker and
-        closed here once it has its own copies. Out of fds, a worker we could
-        not watch is killed and reaped at once, and the start counts as failed
-        (then retried) instead of escaping the loop.
+        The unit's stdout: and stderr: null or journal targets are opened for
+        this worker and closed here once it has its own copies (files are
+        opened by the child itself, as the worker's user: see spawn.py). Out
+        of fds, a worker we could not watch is killed and reaped at once, and
+        the start counts as failed (then retried) instead of escaping the loop.
         """
         outputs: list[int] = []
         try:
@@ -870,8 +871,13 @@ class Supervisor:
             raise
 
     def _open_output(self, unit: Unit, target: str, opened: list[int]) -> int | None:
-        """An fd for a worker's stdout or stderr (None: inherit the supervisor's)."""
-        if target == "inherit":
+        """An fd for a worker's stdout or stderr: null or journal (None: not ours to open).
+
+        ``file:`` and ``append:`` are not opened here, as root, but by the
+        child after it became the worker's user (spawn.OutputFile): a worker
+        could otherwise point its file at any file of root's with a symlink.
+        """
+        if target == "inherit" or target.startswith(("file:", "append:")):
             return None
         if target == "journal":
             try:
@@ -881,12 +887,8 @@ class Supervisor:
                 return None
             fd = os.dup(stream.fileno())
             stream.close()
-        elif target == "null":
-            fd = os.open(os.devnull, os.O_WRONLY | os.O_CLOEXEC)
         else:
-            kind, _, path = target.partition(":")
-            flags = os.O_WRONLY | os.O_CREAT | os.O_CLOEXEC | os.O_NOCTTY
-            fd = os.open(path, flags | (os.O_APPEND if kind == "append" else 0), 0o644)
+            fd = os.open(os.devnull, os.O_WRONLY | os.O_CLOEXEC)
         opened.append(fd)
         return fd
 
