@@ -83,6 +83,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     run.add_argument("--no-monitor", action="store_true", help="run without a monitor socket")
     run.add_argument(
+        "--no-cgroups",
+        action="store_true",
+        help="do not put each worker in a cgroup of its own (processes that escape a "
+        "worker's process group are then only logged, not stopped)",
+    )
+    run.add_argument(
         "--monitor-allow-uid",
         type=int,
         action="append",
@@ -176,6 +182,7 @@ def run(
         notifier=SystemdNotifier(os.environ),
         exec_argv=exec_argv,
         systemd_sockets=systemd_sockets,
+        use_cgroups=not args.no_cgroups,
     )
     try:
         if handover is None:

@@ -35,6 +35,7 @@ from systemd import journal
 from . import __version__
 from .addresses import FdAddress, check_name
 from .binding import BoundSocket, InheritedFds, adopt_socket, bind_socket, describe_socket
+from .cgroups import WorkerCgroups, socket_holders
 from .errors import BindError, ConfigErrors, FdSupervisorError, SpawnError, ValueProblem
 from .fdstore import FdStore, RawFd, service_owner, unit_owner
 from .loop import EventLoop, Timer
@@ -112,8 +113,13 @@ class Supervisor:
         unit_paths: Sequence[Path] = (),
         exec_argv: Sequence[str] = (),
         systemd_sockets: SystemdSockets | None = None,
+        use_cgroups: bool = True,
     ) -> None:
         self.log = log
+        # Each worker in a cgroup of its own (cgroups.py), made at start(); None:
+        # process groups only, and processes that escaped them are logged after a stop.
+        self.use_cgroups = use_cgroups
+        self.cgroups: WorkerCgroups | None = None
         self.environ = dict(environ)
         self.inherited = inherited
         self.loop = EventLoop()
@@ -285,11 +291,19 @@ class Supervisor:
         self.notify_socket = NotifySocket.bind_abstract(f"fdsupervisor/{os.getpid()}/notify")
         self.loop.add_reader(self.notify_socket.fileno(), self._on_notify)
         self.loop.add_reader(self._hangups.fileno(), self._on_hangups)
+        if self.use_cgroups:
+            self.cgroups = WorkerCgroups.open(self.log)
+        else:
+            self.log.info("cgroups_disabled", reason="--no-cgroups", note="escapes are only logged")
+        if self.cgroups is not None:
+            self.loop.add_reader(self.cgroups.fileno(), self.cgroups.process_events)
         if handover is None:
             for runtime in self.units.values():
                 self._activate(runtime)
         else:
             self._restore_services(handover)
+        if self.cgroups is not None:
+            self.cgroups.release_unclaimed()
         interval = self.notifier.watchdog_interval()
         if interval is not None:
             self._ping_watchdog(interval)
@@ -709,6 +723,8 @@ class Supervisor:
                     failure=saved.failure,
                 )
                 runtime.pidfds[saved.pid] = pidfd
+                if self.cgroups is not None:
+                    self.cgroups.adopt(saved.pid)
                 self.loop.add_reader(pidfd, partial(self._reap, runtime, saved.pid))
                 if runtime.unit.service.watchdog and math.isfinite(runtime.unit.service.watchdog):
                     self._arm_watchdog(runtime, saved.pid, runtime.unit.service.watchdog)
@@ -733,12 +749,16 @@ class Supervisor:
             pidfd = os.pidfd_open(pid)
         except ProcessLookupError:
             return
+        if self.cgroups is not None:
+            self.cgroups.adopt(pid)
         self._signal_group(pid, signal.SIGTERM)
 
         def reap() -> None:
             self.loop.remove_reader(pidfd)
             os.close(pidfd)
             os.waitpid(pid, 0)
+            if self.cgroups is not None:
+                self.cgroups.release(pid)
 
         self.loop.add_reader(pidfd, reap)
 
@@ -811,7 +831,7 @@ class Supervisor:
                 self.environ,
                 notify_socket=self._notify_address(),
             )
-            pid, pidfd = self._spawn_watched(unit, plan)
+            pid, pidfd = self._spawn_watched(unit, plan, instance)
         except SpawnError as exc:
             if not exc.transient:  # the program, user or directory is wrong: no retry helps
                 self.log.error(
@@ -844,30 +864,48 @@ class Supervisor:
         elif isinstance(decision, Failed):
             self._fail(runtime, f"{decision.reason}: {exc}")
 
-    def _spawn_watched(self, unit: Unit, plan: SpawnPlan) -> tuple[int, int]:
+    def _spawn_watched(self, unit: Unit, plan: SpawnPlan, instance: int) -> tuple[int, int]:
         """Spawn, and open the pidfd that watches the worker; both or neither.
 
         The unit's stdout: and stderr: null or journal targets are opened for
         this worker and closed here once it has its own copies (files are
-        opened by the child itself, as the worker's user: see spawn.py). Out
-        of fds, a worker we could not watch is killed and reaped at once, and
-        the start counts as failed (then retried) instead of escaping the loop.
+        opened by the child itself, as the worker's user: see spawn.py). The
+        worker's cgroup is made before and joined by the child. Out of fds, a
+        worker we could not watch is killed and reaped at once, and the start
+        counts as failed (then retried) instead of escaping the loop.
         """
         outputs: list[int] = []
+        cgroup = None
         try:
             stdout_fd = self._open_output(unit, unit.service.stdout, outputs)
             stderr_fd = self._open_output(unit, unit.service.stderr, outputs)
             if outputs:
                 plan = dataclasses.replace(plan, stdout_fd=stdout_fd, stderr_fd=stderr_fd)
+            if self.cgroups is not None:
+                try:
+                    cgroup = self.cgroups.prepare(unit.name, instance)
+                except OSError as exc:  # as systemd's EXIT_CGROUP: the start fails
+                    raise SpawnError(
+                        f"cannot start {plan.argv[0]!r}: cgroup: {exc.strerror}", exc.errno
+                    ) from None
+                plan = dataclasses.replace(plan, cgroup_fd=cgroup.procs_fd)
             pid = spawn(plan)
+        except BaseException:
+            if cgroup is not None and self.cgroups is not None:
+                self.cgroups.discard(cgroup)
+            raise
         finally:
             for fd in outputs:
                 os.close(fd)
+        if cgroup is not None and self.cgroups is not None:
+            self.cgroups.started(pid, cgroup)
         try:
             return pid, os.pidfd_open(pid)
         except OSError:
             os.kill(pid, signal.SIGKILL)
             os.waitpid(pid, 0)
+            if self.cgroups is not None:
+                self.cgroups.release(pid)
             raise
 
     def _open_output(self, unit: Unit, target: str, opened: list[int]) -> int | None:
@@ -911,6 +949,7 @@ class Supervisor:
         pidfd = runtime.pidfds.pop(pid)
         self.loop.remove_reader(pidfd)
         os.close(pidfd)
+        self._left_behind(runtime, pid)  # first: who left the group is told by its group id
         # The leader is a zombie until waitpid, so its pid (= the group id)
         # cannot be reused yet: kill what is left of its group now, as
         # systemd kills the rest of a service's cgroup when its main process exits.
@@ -954,6 +993,47 @@ class Supervisor:
         if runtime.accept_paused and runtime.accepting:
             self._resume_accepting(runtime)
 
+    def _left_behind(self, runtime: UnitRuntime, pid: int) -> None:
+        """Worker ``pid`` is gone: end what it left in its cgroup, or at least name it.
+
+        With cgroups, the rest of the worker's cgroup is killed (systemd's
+        KillMode=control-group). Without, a process that left the worker's
+        process group (setsid() and a double fork) cannot be told from any
+        other; the one sign is that it still holds one of the unit's sockets.
+        """
+        unit = runtime.unit.name
+        if self.cgroups is not None:
+            for escaped in self.cgroups.release(pid):
+                self.log.warning(
+                    "escaped_process",
+                    unit=unit,
+                    pid=escaped,
+                    worker=pid,
+                    action="killed with the worker's cgroup",
+                )
+            return
+        if runtime.unit.service.accept:
+            return  # connection workers never get the listening sockets
+        inodes = {}
+        for entry in self.store.owned_by(unit_owner(unit)):
+            with contextlib.suppress(OSError):
+                inodes[os.fstat(entry.fd).st_ino] = entry.name
+        live = set(runtime.service.pids)
+        for holder, sockets in socket_holders(inodes, skip=(os.getpid(), *live)).items():
+            with contextlib.suppress(OSError):
+                group = os.getpgid(holder)
+                # the exited worker's group (killed next) and live workers' groups did not escape
+                if group == pid or group in live:
+                    continue
+            self.log.warning(
+                "escaped_process",
+                unit=unit,
+                pid=holder,
+                worker=pid,
+                sockets=sockets,
+                action="left running: no cgroup to stop it with (docs/security.md)",
+            )
+
     def _restart_due(self, runtime: UnitRuntime, instance: int) -> None:
         runtime.restart_timers.pop(instance, None)
         if self.shutting_down or runtime.service.state in (
@@ -989,6 +1069,8 @@ class Supervisor:
         runtime.restart_timers.clear()
 
     def _signal_group(self, pid: int, signum: int, *, leader_too: bool = True) -> None:
+        if self.cgroups is not None:
+            self.cgroups.signal(pid, signum)  # what of its cgroup left the group
         try:
             os.killpg(pid, signum)
         except ProcessLookupError:
@@ -1095,7 +1177,7 @@ class Supervisor:
                 stdio_fd=conn.fileno() if unit.service.inetd else None,
                 notify_socket=self._notify_address(),
             )
-            pid, pidfd = self._spawn_watched(unit, plan)
+            pid, pidfd = self._spawn_watched(unit, plan, instance)
         except (SpawnError, OSError) as exc:
             # this connection is lost; the next ones are tried as they come
             self.log.error("worker_start_failed", unit=unit.name, instance=instance, error=str(exc))
@@ -1313,6 +1395,8 @@ class Supervisor:
             for pidfd in runtime.pidfds.values():
                 os.close(pidfd)
             runtime.pidfds.clear()
+        if self.cgroups is not None:
+            self.cgroups.close()
         self._keep_socket_files()
         self.store.close_all()
         if self.notify_socket is not None:
