@@ -245,10 +245,10 @@ def test_an_escaped_daemon_is_stopped_with_its_worker(
     supervisor, tmp_path: Path, program: tuple[str, ...]
 ) -> None:
     sup = supervisor({"web": escaping_unit(tmp_path)}, program=program)
-    enabled = sup.wait_for("cgroups_enabled")
-    port = sup.port("http")
-    first = int(sup.wait_for("worker_started")["pid"])
-    with watched_daemon(sup) as (daemon, pidfd):
+    with watched_daemon(sup) as (daemon, pidfd):  # first: killed even if the test fails
+        enabled = sup.wait_for("cgroups_enabled")
+        port = sup.port("http")
+        first = int(sup.wait_for("worker_started")["pid"])
         see_the_daemon_answer(port, daemon)
         assert os.getsid(daemon) != os.getsid(first), "the daemon did not leave the session"
         assert os.getpgid(daemon) != first
@@ -265,9 +265,9 @@ def test_an_escaped_daemon_is_stopped_with_its_worker(
 @pytest.mark.skipif(not os.path.exists(SYSTEM_PYTHON), reason="needs /usr/bin/python3")
 def test_cgroups_are_found_again_after_an_upgrade(supervisor, tmp_path: Path) -> None:
     sup = supervisor({"web": escaping_unit(tmp_path)})
-    enabled = sup.wait_for("cgroups_enabled")
-    first = int(sup.wait_for("worker_started")["pid"])
     with watched_daemon(sup) as (daemon, pidfd):
+        enabled = sup.wait_for("cgroups_enabled")
+        first = int(sup.wait_for("worker_started")["pid"])
         mark = sup.mark()
         os.kill(sup.pid, signal.SIGUSR2)
         sup.wait_for("upgraded", after=mark, timeout=30)
@@ -292,10 +292,10 @@ def test_without_cgroups_an_escaped_daemon_is_named(
         args=["--no-cgroups", str(tmp_path / "units")],
         program=program,
     )
-    sup.wait_for("cgroups_disabled")
-    port = sup.port("http")
-    first = int(sup.wait_for("worker_started")["pid"])
     with watched_daemon(sup) as (daemon, pidfd):
+        sup.wait_for("cgroups_disabled")
+        port = sup.port("http")
+        first = int(sup.wait_for("worker_started")["pid"])
         see_the_daemon_answer(port, daemon)
         restart(sup)
         named = sup.wait_for("escaped_process", pid=daemon)
