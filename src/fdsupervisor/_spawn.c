@@ -86,7 +86,7 @@ struct child_plan {
     const char *stderr_path; /* NULL: none; else opened at 2 as the worker's user */
     int stderr_flags;
     int stderr_from_stdout; /* both name the same file: one open file for both */
-    int cgroup_fd; /* -1: none; else the worker's cgroup.procs, joined first */
+    int cgroup_fd; /* -1: none; else the worker's cgroup (a directory fd), joined first */
     const char *cwd; /* NULL: none */
     const gid_t *groups;
     size_t group_count;
@@ -222,7 +222,10 @@ child_main(void *argument)
     /* Into the worker's own cgroup before it can fork anything, and while
      * still root: moving a process needs write access to cgroup.procs. */
     if (plan->cgroup_fd >= 0) {
-        CHILD_STEP("cgroup", write(plan->cgroup_fd, "0", 1));
+        int procs;
+        CHILD_STEP("cgroup", procs = openat(plan->cgroup_fd, "cgroup.procs", O_WRONLY | O_CLOEXEC));
+        CHILD_STEP("cgroup", write(procs, "0", 1));
+        (void)close(procs);
     }
 
     /* A source may sit where a target goes (fd 3 may be the second socket):
@@ -434,11 +437,12 @@ PyDoc_STRVAR(spawn_doc,
 "return its pid once it has exec'd.\n"
 "\n"
 "The child moves to its own process group, resets signal handlers (and the\n"
-"signals in ``reset_signals`` even when ignored) to SIG_DFL, writes \"0\" to\n"
-"``cgroup_fd`` unless -1, places ``fds`` at 3, 4, ... (``stdio_fd``, unless\n"
-"-1, also at 0 and 1; ``stdout_fd`` at 1 and ``stderr_fd`` at 2 unless -1),\n"
-"closes every other fd above 2, changes to ``cwd`` unless None, sets\n"
-"``groups`` unless None, the gid and uid unless -1, then opens\n"
+"signals in ``reset_signals`` even when ignored) to SIG_DFL, joins the cgroup\n"
+"of directory fd ``cgroup_fd`` unless -1 (\"0\" to its cgroup.procs), places\n"
+"``fds`` at 3, 4, ... (``stdio_fd``, unless -1, also at 0 and 1; ``stdout_fd``\n"
+"at 1 and ``stderr_fd`` at 2 unless -1), closes every other fd above 2,\n"
+"changes to ``cwd`` unless None, sets ``groups`` unless None, the gid and\n"
+"uid unless -1, then opens\n"
 "``stdout_path`` at 1 and ``stderr_path`` at 2 unless None (created 0644,\n"
 "appended to when the flag is true), adds ``NAME=<its own pid>`` to ``envp``\n"
 "for each name of ``pid_variables``, empties its signal mask and execs.\n"

@@ -26,7 +26,8 @@ def spawn(
     """Start ``executable`` with ``clone(CLONE_VM | CLONE_VFORK)``; its pid once it exec'd.
 
     ``-1`` for ``stdio_fd``, ``uid``, ``gid``, ``stdout_fd``, ``stderr_fd`` or
-    ``cgroup_fd`` means none. ``stdout_path`` and ``stderr_path`` are opened by the
-    child after the switch to ``uid``. A failure in the child raises
+    ``cgroup_fd`` means none; ``cgroup_fd`` is a cgroup's directory, which the child
+    starts in. ``stdout_path`` and ``stderr_path`` are opened by the child after the
+    switch to ``uid``. A failure in the child raises
     ``OSError(errno, "STAGE: reason")`` after the child was reaped.
     """

@@ -19,8 +19,8 @@ The supervisor stays where it is; the parent holds no process, so cgroup
 v2's "no internal processes" rule is never in the way (no controller is
 enabled anywhere: only the core files ``cgroup.procs``, ``cgroup.kill`` and
 ``cgroup.events`` are used). The child joins its cgroup between fork and
-exec, before it drops privileges (spawn.py writes "0" to ``cgroup.procs``),
-so the worker never runs outside it. When the worker's main process exits,
+exec, first thing and while still root (spawn.py writes "0" to its
+``cgroup.procs``), so the worker never runs outside it. When the worker's main process exits,
 or its stop times out, ``cgroup.kill`` ends every process left in it, as
 systemd kills the rest of a service's cgroup once its main process is gone
 (``service_sigchld_event()`` → ``unit_kill_context()``); the cgroup is
@@ -149,18 +149,18 @@ def populated(events: str) -> bool:
 
 @dataclass(slots=True)
 class WorkerCgroup:
-    """One worker's cgroup; ``procs_fd`` (its ``cgroup.procs``) is open until the worker started."""
+    """One worker's cgroup; ``fd`` (its directory, for the spawn) is open until the worker started."""
 
     name: str
     path: Path
-    procs_fd: int | None = None
+    fd: int | None = None
 
 
 class WorkerCgroups:
     """The supervisor's cgroup subtree: one parent, one cgroup per worker.
 
     The supervisor calls :meth:`prepare` before a spawn (the plan gets
-    ``procs_fd``), then :meth:`started` or :meth:`discard`; :meth:`signal`
+    ``fd``), then :meth:`started` or :meth:`discard`; :meth:`signal`
     whenever it signals a worker's group; :meth:`release` once the worker's
     main process exited. Cgroups being emptied are watched through
     :meth:`fileno` (readable: call :meth:`process_events`). :meth:`close` at
@@ -236,20 +236,20 @@ class WorkerCgroups:
                 continue
             break
         try:
-            procs_fd = os.open(path / "cgroup.procs", os.O_WRONLY | os.O_CLOEXEC)
+            fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
         except OSError:
             _remove(path)
             raise
-        return WorkerCgroup(name, path, procs_fd)
+        return WorkerCgroup(name, path, fd)
 
     def started(self, pid: int, cgroup: WorkerCgroup) -> None:
         """The worker ``pid`` is in ``cgroup`` (the child joined it before exec)."""
-        self._close_procs(cgroup)
+        self._close_fd(cgroup)
         self._by_pid[pid] = cgroup
 
     def discard(self, cgroup: WorkerCgroup) -> None:
         """The spawn failed: the child (if any) is reaped, the cgroup goes."""
-        self._close_procs(cgroup)
+        self._close_fd(cgroup)
         self._empty_then_remove(cgroup)
 
     def adopt(self, pid: int) -> None:
@@ -364,7 +364,7 @@ class WorkerCgroups:
     def close(self, timeout: float = EMPTY_TIMEOUT) -> None:
         """Shutdown: kill every process left below the parent, remove it all, the parent last."""
         for cgroup in self._by_pid.values():
-            self._close_procs(cgroup)
+            self._close_fd(cgroup)
             _kill(cgroup.path)
             self._empty_then_remove(cgroup)
         self._by_pid.clear()
@@ -387,10 +387,10 @@ class WorkerCgroups:
             self.log.warning("cgroup_not_removed", cgroup=str(self.parent), error=error)
 
     @staticmethod
-    def _close_procs(cgroup: WorkerCgroup) -> None:
-        if cgroup.procs_fd is not None:
-            os.close(cgroup.procs_fd)
-            cgroup.procs_fd = None
+    def _close_fd(cgroup: WorkerCgroup) -> None:
+        if cgroup.fd is not None:
+            os.close(cgroup.fd)
+            cgroup.fd = None
 
 
 def _members(path: Path) -> list[int]:

@@ -124,7 +124,7 @@ class SpawnPlan:
     stderr_fd: int | None = None
     stdout_file: OutputFile | None = None  # the unit's stdout: / stderr: file: or append:
     stderr_file: OutputFile | None = None
-    cgroup_fd: int | None = None  # the worker's cgroup.procs: the child joins it first
+    cgroup_fd: int | None = None  # the worker's cgroup (its directory): the child starts in it
     # Variables that must hold the worker's own pid, known only after fork():
     # LISTEN_PID always, WATCHDOG_PID with a watchdog (as systemd sets both).
     pid_variables: tuple[str, ...] = ("LISTEN_PID",)
@@ -339,7 +339,9 @@ def _exec_child(plan: SpawnPlan, report_fd: int) -> None:  # pragma: no cover - 
         if plan.cgroup_fd is not None:
             # before anything the worker could fork from, and while still root
             stage = "cgroup"
-            os.write(plan.cgroup_fd, b"0")
+            procs = os.open("cgroup.procs", os.O_WRONLY | os.O_CLOEXEC, dir_fd=plan.cgroup_fd)
+            os.write(procs, b"0")
+            os.close(procs)
         stage = "fds"
         _place_fds(plan.fds, plan.stdio_fd, report_fd, plan.stdout_fd, plan.stderr_fd)
         if plan.working_directory is not None:

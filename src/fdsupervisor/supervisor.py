@@ -870,7 +870,8 @@ class Supervisor:
         The unit's stdout: and stderr: null or journal targets are opened for
         this worker and closed here once it has its own copies (files are
         opened by the child itself, as the worker's user: see spawn.py). The
-        worker's cgroup is made before and joined by the child. Out of fds, a
+        worker's cgroup (not in accept mode) is made before and joined by the
+        child. Out of fds, a
         worker we could not watch is killed and reaped at once, and the start
         counts as failed (then retried) instead of escaping the loop.
         """
@@ -881,14 +882,17 @@ class Supervisor:
             stderr_fd = self._open_output(unit, unit.service.stderr, outputs)
             if outputs:
                 plan = dataclasses.replace(plan, stdout_fd=stdout_fd, stderr_fd=stderr_fd)
-            if self.cgroups is not None:
+            # Not per connection in accept mode: a connection worker never holds
+            # the listening sockets, and a fresh cgroup holds the loop some 0.4 ms
+            # per start, half the accept rate (docs/security.md).
+            if self.cgroups is not None and not unit.service.accept:
                 try:
                     cgroup = self.cgroups.prepare(unit.name, instance)
                 except OSError as exc:  # as systemd's EXIT_CGROUP: the start fails
                     raise SpawnError(
                         f"cannot start {plan.argv[0]!r}: cgroup: {exc.strerror}", exc.errno
                     ) from None
-                plan = dataclasses.replace(plan, cgroup_fd=cgroup.procs_fd)
+                plan = dataclasses.replace(plan, cgroup_fd=cgroup.fd)
             pid = spawn(plan)
         except BaseException:
             if cgroup is not None and self.cgroups is not None:

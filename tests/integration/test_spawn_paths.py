@@ -520,17 +520,17 @@ def cgroup_of_our_own() -> Iterator[Path]:
 
 def test_the_child_joins_its_cgroup_before_exec(spawn_with: Spawn) -> None:
     with cgroup_of_our_own() as cgroup:
-        procs = os.open(cgroup / "cgroup.procs", os.O_WRONLY | os.O_CLOEXEC)
+        directory = os.open(cgroup, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
         try:
-            with running(spawn_with, sleeper(cgroup_fd=procs)) as pid:
+            with running(spawn_with, sleeper(cgroup_fd=directory)) as pid:
                 assert (cgroup / "cgroup.procs").read_text().split() == [str(pid)]
                 assert own_cgroup(Path(f"/proc/{pid}/cgroup").read_text()).endswith(
                     f"/{cgroup.name}"
                 )
-                assert [fd for fd in open_fds(pid) if fd > 2] == []  # cgroup.procs did not leak
+                assert [fd for fd in open_fds(pid) if fd > 2] == []  # the cgroup's fd did not leak
             assert str(os.getpid()) not in (cgroup / "cgroup.procs").read_text().split()
         finally:
-            os.close(procs)
+            os.close(directory)
 
 
 def test_failure_as_another_user_is_reported(spawn_with: Spawn, tmp_path: Path) -> None:
