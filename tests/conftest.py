@@ -24,6 +24,10 @@ import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
 REPORT_WORKER = str(ROOT / "tests" / "workers" / "report.py")
+# How to run the supervisor: as installed, or with the os.fork() spawn path
+# (where the C extension was not built); tests of the child's work run both.
+NATIVE_SPAWN = ("-m", "fdsupervisor")
+FORK_SPAWN = (str(ROOT / "tests" / "workers" / "fork_spawn_supervisor.py"),)
 ECHO_WORKER = str(ROOT / "contrib" / "workers" / "echo.py")
 PYTHON = sys.executable
 
@@ -48,6 +52,7 @@ class SupervisorProcess:
         cwd: Path,
         pass_fds: tuple[int, ...] = (),
         env: dict[str, str] | None = None,
+        program: tuple[str, ...] = NATIVE_SPAWN,
     ) -> None:
         self.events: list[dict[str, Any]] = []
         self.output: list[str] = []
@@ -57,7 +62,7 @@ class SupervisorProcess:
         extra_path = (env or {}).get("PYTHONPATH")
         full_env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT / "src"), extra_path]))
         self.proc = subprocess.Popen(
-            [PYTHON, "-m", "fdsupervisor", "run", "--log-format", "json", *args],
+            [PYTHON, *program, "run", "--log-format", "json", *args],
             cwd=cwd,
             stdin=subprocess.DEVNULL,
             stdout=subprocess.PIPE,

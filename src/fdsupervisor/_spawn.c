@@ -4,9 +4,10 @@
  * supervisor and runs Python in the child before execve(); here the child
  * borrows the parent's memory, as glibc's posix_spawn() does, and runs only
  * the few system calls a worker needs between fork and exec: its own process
- * group, default signals, the fds at 3, 4, ..., the working directory, the
- * credentials and the environment variables that hold its own pid (LISTEN_PID,
- * WATCHDOG_PID), which posix_spawn() cannot set.
+ * group, default signals, its own cgroup, the fds at 3, 4, ..., the working
+ * directory, the credentials, its stdout and stderr files (opened as the
+ * worker's user, see docs/security.md) and the environment variables that hold
+ * its own pid (LISTEN_PID, WATCHDOG_PID), which posix_spawn() cannot set.
  *
  * Rules for the child, taken from CPython's Modules/_posixsubprocess.c and
  * glibc's spawni.c, because it shares memory with the suspended parent:
@@ -78,6 +79,14 @@ struct child_plan {
     int fd_count;
     int *moved; /* scratch: fd_count slots */
     int stdio_fd; /* -1: none */
+    int stdout_fd; /* -1: none; else placed at 1 */
+    int stderr_fd; /* -1: none; else placed at 2 */
+    const char *stdout_path; /* NULL: none; else opened at 1 as the worker's user */
+    int stdout_flags;
+    const char *stderr_path; /* NULL: none; else opened at 2 as the worker's user */
+    int stderr_flags;
+    int stderr_from_stdout; /* both name the same file: one open file for both */
+    int cgroup_fd; /* -1: none; else the worker's cgroup (a directory fd), joined first */
     const char *cwd; /* NULL: none */
     const gid_t *groups;
     size_t group_count;
@@ -160,6 +169,38 @@ write_pid_variables(struct child_plan *plan)
     }
 }
 
+/* ``source`` at ``target`` through a copy above ``above``: dup2() onto the
+ * same number would be a no-op that keeps close-on-exec. The copy is closed
+ * with every other fd from ``above`` on. */
+static int
+place_fd(int source, int target, int above)
+{
+    int copy = fcntl(source, F_DUPFD_CLOEXEC, above);
+    if (copy == -1) {
+        return -1;
+    }
+    return dup2(copy, target);
+}
+
+/* Opens a stdout/stderr file at ``target``. Called after the switch to the
+ * worker's credentials, so the kernel checks the worker's own right to the
+ * path and to whatever a symbolic link there points to. */
+static int
+open_output(const char *path, int flags, int target)
+{
+    int fd = open(path, flags, 0644);
+    if (fd == -1 || fd == target) { /* without O_CLOEXEC: inherited as it is */
+        return fd;
+    }
+    if (dup2(fd, target) == -1) {
+        int saved_errno = errno;
+        (void)close(fd);
+        errno = saved_errno;
+        return -1;
+    }
+    return close(fd);
+}
+
 #define CHILD_STEP(stage, call)                 \
     do {                                        \
         plan->failed_stage = (stage);           \
@@ -181,6 +222,14 @@ child_main(void *argument)
     CHILD_STEP("setsid", setsid());
     plan->failed_stage = "signals";
     reset_signal_dispositions(&plan->reset_ignored);
+    /* Into the worker's own cgroup before it can fork anything, and while
+     * still root: moving a process needs write access to cgroup.procs. */
+    if (plan->cgroup_fd >= 0) {
+        int procs;
+        CHILD_STEP("cgroup", procs = openat(plan->cgroup_fd, "cgroup.procs", O_WRONLY | O_CLOEXEC));
+        CHILD_STEP("cgroup", write(procs, "0", 1));
+        (void)close(procs);
+    }
 
     /* A source may sit where a target goes (fd 3 may be the second socket):
      * first copy every source above the whole target range, then move. */
@@ -194,6 +243,12 @@ child_main(void *argument)
         CHILD_STEP("fds", stdio = fcntl(plan->stdio_fd, F_DUPFD_CLOEXEC, top));
         CHILD_STEP("fds", dup2(stdio, 0));
         CHILD_STEP("fds", dup2(stdio, 1));
+    }
+    if (plan->stdout_fd >= 0) {
+        CHILD_STEP("fds", place_fd(plan->stdout_fd, STDOUT_FILENO, top));
+    }
+    if (plan->stderr_fd >= 0) {
+        CHILD_STEP("fds", place_fd(plan->stderr_fd, STDERR_FILENO, top));
     }
     for (int i = 0; i < plan->fd_count; i++) {
         /* dup2() clears close-on-exec: the one place we want that. */
@@ -212,6 +267,14 @@ child_main(void *argument)
     }
     if (plan->set_uid) {
         CHILD_STEP("setuid", syscall(SYSCALL_SETRESUID, plan->uid, plan->uid, plan->uid));
+    }
+    if (plan->stdout_path != NULL) {
+        CHILD_STEP("stdout", open_output(plan->stdout_path, plan->stdout_flags, STDOUT_FILENO));
+    }
+    if (plan->stderr_from_stdout) {
+        CHILD_STEP("stderr", dup2(STDOUT_FILENO, STDERR_FILENO));
+    } else if (plan->stderr_path != NULL) {
+        CHILD_STEP("stderr", open_output(plan->stderr_path, plan->stderr_flags, STDERR_FILENO));
     }
     write_pid_variables(plan);
 
@@ -319,6 +382,35 @@ optional_id(PyObject *object, const char *what, unsigned int *id, int *set)
     return 0;
 }
 
+/* None, or bytes without a NUL byte that the caller keeps alive. */
+static int
+optional_path(PyObject *object, const char *what, const char **out)
+{
+    *out = NULL;
+    if (object == Py_None) {
+        return 0;
+    }
+    if (!PyBytes_Check(object)) {
+        PyErr_Format(PyExc_TypeError, "%s must be bytes or None", what);
+        return -1;
+    }
+    *out = PyBytes_AS_STRING(object);
+    return check_no_nul(what, *out, PyBytes_GET_SIZE(object));
+}
+
+/* The open() flags of a stdout/stderr file: written from its start, or
+ * appended to (systemd's StandardOutput=file: and append:). */
+static int
+output_flags(PyObject *append, int *flags)
+{
+    int truth = PyObject_IsTrue(append);
+    if (truth < 0) {
+        return -1;
+    }
+    *flags = O_WRONLY | O_CREAT | O_NOCTTY | (truth ? O_APPEND : 0);
+    return 0;
+}
+
 static PyObject *
 raise_child_error(const char *stage, int error)
 {
@@ -341,21 +433,26 @@ raise_child_error(const char *stage, int error)
 
 PyDoc_STRVAR(spawn_doc,
 "spawn(executable, argv, envp, fds, stdio_fd, cwd, uid, gid, groups,\n"
-"      pid_variables, reset_signals, /) -> pid\n"
+"      pid_variables, reset_signals, stdout_fd, stderr_fd, stdout_path,\n"
+"      stdout_append, stderr_path, stderr_append, cgroup_fd, /) -> pid\n"
 "\n"
 "Start ``executable`` in a new process with clone(CLONE_VM | CLONE_VFORK) and\n"
 "return its pid once it has exec'd.\n"
 "\n"
 "The child starts its own session (and process group), resets signal handlers (and the\n"
-"signals in ``reset_signals`` even when ignored) to SIG_DFL, places ``fds``\n"
-"at 3, 4, ... (``stdio_fd``, unless -1, also at 0 and 1), closes every other\n"
-"fd above 2, changes to ``cwd`` unless None, sets ``groups`` unless None, the\n"
-"gid and uid unless -1, adds ``NAME=<its own pid>`` to ``envp`` for each\n"
-"name of ``pid_variables``, empties its signal mask and execs.\n"
+"signals in ``reset_signals`` even when ignored) to SIG_DFL, joins the cgroup\n"
+"of directory fd ``cgroup_fd`` unless -1 (\"0\" to its cgroup.procs), places\n"
+"``fds`` at 3, 4, ... (``stdio_fd``, unless -1, also at 0 and 1; ``stdout_fd``\n"
+"at 1 and ``stderr_fd`` at 2 unless -1), closes every other fd above 2,\n"
+"changes to ``cwd`` unless None, sets ``groups`` unless None, the gid and\n"
+"uid unless -1, then opens\n"
+"``stdout_path`` at 1 and ``stderr_path`` at 2 unless None (created 0644,\n"
+"appended to when the flag is true), adds ``NAME=<its own pid>`` to ``envp``\n"
+"for each name of ``pid_variables``, empties its signal mask and execs.\n"
 "\n"
 "A failure in the child raises OSError(errno, 'STAGE: reason') once the\n"
-"child is reaped; STAGE is one of setsid, fds, chdir, setgroups, setgid,\n"
-"setuid, signals, exec.");
+"child is reaped; STAGE is one of setsid, cgroup, fds, chdir, setgroups,\n"
+"setgid, setuid, stdout, stderr, signals, exec.");
 
 static PyObject *
 native_spawn(PyObject *Py_UNUSED(module), PyObject *const *args, Py_ssize_t nargs)
@@ -370,8 +467,8 @@ native_spawn(PyObject *Py_UNUSED(module), PyObject *const *args, Py_ssize_t narg
     Py_ssize_t argc = 0, envc = 0;
     long number;
 
-    if (nargs != 11) {
-        PyErr_Format(PyExc_TypeError, "spawn() takes exactly 11 arguments (%zd given)", nargs);
+    if (nargs != 18) {
+        PyErr_Format(PyExc_TypeError, "spawn() takes exactly 18 arguments (%zd given)", nargs);
         return NULL;
     }
     memset(&plan, 0, sizeof(plan));
@@ -483,6 +580,29 @@ native_spawn(PyObject *Py_UNUSED(module), PyObject *const *args, Py_ssize_t narg
         goto done;
     }
     plan.stdio_fd = (int)number;
+    if (int_in_range(args[11], "stdout_fd", -1, INT_MAX, &number) < 0) {
+        goto done;
+    }
+    plan.stdout_fd = (int)number;
+    if (int_in_range(args[12], "stderr_fd", -1, INT_MAX, &number) < 0) {
+        goto done;
+    }
+    plan.stderr_fd = (int)number;
+    if (optional_path(args[13], "stdout_path", &plan.stdout_path) < 0 ||
+        output_flags(args[14], &plan.stdout_flags) < 0 ||
+        optional_path(args[15], "stderr_path", &plan.stderr_path) < 0 ||
+        output_flags(args[16], &plan.stderr_flags) < 0) {
+        goto done;
+    }
+    /* As systemd's can_inherit_stderr_from_stdout(): two opens of one file
+     * would each write from their own offset, over each other's output. */
+    plan.stderr_from_stdout = plan.stdout_path != NULL && plan.stderr_path != NULL &&
+                              strcmp(plan.stdout_path, plan.stderr_path) == 0 &&
+                              plan.stdout_flags == plan.stderr_flags;
+    if (int_in_range(args[17], "cgroup_fd", -1, INT_MAX, &number) < 0) {
+        goto done;
+    }
+    plan.cgroup_fd = (int)number;
 
     if (optional_id(args[6], "uid", &plan.uid, &plan.set_uid) < 0 ||
         optional_id(args[7], "gid", &plan.gid, &plan.set_gid) < 0) {

@@ -14,10 +14,20 @@ def spawn(
     groups: Sequence[int] | None,
     pid_variables: Sequence[bytes],
     reset_signals: Sequence[int],
+    stdout_fd: int,
+    stderr_fd: int,
+    stdout_path: bytes | None,
+    stdout_append: bool,
+    stderr_path: bytes | None,
+    stderr_append: bool,
+    cgroup_fd: int,
     /,
 ) -> int:
     """Start ``executable`` with ``clone(CLONE_VM | CLONE_VFORK)``; its pid once it exec'd.
 
-    ``-1`` for ``stdio_fd``, ``uid`` or ``gid`` means none. A failure in the child
-    raises ``OSError(errno, "STAGE: reason")`` after the child was reaped.
+    ``-1`` for ``stdio_fd``, ``uid``, ``gid``, ``stdout_fd``, ``stderr_fd`` or
+    ``cgroup_fd`` means none; ``cgroup_fd`` is a cgroup's directory, which the child
+    starts in. ``stdout_path`` and ``stderr_path`` are opened by the child after the
+    switch to ``uid``. A failure in the child raises
+    ``OSError(errno, "STAGE: reason")`` after the child was reaped.
     """

@@ -123,6 +123,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     run.add_argument("--no-monitor", action="store_true", help="run without a monitor socket")
     run.add_argument(
+        "--no-cgroups",
+        action="store_true",
+        help="do not put each worker in a cgroup of its own (processes that escape a "
+        "worker's process group are then only logged, not stopped)",
+    )
+    run.add_argument(
         "--monitor-allow-uid",
         type=int,
         action="append",
@@ -264,6 +270,7 @@ def _run_config(args: argparse.Namespace, command: list[str]) -> RunConfig:
         command_line=line,
         monitor_path=monitor,
         monitor_allowed_uids=tuple(sorted({0, os.getuid(), *args.monitor_allow_uid})),
+        use_cgroups=not args.no_cgroups,
     )
 
 
@@ -286,6 +293,7 @@ def _supervisor(
         exec_argv=exec_argv,
         systemd_sockets=systemd_sockets,
         run_config=config,
+        use_cgroups=config.use_cgroups,
     )
 
 

@@ -11,8 +11,8 @@ Neither ``subprocess`` nor ``os.posix_spawn`` fits: ``LISTEN_PID`` (and
 child, between fork and ``execve()`` (systemd sets it there too, in
 ``build_environment()``), and the passed fds must be renumbered to 3, 4, ...
 Two implementations do the same steps in the child (own session and so own
-process group, default signals, fds in place, working directory, credentials, pid
-variables, exec):
+process group, default signals, own cgroup, fds in place, working directory,
+credentials, stdout and stderr files, pid variables, exec):
 
 - ``fdsupervisor._spawn``, a C extension: ``clone(CLONE_VM | CLONE_VFORK)``
   as glibc's ``posix_spawn()`` does, no copy of the supervisor's memory and
@@ -81,6 +81,35 @@ class PassedFd:
 
 
 @dataclass(frozen=True, slots=True)
+class OutputFile:
+    """A ``file:`` or ``append:`` target of stdout or stderr, opened by the child.
+
+    The child opens it after the switch to the worker's user and groups, so
+    that the kernel checks the worker's own right to the path (and to what a
+    symbolic link there points to): a worker writes only what its user could
+    write (docs/security.md, "A worker's output files").
+    """
+
+    path: bytes
+    append: bool  # O_APPEND (append:), else written from the start (file:)
+
+    @property
+    def flags(self) -> int:
+        return os.O_WRONLY | os.O_CREAT | os.O_NOCTTY | (os.O_APPEND if self.append else 0)
+
+
+OUTPUT_FILE_MODE = 0o644  # then less the umask, for a file the worker creates
+
+
+def output_file(target: str) -> OutputFile | None:
+    """The file of a unit's ``stdout:`` / ``stderr:`` value, if it names one."""
+    kind, _, path = target.partition(":")
+    if kind not in ("file", "append") or not path:
+        return None
+    return OutputFile(os.fsencode(path), kind == "append")
+
+
+@dataclass(frozen=True, slots=True)
 class SpawnPlan:
     executable: str
     argv: tuple[str, ...]
@@ -91,8 +120,11 @@ class SpawnPlan:
     gid: int | None
     groups: tuple[int, ...] | None
     stdio_fd: int | None = None  # inetd: also stdin and stdout
-    stdout_fd: int | None = None  # the unit's stdout: / stderr: targets, when not inherited
+    stdout_fd: int | None = None  # the unit's stdout: / stderr: null or journal, when given
     stderr_fd: int | None = None
+    stdout_file: OutputFile | None = None  # the unit's stdout: / stderr: file: or append:
+    stderr_file: OutputFile | None = None
+    cgroup_fd: int | None = None  # the worker's cgroup (its directory): the child starts in it
     # Variables that must hold the worker's own pid, known only after fork():
     # LISTEN_PID always, WATCHDOG_PID with a watchdog (as systemd sets both).
     pid_variables: tuple[str, ...] = ("LISTEN_PID",)
@@ -157,6 +189,8 @@ def plan_worker(
         gid=gid,
         groups=groups,
         stdio_fd=stdio_fd,
+        stdout_file=output_file(service.stdout),
+        stderr_file=output_file(service.stderr),
         pid_variables=pid_variables,
     )
 
@@ -203,9 +237,9 @@ def spawn(plan: SpawnPlan) -> int:
     Raises :class:`SpawnError` when the child failed before or at the exec
     (the message names the step and the reason); the child is reaped then.
     """
-    if _native is not None and plan.stdout_fd is None and plan.stderr_fd is None:
+    if _native is not None:
         return _spawn_native(plan)
-    return _spawn_python(plan)  # also the one path that redirects stdout and stderr
+    return _spawn_python(plan)
 
 
 def native_spawn_available() -> bool:
@@ -235,6 +269,13 @@ def _spawn_native(plan: SpawnPlan) -> int:
             plan.groups,
             [os.fsencode(name) for name in pid_variables],
             RESET_SIGNALS,
+            -1 if plan.stdout_fd is None else plan.stdout_fd,
+            -1 if plan.stderr_fd is None else plan.stderr_fd,
+            None if plan.stdout_file is None else plan.stdout_file.path,
+            plan.stdout_file is not None and plan.stdout_file.append,
+            None if plan.stderr_file is None else plan.stderr_file.path,
+            plan.stderr_file is not None and plan.stderr_file.append,
+            -1 if plan.cgroup_fd is None else plan.cgroup_fd,
         )
     except OSError as exc:  # "STAGE: reason", or from clone() itself
         raise SpawnError(f"cannot start {plan.argv[0]!r}: {exc.strerror}", exc.errno) from None
@@ -299,6 +340,12 @@ def _exec_child(plan: SpawnPlan, report_fd: int) -> None:  # pragma: no cover - 
         for signum in RESET_SIGNALS:
             signal.signal(signum, signal.SIG_DFL)
         signal.pthread_sigmask(signal.SIG_SETMASK, ())
+        if plan.cgroup_fd is not None:
+            # before anything the worker could fork from, and while still root
+            stage = "cgroup"
+            procs = os.open("cgroup.procs", os.O_WRONLY | os.O_CLOEXEC, dir_fd=plan.cgroup_fd)
+            os.write(procs, b"0")
+            os.close(procs)
         stage = "fds"
         _place_fds(plan.fds, plan.stdio_fd, report_fd, plan.stdout_fd, plan.stderr_fd)
         if plan.working_directory is not None:
@@ -313,6 +360,17 @@ def _exec_child(plan: SpawnPlan, report_fd: int) -> None:  # pragma: no cover - 
         if plan.uid is not None:
             stage = "setuid"
             os.setresuid(plan.uid, plan.uid, plan.uid)
+        if plan.stdout_file is not None:
+            stage = "stdout"
+            _open_output(plan.stdout_file, 1)
+        if plan.stderr_file is not None:
+            stage = "stderr"
+            if plan.stderr_file == plan.stdout_file:
+                # one open file for both, as systemd's can_inherit_stderr_from_stdout():
+                # two would each write from their own offset, over each other
+                os.dup2(1, 2)
+            else:
+                _open_output(plan.stderr_file, 2)
         env = dict(plan.environment)
         own_pid = str(os.getpid())
         for name in plan.pid_variables:
@@ -358,6 +416,16 @@ def _place_fds(
         os.dup2(fd, LISTEN_FDS_START + index)  # inheritable: the one place we want that
     os.closerange(top, report_fd)
     os.closerange(report_fd + 1, os.sysconf("SC_OPEN_MAX"))
+
+
+def _open_output(output: OutputFile, target: int) -> None:  # pragma: no cover - child
+    """Open ``output`` at fd ``target``, with the child's (the worker's) credentials."""
+    fd = os.open(output.path, output.flags, OUTPUT_FILE_MODE)
+    if fd == target:
+        os.set_inheritable(fd, True)
+    else:
+        os.dup2(fd, target)
+        os.close(fd)
 
 
 def _report(fd: int, stage: str, code: int) -> None:  # pragma: no cover - child

@@ -35,6 +35,7 @@ from systemd import journal
 from . import __version__
 from .addresses import FdAddress, check_name, timer_seconds
 from .binding import BoundSocket, InheritedFds, adopt_socket, bind_socket, describe_socket
+from .cgroups import WorkerCgroups, socket_holders
 from .errors import BindError, ConfigErrors, FdSupervisorError, SpawnError, ValueProblem
 from .fdstore import FdStore, RawFd, service_owner, unit_owner
 from .log import RateLimitedLog
@@ -118,8 +119,13 @@ class Supervisor:
         exec_argv: Sequence[str] = (),
         systemd_sockets: SystemdSockets | None = None,
         run_config: RunConfig | None = None,
+        use_cgroups: bool = True,
     ) -> None:
         self.log = log
+        # Each worker in a cgroup of its own (cgroups.py), made at start(); None:
+        # process groups only, and processes that escaped them are logged after a stop.
+        self.use_cgroups = use_cgroups
+        self.cgroups: WorkerCgroups | None = None
         self.environ = dict(environ)
         self.inherited = inherited
         self.loop = EventLoop()
@@ -304,11 +310,19 @@ class Supervisor:
         self.notify_socket = self._open_notify_socket(handover)
         self.loop.add_reader(self.notify_socket.fileno(), self._on_notify)
         self.loop.add_reader(self._hangups.fileno(), self._on_hangups)
+        if self.use_cgroups:
+            self.cgroups = WorkerCgroups.open(self.log)
+        else:
+            self.log.info("cgroups_disabled", reason="--no-cgroups", note="escapes are only logged")
+        if self.cgroups is not None:
+            self.loop.add_reader(self.cgroups.fileno(), self.cgroups.process_events)
         if handover is None:
             for runtime in self.units.values():
                 self._activate(runtime)
         else:
             self._restore_services(handover)
+        if self.cgroups is not None:
+            self.cgroups.release_unclaimed()
         interval = self.notifier.watchdog_interval()
         if interval is not None:
             self._ping_watchdog(interval)
@@ -890,6 +904,8 @@ class Supervisor:
                     failure=saved.failure,
                 )
                 runtime.pidfds[saved.pid] = pidfd
+                if self.cgroups is not None:
+                    self.cgroups.adopt(saved.pid)
                 self.loop.add_reader(pidfd, partial(self._reap, runtime, saved.pid))
                 if runtime.unit.service.watchdog and math.isfinite(runtime.unit.service.watchdog):
                     self._arm_watchdog(runtime, saved.pid, runtime.unit.service.watchdog)
@@ -914,12 +930,16 @@ class Supervisor:
             pidfd = os.pidfd_open(pid)
         except ProcessLookupError:
             return
+        if self.cgroups is not None:
+            self.cgroups.adopt(pid)
         self._signal_group(pid, signal.SIGTERM)
 
         def reap() -> None:
             self.loop.remove_reader(pidfd)
             os.close(pidfd)
             os.waitpid(pid, 0)
+            if self.cgroups is not None:
+                self.cgroups.release(pid)
 
         self.loop.add_reader(pidfd, reap)
 
@@ -992,7 +1012,7 @@ class Supervisor:
                 self.environ,
                 notify_socket=self._notify_address(),
             )
-            pid, pidfd = self._spawn_watched(unit, plan)
+            pid, pidfd = self._spawn_watched(unit, plan, instance)
         except SpawnError as exc:
             if not exc.transient:  # the program, user or directory is wrong: no retry helps
                 self.log.error(
@@ -1025,34 +1045,62 @@ class Supervisor:
         elif isinstance(decision, Failed):
             self._fail(runtime, f"{decision.reason}: {exc}")
 
-    def _spawn_watched(self, unit: Unit, plan: SpawnPlan) -> tuple[int, int]:
+    def _spawn_watched(self, unit: Unit, plan: SpawnPlan, instance: int) -> tuple[int, int]:
         """Spawn, and open the pidfd that watches the worker; both or neither.
 
-        The unit's stdout: and stderr: targets are opened for this worker and
-        closed here once it has its own copies. Out of fds, a worker we could
-        not watch is killed and reaped at once, and the start counts as failed
-        (then retried) instead of escaping the loop.
+        The unit's stdout: and stderr: null or journal targets are opened for
+        this worker and closed here once it has its own copies (files are
+        opened by the child itself, as the worker's user: see spawn.py). The
+        worker's cgroup (not in accept mode) is made before and joined by the
+        child. Out of fds, a
+        worker we could not watch is killed and reaped at once, and the start
+        counts as failed (then retried) instead of escaping the loop.
         """
         outputs: list[int] = []
+        cgroup = None
         try:
             stdout_fd = self._open_output(unit, unit.service.stdout, outputs)
             stderr_fd = self._open_output(unit, unit.service.stderr, outputs)
             if outputs:
                 plan = dataclasses.replace(plan, stdout_fd=stdout_fd, stderr_fd=stderr_fd)
+            # Not per connection in accept mode: a connection worker never holds
+            # the listening sockets, and a fresh cgroup holds the loop some 0.4 ms
+            # per start, half the accept rate (docs/security.md).
+            if self.cgroups is not None and not unit.service.accept:
+                try:
+                    cgroup = self.cgroups.prepare(unit.name, instance)
+                except OSError as exc:  # as systemd's EXIT_CGROUP: the start fails
+                    raise SpawnError(
+                        f"cannot start {plan.argv[0]!r}: cgroup: {exc.strerror}", exc.errno
+                    ) from None
+                plan = dataclasses.replace(plan, cgroup_fd=cgroup.fd)
             pid = spawn(plan)
+        except BaseException:
+            if cgroup is not None and self.cgroups is not None:
+                self.cgroups.discard(cgroup)
+            raise
         finally:
             for fd in outputs:
                 os.close(fd)
+        if cgroup is not None and self.cgroups is not None:
+            self.cgroups.started(pid, cgroup)
         try:
             return pid, os.pidfd_open(pid)
         except OSError:
             os.kill(pid, signal.SIGKILL)
             os.waitpid(pid, 0)
+            if self.cgroups is not None:
+                self.cgroups.release(pid)
             raise
 
     def _open_output(self, unit: Unit, target: str, opened: list[int]) -> int | None:
-        """An fd for a worker's stdout or stderr (None: inherit the supervisor's)."""
-        if target == "inherit":
+        """An fd for a worker's stdout or stderr: null or journal (None: not ours to open).
+
+        ``file:`` and ``append:`` are not opened here, as root, but by the
+        child after it became the worker's user (spawn.OutputFile): a worker
+        could otherwise point its file at any file of root's with a symlink.
+        """
+        if target == "inherit" or target.startswith(("file:", "append:")):
             return None
         if target == "journal":
             try:
@@ -1062,12 +1110,8 @@ class Supervisor:
                 return None
             fd = os.dup(stream.fileno())
             stream.close()
-        elif target == "null":
-            fd = os.open(os.devnull, os.O_WRONLY | os.O_CLOEXEC)
         else:
-            kind, _, path = target.partition(":")
-            flags = os.O_WRONLY | os.O_CREAT | os.O_CLOEXEC | os.O_NOCTTY
-            fd = os.open(path, flags | (os.O_APPEND if kind == "append" else 0), 0o644)
+            fd = os.open(os.devnull, os.O_WRONLY | os.O_CLOEXEC)
         opened.append(fd)
         return fd
 
@@ -1090,6 +1134,7 @@ class Supervisor:
         pidfd = runtime.pidfds.pop(pid)
         self.loop.remove_reader(pidfd)
         os.close(pidfd)
+        self._left_behind(runtime, pid)  # first: who left the group is told by its group id
         # The leader is a zombie until waitpid, so its pid (= the group id)
         # cannot be reused yet: kill what is left of its group now, as
         # systemd kills the rest of a service's cgroup when its main process exits.
@@ -1133,6 +1178,47 @@ class Supervisor:
         if runtime.accept_paused and runtime.accepting:
             self._resume_accepting(runtime)
 
+    def _left_behind(self, runtime: UnitRuntime, pid: int) -> None:
+        """Worker ``pid`` is gone: end what it left in its cgroup, or at least name it.
+
+        With cgroups, the rest of the worker's cgroup is killed (systemd's
+        KillMode=control-group). Without, a process that left the worker's
+        process group (setsid() and a double fork) cannot be told from any
+        other; the one sign is that it still holds one of the unit's sockets.
+        """
+        unit = runtime.unit.name
+        if self.cgroups is not None:
+            for escaped in self.cgroups.release(pid):
+                self.log.warning(
+                    "escaped_process",
+                    unit=unit,
+                    pid=escaped,
+                    worker=pid,
+                    action="killed with the worker's cgroup",
+                )
+            return
+        if runtime.unit.service.accept:
+            return  # connection workers never get the listening sockets
+        inodes = {}
+        for entry in self.store.owned_by(unit_owner(unit)):
+            with contextlib.suppress(OSError):
+                inodes[os.fstat(entry.fd).st_ino] = entry.name
+        live = set(runtime.service.pids)
+        for holder, sockets in socket_holders(inodes, skip=(os.getpid(), *live)).items():
+            with contextlib.suppress(OSError):
+                group = os.getpgid(holder)
+                # the exited worker's group (killed next) and live workers' groups did not escape
+                if group == pid or group in live:
+                    continue
+            self.log.warning(
+                "escaped_process",
+                unit=unit,
+                pid=holder,
+                worker=pid,
+                sockets=sockets,
+                action="left running: no cgroup to stop it with (docs/security.md)",
+            )
+
     def _restart_due(self, runtime: UnitRuntime, instance: int) -> None:
         runtime.restart_timers.pop(instance, None)
         if self.shutting_down or runtime.service.state in (
@@ -1168,6 +1254,8 @@ class Supervisor:
         runtime.restart_timers.clear()
 
     def _signal_group(self, pid: int, signum: int, *, leader_too: bool = True) -> None:
+        if self.cgroups is not None:
+            self.cgroups.signal(pid, signum)  # what of its cgroup left the group
         try:
             os.killpg(pid, signum)
         except ProcessLookupError:
@@ -1274,7 +1362,7 @@ class Supervisor:
                 stdio_fd=conn.fileno() if unit.service.inetd else None,
                 notify_socket=self._notify_address(),
             )
-            pid, pidfd = self._spawn_watched(unit, plan)
+            pid, pidfd = self._spawn_watched(unit, plan, instance)
         except (SpawnError, OSError) as exc:
             # this connection is lost; the next ones are tried as they come
             self.log.error("worker_start_failed", unit=unit.name, instance=instance, error=str(exc))
@@ -1525,6 +1613,8 @@ class Supervisor:
             for pidfd in runtime.pidfds.values():
                 os.close(pidfd)
             runtime.pidfds.clear()
+        if self.cgroups is not None:
+            self.cgroups.close()
         self._keep_socket_files()
         self.store.close_all()
         if self.notify_socket is not None:

@@ -133,6 +133,7 @@ class RunConfig:
     command_line: CommandLineUnit | None = None
     monitor_path: str | None = None  # None: run without a monitor
     monitor_allowed_uids: tuple[int, ...] = ()
+    use_cgroups: bool = True
 
 
 @dataclass(frozen=True, slots=True)
@@ -217,6 +218,7 @@ def _run_config(data: dict[str, Any] | None) -> RunConfig | None:
         else None,
         monitor_path=data["monitor_path"],
         monitor_allowed_uids=tuple(data["monitor_allowed_uids"]),
+        use_cgroups=data.get("use_cgroups", True),
     )
 
 

@@ -20,6 +20,7 @@ import shutil
 import signal
 import socket
 import sys
+import tempfile
 import time
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
@@ -30,9 +31,11 @@ from typing import Any
 import pytest
 
 from fdsupervisor import spawn as spawn_module
+from fdsupervisor.cgroups import cgroup2_mounts, cgroup_directory, own_cgroup
 from fdsupervisor.errors import SpawnError
 from fdsupervisor.spawn import (
     RESET_SIGNALS,
+    OutputFile,
     SpawnPlan,
     _spawn_native,
     _spawn_python,
@@ -346,15 +349,20 @@ def test_credentials_switch(spawn_with: Spawn) -> None:
         ({"executable": "{tmp}/not-executable"}, "exec: Permission denied"),
         ({"working_directory": "/nonexistent"}, "chdir: No such file or directory"),
         ({"fds": (987_654,)}, "fds: Bad file descriptor"),
+        ({"cgroup_fd": 987_654}, "cgroup: Bad file descriptor"),
+        ({"stdout_file": "{tmp}/missing/out.log"}, "stdout: No such file or directory"),
     ],
-    ids=["missing", "not-executable", "chdir", "bad-fd"],
+    ids=["missing", "not-executable", "chdir", "bad-fd", "cgroup", "stdout"],
 )
 def test_failure_names_the_step_and_leaves_nothing_behind(
-    spawn_with: Spawn, changes: dict[str, str | tuple[int]], expected: str, tmp_path: Path
+    spawn_with: Spawn, changes: dict[str, Any], expected: str, tmp_path: Path
 ) -> None:
     (tmp_path / "not-executable").write_text("#!/bin/sh\n")
     if isinstance(changes.get("executable"), str):
         changes = {**changes, "executable": str(changes["executable"]).format(tmp=tmp_path)}
+    if isinstance(changes.get("stdout_file"), str):
+        path = str(changes["stdout_file"]).format(tmp=tmp_path)
+        changes = {**changes, "stdout_file": OutputFile(os.fsencode(path), append=True)}
     fds_before = open_fds()
     with pytest.raises(SpawnError) as info:
         spawn_with(plan_for([TRUE], **changes))
@@ -384,6 +392,10 @@ def test_nul_byte_is_refused(spawn_with: Spawn) -> None:
         (8, (1, "x"), TypeError),
         (9, (b"A=B",), ValueError),
         (10, (0,), ValueError),
+        (11, -2, ValueError),
+        (13, "/tmp/out", TypeError),  # str, not bytes
+        (15, b"/tmp/a\0b", ValueError),
+        (17, -2, ValueError),
     ],
 )
 def test_extension_checks_its_arguments_before_starting_anything(
@@ -392,14 +404,152 @@ def test_extension_checks_its_arguments_before_starting_anything(
     from fdsupervisor import _spawn  # only where it was built
 
     args: list[Any] = [
-        TRUE.encode(), [b"true"], [], (), -1, None, -1, -1, None, (b"LISTEN_PID",), (15,)
+        TRUE.encode(), [b"true"], [], (), -1, None, -1, -1, None, (b"LISTEN_PID",), (15,),
+        -1, -1, None, False, None, False, -1,
     ]  # fmt: skip
     args[index] = value
     with pytest.raises(error):
         _spawn.spawn(*args)
-    with pytest.raises(TypeError, match="exactly 11 arguments"):
+    with pytest.raises(TypeError, match="exactly 18 arguments"):
         _spawn.spawn(*args[:-1])
     assert zombies_of(os.getpid()) == []
+
+
+# --------------------------------------------------------------------------- outputs and cgroup
+
+
+@contextmanager
+def nobody_owned_dir() -> Iterator[Path]:
+    """A directory of nobody's in a world-traversable one (tmp_path is 0700 root)."""
+    top = Path(tempfile.mkdtemp(prefix="fdsup-spawn-"))
+    try:
+        top.chmod(0o755)
+        mine = top / "nobody"
+        mine.mkdir()
+        nobody = pwd.getpwnam("nobody")
+        os.chown(mine, nobody.pw_uid, nobody.pw_gid)
+        yield mine
+    finally:
+        shutil.rmtree(top, ignore_errors=True)
+
+
+def as_nobody() -> dict[str, object]:
+    nobody = pwd.getpwnam("nobody")
+    return {"uid": nobody.pw_uid, "gid": nobody.pw_gid, "groups": (nobody.pw_gid,)}
+
+
+def current_umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def test_output_files_are_opened_as_the_worker(spawn_with: Spawn) -> None:
+    if os.geteuid() != 0:
+        pytest.skip("switching uid needs root")
+    nobody = pwd.getpwnam("nobody").pw_uid
+    with nobody_owned_dir() as directory:
+        out, err = directory / "out.log", directory / "err.log"
+        out.write_text("earlier\n")
+        os.chown(out, nobody, -1)
+        plan = plan_for(
+            [SH, "-c", "echo to-out; echo to-err >&2"],
+            stdout_file=OutputFile(bytes(out), append=True),
+            stderr_file=OutputFile(bytes(err), append=False),
+            **as_nobody(),
+        )
+        fds_before = open_fds()
+        pid = spawn_with(plan)
+        assert os.waitpid(pid, 0)[1] == 0
+        assert open_fds() == fds_before
+        assert out.read_text() == "earlier\nto-out\n"
+        assert err.read_text() == "to-err\n"
+        assert err.stat().st_uid == nobody  # created by the worker, not by root
+        assert err.stat().st_mode & 0o777 == 0o644 & ~current_umask()
+
+
+def test_stderr_naming_stdouts_file_shares_its_open_file(spawn_with: Spawn, tmp_path: Path) -> None:
+    log = tmp_path / "both.log"
+    both = OutputFile(bytes(log), append=False)
+    plan = plan_for(
+        [SH, "-c", "echo one; echo two >&2; exec sleep 60"], stdout_file=both, stderr_file=both
+    )
+    with running(spawn_with, plan) as pid:
+        assert os.readlink(f"/proc/{pid}/fd/1") == str(log)
+        # one open file description, so one offset: two opens would overwrite each other
+        assert log.read_text() == "one\ntwo\n"
+        offsets = [Path(f"/proc/{pid}/fdinfo/{fd}").read_text().split()[1] for fd in (1, 2)]
+        assert offsets == ["8", "8"]
+
+
+@pytest.mark.parametrize("stream", ["stdout", "stderr"])
+def test_an_output_file_the_worker_may_not_open_fails_the_start(
+    spawn_with: Spawn, stream: str, tmp_path: Path
+) -> None:
+    if os.geteuid() != 0:
+        pytest.skip("switching uid needs root")
+    private = tmp_path / "root-only.log"  # in a 0700 directory of root's
+    private.write_text("")
+    fds_before = open_fds()
+    output = OutputFile(bytes(private), append=True)
+    with pytest.raises(SpawnError) as info:
+        spawn_with(plan_for([TRUE], **{f"{stream}_file": output}, **as_nobody()))
+    assert str(info.value) == f"cannot start {TRUE!r}: {stream}: Permission denied"
+    assert not info.value.transient
+    assert private.read_text() == ""
+    assert zombies_of(os.getpid()) == []
+    assert open_fds() == fds_before
+
+
+def test_a_symlink_is_followed_with_the_workers_rights_only(spawn_with: Spawn) -> None:
+    """The attack of docs/security.md: the worker's log is a link to a file of root's."""
+    if os.geteuid() != 0:
+        pytest.skip("switching uid needs root")
+    with nobody_owned_dir() as directory:
+        precious = directory.parent / "shadow"
+        precious.write_text("root:only\n")
+        precious.chmod(0o600)
+        (directory / "out.log").symlink_to(precious)
+        output = OutputFile(bytes(directory / "out.log"), append=True)
+        plan = plan_for([SH, "-c", "echo owned"], stdout_file=output, **as_nobody())
+        with pytest.raises(SpawnError, match="stdout: Permission denied"):
+            spawn_with(plan)
+        assert precious.read_text() == "root:only\n"
+
+
+@contextmanager
+def cgroup_of_our_own() -> Iterator[Path]:
+    """A cgroup of the test's own below this process's cgroup; removed afterwards."""
+    base = None
+    try:
+        path = own_cgroup(Path("/proc/self/cgroup").read_text())
+        mounts = cgroup2_mounts(Path("/proc/self/mountinfo").read_text())
+        base = cgroup_directory(mounts, path) if path is not None else None
+    except OSError:
+        pass
+    if base is None or not os.access(base, os.W_OK):
+        pytest.skip("needs a writable cgroup v2 hierarchy")
+    cgroup = base / f"fdsupervisor-test-{os.getpid()}"
+    cgroup.mkdir()
+    try:
+        yield cgroup
+    finally:
+        cgroup.rmdir()
+
+
+def test_the_child_joins_its_cgroup_before_exec(spawn_with: Spawn) -> None:
+    with cgroup_of_our_own() as cgroup:
+        directory = os.open(cgroup, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        try:
+            with running(spawn_with, sleeper(cgroup_fd=directory)) as pid:
+                assert (cgroup / "cgroup.procs").read_text().split() == [str(pid)]
+                assert own_cgroup(Path(f"/proc/{pid}/cgroup").read_text()).endswith(
+                    f"/{cgroup.name}"
+                )
+                assert [fd for fd in open_fds(pid) if fd > 2] == []  # the cgroup's fd did not leak
+            assert str(os.getpid()) not in (cgroup / "cgroup.procs").read_text().split()
+        finally:
+            os.close(directory)
 
 
 def test_failure_as_another_user_is_reported(spawn_with: Spawn, tmp_path: Path) -> None:
@@ -443,6 +593,28 @@ def test_spawn_uses_the_extension_when_built(monkeypatch: pytest.MonkeyPatch) ->
     monkeypatch.setattr(spawn_module, "_spawn_python", _recording(calls, "python", _spawn_python))
     assert os.waitpid(spawn(plan_for([TRUE])), 0)[1] == 0
     assert calls == ["native"]
+
+
+@pytest.mark.skipif(not native_spawn_available(), reason="fdsupervisor._spawn is not built")
+def test_output_files_and_fds_take_the_extension_too(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    """stdout: file: used to need the fork path (the supervisor opened it); no longer."""
+    calls: list[str] = []
+    monkeypatch.setattr(spawn_module, "_spawn_native", _recording(calls, "native", _spawn_native))
+    monkeypatch.setattr(spawn_module, "_spawn_python", _recording(calls, "python", _spawn_python))
+    null = os.open(os.devnull, os.O_WRONLY | os.O_CLOEXEC)
+    try:
+        plan = plan_for(
+            [SH, "-c", "echo out; echo err >&2"],
+            stdout_file=OutputFile(bytes(tmp_path / "out.log"), append=False),
+            stderr_fd=null,
+        )
+        assert os.waitpid(spawn(plan), 0)[1] == 0
+    finally:
+        os.close(null)
+    assert calls == ["native"]
+    assert (tmp_path / "out.log").read_text() == "out\n"
 
 
 def test_spawn_falls_back_to_fork_without_the_extension(monkeypatch: pytest.MonkeyPatch) -> None:

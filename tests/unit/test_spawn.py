@@ -14,6 +14,7 @@ from fdsupervisor.errors import SpawnError
 from fdsupervisor.spawn import (
     LISTEN_FDS_START,
     SUPERVISOR_ONLY_ENV,
+    OutputFile,
     PassedFd,
     SpawnPlan,
     base_environment,
@@ -88,6 +89,26 @@ def test_inetd_connection_is_passed_as_stdio_too() -> None:
 
 
 # --------------------------------------------------------------------------- environment
+
+
+@pytest.mark.parametrize(
+    ("target", "expected"),
+    [
+        ("inherit", None),
+        ("null", None),
+        ("journal", None),
+        ("file:/var/log/web.log", OutputFile(b"/var/log/web.log", append=False)),
+        ("append:/var/log/web.log", OutputFile(b"/var/log/web.log", append=True)),
+    ],
+)
+def test_output_files_are_left_to_the_child(target: str, expected: OutputFile | None) -> None:
+    """file: and append: travel in the plan, to be opened by the child as the worker's user."""
+    plan = plan_worker(unit(stdout=target, stderr=target), [HTTP], 0, SUPERVISOR_ENV)
+    assert plan.stdout_file == expected and plan.stderr_file == expected
+    assert plan.stdout_fd is None and plan.stderr_fd is None  # nothing opened by the supervisor
+    if expected is not None:
+        assert expected.flags & os.O_APPEND == (os.O_APPEND if expected.append else 0)
+        assert expected.flags & (os.O_WRONLY | os.O_CREAT) == os.O_WRONLY | os.O_CREAT
 
 
 def test_supervisor_protocol_variables_never_reach_a_worker() -> None:
