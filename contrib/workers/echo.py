@@ -29,7 +29,9 @@ def main() -> int:
         sock.setblocking(False)
         selector.register(sock, selectors.EVENT_READ, ("listen", name))
     names = ",".join(f"{name}={fd}" for fd, name in fds.items())
-    print(f"echo: ready pid={os.getpid()} fds={names}", file=sys.stderr, flush=True)
+    # one write() for the whole line: the supervisor may log to the same pipe
+    sys.stderr.write(f"echo: ready pid={os.getpid()} fds={names}\n")
+    sys.stderr.flush()
     prefix = f"{os.getpid()} ".encode()
     while True:
         for key, _ in selector.select():

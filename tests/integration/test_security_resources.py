@@ -93,7 +93,7 @@ def test_stop_timeout_infinity_waits_for_a_slow_worker_and_the_loop_lives_on(sup
         "    time.sleep(1.5)\n"
         "    sys.exit(0)\n"
         "signal.signal(signal.SIGTERM, stop)\n"
-        "print('up', flush=True)\n"
+        "print('slow worker: handler installed', flush=True)\n"
         "while True:\n"
         "    signal.pause()\n"
     )
@@ -103,7 +103,7 @@ def test_stop_timeout_infinity_waits_for_a_slow_worker_and_the_loop_lives_on(sup
           stop-timeout: infinity
         """
     sup = supervisor({"slow": unit})
-    sup.wait_output("up")
+    sup.wait_output("slow worker: handler installed")  # not just "up": "cgroup" has that
     mark = sup.mark()
     with RawClient(sup.monitor_path, timeout=5).negotiate() as client:
         assert client.command("service-stop", unit="slow") == {"return": {}}

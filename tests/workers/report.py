@@ -54,7 +54,10 @@ def main():
     for fd in fds:
         sock = socket.socket(fileno=fd)
         selector.register(sock, selectors.EVENT_READ)
-    print(f"report-worker ready pid={os.getpid()}", file=sys.stderr, flush=True)
+    # One write(): the supervisor logs to the same pipe, and print() would write
+    # the text and its newline apart, letting a log line land between them.
+    sys.stderr.write(f"report-worker ready pid={os.getpid()}\n")
+    sys.stderr.flush()
     while True:
         for key, _ in selector.select():
             sock = key.fileobj
