@@ -11,8 +11,8 @@ run: $(STAMP)
 	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/fdsupervisor run units/
 
 test: $(STAMP)
-	$(BIN)/ruff check src tests bench contrib
-	$(BIN)/ruff format --check -q src tests bench contrib
+	$(BIN)/ruff check fdsupervisor tests bench contrib
+	$(BIN)/ruff format --check -q fdsupervisor tests bench contrib
 	$(BIN)/mypy
 	$(BIN)/pytest -q
 
@@ -36,7 +36,7 @@ system-deps:
 	    DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -q libsystemd-dev pkg-config; \
 	fi
 
-$(STAMP): pyproject.toml src/fdsupervisor/_spawn.c | system-deps
+$(STAMP): pyproject.toml fdsupervisor/_spawn.c | system-deps
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
 	$(BIN)/pip install -q -e '.[test,lint]'

@@ -34,7 +34,7 @@ def fdsupervisor_command() -> list[str]:
 
 
 def bench_env() -> dict[str, str]:
-    return dict(os.environ, PYTHONPATH=str(ROOT / "src"))
+    return dict(os.environ)
 
 
 def wait_for_unix_socket(

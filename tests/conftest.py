@@ -57,10 +57,8 @@ class SupervisorProcess:
         self.events: list[dict[str, Any]] = []
         self.output: list[str] = []
         self._cond = threading.Condition()
+        # The package is the installed one (pip install -e): no PYTHONPATH of ours.
         full_env = dict(os.environ, **(env or {}))
-        # The worktree's package first; a test may add directories after it.
-        extra_path = (env or {}).get("PYTHONPATH")
-        full_env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT / "src"), extra_path]))
         self.proc = subprocess.Popen(
             [PYTHON, *program, "run", "--log-format", "json", *args],
             cwd=cwd,

@@ -7,7 +7,7 @@ import socket
 import subprocess
 from pathlib import Path
 
-from tests.conftest import PYTHON, REPORT_WORKER, ROOT, report_from
+from tests.conftest import PYTHON, REPORT_WORKER, report_from
 
 
 def listening_socket(kind: int = socket.SOCK_STREAM, listen: bool = True) -> socket.socket:
@@ -64,7 +64,7 @@ def run_with(
         text=True,
         timeout=30,
         pass_fds=pass_fds,
-        env=dict(os.environ, PYTHONPATH=str(ROOT / "src")),
+        env=dict(os.environ),
     )
 
 

@@ -202,7 +202,7 @@ def test_bad_unit_means_exit_1_and_nothing_bound(tmp_path: Path) -> None:
         capture_output=True,
         text=True,
         timeout=30,
-        env=dict(os.environ, PYTHONPATH=str(Path(__file__).parents[2] / "src")),
+        env=dict(os.environ),
     )
     assert result.returncode == 1
     assert f"{units / 'bad.yaml'}:3:13: sockets.s.listen" in result.stderr
@@ -227,7 +227,7 @@ def test_bind_failure_unbinds_everything(tmp_path: Path) -> None:
             capture_output=True,
             text=True,
             timeout=30,
-            env=dict(os.environ, PYTHONPATH=str(Path(__file__).parents[2] / "src")),
+            env=dict(os.environ),
         )
     assert result.returncode == 1
     assert "Address already in use" in result.stderr + result.stdout

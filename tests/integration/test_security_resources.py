@@ -22,7 +22,6 @@ import pytest
 from tests.conftest import (
     PYTHON,
     REPORT_WORKER,
-    ROOT,
     SupervisorProcess,
     open_fds,
     report_from,
@@ -169,7 +168,7 @@ def test_check_and_run_refuse_an_absurd_duration_naming_key_and_maximum(
         capture_output=True,
         text=True,
         timeout=30,
-        env=dict(os.environ, PYTHONPATH=str(ROOT / "src")),
+        env=dict(os.environ),
     )
     assert checked.returncode == 1
     assert checked.stderr == f"fdsupervisor: {expected}\n"
@@ -339,7 +338,7 @@ def test_check_refuses_what_is_not_a_small_regular_file_at_once(tmp_path: Path, 
         capture_output=True,
         text=True,
         timeout=10,  # it used to hang (FIFO), grow without bound (/dev/zero) or take minutes
-        env=dict(os.environ, PYTHONPATH=str(ROOT / "src")),
+        env=dict(os.environ),
     )
     assert checked.returncode == 1
     assert checked.stderr == f"fdsupervisor: {expected}\n"

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import PYTHON, REPORT_WORKER, ROOT, read_until_eof
+from tests.conftest import PYTHON, REPORT_WORKER, read_until_eof
 from tests.integration.test_reload import free_port
 
 pytestmark = pytest.mark.skipif(
@@ -49,7 +49,7 @@ def test_supervisor_under_systemd_socket_activate(tmp_path: Path) -> None:
             str(tmp_path / "monitor.sock"),
             str(units),
         ],
-        env=dict(os.environ, PYTHONPATH=str(ROOT / "src")),
+        env=dict(os.environ),
         stdin=subprocess.DEVNULL,
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,

@@ -50,7 +50,7 @@ ROOT = Path(__file__).resolve().parents[2]
 CONTRIB = ROOT / "contrib" / "systemd"
 PYTHON = sys.executable
 # Whatever systemd gave the test run itself is not for the children here.
-ENV = {**scrub_environment(os.environ), "PYTHONPATH": str(ROOT / "src")}
+ENV = scrub_environment(os.environ)
 
 
 @dataclass
@@ -302,7 +302,7 @@ def test_listen_fds_from_systemd_socket_activate(tmp_path: Path) -> None:
     path = tmp_path / "http.sock"
     child = [str(script), str(path)]
     proc = subprocess.Popen(
-        [activate, "-l", str(path), "--fdname=web/http", "-E", "PYTHONPATH", PYTHON, *child],
+        [activate, "-l", str(path), "--fdname=web/http", PYTHON, *child],
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         env=ENV,
