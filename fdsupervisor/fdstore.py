@@ -9,26 +9,55 @@ the monitor's own names (``getfd``) are the owner ``monitor``.
 An entry holds a *resource*: anything with ``fileno()`` and ``close()``
 (a bound socket, or a :class:`RawFd`). Whoever takes a resource out of the
 store (:meth:`FdStore.take`) owns it from then on.
+
+The store is the one owner of store changes and of their events: every fd
+that a monitor client or a worker adds (``FD_STORED``) or that leaves the
+store (``FD_CLOSED``) is reported to ``on_change``, which the supervisor
+wires to the monitor's events. Unit sockets come from configuration and
+have their own events (``SOCKET_ADDED`` / ``SOCKET_REMOVED``).
 """
 
 from __future__ import annotations
 
 import os
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Final, Literal, Protocol
 
 from .errors import FdSupervisorError
 
-MONITOR_OWNER = "monitor"
+# The owners (SPEC 5, query-fds): "unit:NAME" (its sockets), "service:NAME"
+# (what its workers stored with FDSTORE=1) and "monitor" (getfd). These
+# functions are the only place that builds or reads the prefixes.
+MONITOR_OWNER: Final = "monitor"
+_UNIT_PREFIX: Final = "unit:"
+_SERVICE_PREFIX: Final = "service:"
+
+OwnerKind = Literal["unit", "service", "monitor"]
 
 
 def unit_owner(unit_name: str) -> str:
-    return f"unit:{unit_name}"
+    return f"{_UNIT_PREFIX}{unit_name}"
 
 
 def service_owner(unit_name: str) -> str:
-    return f"service:{unit_name}"
+    return f"{_SERVICE_PREFIX}{unit_name}"
+
+
+def owner_unit(owner: str) -> str | None:
+    """The unit whose socket this owner is (``unit:web`` → ``web``), else None."""
+    return owner.removeprefix(_UNIT_PREFIX) if owner.startswith(_UNIT_PREFIX) else None
+
+
+def owner_kind(owner: str) -> OwnerKind:
+    """Which of the three kinds of owner ``owner`` is; anything else is a StoreError."""
+    if owner.startswith(_UNIT_PREFIX):
+        return "unit"
+    if owner.startswith(_SERVICE_PREFIX):
+        return "service"
+    if owner == MONITOR_OWNER:
+        return "monitor"
+    raise StoreError(f"unknown fd owner {owner!r}")
 
 
 class Resource(Protocol):
@@ -70,6 +99,8 @@ class StoreError(FdSupervisorError):
 
 @dataclass(slots=True)
 class Entry:
+    """One stored fd: ``resource`` may be replaced in place (a reload's new spec)."""
+
     owner: str
     name: str
     resource: Resource
@@ -79,17 +110,34 @@ class Entry:
         return self.resource.fileno()
 
 
+FD_STORED: Final = "FD_STORED"
+FD_CLOSED: Final = "FD_CLOSED"
+StoreEvent = Literal["FD_STORED", "FD_CLOSED"]
+OnChange = Callable[[StoreEvent, Entry], None]
+
+
 class FdStore:
     """Owner-and-name → fd. ``limit`` bounds the entries that clients add.
 
     Unit sockets come from configuration and are not counted against the
     limit; fds handed in by monitor clients and by workers are, so that no
     client can exhaust the supervisor's fd table.
+
+    ``on_change(event, entry)`` hears of every change to those counted
+    entries: ``FD_STORED`` after each :meth:`add` (a replacement is one
+    ``FD_STORED``: the name is still stored), ``FD_CLOSED`` after each
+    :meth:`take`, :meth:`close` and :meth:`close_owner` of one. Unit entries
+    make no event, nor does :meth:`close_all` (the supervisor is going away).
     """
 
-    def __init__(self, limit: int = 1024) -> None:
+    def __init__(self, limit: int = 1024, on_change: OnChange | None = None) -> None:
         self.limit = limit
+        self.on_change = on_change
         self._entries: dict[tuple[str, str], Entry] = {}
+
+    def _changed(self, event: StoreEvent, entry: Entry) -> None:
+        if self.on_change is not None and owner_kind(entry.owner) != "unit":
+            self.on_change(event, entry)
 
     def __len__(self) -> int:
         return len(self._entries)
@@ -101,7 +149,7 @@ class FdStore:
         return key in self._entries
 
     def counted(self) -> int:
-        return sum(1 for e in self._entries.values() if not e.owner.startswith("unit:"))
+        return sum(1 for e in self._entries.values() if owner_kind(e.owner) != "unit")
 
     def get(self, owner: str, name: str) -> Entry | None:
         return self._entries.get((owner, name))
@@ -118,32 +166,42 @@ class FdStore:
         key = (owner, name)
         old = self._entries.get(key)
         try:
+            counted = owner_kind(owner) != "unit"
             if old is not None and not replace:
                 raise StoreError(f"an fd named '{name}' already exists for {owner}")
-            if old is None and not owner.startswith("unit:") and self.counted() >= self.limit:
+            if old is None and counted and self.counted() >= self.limit:
                 raise StoreError(f"the fd store is full ({self.limit} fds); close some first")
         except StoreError:
             resource.close()
             raise
-        self._entries[key] = Entry(owner, name, resource)
+        entry = self._entries[key] = Entry(owner, name, resource)
         if old is not None:
             old.resource.close()
+        self._changed(FD_STORED, entry)
 
-    def take(self, owner: str, name: str) -> Resource:
-        """Remove an entry without closing it; the caller owns the resource."""
+    def _pop(self, owner: str, name: str) -> Entry:
         entry = self._entries.pop((owner, name), None)
         if entry is None:
             raise StoreError(f"File descriptor named '{name}' not found")
+        return entry
+
+    def take(self, owner: str, name: str) -> Resource:
+        """Remove an entry without closing it; the caller owns the resource."""
+        entry = self._pop(owner, name)
+        self._changed(FD_CLOSED, entry)
         return entry.resource
 
     def close(self, owner: str, name: str) -> None:
-        self.take(owner, name).close()
+        entry = self._pop(owner, name)
+        entry.resource.close()
+        self._changed(FD_CLOSED, entry)
 
     def close_owner(self, owner: str) -> int:
         entries = self.owned_by(owner)
         for entry in entries:
             del self._entries[(entry.owner, entry.name)]
             entry.resource.close()
+            self._changed(FD_CLOSED, entry)
         return len(entries)
 
     def close_all(self) -> None:

@@ -11,7 +11,8 @@ stored (then the model has it under the same owner and name, and the store
 hands back that very object), taken by the test, or closed; ``os.fstat``
 agrees (an open resource's fd is still its inode; a closed one's fd is
 either not open or, reused by the kernel, another inode); ``len`` and
-``counted`` match the model. After each example every fd it created, the
+``counted`` match the model; ``on_change`` heard exactly one ``FD_STORED``
+per add and one ``FD_CLOSED`` per take or close of a non-unit entry. After each example every fd it created, the
 witnesses included, is closed. (The whole process's fd table is not compared:
 other tests' objects may be collected, and their fds closed, at any moment.)
 """
@@ -28,7 +29,7 @@ from hypothesis import HealthCheck, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
 
-from fdsupervisor.fdstore import FdStore, RawFd, StoreError
+from fdsupervisor.fdstore import Entry, FdStore, RawFd, StoreError
 
 OWNERS = st.sampled_from(["unit:web", "unit:api", "monitor", "service:web"])
 NAMES = st.sampled_from(["http", "a", "b", "c"])
@@ -93,9 +94,18 @@ class FdStoreMachine(RuleBasedStateMachine):
     def __init__(self) -> None:
         super().__init__()
         self.limit = 4
-        self.store = FdStore(limit=self.limit)
+        self.store = FdStore(limit=self.limit, on_change=self._heard)
         self.model: dict[tuple[str, str], Tracked] = {}
         self.tracked: list[Tracked] = []
+        self.heard: list[tuple[str, str, str]] = []
+        self.expected: list[tuple[str, str, str]] = []
+
+    def _heard(self, event: str, entry: Entry) -> None:
+        self.heard.append((event, entry.owner, entry.name))
+
+    def _expect(self, event: str, owner: str, name: str) -> None:
+        if not owner.startswith("unit:"):
+            self.expected.append((event, owner, name))
 
     def _new(self, flavour: str) -> Tracked:
         item = make(flavour)
@@ -125,6 +135,7 @@ class FdStoreMachine(RuleBasedStateMachine):
             old.place = "closed"  # replaced: the old fd is closed
         item.place = "stored"
         self.model[key] = item
+        self._expect("FD_STORED", owner, name)
 
     @rule(owner=OWNERS, name=NAMES)
     def take(self, owner: str, name: str) -> None:
@@ -135,6 +146,7 @@ class FdStoreMachine(RuleBasedStateMachine):
             return
         assert self.store.take(owner, name) is item.resource
         item.place = "taken"
+        self._expect("FD_CLOSED", owner, name)
 
     @rule(owner=OWNERS, name=NAMES)
     def close(self, owner: str, name: str) -> None:
@@ -145,6 +157,7 @@ class FdStoreMachine(RuleBasedStateMachine):
             return
         self.store.close(owner, name)
         item.place = "closed"
+        self._expect("FD_CLOSED", owner, name)
 
     @rule(owner=OWNERS)
     def close_owner(self, owner: str) -> None:
@@ -152,6 +165,7 @@ class FdStoreMachine(RuleBasedStateMachine):
         assert self.store.close_owner(owner) == len(gone)
         for key in gone:
             self.model.pop(key).place = "closed"
+            self._expect("FD_CLOSED", *key)
 
     @rule(limit=st.integers(min_value=0, max_value=6))
     def set_limit(self, limit: int) -> None:
@@ -167,6 +181,10 @@ class FdStoreMachine(RuleBasedStateMachine):
         item.place = "closed"
 
     # -- invariants ---------------------------------------------------------------------
+
+    @invariant()
+    def every_change_was_heard_once(self) -> None:
+        assert self.heard == self.expected
 
     @invariant()
     def sizes_match_the_model(self) -> None:
