@@ -3,7 +3,8 @@
 This is the thin shell around :mod:`fdsupervisor.qmp`: it accepts clients,
 checks who they are (``SO_PEERCRED``), reads bytes and fds, feeds the bytes
 to the protocol core, hands commands to :mod:`fdsupervisor.commands`, and
-writes replies (with fds, for ``fd-retrieve``). It never parses JSON.
+writes replies (with fds, for ``fd-retrieve``) and events (:func:`event_line`,
+broadcast to every negotiated client). It never parses JSON.
 
 fd passing follows QEMU 7.2's socket chardev (``tcp_chr_recv`` /
 ``tcp_get_msgfds``): a client holds only the fds of its latest ``sendmsg``
@@ -29,15 +30,16 @@ import resource
 import socket
 import stat
 import struct
+import time
 from collections import deque
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
 from .binding import remove_stale_socket_file
-from .errors import BindError
+from .errors import BindError, CommandError
 from .loop import EventLoop
-from .qmp import Closed, Execute, QmpConnection, Send
+from .qmp import Closed, Execute, QmpConnection, Send, error_line, event
 from .units import SocketKind
 
 # At most 64 clients at once (SPEC 5): each costs an fd and a buffer, and a
@@ -68,6 +70,17 @@ MAX_WRITE = 64 << 10
 ACCEPT_RETRY_DELAY = 0.1
 
 _CRED = struct.Struct("3i")
+
+
+def event_line(name: str, data: Mapping[str, Any], now: Callable[[], float] = time.time) -> bytes:
+    """The line that tells clients ``name`` happened: SPEC 5's event, stamped ``now``.
+
+    Wall-clock time, as QEMU stamps its events (``g_get_real_time()``): the
+    only clock here that a client can compare with its own. Split into
+    whole seconds and microseconds as :func:`fdsupervisor.qmp.event` frames it.
+    """
+    seconds, fraction = divmod(now(), 1.0)
+    return event(name, data, int(seconds), int(fraction * 1_000_000))
 
 
 def monitor_fd_budget(nofile: int) -> int:
@@ -433,10 +446,8 @@ class MonitorServer:
             conn.close()
             return
         if len(self.clients) >= self.max_clients:
-            conn.sendall(
-                b'{"error": {"class": "GenericError", "desc": "too many monitor '
-                b'clients (%d); try again later"}}\r\n' % self.max_clients
-            )
+            refusal = f"too many monitor clients ({self.max_clients}); try again later"
+            conn.sendall(error_line(CommandError(refusal)))
             conn.close()
             return
         conn.setblocking(False)

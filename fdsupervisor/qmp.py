@@ -38,6 +38,7 @@ __all__ = [
     "Send",
     "check_arguments",
     "command_not_found",
+    "error_line",
     "error_reply",
     "event",
     "reply",
@@ -147,6 +148,11 @@ def error_reply(execute: Execute, err: CommandError) -> bytes:
     return _response(
         "error", {"class": err.error_class, "desc": err.desc}, execute.id, execute.has_id
     )
+
+
+def error_line(err: CommandError) -> bytes:
+    """An error that answers no request (so no ``id``): to a client refused as it connects."""
+    return _error_line(err.desc, err.error_class)
 
 
 def event(name: str, data: Mapping[str, Any], seconds: int, microseconds: int) -> bytes:
