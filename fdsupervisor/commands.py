@@ -1,34 +1,197 @@
-"""Monitor commands: what each QMP command does to the supervisor.
+"""Monitor commands: what each QMP command does, through the supervisor's :class:`Control`.
 
-Each handler takes the client (for the fds it sent) and the checked
-arguments and returns the ``return`` value, or raises
-:class:`~fdsupervisor.errors.CommandError`. Texts follow QEMU 7.2 where QEMU
-has the command (``getfd``, ``closefd``, ``query-version``); the seed rule
-for ``fd`` addresses is applied by :func:`fdsupervisor.addresses.parse_address`
-with ``Context.MONITOR``.
+The monitor (``monitor.py``) hands every well-formed command to
+:meth:`Commands.execute`. Each handler takes the client (for the fds it
+sent) and the checked arguments and returns its typed ``return`` value (the
+TypedDicts below are SPEC 5's shapes), or raises. ``execute`` is the one
+place where an exception becomes a QMP error: its class and its text.
+
+Handlers see the supervisor only through :class:`Control`, the few
+operations listed there, so this module does not know the supervisor. They
+change the fd store only through its methods; the store reports each change
+(``FD_STORED`` / ``FD_CLOSED``) itself, so no handler emits an event.
+
+Texts follow QEMU 7.2 where QEMU has the command (``getfd``, ``closefd``,
+``query-version``); the seed rule for ``fd`` addresses is applied by
+:func:`fdsupervisor.addresses.parse_address` with ``Context.MONITOR``.
 """
 
 from __future__ import annotations
 
 import os
 import socket
-from collections.abc import Callable
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from pathlib import Path
+from typing import Any, Literal, Protocol, TypeAlias, TypedDict, cast
 
 from . import __version__
-from .addresses import Context, FdAddress, check_name, format_address, parse_address
-from .binding import BoundSocket, InheritedFds, adopt_socket, bind_socket, describe_socket
+from .addresses import (
+    Context,
+    FdAddress,
+    check_name,
+    format_address,
+    parse_address,
+)
+from .binding import (
+    BoundSocket,
+    Family,
+    InheritedFds,
+    Kind,
+    adopt_socket,
+    bind_socket,
+    describe_socket,
+)
 from .errors import BindError, CommandError, FdSupervisorError, ValueProblem
-from .fdstore import MONITOR_OWNER, RawFd, unit_owner
+from .fdstore import (
+    MONITOR_OWNER,
+    Entry,
+    FdStore,
+    RawFd,
+    StoreEvent,
+    owner_kind,
+    owner_unit,
+    unit_owner,
+)
+from .monitor import MonitorClient
 from .qmp import Arg, Execute, check_arguments, command_not_found, error_reply, reply
-from .units import SocketKind, SocketSpec
+from .units import SocketKind, SocketSpec, Unit
 
-if TYPE_CHECKING:
-    from .monitor import MonitorClient
-    from .supervisor import Supervisor
 
-Handler = Callable[["MonitorClient", dict[str, Any]], Any]
+class Control(Protocol):
+    """What the commands use of the supervisor, and nothing more.
+
+    ``unit`` raises :class:`~fdsupervisor.errors.FdSupervisorError`
+    (``unit 'X' not found``) for a unit it does not run; the service
+    operations and ``remove_socket`` raise it for what they refuse.
+    """
+
+    @property
+    def store(self) -> FdStore: ...
+
+    @property
+    def base_dir(self) -> Path: ...
+
+    def unit(self, name: str, /) -> Unit: ...
+
+    def describe_services(self) -> Sequence[Mapping[str, Any]]: ...
+
+    def start_service(self, name: str, /, *, manual: bool = True) -> None: ...
+
+    def stop_service(self, name: str, /) -> None: ...
+
+    def restart_service(self, name: str, /) -> None: ...
+
+    def reload(self) -> Mapping[str, Any]: ...
+
+    def upgrade(self) -> Mapping[str, Any]: ...
+
+    def add_socket(self, owner: str, bound: BoundSocket, /) -> None: ...
+
+    def remove_socket(self, socket_id: str, unit: str | None, /) -> None: ...
+
+
+# -- the results (SPEC 5, docs/monitor.md) ----------------------------------------------
+
+
+class Empty(TypedDict):
+    """``{}``: what a command with nothing to return answers (QEMU's qmp_dispatch())."""
+
+
+class QemuVersion(TypedDict):
+    major: int
+    minor: int
+    micro: int
+
+
+class VersionInfo(TypedDict):
+    qemu: QemuVersion
+    package: str
+
+
+class CommandInfo(TypedDict):
+    name: str
+
+
+class FdRow(TypedDict):
+    """One row of ``query-fds``; ``owner`` is ``unit:NAME``, ``service:NAME`` or ``monitor``."""
+
+    fdname: str
+    owner: str
+    family: Family
+    kind: Kind
+    listening: bool
+    address: str
+
+
+class SocketRow(TypedDict):
+    """One row of ``query-sockets``; ``fd`` is its number in the supervisor."""
+
+    id: str
+    unit: str | None
+    address: str
+    kind: str
+    fd: int
+
+
+class ExitRow(TypedDict, total=False):
+    """``{"code": N}`` or ``{"signal": N}``."""
+
+    code: int
+    signal: int
+
+
+ServiceStateName = Literal["inactive", "listening", "starting", "running", "stopping", "failed"]
+
+ServiceRow = TypedDict(
+    "ServiceRow",
+    {
+        "unit": str,
+        "state": ServiceStateName,
+        "pids": list[int],
+        "restarts": int,
+        "last-exit": ExitRow | None,
+        "status": str | None,
+    },
+)
+"""One row of ``query-services``."""
+
+ReloadResult = TypedDict("ReloadResult", {"summary": str, "waiting-for": list[str]})
+"""What ``reload`` answers: the plan's summary, and the units whose workers it waits for."""
+
+
+class FdEventData(TypedDict):
+    """The data of ``FD_STORED`` and ``FD_CLOSED``."""
+
+    fdname: str
+    owner: str
+
+
+def fd_event_data(entry: Entry) -> FdEventData:
+    """The event data for a store change (the supervisor's ``FdStore(on_change=...)``)."""
+    return {"fdname": entry.name, "owner": entry.owner}
+
+
+@dataclass(frozen=True, slots=True)
+class FdReply:
+    """A result whose reply carries ``fd`` (ours to close once sent)."""
+
+    fd: int
+    value: Empty
+
+
+Result: TypeAlias = (
+    VersionInfo
+    | list[CommandInfo]
+    | Empty
+    | list[FdRow]
+    | list[SocketRow]
+    | list[ServiceRow]
+    | ReloadResult
+    | Mapping[str, Any]
+    | FdReply
+)
+Handler = Callable[[MonitorClient, dict[str, Any]], Result]
 
 
 @dataclass(frozen=True, slots=True)
@@ -37,11 +200,26 @@ class Command:
     schema: tuple[Arg, ...] = ()
 
 
+def command_error(command: str, exc: FdSupervisorError | OSError) -> CommandError:
+    """The QMP error for an exception a command raised: the one mapping.
+
+    Our own errors (ValueProblem, StoreError, BindError, ...) say what is
+    wrong in their text and are ``GenericError``, as nearly everything is in
+    QEMU; an OSError (out of fds or memory: EMFILE on a dup, say) is named
+    with the command, and the connection lives on.
+    """
+    if isinstance(exc, CommandError):
+        return exc
+    if isinstance(exc, FdSupervisorError):
+        return CommandError(str(exc))
+    return CommandError(f"{command}: {exc}")
+
+
 class Commands:
     """The command table, bound to one supervisor."""
 
-    def __init__(self, supervisor: Supervisor) -> None:
-        self.supervisor = supervisor
+    def __init__(self, control: Control | _LegacySupervisor) -> None:
+        self.control = _as_control(control)
         self.table: dict[str, Command] = {
             "query-version": Command(self.query_version),
             "query-commands": Command(self.query_commands),
@@ -87,28 +265,24 @@ class Commands:
                 raise command_not_found(request.command)
             arguments = check_arguments(request.arguments, command.schema)
             result = command.handler(client, arguments)
-            if isinstance(result, FdReply):
-                reply_fds, result = [result.fd], result.value
-        except CommandError as exc:
-            return error_reply(request, exc), []
-        except FdSupervisorError as exc:  # ValueProblem, StoreError, BindError, ...
-            return error_reply(request, CommandError(str(exc))), []
-        except OSError as exc:  # out of fds or memory (EMFILE on a dup, say): say so, live on
-            return error_reply(request, CommandError(f"{request.command}: {exc}")), []
+        except (FdSupervisorError, OSError) as exc:
+            return error_reply(request, command_error(request.command, exc)), []
+        if isinstance(result, FdReply):
+            reply_fds, result = [result.fd], result.value
         return reply(request, result), reply_fds
 
     # -- the commands ---------------------------------------------------------------
 
-    def query_version(self, client: MonitorClient, args: dict[str, Any]) -> Any:
+    def query_version(self, client: MonitorClient, args: dict[str, Any]) -> VersionInfo:
         return {
             "qemu": {"major": 0, "minor": 0, "micro": 0},
             "package": f"fdsupervisor {__version__}",
         }
 
-    def query_commands(self, client: MonitorClient, args: dict[str, Any]) -> Any:
+    def query_commands(self, client: MonitorClient, args: dict[str, Any]) -> list[CommandInfo]:
         return [{"name": name} for name in ("qmp_capabilities", *self.table)]
 
-    def getfd(self, client: MonitorClient, args: dict[str, Any]) -> Any:
+    def getfd(self, client: MonitorClient, args: dict[str, Any]) -> Empty:
         name = args["fdname"]
         if name[:1].isdigit():
             # QEMU 7.2 monitor/misc.c: names and numbers must never be confused
@@ -123,19 +297,16 @@ class Commands:
             raise CommandError(f"A file descriptor was sent but could not be received: {reason}")
         if fd is None:
             raise CommandError("No file descriptor supplied via SCM_RIGHTS")
-        self.supervisor.store.add(MONITOR_OWNER, name, RawFd(fd), replace=True)
-        self.supervisor.emit("FD_STORED", {"fdname": name, "owner": MONITOR_OWNER})
+        self.control.store.add(MONITOR_OWNER, name, RawFd(fd), replace=True)
         return {}
 
-    def closefd(self, client: MonitorClient, args: dict[str, Any]) -> Any:
-        name = args["fdname"]
-        self.supervisor.store.close(MONITOR_OWNER, name)
-        self.supervisor.emit("FD_CLOSED", {"fdname": name, "owner": MONITOR_OWNER})
+    def closefd(self, client: MonitorClient, args: dict[str, Any]) -> Empty:
+        self.control.store.close(MONITOR_OWNER, args["fdname"])
         return {}
 
-    def query_fds(self, client: MonitorClient, args: dict[str, Any]) -> Any:
-        result = []
-        for entry in self.supervisor.store:
+    def query_fds(self, client: MonitorClient, args: dict[str, Any]) -> list[FdRow]:
+        result: list[FdRow] = []
+        for entry in self.control.store:
             info = describe_socket(entry.fd)
             result.append(
                 {
@@ -149,9 +320,10 @@ class Commands:
             )
         return result
 
-    def fd_retrieve(self, client: MonitorClient, args: dict[str, Any]) -> Any:
+    def fd_retrieve(self, client: MonitorClient, args: dict[str, Any]) -> FdReply:
         name, owner = args["fdname"], args["owner"]
-        entry = self.supervisor.store.get(owner, name)
+        store = self.control.store
+        entry = store.get(owner, name)
         if entry is None:
             raise CommandError(f"File descriptor named '{name}' not found")
         if args.get("remove") and owner != MONITOR_OWNER:
@@ -165,11 +337,10 @@ class Commands:
             raise CommandError(f"fd-retrieve refused: {problem}")
         duplicate = os.dup(entry.fd)  # close-on-exec, as every dup in Python
         if args.get("remove"):
-            self.supervisor.store.close(owner, name)
-            self.supervisor.emit("FD_CLOSED", {"fdname": name, "owner": owner})
+            store.close(owner, name)
         return FdReply(duplicate, {})
 
-    def socket_add(self, client: MonitorClient, args: dict[str, Any]) -> Any:
+    def socket_add(self, client: MonitorClient, args: dict[str, Any]) -> Empty:
         sock_id = args["id"]
         check_name(sock_id, "socket id")
         try:
@@ -178,59 +349,62 @@ class Commands:
             raise CommandError(
                 "Parameter 'kind' expects one of stream, datagram, seqpacket"
             ) from None
-        backlog = args["backlog"]
         unit_name = args.get("unit")
-        runtime = self.supervisor.runtime(unit_name) if unit_name is not None else None
+        unit = self.control.unit(unit_name) if unit_name is not None else None
         owner = unit_owner(unit_name) if unit_name is not None else MONITOR_OWNER
-        if self.supervisor.store.get(owner, sock_id) is not None:
+        if self.control.store.get(owner, sock_id) is not None:
             raise CommandError(f"socket '{sock_id}' already exists for {owner}")
         address = parse_address(args["addr"], Context.MONITOR)
-        spec = SocketSpec(name=sock_id, address=address, kind=kind, backlog=backlog)
-        bound = self._bind_or_adopt(
-            spec, address, runtime.unit.base_dir if runtime else self.supervisor.base_dir
-        )
-        self.supervisor.add_socket(owner, bound)
-        return {}
-
-    def _bind_or_adopt(self, spec: SocketSpec, address: Any, base_dir: Any) -> BoundSocket:
-        store = self.supervisor.store
+        spec = SocketSpec(name=sock_id, address=address, kind=kind, backlog=args["backlog"])
         if isinstance(address, FdAddress):
-            # The named fd leaves the store: the socket owns it now, as
-            # QEMU's monitor_get_fd() removes it from the monitor's list.
-            resource = store.take(MONITOR_OWNER, address.value)
-            fd = resource.fileno()
-            try:
-                sock = socket.socket(fileno=fd)
-            except OSError:
-                store.add(MONITOR_OWNER, address.value, resource)
-                raise CommandError(f"File descriptor '{address.value}' is not a socket") from None
-            try:
-                bound = adopt_socket(sock, spec, fd_label=address.value)
-            except BindError:
-                sock.detach()
-                store.add(MONITOR_OWNER, address.value, resource)
-                raise
-            if isinstance(resource, RawFd):
-                resource.detach()
-            self.supervisor.emit("FD_CLOSED", {"fdname": address.value, "owner": MONITOR_OWNER})
-            return bound
-        return bind_socket(spec, base_dir=base_dir, inherited=InheritedFds(frozenset()))
-
-    def socket_del(self, client: MonitorClient, args: dict[str, Any]) -> Any:
-        self.supervisor.remove_socket(args["id"], args.get("unit"))
+            bound = self._adopt_named_fd(spec, address.value)
+        else:
+            base_dir = unit.base_dir if unit is not None else self.control.base_dir
+            bound = bind_socket(spec, base_dir=base_dir, inherited=InheritedFds(frozenset()))
+        self.control.add_socket(owner, bound)
         return {}
 
-    def query_sockets(self, client: MonitorClient, args: dict[str, Any]) -> Any:
-        result = []
-        for entry in self.supervisor.store:
+    def _adopt_named_fd(self, spec: SocketSpec, name: str) -> BoundSocket:
+        """The socket a client stored with ``getfd``, now ``spec``'s; it leaves the store.
+
+        As QEMU's monitor_get_fd() removes the fd from the monitor's list. It
+        leaves only once adopted: a refusal leaves the store as it was.
+        """
+        store = self.control.store
+        entry = store.get(MONITOR_OWNER, name)
+        if entry is None:
+            raise CommandError(f"File descriptor named '{name}' not found")
+        if not isinstance(entry.resource, RawFd):
+            # a socket added with socket-add (no unit) owns its fd already
+            raise CommandError(f"'{name}' is a socket added with socket-add, not an fd from getfd")
+        try:
+            sock = socket.socket(fileno=entry.fd)
+        except OSError:
+            raise CommandError(f"File descriptor '{name}' is not a socket") from None
+        try:
+            bound = adopt_socket(sock, spec, fd_label=name)
+        except BindError:
+            sock.detach()
+            raise
+        resource = store.take(MONITOR_OWNER, name)
+        assert isinstance(resource, RawFd)
+        resource.detach()  # the bound socket owns the fd now
+        return bound
+
+    def socket_del(self, client: MonitorClient, args: dict[str, Any]) -> Empty:
+        self.control.remove_socket(args["id"], args.get("unit"))
+        return {}
+
+    def query_sockets(self, client: MonitorClient, args: dict[str, Any]) -> list[SocketRow]:
+        result: list[SocketRow] = []
+        for entry in self.control.store:
             if not isinstance(entry.resource, BoundSocket):
                 continue
-            unit = entry.owner.removeprefix("unit:") if entry.owner.startswith("unit:") else None
             spec = entry.resource.spec
             result.append(
                 {
                     "id": entry.name,
-                    "unit": unit,
+                    "unit": owner_unit(entry.owner),
                     "address": describe_socket(entry.fd).address or format_address(spec.address),
                     "kind": spec.kind.value,
                     "fd": entry.fd,
@@ -238,32 +412,101 @@ class Commands:
             )
         return result
 
-    def query_services(self, client: MonitorClient, args: dict[str, Any]) -> Any:
-        return [rt.service.describe() for rt in self.supervisor.units.values()]
+    def query_services(self, client: MonitorClient, args: dict[str, Any]) -> list[ServiceRow]:
+        return [
+            {
+                "unit": row["unit"],
+                "state": row["state"],
+                "pids": row["pids"],
+                "restarts": row["restarts"],
+                "last-exit": row["last-exit"],
+                "status": row["status"],
+            }
+            for row in self.control.describe_services()
+        ]
 
-    def service_start(self, client: MonitorClient, args: dict[str, Any]) -> Any:
-        self.supervisor.start_service(args["unit"], manual=True)
+    def service_start(self, client: MonitorClient, args: dict[str, Any]) -> Empty:
+        self.control.start_service(args["unit"], manual=True)
         return {}
 
-    def service_stop(self, client: MonitorClient, args: dict[str, Any]) -> Any:
-        self.supervisor.stop_service(args["unit"])
+    def service_stop(self, client: MonitorClient, args: dict[str, Any]) -> Empty:
+        self.control.stop_service(args["unit"])
         return {}
 
-    def service_restart(self, client: MonitorClient, args: dict[str, Any]) -> Any:
-        self.supervisor.restart_service(args["unit"])
+    def service_restart(self, client: MonitorClient, args: dict[str, Any]) -> Empty:
+        self.control.restart_service(args["unit"])
         return {}
 
-    def reload(self, client: MonitorClient, args: dict[str, Any]) -> Any:
-        return self.supervisor.reload()
+    def reload(self, client: MonitorClient, args: dict[str, Any]) -> ReloadResult:
+        result = self.control.reload()
+        return {"summary": result["summary"], "waiting-for": result["waiting-for"]}
 
-    def upgrade(self, client: MonitorClient, args: dict[str, Any]) -> Any:
+    def upgrade(self, client: MonitorClient, args: dict[str, Any]) -> Mapping[str, Any]:
         """Re-exec in place; a reply comes only if it did not happen (the error)."""
-        return self.supervisor.upgrade()
+        return self.control.upgrade()
 
 
-@dataclass(frozen=True, slots=True)
-class FdReply:
-    """A result whose reply carries ``fd`` (ours to close once sent)."""
+# -- compatibility, until supervisor.py implements Control (issue 10, R-split) ---------
+# Today's Supervisor has runtime() and .units where Control has unit() and
+# describe_services(), and builds its FdStore without on_change (it emits
+# the service entries' FD_* events itself). Delete this section, and the
+# union in Commands.__init__, once supervisor.py has unit(),
+# describe_services() and FdStore(on_change=...).
 
-    fd: int
-    value: Any
+
+class _LegacySupervisor(Protocol):
+    def runtime(self, name: str, /) -> Any: ...
+
+
+def _as_control(control: Control | _LegacySupervisor) -> Control:
+    if hasattr(control, "runtime") and not hasattr(control, "describe_services"):
+        return _LegacyControl(control)
+    return cast(Control, control)
+
+
+class _LegacyControl:
+    """Today's Supervisor seen as a :class:`Control`."""
+
+    def __init__(self, supervisor: Any) -> None:
+        self._supervisor = supervisor
+        if supervisor.store.on_change is None:
+            supervisor.store.on_change = self._monitor_fd_event
+
+    def _monitor_fd_event(self, event: StoreEvent, entry: Entry) -> None:
+        if owner_kind(entry.owner) == "monitor":  # the service entries' it emits itself
+            self._supervisor.emit(event, fd_event_data(entry))
+
+    @property
+    def store(self) -> FdStore:
+        return cast(FdStore, self._supervisor.store)
+
+    @property
+    def base_dir(self) -> Path:
+        return cast(Path, self._supervisor.base_dir)
+
+    def unit(self, name: str, /) -> Unit:
+        return cast(Unit, self._supervisor.runtime(name).unit)
+
+    def describe_services(self) -> Sequence[Mapping[str, Any]]:
+        return [runtime.service.describe() for runtime in self._supervisor.units.values()]
+
+    def start_service(self, name: str, /, *, manual: bool = True) -> None:
+        self._supervisor.start_service(name, manual=manual)
+
+    def stop_service(self, name: str, /) -> None:
+        self._supervisor.stop_service(name)
+
+    def restart_service(self, name: str, /) -> None:
+        self._supervisor.restart_service(name)
+
+    def reload(self) -> Mapping[str, Any]:
+        return cast(Mapping[str, Any], self._supervisor.reload())
+
+    def upgrade(self) -> Mapping[str, Any]:
+        return cast(Mapping[str, Any], self._supervisor.upgrade())
+
+    def add_socket(self, owner: str, bound: BoundSocket, /) -> None:
+        self._supervisor.add_socket(owner, bound)
+
+    def remove_socket(self, socket_id: str, unit: str | None, /) -> None:
+        self._supervisor.remove_socket(socket_id, unit)

@@ -48,7 +48,7 @@ def test_monitor_reference_lists_every_command() -> None:
     from fdsupervisor.commands import Commands
 
     text = (DOCS / "monitor.md").read_text()
-    commands = Commands(supervisor=None).table  # type: ignore[arg-type]
+    commands = Commands(None).table  # type: ignore[arg-type]
     assert "getfd" in commands
     rows = [line for line in text.splitlines() if line.startswith("| `")]
     for name in ("qmp_capabilities", *commands):
