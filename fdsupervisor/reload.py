@@ -52,7 +52,8 @@ The rules:
 - Binding first and closing afterwards leaves no moment without a socket,
   but fails where the new socket's address conflicts with an old one still
   open (the same unix path or abstract name, the same vsock port, an inet
-  port that overlaps on overlapping hosts): such old sockets are in
+  port that overlaps on overlapping hosts; :func:`~fdsupervisor.matching.may_conflict`
+  says which): such old sockets are in
   ``close_first`` and the new ones that must wait for them in
   ``bind_after_close``. That gap (connections refused) is the one the plan
   cannot avoid. The check is conservative: host names, service names and
@@ -112,14 +113,13 @@ sockets, so:
 
 from __future__ import annotations
 
-import ipaddress
 import os
 from collections.abc import Collection, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, fields, replace
-from typing import Final
 
-from .addresses import FdAddress, InetAddress, UnixAddress, VsockAddress
+from .addresses import FdAddress
 from .errors import ConfigError, Location
+from .matching import may_conflict, resolved_address
 from .units import ServiceSpec, SocketKind, SocketSpec, Unit
 
 SocketKey = tuple[str, str]
@@ -127,9 +127,6 @@ SocketKey = tuple[str, str]
 
 SocketMove = tuple[SocketKey, SocketKey]
 """``(old key, new key)`` of a socket whose fd changes owner."""
-
-# <linux/vm_sockets.h>: VMADDR_CID_ANY and VMADDR_PORT_ANY are both -1U.
-_VSOCK_ANY: Final = str(0xFFFFFFFF)
 
 
 @dataclass(frozen=True, slots=True)
@@ -239,11 +236,8 @@ class _SocketMatch:
 
 def _resolved(spec: SocketSpec, base_dir: os.PathLike[str]) -> SocketSpec:
     """``spec`` with a relative unix path made absolute, as binding makes it."""
-    address = spec.address
-    if not isinstance(address, UnixAddress) or address.abstract or os.path.isabs(address.path):
-        return spec
-    path = os.path.join(os.path.abspath(base_dir), address.path)
-    return replace(spec, address=replace(address, path=path))
+    address = resolved_address(spec.address, base_dir)
+    return spec if address is spec.address else replace(spec, address=address)
 
 
 def _sockets(units: Iterable[Unit]) -> dict[SocketKey, _Placed]:
@@ -350,93 +344,9 @@ def _close_first(
         for key, placed in new.items()
         if key in bound and not isinstance(placed.spec.address, FdAddress)
     ]
-    close_first = [o.key for o in closing if any(_may_conflict(o.spec, n.spec) for n in binding)]
-    bind_after = [n.key for n in binding if any(_may_conflict(o.spec, n.spec) for o in closing)]
+    close_first = [o.key for o in closing if any(may_conflict(o.spec, n.spec) for n in binding)]
+    bind_after = [n.key for n in binding if any(may_conflict(o.spec, n.spec) for o in closing)]
     return close_first, bind_after
-
-
-def _may_conflict(held: SocketSpec, wanted: SocketSpec) -> bool:
-    """Whether binding ``wanted`` may fail (EADDRINUSE) while ``held`` is open."""
-    old, new = held.address, wanted.address
-    if isinstance(old, FdAddress):
-        return True  # an inherited fd's address is unknown here
-    if isinstance(old, UnixAddress) and isinstance(new, UnixAddress):
-        return _unix_name(old) == _unix_name(new)
-    if isinstance(old, InetAddress) and isinstance(new, InetAddress):
-        return _inet_conflict(held, wanted)
-    if isinstance(old, VsockAddress) and isinstance(new, VsockAddress):
-        return _vsock_conflict(old, new)
-    return False
-
-
-def _unix_name(address: UnixAddress) -> tuple[bool, bool, str]:
-    # A non-tight abstract name is padded to the whole sun_path: another address.
-    if address.abstract:
-        return (True, address.tight, address.path)
-    return (False, True, os.path.normpath(address.path))
-
-
-def _inet_conflict(held: SocketSpec, wanted: SocketSpec) -> bool:
-    # TCP and UDP have separate port spaces; SO_REUSEPORT on both lets two
-    # sockets bind one address (socket(7)).
-    if (held.kind is SocketKind.DATAGRAM) != (wanted.kind is SocketKind.DATAGRAM):
-        return False
-    if held.reuse_port and wanted.reuse_port:
-        return False
-    old, new = held.address, wanted.address
-    assert isinstance(old, InetAddress) and isinstance(new, InetAddress)
-    return _ports_overlap(old, new) and _hosts_overlap(old.host, new.host)
-
-
-def _ports_overlap(old: InetAddress, new: InetAddress) -> bool:
-    if _ephemeral(old) or _ephemeral(new):
-        return False  # port 0: the kernel picks a free one
-    old_range, new_range = _port_range(old), _port_range(new)
-    if old_range is None or new_range is None:
-        return True  # a service name: its number is not known here
-    return old_range[0] <= new_range[1] and new_range[0] <= old_range[1]
-
-
-def _ephemeral(address: InetAddress) -> bool:
-    return address.port == "0" and address.to is None
-
-
-def _port_range(address: InetAddress) -> tuple[int, int] | None:
-    """First and last port (QEMU's ``to``: the first free one up to it), None if a name."""
-    if not (address.port.isascii() and address.port.isdigit()):
-        return None
-    first = int(address.port)
-    return first, max(first, address.to if address.to is not None else first)
-
-
-_IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
-
-
-def _hosts_overlap(old: str, new: str) -> bool:
-    if old == new:
-        return True
-    old_ip, new_ip = _ip(old), _ip(new)
-    if old_ip is None or new_ip is None:
-        return True  # a name (or "") may stand for any address
-    if old_ip.is_unspecified or new_ip.is_unspecified:
-        return True
-    return old_ip == new_ip
-
-
-def _ip(host: str) -> _IPAddress | None:
-    try:
-        ip = ipaddress.ip_address(host)
-    except ValueError:
-        return None
-    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
-        return ip.ipv4_mapped
-    return ip
-
-
-def _vsock_conflict(old: VsockAddress, new: VsockAddress) -> bool:
-    if old.port != new.port or old.port == _VSOCK_ANY:
-        return False
-    return old.cid == new.cid or _VSOCK_ANY in (old.cid, new.cid)
 
 
 # --------------------------------------------------------------------------- problems

@@ -41,12 +41,12 @@ from systemd import daemon
 
 from .addresses import (
     NAME_RE,
-    SUN_PATH_SIZE,
     FdAddress,
     InetAddress,
     UnixAddress,
     VsockAddress,
 )
+from .matching import bound_unix_name, port_range, resolved_address, unix_name, vsock_matches
 from .units import SocketKind, SocketSpec
 
 SD_LISTEN_FDS_START: Final = 3
@@ -94,7 +94,6 @@ SUPERVISOR_ONLY_ENV: Final = (
 
 # time-util.h: timestamp_is_set() is false for 0 and for USEC_INFINITY.
 _USEC_INFINITY: Final = 2**64 - 1
-_VMADDR_CID_ANY: Final = 0xFFFFFFFF
 _AF_VSOCK: Final = getattr(socket, "AF_VSOCK", -1)
 
 NotifySend = Callable[..., object]
@@ -530,15 +529,14 @@ def _mismatch(sock: socket.socket, spec: SocketSpec, base_dir: Path) -> str | No
         case InetAddress():
             return _inet_mismatch(sock, local, address, spec.kind)
         case UnixAddress(abstract=True):
-            expected = b"\0" + os.fsencode(address.path)
-            if not address.tight:
-                expected = expected.ljust(SUN_PATH_SIZE, b"\0")
-            if sock.family != socket.AF_UNIX or local != expected:
+            expected = unix_name(address)
+            if sock.family != socket.AF_UNIX or bound_unix_name(local) != expected:
                 return f"it is bound to {local!r}, the unit declares {expected!r}"
             return None
         case UnixAddress():
             path = base_dir.absolute() / address.path
-            if sock.family != socket.AF_UNIX or local != str(path):
+            name = unix_name(resolved_address(address, base_dir))
+            if sock.family != socket.AF_UNIX or bound_unix_name(local) != name:
                 return f"it is bound to {local!r}, the unit declares {str(path)!r}"
             try:
                 is_socket_file = stat.S_ISSOCK(os.stat(path).st_mode)
@@ -546,10 +544,9 @@ def _mismatch(sock: socket.socket, spec: SocketSpec, base_dir: Path) -> str | No
                 is_socket_file = False
             return None if is_socket_file else f"its socket file {path} is gone"
         case VsockAddress():
-            cid, port = int(address.cid), int(address.port)
             if sock.family != _AF_VSOCK or not isinstance(local, tuple):
                 return f"it is bound to {local!r}, not to a vsock address"
-            if local[1] != port or (cid != _VMADDR_CID_ANY and local[0] != cid):
+            if not vsock_matches(address, local[0], local[1]):
                 return f"it is bound to vsock:{local[0]}:{local[1]}"
             return None
     return "unknown address type"  # pragma: no cover - the match is exhaustive
@@ -576,8 +573,7 @@ def _inet_mismatch(
     for family, _, _, _, sockaddr in results:
         if family != sock.family or not _same_ip(str(sockaddr[0]), host):
             continue
-        first = int(sockaddr[1])
-        last = address.to if address.to is not None else first
+        first, last = port_range(address, int(sockaddr[1]))
         if first == 0 or first <= port <= last:
             return None
     return f"it is bound to {_label(host, port)}, the unit declares {address.host or '*'}:{address.port}"

@@ -76,6 +76,7 @@ from .addresses import (
     unknown_key_message,
 )
 from .errors import ConfigError, ConfigErrors, Location, ValueProblem
+from .matching import AddressKey, address_key
 
 OUTPUT_TARGETS: Final = ("inherit", "null", "journal")
 
@@ -1205,34 +1206,13 @@ def load_units(paths: Sequence[Path]) -> list[Unit]:
 # --------------------------------------------------------------------------- conflicts
 
 
-def _conflict_key(spec: SocketSpec) -> tuple[object, ...] | None:
-    """What two sockets must not share; None where sharing may be fine."""
-    address = spec.address
-    if isinstance(address, UnixAddress):
-        return ("unix", address.abstract, address.path)
-    if isinstance(address, FdAddress):
-        return ("fd", address.value)
-    datagram = spec.kind is SocketKind.DATAGRAM
-    if isinstance(address, VsockAddress):
-        return ("vsock", address.cid, address.port, datagram)
-    # Port 0, a range, a service name or SO_REUSEPORT may share legitimately.
-    if (
-        spec.reuse_port
-        or address.to is not None
-        or not address.port.isdigit()
-        or address.port == "0"
-    ):
-        return None
-    return ("inet", address.host, address.port, address.ipv4, address.ipv6, datagram)
-
-
 def _conflicts(units: Iterable[Unit]) -> list[tuple[Unit, SocketSpec, str]]:
     """Every socket whose address an earlier socket already has, with a message."""
     found = []
-    owners: dict[tuple[object, ...], tuple[Unit, SocketSpec]] = {}
+    owners: dict[AddressKey, tuple[Unit, SocketSpec]] = {}
     for unit in units:
         for spec in unit.sockets:
-            key = _conflict_key(spec)
+            key = address_key(spec, unit.base_dir)
             if key is None:
                 continue
             if key in owners:
