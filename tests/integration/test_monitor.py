@@ -15,7 +15,7 @@ from qemu.qmp import ExecuteError, QMPClient
 from qemu.qmp.legacy import QEMUMonitorProtocol
 
 from tests.conftest import PYTHON, REPORT_WORKER, open_fds, report_from
-from tests.monitor_client import RawClient
+from tests.monitor_client import MONITOR_COMMANDS, RawClient
 
 WEB = f"""
     sockets:
@@ -58,6 +58,32 @@ def test_greeting_and_query_version_with_qemu_qmp(supervisor) -> None:
     version = asyncio.run(qmp_session(sup.monitor_path, steps))
     assert version["package"].startswith("fdsupervisor ")
     assert oct(sup.monitor_path.stat().st_mode & 0o777) == "0o600"
+
+
+def test_query_commands_lists_exactly_the_commands_it_answers(supervisor) -> None:
+    """query-commands from a live supervisor is SPEC 5's list, and each one is dispatched.
+
+    Each listed command (but qmp_capabilities, refused once negotiated) is sent
+    with an argument it does not take: the schema check answers before any
+    handler runs, so nothing is reloaded or upgraded, and a name the table
+    lacks would answer CommandNotFound instead.
+    """
+    sup = supervisor({"web": WEB})
+    with RawClient(sup.monitor_path).negotiate() as client:
+        listed = [item["name"] for item in client.command("query-commands")["return"]]
+        assert sorted(listed) == sorted(MONITOR_COMMANDS)
+        assert len(listed) == len(set(listed))
+        for name in listed:
+            if name == "qmp_capabilities":
+                continue
+            error = client.command(name, **{"no-such-argument": 1})["error"]
+            assert error["class"] == "GenericError", (name, error)
+            assert error["desc"].startswith("Parameter '"), (name, error)
+        unknown = client.command("query-no-such-thing")["error"]
+        assert unknown == {
+            "class": "CommandNotFound",
+            "desc": "The command query-no-such-thing has not been found",
+        }
 
 
 def test_getfd_query_fds_closefd_round_trip(supervisor) -> None:
