@@ -45,10 +45,9 @@ from fdsupervisor.systemd import (
     stored_socket_mismatch,
 )
 from fdsupervisor.units import SocketKind, SocketSpec
+from tests.conftest import PYTHON, ROOT, fdsupervisor_command
 
-ROOT = Path(__file__).resolve().parents[2]
 CONTRIB = ROOT / "contrib" / "systemd"
-PYTHON = sys.executable
 # Whatever systemd gave the test run itself is not for the children here.
 ENV = scrub_environment(os.environ)
 
@@ -630,7 +629,7 @@ def test_example_unit_served_through_a_socket_passed_as_systemd_does(
         "LISTEN_FDNAMES": "web-http",
         "NOTIFY_SOCKET": str(notify_socket.path),
     }
-    command = [PYTHON, "-m", "fdsupervisor", "run", "--no-monitor", "--log-format", "json"]
+    command = fdsupervisor_command("run", "--no-monitor", "--log-format", "json")
     log = tmp_path / "supervisor.log"
     with listener, open(log, "w") as log_file:
         proc = exec_as_systemd(
@@ -703,7 +702,7 @@ def test_a_restarted_supervisor_takes_its_sockets_back_from_the_fd_store(
     echo = ROOT / "contrib" / "workers" / "echo.py"
     (units / "web.yaml").write_text(RESTART_UNIT.format(python=PYTHON, echo=echo))
     env = {**ENV, "NOTIFY_SOCKET": str(notify_socket.path), "WATCHDOG_USEC": "1000000"}
-    command = [PYTHON, "-m", "fdsupervisor", "run", "--no-monitor", "--log-format", "json"]
+    command = fdsupervisor_command("run", "--no-monitor", "--log-format", "json")
     command.append(str(units))
 
     with open(tmp_path / "first.log", "w") as log:

@@ -297,7 +297,6 @@ def test_entries_reach_a_journald_socket_in_the_native_protocol(tmp_path: Path) 
         capture_output=True,
         text=True,
         timeout=30,
-        env=dict(os.environ),
     )
     if (
         result.returncode != 0
