@@ -29,7 +29,6 @@ import socket
 import subprocess
 import sys
 import textwrap
-import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -239,7 +238,9 @@ def test_barrier_waits_for_the_manager(
         assert barrier.text == "BARRIER=1"
         assert len(barrier.fds) == 1
         if manager_answers:
-            time.sleep(0.3)  # the child waits meanwhile
+            # the child says nothing while the manager holds the barrier's fd
+            assert proc.stdout is not None
+            assert not select.select([proc.stdout], [], [], 0.3)[0], "it did not wait"
             os.close(barrier.fds[0])  # systemd closes it once it handled what came before
             notify_socket.received.remove(barrier.fds[0])
         done, waited = json.loads(proc.communicate(timeout=30)[0])
@@ -308,8 +309,13 @@ def test_listen_fds_from_systemd_socket_activate(tmp_path: Path) -> None:
         text=True,
     )
     try:
-        # It execs the child on the first connection, as a .socket unit starts its service.
-        client = connect_unix(path)
+        # It says where it listens once bound, and execs the child on the first
+        # connection, as a .socket unit starts its service.
+        assert proc.stderr is not None
+        listening = proc.stderr.readline()
+        assert listening.startswith(f"Listening on {path} as 3"), listening
+        client = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        client.connect(str(path))
         out, err = proc.communicate(timeout=30)
     finally:
         if proc.poll() is None:
@@ -324,20 +330,6 @@ def test_listen_fds_from_systemd_socket_activate(tmp_path: Path) -> None:
     assert result["adoptable"] == {"web/http": 3}
     assert result["mismatch"] is None
     assert "bound to" in result["wrong_path"]
-
-
-def connect_unix(path: Path, timeout: float = 10.0) -> socket.socket:
-    deadline = time.monotonic() + timeout
-    while True:
-        client = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        try:
-            client.connect(str(path))
-            return client
-        except (FileNotFoundError, ConnectionRefusedError):
-            client.close()
-            if time.monotonic() > deadline:
-                raise
-            time.sleep(0.05)
 
 
 # --------------------------------------------------------------------------- stored sockets
