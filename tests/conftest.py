@@ -32,6 +32,35 @@ ECHO_WORKER = str(ROOT / "contrib" / "workers" / "echo.py")
 PYTHON = sys.executable
 
 
+def fdsupervisor_command(*args: str) -> list[str]:
+    """The installed package's command line, ``python -m fdsupervisor ARGS``.
+
+    For a supervisor started under another program (systemd-socket-activate,
+    systemd's exec step); one that runs to its end is :func:`run_fdsupervisor`,
+    one that runs beside the test is the ``supervisor`` fixture.
+    """
+    return [PYTHON, *NATIVE_SPAWN, *args]
+
+
+def run_fdsupervisor(
+    *args: str, timeout: float = 30.0, **kwargs: Any
+) -> subprocess.CompletedProcess[str]:
+    """``fdsupervisor ARGS`` run to its end, its output captured as text.
+
+    The environment is the test's own unless ``env=`` is given: the package
+    is the installed one, no PYTHONPATH of ours. Other keywords go to
+    :func:`subprocess.run` (``pass_fds=``, ``cwd=``).
+    """
+    return subprocess.run(
+        fdsupervisor_command(*args),
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        check=False,
+        **kwargs,
+    )
+
+
 def open_fds(pid: int | str = "self") -> list[int]:
     result = []
     for name in os.listdir(f"/proc/{pid}/fd"):

@@ -8,6 +8,27 @@ import socket
 from pathlib import Path
 from typing import Any
 
+# Every command the monitor answers, in the order query-commands lists them:
+# SPEC 5's table, then upgrade (docs/monitor.md; SIGUSR2's twin).
+MONITOR_COMMANDS = (
+    "qmp_capabilities",
+    "query-version",
+    "query-commands",
+    "getfd",
+    "closefd",
+    "query-fds",
+    "fd-retrieve",
+    "socket-add",
+    "socket-del",
+    "query-sockets",
+    "query-services",
+    "service-start",
+    "service-stop",
+    "service-restart",
+    "reload",
+    "upgrade",
+)
+
 
 class RawClient:
     def __init__(self, path: Path | str, timeout: float = 10.0) -> None:

@@ -7,7 +7,7 @@ import socket
 import subprocess
 from pathlib import Path
 
-from tests.conftest import PYTHON, REPORT_WORKER, report_from
+from tests.conftest import PYTHON, REPORT_WORKER, report_from, run_fdsupervisor
 
 
 def listening_socket(kind: int = socket.SOCK_STREAM, listen: bool = True) -> socket.socket:
@@ -58,14 +58,7 @@ def run_with(
     tmp_path: Path, unit: str, pass_fds: tuple[int, ...]
 ) -> subprocess.CompletedProcess[str]:
     (tmp_path / "u.yaml").write_text(unit)
-    return subprocess.run(
-        [PYTHON, "-m", "fdsupervisor", "run", str(tmp_path / "u.yaml")],
-        capture_output=True,
-        text=True,
-        timeout=30,
-        pass_fds=pass_fds,
-        env=dict(os.environ),
-    )
+    return run_fdsupervisor("run", str(tmp_path / "u.yaml"), pass_fds=pass_fds)
 
 
 def test_inherited_fd_must_be_a_socket(tmp_path: Path) -> None:

@@ -6,12 +6,11 @@ import json
 import os
 import signal
 import socket
-import subprocess
 import threading
 import time
 from pathlib import Path
 
-from tests.conftest import PYTHON, REPORT_WORKER, open_fds, report_from
+from tests.conftest import PYTHON, REPORT_WORKER, open_fds, report_from, run_fdsupervisor
 
 IGNORE_TERM_WORKER = (
     "import signal, os, sys, time; signal.signal(signal.SIGTERM, signal.SIG_IGN); "
@@ -197,13 +196,7 @@ def test_bad_unit_means_exit_1_and_nothing_bound(tmp_path: Path) -> None:
     (units / "bad.yaml").write_text(
         "sockets:\n  s:\n    listen: '127.0.0.1:99999'\nservice:\n  exec: [true]\n"
     )
-    result = subprocess.run(
-        [PYTHON, "-m", "fdsupervisor", "run", str(units)],
-        capture_output=True,
-        text=True,
-        timeout=30,
-        env=dict(os.environ),
-    )
+    result = run_fdsupervisor("run", str(units))
     assert result.returncode == 1
     assert f"{units / 'bad.yaml'}:3:13: sockets.s.listen" in result.stderr
     assert not (units / "good.sock").exists()
@@ -222,13 +215,7 @@ def test_bind_failure_unbinds_everything(tmp_path: Path) -> None:
         (units / "b.yaml").write_text(
             f"sockets:\n  s: {{listen: '127.0.0.1:{port}'}}\nservice:\n  exec: [true]\n"
         )
-        result = subprocess.run(
-            [PYTHON, "-m", "fdsupervisor", "run", str(units)],
-            capture_output=True,
-            text=True,
-            timeout=30,
-            env=dict(os.environ),
-        )
+        result = run_fdsupervisor("run", str(units))
     assert result.returncode == 1
     assert "Address already in use" in result.stderr + result.stdout
     assert not (units / "a.sock").exists()

@@ -1,10 +1,10 @@
 """The security model under test: who may talk, what leaks, what a unit may touch, limits, EMFILE.
 
 What test_monitor.py and test_binding.py already cover is not repeated here
-(the refused uid's empty read, 0600/0700 under the default umask, the 65th
-client's message, a full store's message, symlinks refused by bind_socket
-itself). This file covers the rest of docs/security.md: a refused client's
-command and fds, modes under a permissive umask, symlinks as the
+(the 65th client's message, a full store's message, symlinks refused by
+bind_socket itself). This file covers the rest of docs/security.md: a refused
+client's command and fds, an uid let in by --monitor-allow-uid, the monitor's
+modes whatever the umask, symlinks as the
 supervisor meets them at start-up and at reload, fds handed in never reaching
 a worker or another client, the exact limits, and running out of fds.
 
@@ -167,32 +167,49 @@ while True:
 print(json.dumps({"received": received.decode("latin-1"), "fds": fds, "send_error": send_error}))
 """
 
+GREETING_AS_NOBODY = """
+import socket, sys
+sock = socket.socket(socket.AF_UNIX)
+sock.settimeout(10)
+sock.connect(sys.argv[1])
+print(sock.recv(4096).decode("latin-1"))
+"""
+
+
+def as_nobody(script: str, path: Path) -> str:
+    result = subprocess.run(
+        ["/usr/bin/python3", "-c", script, str(path)],
+        user="nobody",
+        capture_output=True,
+        text=True,
+        timeout=30,
+        cwd="/",
+    )
+    assert result.returncode == 0, result.stderr
+    return result.stdout
+
 
 @pytest.mark.skipif(
     os.getuid() != 0 or not os.path.exists("/usr/bin/python3"),
     reason="needs root (to run a client as nobody) and /usr/bin/python3",
 )
 def test_another_uid_is_refused_learns_nothing_and_is_logged(supervisor, tmp_path: Path) -> None:
+    """SPEC 5: only root and the supervisor's uid get in, others by --monitor-allow-uid only."""
     nobody = pwd.getpwnam("nobody").pw_uid
     directory = Path(tempfile.mkdtemp(prefix="fdsup-sec-"))
     try:
         directory.chmod(0o755)
-        path = directory / "monitor.sock"
-        sup = supervisor({"web": WEB}, args=["--monitor", str(path), str(tmp_path / "units")])
+        path, allowed = directory / "monitor.sock", directory / "allowed.sock"
+        units = str(tmp_path / "units")
+        sup = supervisor({"web": WEB}, args=["--monitor", str(path), units])
+        supervisor(args=["--monitor", str(allowed), "--monitor-allow-uid", str(nobody), units])
         path.chmod(0o666)  # only SO_PEERCRED stands in the way now
+        allowed.chmod(0o666)
+        assert '"QMP"' in as_nobody(GREETING_AS_NOBODY, allowed)
         with RawClient(path).negotiate() as probe:
             settle(probe)
             baseline = open_fds(sup.pid)
-            result = subprocess.run(
-                ["/usr/bin/python3", "-c", AS_NOBODY, str(path)],
-                user="nobody",
-                capture_output=True,
-                text=True,
-                timeout=30,
-                cwd="/",
-            )
-            assert result.returncode == 0, result.stderr
-            seen = json.loads(result.stdout)
+            seen = json.loads(as_nobody(AS_NOBODY, path))
             assert seen["received"] == "" and seen["fds"] == 0, seen  # no greeting, no reply
             refused = sup.wait_for("monitor_client_refused", uid=nobody)
             assert refused["level"] == "warning"
@@ -207,6 +224,7 @@ def test_another_uid_is_refused_learns_nothing_and_is_logged(supervisor, tmp_pat
 
 
 def test_monitor_modes_do_not_depend_on_the_umask(supervisor, tmp_path: Path) -> None:
+    """SPEC 5: created 0600 in a 0700 directory, even under the most permissive umask."""
     path = tmp_path / "fresh" / "deeper" / "monitor.sock"
     old_umask = os.umask(0)  # the child inherits it: the most permissive umask there is
     try:

@@ -12,7 +12,6 @@ import json
 import os
 import resource
 import signal
-import subprocess
 import textwrap
 from pathlib import Path
 from typing import Any
@@ -25,6 +24,7 @@ from tests.conftest import (
     SupervisorProcess,
     open_fds,
     report_from,
+    run_fdsupervisor,
 )
 from tests.integration.test_security import free_fds, out_of_fds, settle
 from tests.monitor_client import RawClient
@@ -163,13 +163,7 @@ def test_check_and_run_refuse_an_absurd_duration_naming_key_and_maximum(
     )
     column = len("  ") + line.index(":") + 3
     expected = f"{units / 'web.yaml'}:5:{column}: {message}"
-    checked = subprocess.run(
-        [PYTHON, "-m", "fdsupervisor", "check", str(units)],
-        capture_output=True,
-        text=True,
-        timeout=30,
-        env=dict(os.environ),
-    )
+    checked = run_fdsupervisor("check", str(units))
     assert checked.returncode == 1
     assert checked.stderr == f"fdsupervisor: {expected}\n"
     sup = supervisor(wait_ready=False)
@@ -333,13 +327,8 @@ def test_check_refuses_what_is_not_a_small_regular_file_at_once(tmp_path: Path, 
     units.mkdir()
     (units / "good.yaml").write_text(textwrap.dedent(QUICK))
     expected = plant(kind, units / "bad.yaml")
-    checked = subprocess.run(
-        [PYTHON, "-m", "fdsupervisor", "check", str(units)],
-        capture_output=True,
-        text=True,
-        timeout=10,  # it used to hang (FIFO), grow without bound (/dev/zero) or take minutes
-        env=dict(os.environ),
-    )
+    # it used to hang (FIFO), grow without bound (/dev/zero) or take minutes
+    checked = run_fdsupervisor("check", str(units), timeout=10)
     assert checked.returncode == 1
     assert checked.stderr == f"fdsupervisor: {expected}\n"
 

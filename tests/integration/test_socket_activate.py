@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import PYTHON, REPORT_WORKER, read_until_eof
+from tests.conftest import PYTHON, REPORT_WORKER, fdsupervisor_command, read_until_eof
 from tests.integration.test_reload import free_port
 
 pytestmark = pytest.mark.skipif(
@@ -39,17 +39,15 @@ def test_supervisor_under_systemd_socket_activate(tmp_path: Path) -> None:
             "systemd-socket-activate",
             "-l",
             f"127.0.0.1:{port}",
-            PYTHON,
-            "-m",
-            "fdsupervisor",
-            "run",
-            "--log-format",
-            "json",
-            "--monitor",
-            str(tmp_path / "monitor.sock"),
-            str(units),
+            *fdsupervisor_command(
+                "run",
+                "--log-format",
+                "json",
+                "--monitor",
+                str(tmp_path / "monitor.sock"),
+                str(units),
+            ),
         ],
-        env=dict(os.environ),
         stdin=subprocess.DEVNULL,
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,

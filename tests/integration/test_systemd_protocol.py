@@ -29,7 +29,6 @@ import socket
 import subprocess
 import sys
 import textwrap
-import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -45,10 +44,9 @@ from fdsupervisor.systemd import (
     stored_socket_mismatch,
 )
 from fdsupervisor.units import SocketKind, SocketSpec
+from tests.conftest import PYTHON, ROOT, fdsupervisor_command
 
-ROOT = Path(__file__).resolve().parents[2]
 CONTRIB = ROOT / "contrib" / "systemd"
-PYTHON = sys.executable
 # Whatever systemd gave the test run itself is not for the children here.
 ENV = scrub_environment(os.environ)
 
@@ -240,7 +238,9 @@ def test_barrier_waits_for_the_manager(
         assert barrier.text == "BARRIER=1"
         assert len(barrier.fds) == 1
         if manager_answers:
-            time.sleep(0.3)  # the child waits meanwhile
+            # the child says nothing while the manager holds the barrier's fd
+            assert proc.stdout is not None
+            assert not select.select([proc.stdout], [], [], 0.3)[0], "it did not wait"
             os.close(barrier.fds[0])  # systemd closes it once it handled what came before
             notify_socket.received.remove(barrier.fds[0])
         done, waited = json.loads(proc.communicate(timeout=30)[0])
@@ -309,8 +309,13 @@ def test_listen_fds_from_systemd_socket_activate(tmp_path: Path) -> None:
         text=True,
     )
     try:
-        # It execs the child on the first connection, as a .socket unit starts its service.
-        client = connect_unix(path)
+        # It says where it listens once bound, and execs the child on the first
+        # connection, as a .socket unit starts its service.
+        assert proc.stderr is not None
+        listening = proc.stderr.readline()
+        assert listening.startswith(f"Listening on {path} as 3"), listening
+        client = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        client.connect(str(path))
         out, err = proc.communicate(timeout=30)
     finally:
         if proc.poll() is None:
@@ -325,20 +330,6 @@ def test_listen_fds_from_systemd_socket_activate(tmp_path: Path) -> None:
     assert result["adoptable"] == {"web/http": 3}
     assert result["mismatch"] is None
     assert "bound to" in result["wrong_path"]
-
-
-def connect_unix(path: Path, timeout: float = 10.0) -> socket.socket:
-    deadline = time.monotonic() + timeout
-    while True:
-        client = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        try:
-            client.connect(str(path))
-            return client
-        except (FileNotFoundError, ConnectionRefusedError):
-            client.close()
-            if time.monotonic() > deadline:
-                raise
-            time.sleep(0.05)
 
 
 # --------------------------------------------------------------------------- stored sockets
@@ -381,7 +372,7 @@ def test_stored_socket_must_be_listening() -> None:
         assert mismatch == "it is not listening"
 
 
-def test_stored_udp_and_dual_stack() -> None:
+def test_stored_udp() -> None:
     with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as udp:
         udp.bind(("127.0.0.1", 0))
         port = udp.getsockname()[1]
@@ -390,12 +381,15 @@ def test_stored_udp_and_dual_stack() -> None:
             stored_socket_mismatch(udp.fileno(), spec(address, SocketKind.DATAGRAM), Path("/"))
             is None
         )
+
+
+def test_stored_dual_stack() -> None:
     if not socket.has_ipv6:
-        return
+        pytest.skip("this Python has no IPv6 support (socket.has_ipv6 is false)")
     try:
         any6 = socket.create_server(("::", 0), family=socket.AF_INET6, dualstack_ipv6=True)
-    except OSError:
-        return
+    except OSError as exc:
+        pytest.skip(f"cannot bind a dual-stack socket on [::] here: {exc}")
     with any6:
         port = any6.getsockname()[1]
         assert (
@@ -627,7 +621,7 @@ def test_example_unit_served_through_a_socket_passed_as_systemd_does(
         "LISTEN_FDNAMES": "web-http",
         "NOTIFY_SOCKET": str(notify_socket.path),
     }
-    command = [PYTHON, "-m", "fdsupervisor", "run", "--no-monitor", "--log-format", "json"]
+    command = fdsupervisor_command("run", "--no-monitor", "--log-format", "json")
     log = tmp_path / "supervisor.log"
     with listener, open(log, "w") as log_file:
         proc = exec_as_systemd(
@@ -700,7 +694,7 @@ def test_a_restarted_supervisor_takes_its_sockets_back_from_the_fd_store(
     echo = ROOT / "contrib" / "workers" / "echo.py"
     (units / "web.yaml").write_text(RESTART_UNIT.format(python=PYTHON, echo=echo))
     env = {**ENV, "NOTIFY_SOCKET": str(notify_socket.path), "WATCHDOG_USEC": "1000000"}
-    command = [PYTHON, "-m", "fdsupervisor", "run", "--no-monitor", "--log-format", "json"]
+    command = fdsupervisor_command("run", "--no-monitor", "--log-format", "json")
     command.append(str(units))
 
     with open(tmp_path / "first.log", "w") as log:

@@ -351,6 +351,11 @@ def test_workers_started_while_signals_are_blocked_get_an_empty_mask(supervisor)
     assert all(sup.events.index(e) < sup.events.index(first_upgraded) for e in started)
     for event in started:
         assert blocked_signals(event["pid"]) == 0, event["unit"]
+    # "upgraded" is logged just before the new program unblocks its signals: a SIGHUP
+    # handled (a reload) shows the unblocking is done, then the whole mask must be empty.
+    reload_mark = sup.mark()
+    os.kill(sup.pid, signal.SIGHUP)
+    sup.wait_for("reloaded", after=reload_mark)
     assert blocked_signals(sup.pid) == 0, "the supervisor unblocked them once ready"
 
 

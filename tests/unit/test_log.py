@@ -297,7 +297,6 @@ def test_entries_reach_a_journald_socket_in_the_native_protocol(tmp_path: Path) 
         capture_output=True,
         text=True,
         timeout=30,
-        env=dict(os.environ),
     )
     if (
         result.returncode != 0
@@ -330,7 +329,7 @@ def test_entries_reach_the_real_journal() -> None:
     marker = uuid.uuid4().hex
     make_logger("journal", io.StringIO()).info("journal_test", marker=marker)
     if journalctl is None:
-        return  # sent without an error; nothing to read it back with
+        pytest.skip("sent without an error, but there is no journalctl to read it back with")
     deadline = time.monotonic() + 10
     while time.monotonic() < deadline:
         result = subprocess.run(
