@@ -187,6 +187,37 @@ class Service:
         self.state = ServiceState.LISTENING if self.spec.accept else ServiceState.STARTING
         return True
 
+    def mark_listening(self) -> None:
+        """On-demand: the sockets are watched, the service waits for its first traffic."""
+        self.state = ServiceState.LISTENING
+
+    def mark_failed(self, reason: str) -> None:
+        """The supervisor failed the service (start limit, spawn error, reload bind)."""
+        self.state = ServiceState.FAILED
+        self.failure = reason
+
+    def set_status(self, text: str | None) -> None:
+        """``STATUS=`` from a worker (``""`` clears it)."""
+        self.status = text
+
+    def restore(
+        self,
+        item_state: ServiceState,
+        *,
+        restarts: int,
+        last_exit: ExitStatus | None,
+        status: str | None,
+        failure: str | None,
+        connections: int,
+    ) -> None:
+        """After an upgrade: the service as the old program left it (workers come apart)."""
+        self.state = item_state
+        self.restarts = restarts
+        self.last_exit = last_exit
+        self.status = status
+        self.failure = failure
+        self.connections = connections
+
     def worker_started(self, instance: int, pid: int, now: float) -> Worker:
         worker = Worker(instance, pid, now, ready=not self.spec.notify)
         self.workers[instance] = worker
