@@ -18,7 +18,6 @@ import dataclasses
 import errno
 import math
 import os
-import select
 import signal
 import socket
 import subprocess
@@ -155,11 +154,6 @@ class Supervisor:
         # logged through a rate limit (a flood from nobody costs a few lines).
         self._notify_log = RateLimitedLog(log, clock=self.loop.time)
         self._notify_log_timer: Timer | None = None
-        # Stored worker fds are watched for hang-ups only (FDPOLL): an inner epoll
-        # with no events requested reports just EPOLLHUP / EPOLLERR, as systemd's
-        # fd store does with its event sources.
-        self._hangups = select.epoll()
-        self._hangup_keys: dict[int, tuple[str, str]] = {}
         self._wakeup: tuple[socket.socket, socket.socket] | None = None
         self._old_handlers: dict[int, Any] = {}
         self.on_shutdown: list[Callable[[], None]] = []
@@ -309,7 +303,7 @@ class Supervisor:
         self._install_signals()
         self.notify_socket = self._open_notify_socket(handover)
         self.loop.add_reader(self.notify_socket.fileno(), self._on_notify)
-        self.loop.add_reader(self._hangups.fileno(), self._on_hangups)
+        self.loop.add_reader(self.store.hangup_fileno(), self._on_hangups)
         if self.use_cgroups:
             self.cgroups = WorkerCgroups.open(self.log)
         else:
@@ -705,7 +699,7 @@ class Supervisor:
                         entry.name,
                         entry.fd,
                         False,
-                        watch_hangup=entry.fd in self._hangup_keys,
+                        watch_hangup=self.store.watches_hangup(entry.owner, entry.name),
                     )
                 )
         services = {}
@@ -763,8 +757,7 @@ class Supervisor:
             if not item.socket:
                 self.store.add(item.owner, item.name, RawFd(item.fd))
                 if item.watch_hangup:
-                    self._hangups.register(item.fd, 0)
-                    self._hangup_keys[item.fd] = (item.owner, item.name)
+                    self.store.watch_hangup(item.owner, item.name)
                 continue
             sock = socket.socket(fileno=item.fd)
             spec = wanted.pop((unit, item.name), None) if unit is not None else None
@@ -852,7 +845,7 @@ class Supervisor:
         if self.notify_socket is not None:
             self.notify_socket.close()
             self.notify_socket = None
-        self._hangups.close()
+        self.store.close_all()  # empty by now: its hang-up watch
         if self._wakeup is not None:
             for signum, handler in self._old_handlers.items():
                 signal.signal(signum, handler)
@@ -1507,11 +1500,7 @@ class Supervisor:
             self.log.warning("fd_store_refused", unit=unit, fdname=name, error=str(exc))
             return
         if message.fd_poll:
-            try:
-                self._hangups.register(first, 0)
-                self._hangup_keys[first] = (owner, name)
-            except OSError:
-                pass  # not pollable (a regular file): kept until removed
+            self.store.watch_hangup(owner, name)  # not pollable (a file): kept until removed
         self.log.info("fd_stored", unit=unit, fdname=name, fd=first)
         self.emit("FD_STORED", {"fdname": name, "owner": owner})
 
@@ -1519,18 +1508,13 @@ class Supervisor:
         entry = self.store.get(owner, name)
         if entry is None:
             return
-        if self._hangup_keys.pop(entry.fd, None) is not None:
-            with contextlib.suppress(OSError):
-                self._hangups.unregister(entry.fd)
         self.store.close(owner, name)
         self.log.info("fd_store_removed", owner=owner, fdname=name, reason=reason)
         self.emit("FD_CLOSED", {"fdname": name, "owner": owner})
 
     def _on_hangups(self) -> None:
-        for fd, _events in self._hangups.poll(0):
-            key = self._hangup_keys.get(fd)
-            if key is not None:
-                self._drop_stored(*key, reason="hung up (FDPOLL)")
+        for owner, name in self.store.hung_up():
+            self._drop_stored(owner, name, reason="hung up (FDPOLL)")
 
     def _start_timed_out(self, runtime: UnitRuntime, pid: int) -> None:
         runtime.start_timers.pop(pid, None)
@@ -1620,7 +1604,6 @@ class Supervisor:
         if self.notify_socket is not None:
             self.notify_socket.close()
         self._notify_log.flush(everything=True)
-        self._hangups.close()
         for signum, handler in self._old_handlers.items():
             signal.signal(signum, handler)
         if self._wakeup is not None:
