@@ -11,30 +11,29 @@ cgroup of its own when there are cgroups (:mod:`fdsupervisor.cgroups`);
 watches each worker's pidfd and reaps it in one place (:meth:`UnitRunner._reap`);
 asks its :class:`~fdsupervisor.service.Service` what an exit means (restart
 when, or fail) and keeps the timers that follow (restart delays, stop
-timeouts, the start timeout, the watchdog). It also gives sd_notify messages
-their meaning for the unit: ``READY=1``, ``STATUS=``, ``WATCHDOG=1``, and
-``FDSTORE=1``, whose fds it keeps in the store under ``service:NAME`` for
-the unit's next workers.
+timeouts, the start timeout, the watchdog). Its sockets bring work in
+through its :class:`~fdsupervisor.activation.Intake` (first traffic, or one
+worker per connection). It also gives sd_notify messages their meaning for
+the unit: ``READY=1``, ``STATUS=``, ``WATCHDOG=1``, and ``FDSTORE=1``, whose
+fds it keeps in the store under ``service:NAME`` for the unit's next workers.
 """
 
 from __future__ import annotations
 
 import contextlib
 import dataclasses
-import errno
 import math
 import os
 import signal
-import socket
-from collections.abc import Callable, Collection, Iterable, Mapping
+from collections.abc import Callable, Collection, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from functools import partial
 from typing import Any
 
 from systemd import journal
 
+from .activation import Intake
 from .addresses import check_name, timer_seconds
-from .binding import BoundSocket
 from .cgroups import WorkerCgroups, socket_holders
 from .errors import FdSupervisorError, SpawnError, ValueProblem
 from .fdstore import Entry, FdStore, RawFd, service_owner, unit_owner
@@ -42,13 +41,8 @@ from .loop import EventLoop, Timer
 from .notify import NotifyMessage
 from .service import ExitStatus, Failed, Restart, Service, ServiceState, Worker
 from .spawn import PassedFd, SpawnPlan, plan_worker, spawn
-from .units import ACCEPT_FD_NAME, Activation, Unit
+from .units import Activation, Unit
 from .upgrade import WorkerItem
-
-# Accept mode: at most this many connections per wake-up, so that one busy
-# socket cannot starve the loop; and a pause after EMFILE before trying again.
-ACCEPT_BATCH = 64
-ACCEPT_RETRY_DELAY = 0.1
 
 
 @dataclass(frozen=True, slots=True)
@@ -118,10 +112,7 @@ class UnitRunner:
         self._start_timers = Timers(ctx.loop)  # pid → READY=1 deadline
         self._watchdog_timers = Timers(ctx.loop)  # pid → next WATCHDOG=1 deadline
         self._restart_pending = False  # restart(): start again once every worker is gone
-        self._watching = False  # on-demand: waiting for the first traffic
-        self._accepting = False  # accept mode: the service takes connections
-        self._accept_paused = False  # accept mode: at max-connections, or out of fds
-        self._accept_retry: Timer | None = None
+        self._intake = Intake(self, ctx.loop, ctx.store, ctx.shutting_down)
 
     @property
     def owner(self) -> str:
@@ -134,7 +125,7 @@ class UnitRunner:
         """Start as the unit's activation says: now, on first traffic, or per connection."""
         spec = self.unit.service
         if spec.activation is Activation.ON_DEMAND and not spec.accept:
-            self._watch()
+            self._intake.watch()
         else:
             self.start(manual=False)
 
@@ -144,14 +135,14 @@ class UnitRunner:
         if self.unit.service.accept:
             service.request_start(self._loop.time(), manual=True)
             service.refresh_state()
-            self._start_accepting()
+            self._intake.start_accepting()
             return
         if service.state in (ServiceState.RUNNING, ServiceState.STARTING) and service.workers:
             return
         if not service.request_start(self._loop.time(), manual=manual):
             self.fail("start limit hit")
             return
-        self._unwatch()
+        self._intake.unwatch()
         for instance in service.instances_to_start():
             self._spawn_instance(instance)
 
@@ -194,8 +185,7 @@ class UnitRunner:
 
     def suspend_intake(self) -> None:
         """Stop watching the sockets for traffic and stop accepting on them."""
-        self._unwatch()
-        self._stop_accepting()
+        self._intake.suspend()
 
     def resume(self) -> None:
         """Carry a restored service on (after an upgrade): start what was due, watch what was."""
@@ -203,9 +193,9 @@ class UnitRunner:
         if spec.accept:
             if state is not ServiceState.INACTIVE and state is not ServiceState.FAILED:
                 self.service.refresh_state()
-                self._start_accepting()
+                self._intake.start_accepting()
         elif state is ServiceState.LISTENING:
-            self._watch()
+            self._intake.watch()
         elif state in (ServiceState.RUNNING, ServiceState.STARTING):
             for instance in self.service.instances_to_start():
                 self._spawn_instance(instance)  # restarts that were pending
@@ -219,12 +209,11 @@ class UnitRunner:
 
     def on_socket_added(self, entry: Entry) -> None:
         """A socket added to the unit at run time: watched too, if the unit waits for traffic."""
-        if self._watching:
-            self._loop.add_reader(entry.fd, self._traffic)
+        self._intake.socket_added(entry.fd)
 
     def on_socket_removed(self, entry: Entry) -> None:
         """One of the unit's sockets is about to be closed: no longer watched."""
-        self._loop.remove_reader(entry.fd)
+        self._intake.socket_removed(entry.fd)
 
     def live_workers(self) -> int:
         """How many workers are still to be reaped."""
@@ -289,6 +278,26 @@ class UnitRunner:
             return
         self._track(instance, pid, pidfd, len(passed))
 
+    def start_worker(
+        self,
+        instance: int,
+        passed: Sequence[PassedFd],
+        *,
+        extra_env: Mapping[str, str] | None = None,
+        stdio_fd: int | None = None,
+    ) -> bool:
+        """Start one worker with exactly ``passed`` (accept mode: a connection's); False: it
+        could not start (logged), and nothing is retried."""
+        try:
+            pid, pidfd = self._start_process(
+                instance, passed, extra_env=extra_env, stdio_fd=stdio_fd
+            )
+        except (SpawnError, OSError) as exc:
+            self.log.error("worker_start_failed", instance=instance, error=str(exc))
+            return False
+        self._track(instance, pid, pidfd, len(passed))
+        return True
+
     def _retry_spawn(self, instance: int, exc: Exception) -> None:
         """A start failed for lack of resources: retried as ``restart:`` says."""
         decision = self.service.spawn_failed(instance, self._loop.time())
@@ -317,7 +326,7 @@ class UnitRunner:
     def _start_process(
         self,
         instance: int,
-        passed: list[PassedFd],
+        passed: Sequence[PassedFd],
         *,
         extra_env: Mapping[str, str] | None = None,
         stdio_fd: int | None = None,
@@ -332,56 +341,7 @@ class UnitRunner:
             stdio_fd=stdio_fd,
             notify_socket=self._ctx.notify_address(),
         )
-        return self._spawn_watched(plan, instance)
-
-    def _spawn_watched(self, plan: SpawnPlan, instance: int) -> tuple[int, int]:
-        """Spawn, and open the pidfd that watches the worker; both or neither.
-
-        The unit's stdout: and stderr: null or journal targets are opened for
-        this worker and closed here once it has its own copies (files are
-        opened by the child itself, as the worker's user: see spawn.py). The
-        worker's cgroup (not in accept mode) is made before and joined by the
-        child. Out of fds, a worker we could not watch is killed and reaped at
-        once, and the start counts as failed (then retried) instead of
-        escaping the loop.
-        """
-        unit, cgroups = self.unit, self._ctx.cgroups()
-        outputs: list[int] = []
-        cgroup = None
-        try:
-            stdout_fd = open_output(unit.name, unit.service.stdout, outputs, self.log)
-            stderr_fd = open_output(unit.name, unit.service.stderr, outputs, self.log)
-            if outputs:
-                plan = dataclasses.replace(plan, stdout_fd=stdout_fd, stderr_fd=stderr_fd)
-            # Not per connection in accept mode: a connection worker never holds
-            # the listening sockets, and a fresh cgroup holds the loop some 0.4 ms
-            # per start, half the accept rate (docs/security.md).
-            if cgroups is not None and not unit.service.accept:
-                try:
-                    cgroup = cgroups.prepare(unit.name, instance)
-                except OSError as exc:  # as systemd's EXIT_CGROUP: the start fails
-                    raise SpawnError(
-                        f"cannot start {plan.argv[0]!r}: cgroup: {exc.strerror}", exc.errno
-                    ) from None
-                plan = dataclasses.replace(plan, cgroup_fd=cgroup.fd)
-            pid = spawn(plan)
-        except BaseException:
-            if cgroup is not None and cgroups is not None:
-                cgroups.discard(cgroup)
-            raise
-        finally:
-            for fd in outputs:
-                os.close(fd)
-        if cgroup is not None and cgroups is not None:
-            cgroups.started(pid, cgroup)
-        try:
-            return pid, os.pidfd_open(pid)
-        except OSError:
-            os.kill(pid, signal.SIGKILL)
-            os.waitpid(pid, 0)
-            if cgroups is not None:
-                cgroups.release(pid)
-            raise
+        return spawn_watched(self.unit, plan, instance, self._ctx.cgroups(), self.log)
 
     def _track(self, instance: int, pid: int, pidfd: int, fds: int) -> None:
         """A worker exists: watch its pidfd and tell everyone."""
@@ -438,9 +398,8 @@ class UnitRunner:
         elif isinstance(decision, Failed):
             self.fail(decision.reason)
         elif self.service.state is ServiceState.INACTIVE and not self._ctx.shutting_down():
-            self._watch()
-        if self._accept_paused and self._accepting:
-            self._resume_accepting()
+            self._intake.watch()
+        self._intake.worker_exited()
 
     def _left_behind(self, pid: int) -> None:
         """Worker ``pid`` is gone: end what it left in its cgroup, or at least name it.
@@ -613,103 +572,6 @@ class UnitRunner:
                 pid, self.unit.service.stop_timeout, partial(self._kill_timeout, pid)
             )
 
-    # -- on-demand activation -----------------------------------------------------------
-
-    def _watch(self) -> None:
-        if self._watching or self.unit.service.activation is not Activation.ON_DEMAND:
-            return
-        for entry in self._store.owned_by(self.owner):
-            self._loop.add_reader(entry.fd, self._traffic)
-        self._watching = True
-        self.service.mark_listening()
-
-    def _unwatch(self) -> None:
-        if not self._watching:
-            return
-        for entry in self._store.owned_by(self.owner):
-            self._loop.remove_reader(entry.fd)
-        self._watching = False
-
-    def _traffic(self) -> None:
-        self.start(manual=False)  # first: the log can wait
-        self.log.info("traffic", action="started service")
-
-    # -- accept mode: one instance per connection --------------------------------------
-
-    def _start_accepting(self) -> None:
-        if self._accepting:
-            return
-        self._accepting = True
-        self._accept_paused = True
-        for entry in self._store.owned_by(self.owner):
-            if isinstance(entry.resource, BoundSocket):
-                # Never handed to a worker in accept mode, so non-blocking is ours alone.
-                entry.resource.sock.setblocking(False)
-        self._resume_accepting()
-
-    def _stop_accepting(self) -> None:
-        if self._accepting:
-            self._pause_accepting()
-            self._accepting = False
-
-    def _pause_accepting(self) -> None:
-        """Leave new connections in the kernel's backlog: waiting, never refused."""
-        if not self._accept_paused:
-            for entry in self._store.owned_by(self.owner):
-                self._loop.remove_reader(entry.fd)
-            self._accept_paused = True
-
-    def _resume_accepting(self) -> None:
-        if not self._accept_paused or self._ctx.shutting_down():
-            return
-        if len(self.service.workers) >= self.unit.service.max_connections:
-            return
-        for entry in self._store.owned_by(self.owner):
-            if isinstance(entry.resource, BoundSocket):
-                self._loop.add_reader(entry.fd, partial(self._accept, entry.resource))
-        self._accept_paused = False
-
-    def _accept(self, bound: BoundSocket) -> None:
-        limit = self.unit.service.max_connections
-        for _ in range(ACCEPT_BATCH):
-            if len(self.service.workers) >= limit:
-                self._pause_accepting()
-                return
-            try:
-                conn, peer = bound.sock.accept()
-            except (BlockingIOError, InterruptedError):
-                return
-            except OSError as exc:
-                if exc.errno in (errno.ECONNABORTED, errno.EPROTO):
-                    continue
-                # Out of fds or memory: leave connections in the backlog and try
-                # again a little later instead of spinning (libuv does the same).
-                self.log.warning("accept_failed", error=str(exc))
-                self._pause_accepting()
-                self._loop.call_later(ACCEPT_RETRY_DELAY, self._resume_accepting)
-                return
-            with conn:
-                self._spawn_connection(conn, peer)
-
-    def _spawn_connection(self, conn: socket.socket, peer: Any) -> None:
-        instance = self.service.next_instance()
-        extra_env = {}
-        if conn.family in (socket.AF_INET, socket.AF_INET6):
-            # systemd sets these for inet peers only (service.c, REMOTE_ADDR/REMOTE_PORT)
-            extra_env = {"REMOTE_ADDR": str(peer[0]), "REMOTE_PORT": str(peer[1])}
-        try:
-            pid, pidfd = self._start_process(
-                instance,
-                [PassedFd(ACCEPT_FD_NAME, conn.fileno())],
-                extra_env=extra_env,
-                stdio_fd=conn.fileno() if self.unit.service.inetd else None,
-            )
-        except (SpawnError, OSError) as exc:
-            # this connection is lost; the next ones are tried as they come
-            self.log.error("worker_start_failed", instance=instance, error=str(exc))
-            return
-        self._track(instance, pid, pidfd, 1)
-
 
 def signal_group(
     pid: int, signum: int, cgroups: WorkerCgroups | None, log: Any, *, leader_too: bool = True
@@ -728,6 +590,57 @@ def signal_group(
                 os.kill(pid, signum)
     except PermissionError as exc:
         log.warning("signal_failed", pid=pid, signal=signum, error=str(exc))
+
+
+def spawn_watched(
+    unit: Unit, plan: SpawnPlan, instance: int, cgroups: WorkerCgroups | None, log: Any
+) -> tuple[int, int]:
+    """Spawn, and open the pidfd that watches the worker; both or neither.
+
+    The unit's stdout: and stderr: null or journal targets are opened for
+    this worker and closed here once it has its own copies (files are
+    opened by the child itself, as the worker's user: see spawn.py). The
+    worker's cgroup (not in accept mode) is made before and joined by the
+    child. Out of fds, a worker we could not watch is killed and reaped at
+    once, and the start counts as failed (then retried) instead of
+    escaping the loop.
+    """
+    outputs: list[int] = []
+    cgroup = None
+    try:
+        stdout_fd = open_output(unit.name, unit.service.stdout, outputs, log)
+        stderr_fd = open_output(unit.name, unit.service.stderr, outputs, log)
+        if outputs:
+            plan = dataclasses.replace(plan, stdout_fd=stdout_fd, stderr_fd=stderr_fd)
+        # Not per connection in accept mode: a connection worker never holds
+        # the listening sockets, and a fresh cgroup holds the loop some 0.4 ms
+        # per start, half the accept rate (docs/security.md).
+        if cgroups is not None and not unit.service.accept:
+            try:
+                cgroup = cgroups.prepare(unit.name, instance)
+            except OSError as exc:  # as systemd's EXIT_CGROUP: the start fails
+                raise SpawnError(
+                    f"cannot start {plan.argv[0]!r}: cgroup: {exc.strerror}", exc.errno
+                ) from None
+            plan = dataclasses.replace(plan, cgroup_fd=cgroup.fd)
+        pid = spawn(plan)
+    except BaseException:
+        if cgroup is not None and cgroups is not None:
+            cgroups.discard(cgroup)
+        raise
+    finally:
+        for fd in outputs:
+            os.close(fd)
+    if cgroup is not None and cgroups is not None:
+        cgroups.started(pid, cgroup)
+    try:
+        return pid, os.pidfd_open(pid)
+    except OSError:
+        os.kill(pid, signal.SIGKILL)
+        os.waitpid(pid, 0)
+        if cgroups is not None:
+            cgroups.release(pid)
+        raise
 
 
 def open_output(unit_name: str, target: str, opened: list[int], log: Any) -> int | None:
