@@ -1,11 +1,14 @@
 """The supervisor: the event loop that wires the flow together.
 
 It binds every unit's sockets into the :class:`~fdsupervisor.fdstore.FdStore`
-(all of them, or none: a bind failure closes what was bound), starts the
-eager services, watches the sockets of on-demand ones, and then lives on
-events: a worker's pidfd becomes readable (it exited: reap, decide, maybe
-schedule a restart), a timer fires (a restart is due, a stop timed out), a
-signal arrives through the wake-up socket (SIGTERM/SIGINT: shut down).
+(all of them, or none: a bind failure closes what was bound), makes one
+:class:`~fdsupervisor.runner.UnitRunner` per unit and has each activate its
+unit, and then lives on events. What happens to one unit (a worker's pidfd
+becomes readable, a restart or stop timer fires, traffic arrives, a worker
+notifies) is its runner's business; the supervisor reads the notify socket
+and hands each message to the runner of the worker that sent it, answers
+the monitor's commands, and handles signals (SIGTERM/SIGINT: shut down,
+SIGHUP: reload, SIGUSR2: upgrade).
 
 Signal handlers do nothing but wake the loop (``signal.set_wakeup_fd``),
 as gunicorn's arbiter and asyncio do; all work happens in the loop.
@@ -307,8 +310,8 @@ class Supervisor:
         interval = self.notifier.watchdog_interval()
         if interval is not None:
             self._ping_watchdog(interval)
-        summary = f"{len(self.units)} units, {len(self.store)} sockets"
-        self.log.info("ready", units=len(self.units), sockets=len(self.store), pid=os.getpid())
+        summary = f"{len(self.runners)} units, {len(self.store)} sockets"
+        self.log.info("ready", units=len(self.runners), sockets=len(self.store), pid=os.getpid())
         self.notifier.ready(summary)
 
     def _open_notify_socket(self, handover: HandoverState | None) -> NotifySocket:
@@ -350,6 +353,7 @@ class Supervisor:
         return UnitRunner(unit, self._runner_context)
 
     def runner(self, unit_name: str) -> UnitRunner:
+        """The runner of a unit; FdSupervisorError if there is no such unit."""
         try:
             return self.runners[unit_name]
         except KeyError:
@@ -366,6 +370,7 @@ class Supervisor:
         return list(self.runners)
 
     def unit(self, unit_name: str) -> Unit:
+        """The unit as loaded (or reloaded) last; FdSupervisorError if there is none."""
         return self.runner(unit_name).unit
 
     def describe_services(self) -> list[dict[str, Any]]:
@@ -968,9 +973,11 @@ class Supervisor:
             runner = by_owner.get(owner)
             if runner is not None:
                 runner.drop_stored(name, "hung up (FDPOLL)")
-            else:  # no unit of that name: closed all the same
+            else:  # of a unit gone before an upgrade handed it over: closed all the same
                 self.store.close(owner, name)
-                self.log.info("fd_store_removed", owner=owner, fdname=name, reason="hung up")
+                self.log.info(
+                    "fd_store_removed", owner=owner, fdname=name, reason="hung up (FDPOLL)"
+                )
                 self.emit("FD_CLOSED", {"fdname": name, "owner": owner})
 
     # -- signals and shutdown ---------------------------------------------------------
