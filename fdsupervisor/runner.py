@@ -286,8 +286,10 @@ class UnitRunner:
         extra_env: Mapping[str, str] | None = None,
         stdio_fd: int | None = None,
     ) -> bool:
-        """Start one worker with exactly ``passed`` (accept mode: a connection's); False: it
-        could not start (logged), and nothing is retried."""
+        """Start one worker with exactly ``passed`` (a connection's); False: it could not start.
+
+        The failure is logged and not retried: in accept mode that connection is lost.
+        """
         try:
             pid, pidfd = self._start_process(
                 instance, passed, extra_env=extra_env, stdio_fd=stdio_fd
