@@ -23,7 +23,7 @@ import socket
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal, Protocol, TypeAlias, TypedDict, cast
+from typing import Any, Literal, Protocol, TypeAlias, TypedDict
 
 from . import __version__
 from .addresses import (
@@ -48,8 +48,6 @@ from .fdstore import (
     Entry,
     FdStore,
     RawFd,
-    StoreEvent,
-    owner_kind,
     owner_unit,
     unit_owner,
 )
@@ -218,8 +216,8 @@ def command_error(command: str, exc: FdSupervisorError | OSError) -> CommandErro
 class Commands:
     """The command table, bound to one supervisor."""
 
-    def __init__(self, control: Control | _LegacySupervisor) -> None:
-        self.control = _as_control(control)
+    def __init__(self, control: Control) -> None:
+        self.control = control
         self.table: dict[str, Command] = {
             "query-version": Command(self.query_version),
             "query-commands": Command(self.query_commands),
@@ -444,69 +442,3 @@ class Commands:
     def upgrade(self, client: MonitorClient, args: dict[str, Any]) -> Mapping[str, Any]:
         """Re-exec in place; a reply comes only if it did not happen (the error)."""
         return self.control.upgrade()
-
-
-# -- compatibility, until supervisor.py implements Control (issue 10, R-split) ---------
-# Today's Supervisor has runtime() and .units where Control has unit() and
-# describe_services(), and builds its FdStore without on_change (it emits
-# the service entries' FD_* events itself). Delete this section, and the
-# union in Commands.__init__, once supervisor.py has unit(),
-# describe_services() and FdStore(on_change=...).
-
-
-class _LegacySupervisor(Protocol):
-    def runtime(self, name: str, /) -> Any: ...
-
-
-def _as_control(control: Control | _LegacySupervisor) -> Control:
-    if hasattr(control, "runtime") and not hasattr(control, "describe_services"):
-        return _LegacyControl(control)
-    return cast(Control, control)
-
-
-class _LegacyControl:
-    """Today's Supervisor seen as a :class:`Control`."""
-
-    def __init__(self, supervisor: Any) -> None:
-        self._supervisor = supervisor
-        if supervisor.store.on_change is None:
-            supervisor.store.on_change = self._monitor_fd_event
-
-    def _monitor_fd_event(self, event: StoreEvent, entry: Entry) -> None:
-        if owner_kind(entry.owner) == "monitor":  # the service entries' it emits itself
-            self._supervisor.emit(event, fd_event_data(entry))
-
-    @property
-    def store(self) -> FdStore:
-        return cast(FdStore, self._supervisor.store)
-
-    @property
-    def base_dir(self) -> Path:
-        return cast(Path, self._supervisor.base_dir)
-
-    def unit(self, name: str, /) -> Unit:
-        return cast(Unit, self._supervisor.runtime(name).unit)
-
-    def describe_services(self) -> Sequence[Mapping[str, Any]]:
-        return [runtime.service.describe() for runtime in self._supervisor.units.values()]
-
-    def start_service(self, name: str, /, *, manual: bool = True) -> None:
-        self._supervisor.start_service(name, manual=manual)
-
-    def stop_service(self, name: str, /) -> None:
-        self._supervisor.stop_service(name)
-
-    def restart_service(self, name: str, /) -> None:
-        self._supervisor.restart_service(name)
-
-    def reload(self) -> Mapping[str, Any]:
-        return cast(Mapping[str, Any], self._supervisor.reload())
-
-    def upgrade(self) -> Mapping[str, Any]:
-        return cast(Mapping[str, Any], self._supervisor.upgrade())
-
-    def add_socket(self, owner: str, bound: BoundSocket, /) -> None:
-        self._supervisor.add_socket(owner, bound)
-
-    def remove_socket(self, socket_id: str, unit: str | None, /) -> None:
-        self._supervisor.remove_socket(socket_id, unit)

@@ -15,11 +15,20 @@ that a monitor client or a worker adds (``FD_STORED``) or that leaves the
 store (``FD_CLOSED``) is reported to ``on_change``, which the supervisor
 wires to the monitor's events. Unit sockets come from configuration and
 have their own events (``SOCKET_ADDED`` / ``SOCKET_REMOVED``).
+
+The store also watches the entries it is asked to for hang-ups (``FDPOLL``,
+the default for fds a worker stores): an inner epoll with no events
+requested reports only ``EPOLLHUP`` / ``EPOLLERR``, as systemd's fd store
+does with its event sources. The supervisor's loop watches that one epoll fd
+(:meth:`FdStore.hangup_fileno`) and asks :meth:`FdStore.hung_up` which
+entries to drop.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
+import select
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Final, Literal, Protocol
@@ -134,6 +143,10 @@ class FdStore:
         self.limit = limit
         self.on_change = on_change
         self._entries: dict[tuple[str, str], Entry] = {}
+        # Made on first use and closed by close_all(): a store that watches
+        # nothing holds no epoll fd.
+        self._hangups: select.epoll | None = None
+        self._watched: dict[int, tuple[str, str]] = {}  # fd → (owner, name)
 
     def _changed(self, event: StoreEvent, entry: Entry) -> None:
         if self.on_change is not None and owner_kind(entry.owner) != "unit":
@@ -176,6 +189,7 @@ class FdStore:
             raise
         entry = self._entries[key] = Entry(owner, name, resource)
         if old is not None:
+            self._unwatch(old)
             old.resource.close()
         self._changed(FD_STORED, entry)
 
@@ -183,6 +197,7 @@ class FdStore:
         entry = self._entries.pop((owner, name), None)
         if entry is None:
             raise StoreError(f"File descriptor named '{name}' not found")
+        self._unwatch(entry)
         return entry
 
     def take(self, owner: str, name: str) -> Resource:
@@ -200,11 +215,78 @@ class FdStore:
         entries = self.owned_by(owner)
         for entry in entries:
             del self._entries[(entry.owner, entry.name)]
+            self._unwatch(entry)
             entry.resource.close()
             self._changed(FD_CLOSED, entry)
         return len(entries)
 
     def close_all(self) -> None:
+        """Close every entry and the hang-up watch."""
         entries, self._entries = list(self._entries.values()), {}
+        self._watched.clear()
+        if self._hangups is not None:
+            self._hangups.close()
+            self._hangups = None
         for entry in entries:
             entry.resource.close()
+
+    # -- the hang-up watch (FDPOLL) ------------------------------------------------------
+
+    def hangup_fileno(self) -> int:
+        """The epoll fd that becomes readable when a watched entry hangs up."""
+        if self._hangups is None:
+            self._hangups = select.epoll()
+        return self._hangups.fileno()
+
+    def watch_hangup(self, owner: str, name: str) -> bool:
+        """Report the entry from :meth:`hung_up` once it hangs up; False: not pollable.
+
+        A regular file cannot be polled (``EPERM``): it stays stored, unwatched,
+        until it is removed. The watch ends when the entry is closed or taken.
+        """
+        entry = self._entries.get((owner, name))
+        if entry is None:
+            raise StoreError(f"File descriptor named '{name}' not found")
+        fd = entry.fd
+        if fd in self._watched:
+            return True
+        self.hangup_fileno()
+        assert self._hangups is not None
+        try:
+            self._hangups.register(fd, 0)
+        except OSError:
+            return False
+        self._watched[fd] = (owner, name)
+        return True
+
+    def watches_hangup(self, owner: str, name: str) -> bool:
+        entry = self._entries.get((owner, name))
+        return entry is not None and self._watched.get(entry.fd) == (owner, name)
+
+    def hung_up(self) -> list[tuple[str, str]]:
+        """The (owner, name) of every watched entry that hung up, no longer watched.
+
+        Level-triggered: an entry reported here would be reported again at
+        every poll until closed, so it is unwatched now; closing it is the
+        caller's choice (and its log line's).
+        """
+        if self._hangups is None:
+            return []
+        keys = []
+        for fd, _events in self._hangups.poll(0):
+            key = self._watched.pop(fd, None)
+            with contextlib.suppress(OSError):
+                self._hangups.unregister(fd)
+            if key is not None:
+                keys.append(key)
+        return keys
+
+    def _unwatch(self, entry: Entry) -> None:
+        # Before the fd is closed: epoll would keep watching the open file
+        # description for as long as a duplicate of it (a worker's) lives.
+        fd = entry.resource.fileno()
+        if self._watched.get(fd) == (entry.owner, entry.name):
+            del self._watched[fd]
+            assert self._hangups is not None
+            with contextlib.suppress(OSError):
+                self._hangups.unregister(fd)

@@ -35,6 +35,12 @@ MAX_POLL_TIMEOUT = 24 * 3600.0
 # _MIN_CANCELLED_TIMER_HANDLES_FRACTION), so that a worker re-arming a long
 # watchdog a thousand times a second cannot grow the heap for as long as that.
 MIN_TIMERS_TO_COMPACT = 100
+# A listening socket whose accept() failed for want of fds or memory (EMFILE,
+# ENFILE, ENOBUFS, ENOMEM) is left alone this long: epoll is level-triggered,
+# and the connection waiting in the backlog would wake the loop at once,
+# forever. libuv pauses its accept the same way. Both accepting sockets use it:
+# the monitor's and the units' in accept mode.
+ACCEPT_RETRY_DELAY = 0.1
 
 
 @dataclass(order=True, slots=True)

@@ -38,7 +38,7 @@ from typing import Any
 
 from .binding import remove_stale_socket_file
 from .errors import BindError, CommandError
-from .loop import EventLoop
+from .loop import ACCEPT_RETRY_DELAY, EventLoop
 from .qmp import Closed, Execute, QmpConnection, Send, error_line, event
 from .units import SocketKind
 
@@ -66,8 +66,6 @@ MAX_PENDING_OUTPUT = 1 << 20
 MAX_QUEUED_OUTPUT = 8 << 20
 # Replies are coalesced into one send() up to this size.
 MAX_WRITE = 64 << 10
-# Out of fds (EMFILE): try accepting again after this long, as libuv does.
-ACCEPT_RETRY_DELAY = 0.1
 
 _CRED = struct.Struct("3i")
 

@@ -415,19 +415,6 @@ class Service:
     def state(self) -> ServiceState:
         return self._state
 
-    @state.setter
-    def state(self, value: ServiceState) -> None:
-        # Transitional, for supervisor.py's three assignments until they call
-        # mark_listening() (_watch), mark_failed() (_fail) and restore() (after an
-        # upgrade); delete it then. Each assignment goes through the table as the event
-        # it stands for, so the outcome is the one it had.
-        if value is ServiceState.LISTENING:
-            self.mark_listening()
-        elif value is ServiceState.FAILED:
-            self._apply(ServiceEvent.FAILED, failure=self.failure or "failed by the supervisor")
-        else:
-            self._apply(ServiceEvent.RESTORED, saved=value)
-
     def _apply(
         self,
         event: ServiceEvent,

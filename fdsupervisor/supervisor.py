@@ -1,11 +1,14 @@
 """The supervisor: the event loop that wires the flow together.
 
 It binds every unit's sockets into the :class:`~fdsupervisor.fdstore.FdStore`
-(all of them, or none: a bind failure closes what was bound), starts the
-eager services, watches the sockets of on-demand ones, and then lives on
-events: a worker's pidfd becomes readable (it exited: reap, decide, maybe
-schedule a restart), a timer fires (a restart is due, a stop timed out), a
-signal arrives through the wake-up socket (SIGTERM/SIGINT: shut down).
+(all of them, or none: a bind failure closes what was bound), makes one
+:class:`~fdsupervisor.runner.UnitRunner` per unit and has each activate its
+unit, and then lives on events. What happens to one unit (a worker's pidfd
+becomes readable, a restart or stop timer fires, traffic arrives, a worker
+notifies) is its runner's business; the supervisor reads the notify socket
+and hands each message to the runner of the worker that sent it, answers
+the monitor's commands, and handles signals (SIGTERM/SIGINT: shut down,
+SIGHUP: reload, SIGUSR2: upgrade).
 
 Signal handlers do nothing but wake the loop (``signal.set_wakeup_fd``),
 as gunicorn's arbiter and asyncio do; all work happens in the loop.
@@ -15,37 +18,32 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import errno
-import math
 import os
-import select
 import signal
 import socket
 import subprocess
 import sys
-import time
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
 from typing import Any
 
-from systemd import journal
-
 from . import __version__
-from .addresses import FdAddress, check_name, timer_seconds
+from .addresses import FdAddress
 from .binding import BoundSocket, InheritedFds, adopt_socket, bind_socket, describe_socket
-from .cgroups import WorkerCgroups, socket_holders
-from .errors import BindError, ConfigErrors, FdSupervisorError, SpawnError, ValueProblem
-from .fdstore import FdStore, RawFd, service_owner, unit_owner
+from .cgroups import WorkerCgroups
+from .commands import Commands, fd_event_data
+from .errors import BindError, ConfigErrors, FdSupervisorError
+from .fdstore import FdStore, RawFd, owner_unit, service_owner, unit_owner
 from .log import RateLimitedLog
 from .loop import EventLoop, Timer
-from .monitor import MonitorServer
-from .notify import NotifyMessage, NotifySocket
-from .qmp import event as qmp_event
+from .monitor import MonitorServer, event_line
+from .notify import NotifySocket
 from .reload import ReloadPlan, SocketKey, plan_reload
-from .service import ExitStatus, Failed, Restart, Service, ServiceState, Worker
-from .spawn import SUPERVISOR_ONLY_ENV, PassedFd, SpawnPlan, plan_worker, spawn
+from .runner import RunnerContext, UnitRunner, find_sender, signal_group
+from .service import ExitStatus, Service, ServiceState
+from .spawn import SUPERVISOR_ONLY_ENV
 from .systemd import (
     SystemdNotifier,
     SystemdSockets,
@@ -53,7 +51,7 @@ from .systemd import (
     fd_store_name,
     stored_socket_mismatch,
 )
-from .units import ACCEPT_FD_NAME, Activation, SocketKind, SocketSpec, Unit, load_units
+from .units import SocketKind, SocketSpec, Unit, load_units
 from .upgrade import (
     HANDOVER_ENV,
     HandoverState,
@@ -69,30 +67,9 @@ from .upgrade import (
 HANDLED_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGUSR2)
 # The notify socket's abstract name, before its random part (NotifySocket.bind_unpredictable).
 NOTIFY_NAME_PREFIX = "fdsupervisor/notify/"
-# Accept mode: at most this many connections per wake-up, so that one busy
-# socket cannot starve the loop; and a pause after EMFILE before trying again.
-ACCEPT_BATCH = 64
-ACCEPT_RETRY_DELAY = 0.1
 # The new program's check before an upgrade blocks the loop; keep it well
 # under half of a typical WatchdogSec= (30 s in contrib/), pinged before and after.
 PREFLIGHT_TIMEOUT = 10.0
-
-
-@dataclass(slots=True)
-class UnitRuntime:
-    """What the supervisor tracks for one unit besides its :class:`Service`."""
-
-    unit: Unit
-    service: Service
-    pidfds: dict[int, int] = field(default_factory=dict)  # pid → pidfd
-    restart_timers: dict[int, Timer] = field(default_factory=dict)  # instance → timer
-    kill_timers: dict[int, Timer] = field(default_factory=dict)  # pid → timer
-    start_timers: dict[int, Timer] = field(default_factory=dict)  # pid → READY=1 deadline
-    watchdog_timers: dict[int, Timer] = field(default_factory=dict)  # pid → next ping deadline
-    watching: bool = False  # on-demand: waiting for the first traffic
-    accepting: bool = False  # accept mode: the service takes connections
-    accept_paused: bool = False  # accept mode: at max-connections, or out of fds
-    restart_pending: bool = False
 
 
 @dataclass(slots=True)
@@ -129,16 +106,31 @@ class Supervisor:
         self.environ = dict(environ)
         self.inherited = inherited
         self.loop = EventLoop()
-        self.store = FdStore(limit=max_stored_fds)
+        # The store reports its own changes (FD_STORED / FD_CLOSED) to the listeners.
+        self.store = FdStore(
+            limit=max_stored_fds,
+            on_change=lambda event, entry: self.emit(event, dict(fd_event_data(entry))),
+        )
         self.notifier = notifier or SystemdNotifier({})
         self.systemd_sockets = systemd_sockets or SystemdSockets()
         self._from_systemd_store = adoptable(self.systemd_sockets)  # (unit, socket) → fd
         self._kept_in_systemd: set[str] = set()  # FDNAMEs in systemd's fd store
         self._watchdog: Timer | None = None
-        self.units: dict[str, UnitRuntime] = {
-            u.name: UnitRuntime(u, Service(u.name, u.service)) for u in units
-        }
         self.shutting_down = False
+        # What every unit's runner shares; the getters are read when used
+        # (the notify socket and the cgroups are made at start()).
+        self._runner_context = RunnerContext(
+            loop=self.loop,
+            store=self.store,
+            environ=self.environ,
+            log=log,
+            emit=self.emit,
+            notify_address=self._notify_address,
+            cgroups=lambda: self.cgroups,
+            shutting_down=lambda: self.shutting_down,
+            on_idle=self._unit_idle,
+        )
+        self.runners: dict[str, UnitRunner] = {u.name: self._new_runner(u) for u in units}
         self.unit_paths = tuple(unit_paths)
         self.exec_argv = tuple(exec_argv)  # how to run this supervisor again (upgrade)
         self.run_config = run_config  # how it runs, for an upgrade's fallback
@@ -155,11 +147,6 @@ class Supervisor:
         # logged through a rate limit (a flood from nobody costs a few lines).
         self._notify_log = RateLimitedLog(log, clock=self.loop.time)
         self._notify_log_timer: Timer | None = None
-        # Stored worker fds are watched for hang-ups only (FDPOLL): an inner epoll
-        # with no events requested reports just EPOLLHUP / EPOLLERR, as systemd's
-        # fd store does with its event sources.
-        self._hangups = select.epoll()
-        self._hangup_keys: dict[int, tuple[str, str]] = {}
         self._wakeup: tuple[socket.socket, socket.socket] | None = None
         self._old_handlers: dict[int, Any] = {}
         self.on_shutdown: list[Callable[[], None]] = []
@@ -179,8 +166,6 @@ class Supervisor:
         existing_inode: int | None = None,
     ) -> MonitorServer:
         """Open the QMP monitor on ``path`` (or adopt its handed-over socket and file inode)."""
-        from .commands import Commands
-
         server = MonitorServer(
             path,
             loop=self.loop,
@@ -195,24 +180,24 @@ class Supervisor:
             existing = socket.socket(fileno=existing_fd)
         server.open(existing, existing_inode)
         self.monitor = server
-        self.listeners.append(lambda name, data: server.broadcast(_event_line(name, data)))
+        self.listeners.append(lambda name, data: server.broadcast(event_line(name, data)))
         self.on_shutdown.append(server.close)
         return server
 
     def bind_all(self) -> None:
         """Bind every socket of every unit, or none of them."""
         try:
-            for runtime in self.units.values():
-                for spec in runtime.unit.sockets:
-                    bound = self._take_from_systemd_store(runtime.unit, spec)
+            for runner in self.runners.values():
+                for spec in runner.unit.sockets:
+                    bound = self._take_from_systemd_store(runner.unit, spec)
                     if bound is None:
                         bound = bind_socket(
-                            spec, base_dir=runtime.unit.base_dir, inherited=self.inherited
+                            spec, base_dir=runner.unit.base_dir, inherited=self.inherited
                         )
-                    self.store.add(unit_owner(runtime.unit.name), spec.name, bound)
+                    self.store.add(runner.owner, spec.name, bound)
                     self.log.info(
                         "socket_bound",
-                        unit=runtime.unit.name,
+                        unit=runner.unit.name,
                         socket=spec.name,
                         address=describe_socket(bound.fileno()).address,
                         kind=spec.kind.value,
@@ -309,7 +294,7 @@ class Supervisor:
         self._install_signals()
         self.notify_socket = self._open_notify_socket(handover)
         self.loop.add_reader(self.notify_socket.fileno(), self._on_notify)
-        self.loop.add_reader(self._hangups.fileno(), self._on_hangups)
+        self.loop.add_reader(self.store.hangup_fileno(), self._on_hangups)
         if self.use_cgroups:
             self.cgroups = WorkerCgroups.open(self.log)
         else:
@@ -317,8 +302,8 @@ class Supervisor:
         if self.cgroups is not None:
             self.loop.add_reader(self.cgroups.fileno(), self.cgroups.process_events)
         if handover is None:
-            for runtime in self.units.values():
-                self._activate(runtime)
+            for runner in self.runners.values():
+                runner.activate()
         else:
             self._restore_services(handover)
         if self.cgroups is not None:
@@ -326,8 +311,8 @@ class Supervisor:
         interval = self.notifier.watchdog_interval()
         if interval is not None:
             self._ping_watchdog(interval)
-        summary = f"{len(self.units)} units, {len(self.store)} sockets"
-        self.log.info("ready", units=len(self.units), sockets=len(self.store), pid=os.getpid())
+        summary = f"{len(self.runners)} units, {len(self.store)} sockets"
+        self.log.info("ready", units=len(self.runners), sockets=len(self.store), pid=os.getpid())
         self.notifier.ready(summary)
 
     def _open_notify_socket(self, handover: HandoverState | None) -> NotifySocket:
@@ -348,16 +333,6 @@ class Supervisor:
                 )
         return NotifySocket.bind_unpredictable(NOTIFY_NAME_PREFIX, log=self._notify_log)
 
-    def _activate(self, runtime: UnitRuntime) -> None:
-        """Start a unit as its activation says: now, on traffic, or per connection."""
-        if (
-            runtime.unit.service.activation is Activation.ON_DEMAND
-            and not runtime.unit.service.accept
-        ):
-            self._watch(runtime)
-        else:
-            self.start_service(runtime.unit.name, manual=False)
-
     def run(self) -> int:
         """Run until shut down and every worker is gone; returns the exit code."""
         try:
@@ -375,52 +350,51 @@ class Supervisor:
 
     # -- services -------------------------------------------------------------
 
-    def runtime(self, unit_name: str) -> UnitRuntime:
+    def _new_runner(self, unit: Unit) -> UnitRunner:
+        return UnitRunner(unit, self._runner_context)
+
+    def runner(self, unit_name: str) -> UnitRunner:
+        """The runner of a unit; FdSupervisorError if there is no such unit."""
         try:
-            return self.units[unit_name]
+            return self.runners[unit_name]
         except KeyError:
             raise FdSupervisorError(f"unit '{unit_name}' not found") from None
 
+    @property
+    def units(self) -> dict[str, UnitRunner]:
+        """The runners by unit name, under their old name (reload, upgrade)."""
+        return self.runners
+
+    def unit_names(self) -> list[str]:
+        return list(self.runners)
+
+    def unit(self, unit_name: str) -> Unit:
+        """The unit as loaded (or reloaded) last; FdSupervisorError if there is none."""
+        return self.runner(unit_name).unit
+
+    def describe_services(self) -> list[dict[str, Any]]:
+        """Every service as ``query-services`` shows it."""
+        return [runner.service.describe() for runner in self.runners.values()]
+
     def start_service(self, unit_name: str, *, manual: bool = True) -> None:
-        runtime = self.runtime(unit_name)
-        service = runtime.service
-        if runtime.unit.service.accept:
-            service.request_start(self.loop.time(), manual=True)
-            service.refresh_state()
-            self._start_accepting(runtime)
-            return
-        if service.state in (ServiceState.RUNNING, ServiceState.STARTING) and service.workers:
-            return
-        if not service.request_start(self.loop.time(), manual=manual):
-            self._fail(runtime, "start limit hit")
-            return
-        self._unwatch(runtime)
-        for instance in service.instances_to_start():
-            self._spawn_worker(runtime, instance)
+        self.runner(unit_name).start(manual=manual)
 
     def stop_service(self, unit_name: str) -> None:
-        runtime = self.runtime(unit_name)
-        self._cancel_restarts(runtime)
-        self._unwatch(runtime)
-        self._stop_accepting(runtime)
-        spec = runtime.unit.service
-        for pid in runtime.service.request_stop():
-            if pid in runtime.kill_timers:
-                continue
-            self._signal_group(pid, spec.stop_signal)
-            runtime.kill_timers[pid] = self.loop.call_later(
-                spec.stop_timeout, partial(self._kill_timeout, runtime, pid)
-            )
-        self.log.info("service_stopping", unit=unit_name, pids=runtime.service.pids)
+        self.runner(unit_name).stop()
 
     def restart_service(self, unit_name: str) -> None:
         """Stop the workers, then start new ones; the sockets stay bound throughout."""
-        runtime = self.runtime(unit_name)
-        if not runtime.service.workers:
-            self.start_service(unit_name, manual=True)
-            return
-        runtime.restart_pending = True
-        self.stop_service(unit_name)
+        self.runner(unit_name).restart()
+
+    def _unit_idle(self, runner: UnitRunner) -> bool:
+        """A unit has no workers any more: a reload that waited for it may go on."""
+        name = runner.unit.name
+        if self._reload is None or name not in self._reload.waiting_units:
+            return False
+        self._reload.waiting_units.discard(name)
+        if not self._reload.waiting_units:
+            self._finish_reload()
+        return True
 
     # -- reload: apply changed unit files, keeping every fd that can be kept --------------
 
@@ -525,8 +499,7 @@ class Supervisor:
                 entry.resource = dataclasses.replace(entry.resource, spec=spec)
         involved = {old[0] for old, _new in plan.move_sockets}
         for name in involved & set(self.units):
-            self._unwatch(self.units[name])
-            self._stop_accepting(self.units[name])
+            self.units[name].suspend_intake()
         moved = [
             (new, self.store.take(unit_owner(old[0]), old[1])) for old, new in plan.move_sockets
         ]
@@ -538,9 +511,9 @@ class Supervisor:
             if new in plan.relisten_moved and isinstance(resource, BoundSocket):
                 resource.sock.listen(spec.backlog)
         for name in plan.unchanged_units:
-            self.units[name].unit = units[name]
+            self.units[name].replace_unit(units[name])
         for name in involved & set(plan.unchanged_units):
-            self._activate(self.units[name])
+            self.units[name].activate()
 
     def _finish_reload(self) -> None:
         pending, self._reload = self._reload, None
@@ -563,26 +536,26 @@ class Supervisor:
             self.store.add(unit_owner(key[0]), key[1], bound)
         for name in plan.stop_units:
             runtime = self.units.pop(name)
-            self._cancel_restarts(runtime)
+            runtime.cancel_restarts()
             self.store.close_owner(unit_owner(name))
             # What its workers stored (FDSTORE=1) would otherwise stay for good, out of
             # reach of every command and counted against --max-stored-fds. systemd
             # likewise empties a service's fd store once it has stopped for good
             # (FileDescriptorStorePreserve=no, its default).
             for entry in self.store.owned_by(service_owner(name)):
-                self._drop_stored(entry.owner, entry.name, "its unit was removed by reload")
+                runtime.drop_stored(entry.name, "its unit was removed by reload")
         for name in (*plan.restart_units, *plan.start_units):
             service = Service(name, units[name].service)
             existing = self.units.get(name)
             if existing is None:
-                runtime = self.units[name] = UnitRuntime(units[name], service)
+                runtime = self.units[name] = self._new_runner(units[name])
             else:
                 runtime = existing
-                runtime.unit, runtime.service = units[name], service
+                runtime.replace_unit(units[name], service)
             if name in failed:
-                self._fail(runtime, "a socket could not be bound at reload")
+                runtime.fail("a socket could not be bound at reload")
             else:
-                self._activate(runtime)
+                runtime.activate()
         summary = f"{len(self.units)} units, {len(self.store)} fds; reloaded: {plan.summary()}"
         self.log.info("reloaded", plan=plan.summary())
         self.sync_systemd_store()
@@ -705,7 +678,7 @@ class Supervisor:
                         entry.name,
                         entry.fd,
                         False,
-                        watch_hangup=entry.fd in self._hangup_keys,
+                        watch_hangup=self.store.watches_hangup(entry.owner, entry.name),
                     )
                 )
         services = {}
@@ -763,8 +736,7 @@ class Supervisor:
             if not item.socket:
                 self.store.add(item.owner, item.name, RawFd(item.fd))
                 if item.watch_hangup:
-                    self._hangups.register(item.fd, 0)
-                    self._hangup_keys[item.fd] = (item.owner, item.name)
+                    self.store.watch_hangup(item.owner, item.name)
                 continue
             sock = socket.socket(fileno=item.fd)
             spec = wanted.pop((unit, item.name), None) if unit is not None else None
@@ -829,13 +801,7 @@ class Supervisor:
         handed_fds = set(state.fds)
         handed_pids = {w.pid for item in state.services.values() for w in item.workers}
         for runtime in self.units.values():
-            for pid, pidfd in runtime.pidfds.items():
-                if pid not in handed_pids:
-                    self._signal_group(pid, signal.SIGKILL)
-                    with contextlib.suppress(ChildProcessError):
-                        os.waitpid(pid, 0)
-                os.close(pidfd)
-            runtime.pidfds.clear()
+            runtime.abandon(handed_pids)
         if self.monitor is not None:
             self.monitor.abandon()
             self.monitor = None
@@ -852,7 +818,7 @@ class Supervisor:
         if self.notify_socket is not None:
             self.notify_socket.close()
             self.notify_socket = None
-        self._hangups.close()
+        self.store.close_all()  # empty by now: its hang-up watch
         if self._wakeup is not None:
             for signum, handler in self._old_handlers.items():
                 signal.signal(signum, handler)
@@ -882,47 +848,17 @@ class Supervisor:
                 # stopped by finish_handover(), once this program is ready
                 self._handover_orphans.extend(worker.pid for worker in item.workers)
                 continue
-            service = runtime.service
-            service.state = ServiceState(item.state)
-            service.restarts, service.status, service.failure = (
-                item.restarts,
-                item.status,
-                item.failure,
+            runtime.service.restore(
+                ServiceState(item.state),
+                restarts=item.restarts,
+                last_exit=ExitStatus(**item.last_exit) if item.last_exit else None,
+                status=item.status,
+                failure=item.failure,
+                connections=item.connections,
             )
-            service.last_exit = ExitStatus(**item.last_exit) if item.last_exit else None
-            service.connections = item.connections
             for saved in item.workers:
-                try:
-                    pidfd = os.pidfd_open(saved.pid)
-                except ProcessLookupError:
-                    continue
-                service.workers[saved.instance] = Worker(
-                    saved.instance,
-                    saved.pid,
-                    saved.started_at,
-                    ready=saved.ready,
-                    failure=saved.failure,
-                )
-                runtime.pidfds[saved.pid] = pidfd
-                if self.cgroups is not None:
-                    self.cgroups.adopt(saved.pid)
-                self.loop.add_reader(pidfd, partial(self._reap, runtime, saved.pid))
-                if runtime.unit.service.watchdog and math.isfinite(runtime.unit.service.watchdog):
-                    self._arm_watchdog(runtime, saved.pid, runtime.unit.service.watchdog)
-            self._resume(runtime)
-
-    def _resume(self, runtime: UnitRuntime) -> None:
-        """Carry a restored service on: start what was due, watch what was watched."""
-        state, spec = runtime.service.state, runtime.unit.service
-        if spec.accept:
-            if state is not ServiceState.INACTIVE and state is not ServiceState.FAILED:
-                runtime.service.refresh_state()
-                self._start_accepting(runtime)
-        elif state is ServiceState.LISTENING:
-            self._watch(runtime)
-        elif state in (ServiceState.RUNNING, ServiceState.STARTING):
-            for instance in runtime.service.instances_to_start():
-                self._spawn_worker(runtime, instance)  # restarts that were pending
+                runtime.adopt_worker(saved)
+            runtime.resume()
 
     def _orphan(self, pid: int) -> None:
         """A worker of a unit that no longer exists: stop it, and still reap it."""
@@ -932,7 +868,7 @@ class Supervisor:
             return
         if self.cgroups is not None:
             self.cgroups.adopt(pid)
-        self._signal_group(pid, signal.SIGTERM)
+        signal_group(pid, signal.SIGTERM, self.cgroups, self.log)
 
         def reap() -> None:
             self.loop.remove_reader(pidfd)
@@ -948,7 +884,7 @@ class Supervisor:
     def add_socket(self, owner: str, bound: BoundSocket) -> None:
         """Store a socket bound at run time; a unit's next workers get it."""
         self.store.add(owner, bound.name, bound)
-        unit = owner.removeprefix("unit:") if owner.startswith("unit:") else None
+        unit = owner_unit(owner)
         address = describe_socket(bound.fileno()).address
         self.log.info(
             "socket_bound",
@@ -958,8 +894,9 @@ class Supervisor:
             kind=bound.spec.kind.value,
             fd=bound.fileno(),
         )
-        if unit is not None and self.units[unit].watching:
-            self.loop.add_reader(bound.fileno(), partial(self._traffic, self.units[unit]))
+        entry = self.store.get(owner, bound.name)
+        if unit is not None and entry is not None:
+            self.runners[unit].on_socket_added(entry)
         self.emit("SOCKET_ADDED", {"id": bound.name, "unit": unit, "address": address})
 
     def remove_socket(self, socket_id: str, unit_name: str | None) -> None:
@@ -977,430 +914,30 @@ class Supervisor:
             owners = ", ".join(e.owner for e in candidates)
             raise FdSupervisorError(f"socket '{socket_id}' is ambiguous ({owners}); give 'unit'")
         entry = candidates[0]
-        unit = entry.owner.removeprefix("unit:") if entry.owner.startswith("unit:") else None
+        unit = owner_unit(entry.owner)
         if unit is not None:
-            runtime = self.units[unit]
-            if runtime.service.workers:
-                pids = ", ".join(str(p) for p in runtime.service.pids)
+            runner = self.runners[unit]
+            if runner.service.workers:
+                pids = ", ".join(str(p) for p in runner.service.pids)
                 raise FdSupervisorError(
                     f"socket '{socket_id}' is in use by unit '{unit}' (running pids {pids}); "
                     "stop the service first"
                 )
-            self.loop.remove_reader(entry.fd)
+            runner.on_socket_removed(entry)
         self.store.close(entry.owner, entry.name)
         self.log.info("socket_removed", unit=unit, socket=socket_id)
         self.sync_systemd_store()
         self.emit("SOCKET_REMOVED", {"id": socket_id, "unit": unit})
-
-    def _passed_fds(self, runtime: UnitRuntime) -> list[PassedFd]:
-        """The unit's sockets in declaration order, then sockets added at run time, then
-        the fds its workers stored (SPEC 4)."""
-        name = runtime.unit.name
-        sockets = {e.name: e for e in self.store.owned_by(unit_owner(name))}
-        ordered = [sockets.pop(n) for n in runtime.unit.socket_names if n in sockets]
-        ordered += sockets.values()
-        ordered += self.store.owned_by(service_owner(name))
-        return [PassedFd(e.name, e.fd) for e in ordered]
-
-    def _spawn_worker(self, runtime: UnitRuntime, instance: int) -> None:
-        unit, service = runtime.unit, runtime.service
-        try:
-            plan = plan_worker(
-                unit,
-                self._passed_fds(runtime),
-                instance,
-                self.environ,
-                notify_socket=self._notify_address(),
-            )
-            pid, pidfd = self._spawn_watched(unit, plan, instance)
-        except SpawnError as exc:
-            if not exc.transient:  # the program, user or directory is wrong: no retry helps
-                self.log.error(
-                    "worker_start_failed", unit=unit.name, instance=instance, error=str(exc)
-                )
-                service.start_failed(str(exc))
-                self._fail(runtime, str(exc))
-                return
-            self._retry_spawn(runtime, instance, exc)
-            return
-        except OSError as exc:  # out of fds, processes or memory: may pass, so retry
-            self._retry_spawn(runtime, instance, exc)
-            return
-        self._track(runtime, instance, pid, pidfd, len(plan.fds))
-
-    def _retry_spawn(self, runtime: UnitRuntime, instance: int, exc: Exception) -> None:
-        """A start failed for lack of resources: retried as ``restart:`` says."""
-        decision = runtime.service.spawn_failed(instance, self.loop.time())
-        self.log.error(
-            "worker_start_failed",
-            unit=runtime.unit.name,
-            instance=instance,
-            error=str(exc),
-            restart_in=decision.delay if isinstance(decision, Restart) else None,
-        )
-        if isinstance(decision, Restart):
-            runtime.restart_timers[instance] = self.loop.call_at(
-                decision.at, partial(self._restart_due, runtime, instance)
-            )
-        elif isinstance(decision, Failed):
-            self._fail(runtime, f"{decision.reason}: {exc}")
-
-    def _spawn_watched(self, unit: Unit, plan: SpawnPlan, instance: int) -> tuple[int, int]:
-        """Spawn, and open the pidfd that watches the worker; both or neither.
-
-        The unit's stdout: and stderr: null or journal targets are opened for
-        this worker and closed here once it has its own copies (files are
-        opened by the child itself, as the worker's user: see spawn.py). The
-        worker's cgroup (not in accept mode) is made before and joined by the
-        child. Out of fds, a
-        worker we could not watch is killed and reaped at once, and the start
-        counts as failed (then retried) instead of escaping the loop.
-        """
-        outputs: list[int] = []
-        cgroup = None
-        try:
-            stdout_fd = self._open_output(unit, unit.service.stdout, outputs)
-            stderr_fd = self._open_output(unit, unit.service.stderr, outputs)
-            if outputs:
-                plan = dataclasses.replace(plan, stdout_fd=stdout_fd, stderr_fd=stderr_fd)
-            # Not per connection in accept mode: a connection worker never holds
-            # the listening sockets, and a fresh cgroup holds the loop some 0.4 ms
-            # per start, half the accept rate (docs/security.md).
-            if self.cgroups is not None and not unit.service.accept:
-                try:
-                    cgroup = self.cgroups.prepare(unit.name, instance)
-                except OSError as exc:  # as systemd's EXIT_CGROUP: the start fails
-                    raise SpawnError(
-                        f"cannot start {plan.argv[0]!r}: cgroup: {exc.strerror}", exc.errno
-                    ) from None
-                plan = dataclasses.replace(plan, cgroup_fd=cgroup.fd)
-            pid = spawn(plan)
-        except BaseException:
-            if cgroup is not None and self.cgroups is not None:
-                self.cgroups.discard(cgroup)
-            raise
-        finally:
-            for fd in outputs:
-                os.close(fd)
-        if cgroup is not None and self.cgroups is not None:
-            self.cgroups.started(pid, cgroup)
-        try:
-            return pid, os.pidfd_open(pid)
-        except OSError:
-            os.kill(pid, signal.SIGKILL)
-            os.waitpid(pid, 0)
-            if self.cgroups is not None:
-                self.cgroups.release(pid)
-            raise
-
-    def _open_output(self, unit: Unit, target: str, opened: list[int]) -> int | None:
-        """An fd for a worker's stdout or stderr: null or journal (None: not ours to open).
-
-        ``file:`` and ``append:`` are not opened here, as root, but by the
-        child after it became the worker's user (spawn.OutputFile): a worker
-        could otherwise point its file at any file of root's with a symlink.
-        """
-        if target == "inherit" or target.startswith(("file:", "append:")):
-            return None
-        if target == "journal":
-            try:
-                stream = journal.stream(unit.name)
-            except OSError as exc:  # no journald here: the supervisor's own output instead
-                self.log.warning("journal_unavailable", unit=unit.name, error=str(exc))
-                return None
-            fd = os.dup(stream.fileno())
-            stream.close()
-        else:
-            fd = os.open(os.devnull, os.O_WRONLY | os.O_CLOEXEC)
-        opened.append(fd)
-        return fd
-
-    def _track(self, runtime: UnitRuntime, instance: int, pid: int, pidfd: int, fds: int) -> None:
-        """A worker exists: watch its pidfd and tell everyone."""
-        runtime.pidfds[pid] = pidfd
-        self.loop.add_reader(pidfd, partial(self._reap, runtime, pid))
-        runtime.service.worker_started(instance, pid, self.loop.time())
-        spec = runtime.unit.service
-        if spec.notify and math.isfinite(spec.start_timeout) and spec.start_timeout > 0:
-            runtime.start_timers[pid] = self.loop.call_later(
-                spec.start_timeout, partial(self._start_timed_out, runtime, pid)
-            )
-        if spec.watchdog and math.isfinite(spec.watchdog):
-            self._arm_watchdog(runtime, pid, spec.watchdog)
-        self.log.info("worker_started", unit=runtime.unit.name, instance=instance, pid=pid, fds=fds)
-        self.emit("SERVICE_STARTED", {"unit": runtime.unit.name, "instance": instance, "pid": pid})
-
-    def _reap(self, runtime: UnitRuntime, pid: int) -> None:
-        pidfd = runtime.pidfds.pop(pid)
-        self.loop.remove_reader(pidfd)
-        os.close(pidfd)
-        self._left_behind(runtime, pid)  # first: who left the group is told by its group id
-        # The leader is a zombie until waitpid, so its pid (= the group id)
-        # cannot be reused yet: kill what is left of its group now, as
-        # systemd kills the rest of a service's cgroup when its main process exits.
-        self._signal_group(pid, signal.SIGKILL, leader_too=False)
-        _, wait_status = os.waitpid(pid, 0)
-        status = ExitStatus.from_wait_status(wait_status)
-        for timers in (runtime.kill_timers, runtime.start_timers, runtime.watchdog_timers):
-            timer = timers.pop(pid, None)
-            if timer is not None:
-                timer.cancel()
-        decision = runtime.service.worker_exited(pid, status, self.loop.time())
-        self.log.info(
-            "worker_exited",
-            unit=runtime.unit.name,
-            pid=pid,
-            status=str(status),
-            restart_in=decision.delay if isinstance(decision, Restart) else None,
-        )
-        self.emit("SERVICE_EXITED", {"unit": runtime.unit.name, "pid": pid, **status.as_dict()})
-        if runtime.restart_pending and not runtime.service.workers:
-            runtime.restart_pending = False
-            if not self.shutting_down:
-                self.start_service(runtime.unit.name, manual=True)
-            return
-        if isinstance(decision, Restart):
-            runtime.restart_timers[decision.instance] = self.loop.call_at(
-                decision.at, lambda: self._restart_due(runtime, decision.instance)
-            )
-        elif isinstance(decision, Failed):
-            self._fail(runtime, decision.reason)
-        elif (
-            runtime.service.state is ServiceState.INACTIVE
-            and not self.shutting_down
-            and not (self._reload and runtime.unit.name in self._reload.waiting_units)
-        ):
-            self._watch(runtime)
-        if self._reload is not None and not runtime.service.workers:
-            self._reload.waiting_units.discard(runtime.unit.name)
-            if not self._reload.waiting_units:
-                self._finish_reload()
-        if runtime.accept_paused and runtime.accepting:
-            self._resume_accepting(runtime)
-
-    def _left_behind(self, runtime: UnitRuntime, pid: int) -> None:
-        """Worker ``pid`` is gone: end what it left in its cgroup, or at least name it.
-
-        With cgroups, the rest of the worker's cgroup is killed (systemd's
-        KillMode=control-group). Without, a process that left the worker's
-        process group (setsid() and a double fork) cannot be told from any
-        other; the one sign is that it still holds one of the unit's sockets.
-        """
-        unit = runtime.unit.name
-        if self.cgroups is not None:
-            for escaped in self.cgroups.release(pid):
-                self.log.warning(
-                    "escaped_process",
-                    unit=unit,
-                    pid=escaped,
-                    worker=pid,
-                    action="killed with the worker's cgroup",
-                )
-            return
-        if runtime.unit.service.accept:
-            return  # connection workers never get the listening sockets
-        inodes = {}
-        for entry in self.store.owned_by(unit_owner(unit)):
-            with contextlib.suppress(OSError):
-                inodes[os.fstat(entry.fd).st_ino] = entry.name
-        live = set(runtime.service.pids)
-        for holder, sockets in socket_holders(inodes, skip=(os.getpid(), *live)).items():
-            with contextlib.suppress(OSError):
-                group = os.getpgid(holder)
-                # the exited worker's group (killed next) and live workers' groups did not escape
-                if group == pid or group in live:
-                    continue
-            self.log.warning(
-                "escaped_process",
-                unit=unit,
-                pid=holder,
-                worker=pid,
-                sockets=sockets,
-                action="left running: no cgroup to stop it with (docs/security.md)",
-            )
-
-    def _restart_due(self, runtime: UnitRuntime, instance: int) -> None:
-        runtime.restart_timers.pop(instance, None)
-        if self.shutting_down or runtime.service.state in (
-            ServiceState.STOPPING,
-            ServiceState.FAILED,
-        ):
-            return
-        self._spawn_worker(runtime, instance)
-
-    def _fail(self, runtime: UnitRuntime, reason: str) -> None:
-        self._cancel_restarts(runtime)
-        for pid in runtime.service.request_stop():
-            self._signal_group(pid, runtime.unit.service.stop_signal)
-        runtime.service.state = ServiceState.FAILED
-        runtime.service.failure = reason
-        self.log.error(
-            "service_failed",
-            unit=runtime.unit.name,
-            reason=reason,
-            note="its sockets stay bound; service-start clears the failure",
-        )
-        self.emit("SERVICE_FAILED", {"unit": runtime.unit.name, "reason": reason})
-
-    def _kill_timeout(self, runtime: UnitRuntime, pid: int) -> None:
-        runtime.kill_timers.pop(pid, None)
-        if pid in runtime.pidfds:
-            self.log.warning("stop_timeout", unit=runtime.unit.name, pid=pid, signal="SIGKILL")
-            self._signal_group(pid, signal.SIGKILL)
-
-    def _cancel_restarts(self, runtime: UnitRuntime) -> None:
-        for timer in runtime.restart_timers.values():
-            timer.cancel()
-        runtime.restart_timers.clear()
-
-    def _signal_group(self, pid: int, signum: int, *, leader_too: bool = True) -> None:
-        if self.cgroups is not None:
-            self.cgroups.signal(pid, signum)  # what of its cgroup left the group
-        try:
-            os.killpg(pid, signum)
-        except ProcessLookupError:
-            if leader_too:
-                try:
-                    os.kill(pid, signum)
-                except ProcessLookupError:
-                    pass
-        except PermissionError as exc:
-            self.log.warning("signal_failed", pid=pid, signal=signum, error=str(exc))
-
-    # -- on-demand activation -----------------------------------------------------------
-
-    def _watch(self, runtime: UnitRuntime) -> None:
-        if runtime.watching or runtime.unit.service.activation is not Activation.ON_DEMAND:
-            return
-        for entry in self.store.owned_by(unit_owner(runtime.unit.name)):
-            self.loop.add_reader(entry.fd, partial(self._traffic, runtime))
-        runtime.watching = True
-        runtime.service.state = ServiceState.LISTENING
-
-    def _unwatch(self, runtime: UnitRuntime) -> None:
-        if not runtime.watching:
-            return
-        for entry in self.store.owned_by(unit_owner(runtime.unit.name)):
-            self.loop.remove_reader(entry.fd)
-        runtime.watching = False
-
-    def _traffic(self, runtime: UnitRuntime) -> None:
-        self.start_service(runtime.unit.name, manual=False)  # first: the log can wait
-        self.log.info("traffic", unit=runtime.unit.name, action="started service")
-
-    # -- accept mode: one instance per connection --------------------------------------
-
-    def _start_accepting(self, runtime: UnitRuntime) -> None:
-        if runtime.accepting:
-            return
-        runtime.accepting = True
-        runtime.accept_paused = True
-        for entry in self.store.owned_by(unit_owner(runtime.unit.name)):
-            if isinstance(entry.resource, BoundSocket):
-                # Never handed to a worker in accept mode, so non-blocking is ours alone.
-                entry.resource.sock.setblocking(False)
-        self._resume_accepting(runtime)
-
-    def _stop_accepting(self, runtime: UnitRuntime) -> None:
-        if runtime.accepting:
-            self._pause_accepting(runtime)
-            runtime.accepting = False
-
-    def _pause_accepting(self, runtime: UnitRuntime) -> None:
-        """Leave new connections in the kernel's backlog: waiting, never refused."""
-        if not runtime.accept_paused:
-            for entry in self.store.owned_by(unit_owner(runtime.unit.name)):
-                self.loop.remove_reader(entry.fd)
-            runtime.accept_paused = True
-
-    def _resume_accepting(self, runtime: UnitRuntime) -> None:
-        if not runtime.accept_paused or self.shutting_down:
-            return
-        if len(runtime.service.workers) >= runtime.unit.service.max_connections:
-            return
-        for entry in self.store.owned_by(unit_owner(runtime.unit.name)):
-            if isinstance(entry.resource, BoundSocket):
-                self.loop.add_reader(entry.fd, partial(self._accept, runtime, entry.resource))
-        runtime.accept_paused = False
-
-    def _accept(self, runtime: UnitRuntime, bound: BoundSocket) -> None:
-        limit = runtime.unit.service.max_connections
-        for _ in range(ACCEPT_BATCH):
-            if len(runtime.service.workers) >= limit:
-                self._pause_accepting(runtime)
-                return
-            try:
-                conn, peer = bound.sock.accept()
-            except (BlockingIOError, InterruptedError):
-                return
-            except OSError as exc:
-                if exc.errno in (errno.ECONNABORTED, errno.EPROTO):
-                    continue
-                # Out of fds or memory: leave connections in the backlog and try
-                # again a little later instead of spinning (libuv does the same).
-                self.log.warning("accept_failed", unit=runtime.unit.name, error=str(exc))
-                self._pause_accepting(runtime)
-                self.loop.call_later(ACCEPT_RETRY_DELAY, partial(self._resume_accepting, runtime))
-                return
-            with conn:
-                self._spawn_connection(runtime, conn, peer)
-
-    def _spawn_connection(self, runtime: UnitRuntime, conn: socket.socket, peer: Any) -> None:
-        unit = runtime.unit
-        instance = runtime.service.next_instance()
-        extra_env = {}
-        if conn.family in (socket.AF_INET, socket.AF_INET6):
-            # systemd sets these for inet peers only (service.c, REMOTE_ADDR/REMOTE_PORT)
-            extra_env = {"REMOTE_ADDR": str(peer[0]), "REMOTE_PORT": str(peer[1])}
-        try:
-            plan = plan_worker(
-                unit,
-                [PassedFd(ACCEPT_FD_NAME, conn.fileno())],
-                instance,
-                self.environ,
-                extra_env=extra_env,
-                stdio_fd=conn.fileno() if unit.service.inetd else None,
-                notify_socket=self._notify_address(),
-            )
-            pid, pidfd = self._spawn_watched(unit, plan, instance)
-        except (SpawnError, OSError) as exc:
-            # this connection is lost; the next ones are tried as they come
-            self.log.error("worker_start_failed", unit=unit.name, instance=instance, error=str(exc))
-            return
-        self._track(runtime, instance, pid, pidfd, 1)
 
     # -- the notify protocol (sd_notify) from workers -------------------------------------
 
     def _notify_address(self) -> str | None:
         return self.notify_socket.address if self.notify_socket is not None else None
 
-    def _sender(self, pid: int) -> tuple[UnitRuntime, Worker] | None:
-        """The worker a notification comes from: the worker itself or its process group.
-
-        Like systemd's NotifyAccess=all restricted to the service's own
-        processes: a process of the worker's group (its children) may speak for it.
-        The group cannot be forged: each worker leads a session of its own
-        (spawn.py), and setpgid() joins only groups of the caller's session, so a
-        process in a worker's group descends from that worker.
-        """
-        for runtime in self.units.values():
-            worker = runtime.service.worker_by_pid(pid)
-            if worker is not None:
-                return runtime, worker
-        try:
-            group = os.getpgid(pid)
-        except OSError:
-            return None
-        for runtime in self.units.values():
-            worker = runtime.service.worker_by_pid(group)
-            if worker is not None:
-                return runtime, worker
-        return None
-
     def _on_notify(self) -> None:
         assert self.notify_socket is not None
         for datagram in self.notify_socket.receive():
-            sender = self._sender(datagram.pid)
+            sender = find_sender(datagram.pid, self.runners.values())
             if sender is None:
                 for fd in datagram.fds:
                     os.close(fd)
@@ -1411,7 +948,8 @@ class Supervisor:
                     reason="not a worker's process",
                 )
                 continue
-            self._notified(*sender, datagram.message, datagram.fds)
+            runner, worker = sender
+            runner.notified(worker, datagram.message, datagram.fds)
         self._schedule_notify_log_flush()
 
     def _schedule_notify_log_flush(self) -> None:
@@ -1427,141 +965,18 @@ class Supervisor:
 
         self._notify_log_timer = self.loop.call_at(due, flush)
 
-    def _notified(
-        self, runtime: UnitRuntime, worker: Worker, message: NotifyMessage, fds: list[int]
-    ) -> None:
-        unit, service = runtime.unit.name, runtime.service
-        for problem in message.problems:
-            self.log.warning("notify_invalid", unit=unit, pid=worker.pid, problem=problem)
-        if message.status is not None:
-            service.status = message.status
-        if message.ready:
-            timer = runtime.start_timers.pop(worker.pid, None)
-            if timer is not None:
-                timer.cancel()
-            if service.worker_ready(worker.pid):
-                self.log.info("service_ready", unit=unit, pid=worker.pid)
-                self.emit("SERVICE_READY", {"unit": unit, "pid": worker.pid})
-        if message.stopping:
-            self.log.info("worker_stopping", unit=unit, pid=worker.pid)
-        if message.reloading:
-            self.log.info("worker_reloading", unit=unit, pid=worker.pid)
-        if message.main_pid is not None:
-            self.log.info("worker_main_pid", unit=unit, pid=worker.pid, main_pid=message.main_pid)
-        if message.watchdog_usec is not None and message.watchdog_usec > 0:
-            # clamped where it enters: any number a worker sends must make a timer
-            seconds = timer_seconds(message.watchdog_usec)
-            if seconds < message.watchdog_usec / 1_000_000:
-                self.log.warning(
-                    "notify_clamped",
-                    unit=unit,
-                    pid=worker.pid,
-                    key="WATCHDOG_USEC",
-                    value=message.watchdog_usec,
-                    seconds=seconds,
-                )
-            self._arm_watchdog(runtime, worker.pid, seconds)
-        elif message.watchdog and worker.pid in runtime.watchdog_timers:
-            self._arm_watchdog(runtime, worker.pid, runtime.unit.service.watchdog)
-        if message.watchdog_trigger:
-            self._watchdog_expired(runtime, worker.pid)
-        if message.fd_store_remove and message.fd_name is not None:
-            self._drop_stored(service_owner(unit), message.fd_name, "FDSTOREREMOVE=1")
-        if fds:
-            self._store_worker_fds(runtime, message, fds)
-
-    def _store_worker_fds(
-        self, runtime: UnitRuntime, message: NotifyMessage, fds: list[int]
-    ) -> None:
-        """FDSTORE=1: keep the fds under the service, up to fd-store-max.
-
-        One fd per name: a second FDSTORE=1 with the same FDNAME replaces the
-        first (as getfd does), where systemd would keep both.
-        """
-        unit, owner = runtime.unit.name, service_owner(runtime.unit.name)
-        name = message.fd_name or "stored"
-        try:
-            # stored fds reach the next worker in LISTEN_FDNAMES: the SPEC's name rule
-            check_name(name, "FDNAME")
-        except ValueProblem as exc:
-            for fd in fds:
-                os.close(fd)
-            self.log.warning("fd_store_refused", unit=unit, fdname=name, error=exc.message)
-            return
-        first, extra = fds[0], fds[1:]
-        for fd in extra:
-            os.close(fd)
-        if extra:
-            self.log.warning("fd_store_extra_closed", unit=unit, fdname=name, count=len(extra))
-        limit = runtime.unit.service.fd_store_max
-        replacing = self.store.get(owner, name) is not None
-        if not replacing and len(self.store.owned_by(owner)) >= limit:
-            os.close(first)
-            self.log.warning("fd_store_full", unit=unit, fdname=name, fd_store_max=limit)
-            return
-        if replacing:
-            self._drop_stored(owner, name, "replaced")
-        try:
-            self.store.add(owner, name, RawFd(first))
-        except FdSupervisorError as exc:
-            self.log.warning("fd_store_refused", unit=unit, fdname=name, error=str(exc))
-            return
-        if message.fd_poll:
-            try:
-                self._hangups.register(first, 0)
-                self._hangup_keys[first] = (owner, name)
-            except OSError:
-                pass  # not pollable (a regular file): kept until removed
-        self.log.info("fd_stored", unit=unit, fdname=name, fd=first)
-        self.emit("FD_STORED", {"fdname": name, "owner": owner})
-
-    def _drop_stored(self, owner: str, name: str, reason: str) -> None:
-        entry = self.store.get(owner, name)
-        if entry is None:
-            return
-        if self._hangup_keys.pop(entry.fd, None) is not None:
-            with contextlib.suppress(OSError):
-                self._hangups.unregister(entry.fd)
-        self.store.close(owner, name)
-        self.log.info("fd_store_removed", owner=owner, fdname=name, reason=reason)
-        self.emit("FD_CLOSED", {"fdname": name, "owner": owner})
-
     def _on_hangups(self) -> None:
-        for fd, _events in self._hangups.poll(0):
-            key = self._hangup_keys.get(fd)
-            if key is not None:
-                self._drop_stored(*key, reason="hung up (FDPOLL)")
-
-    def _start_timed_out(self, runtime: UnitRuntime, pid: int) -> None:
-        runtime.start_timers.pop(pid, None)
-        self._kill_for(runtime, pid, "start timeout: no READY=1", runtime.unit.service.stop_signal)
-
-    def _arm_watchdog(self, runtime: UnitRuntime, pid: int, seconds: float) -> None:
-        timer = runtime.watchdog_timers.pop(pid, None)
-        if timer is not None:
-            timer.cancel()
-        runtime.watchdog_timers[pid] = self.loop.call_later(
-            seconds, partial(self._watchdog_expired, runtime, pid)
-        )
-
-    def _watchdog_expired(self, runtime: UnitRuntime, pid: int) -> None:
-        timer = runtime.watchdog_timers.pop(pid, None)
-        if timer is not None:
-            timer.cancel()
-        # systemd's WatchdogSignal= default: SIGABRT, so the worker may dump core
-        self._kill_for(runtime, pid, "watchdog timeout: no WATCHDOG=1", signal.SIGABRT)
-
-    def _kill_for(self, runtime: UnitRuntime, pid: int, reason: str, signum: int) -> None:
-        """Stop one worker because it failed us; its exit then counts as a failure."""
-        worker = runtime.service.worker_by_pid(pid)
-        if worker is None or worker.failure is not None:
-            return
-        worker.failure = reason
-        self.log.warning("worker_killed", unit=runtime.unit.name, pid=pid, reason=reason)
-        self._signal_group(pid, signum)
-        runtime.kill_timers[pid] = self.loop.call_later(
-            runtime.unit.service.stop_timeout, partial(self._kill_timeout, runtime, pid)
-        )
+        """Stored fds that hung up (FDPOLL) are dropped, as systemd drops them."""
+        by_owner = {service_owner(name): runner for name, runner in self.runners.items()}
+        for owner, name in self.store.hung_up():
+            runner = by_owner.get(owner)
+            if runner is not None:
+                runner.drop_stored(name, "hung up (FDPOLL)")
+            else:  # of a unit gone before an upgrade handed it over: closed all the same
+                self.store.close(owner, name)
+                self.log.info(
+                    "fd_store_removed", owner=owner, fdname=name, reason="hung up (FDPOLL)"
+                )
 
     # -- signals and shutdown ---------------------------------------------------------
 
@@ -1599,20 +1014,17 @@ class Supervisor:
         self.shutting_down = True
         self.log.info("shutting_down", reason=reason)
         self.notifier.stopping()
-        for name in self.units:
-            self.stop_service(name)
+        for runner in self.runners.values():
+            runner.stop()
 
     def _live_workers(self) -> int:
-        return sum(len(rt.pidfds) for rt in self.units.values())
+        return sum(runner.live_workers() for runner in self.runners.values())
 
     def _close(self) -> None:
         for callback in self.on_shutdown:
             callback()
-        for runtime in self.units.values():
-            self._cancel_restarts(runtime)
-            for pidfd in runtime.pidfds.values():
-                os.close(pidfd)
-            runtime.pidfds.clear()
+        for runner in self.runners.values():
+            runner.close()
         if self.cgroups is not None:
             self.cgroups.close()
         self._keep_socket_files()
@@ -1620,7 +1032,6 @@ class Supervisor:
         if self.notify_socket is not None:
             self.notify_socket.close()
         self._notify_log.flush(everything=True)
-        self._hangups.close()
         for signum, handler in self._old_handlers.items():
             signal.signal(signum, handler)
         if self._wakeup is not None:
@@ -1628,11 +1039,6 @@ class Supervisor:
             for sock in self._wakeup:
                 sock.close()
         self.loop.close()
-
-
-def _event_line(name: str, data: dict[str, Any]) -> bytes:
-    seconds, fraction = divmod(time.time(), 1.0)
-    return qmp_event(name, data, int(seconds), int(fraction * 1_000_000))
 
 
 def _wake_only(signum: int, frame: object) -> None:

@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import os
+import select
+import socket
+from pathlib import Path
 
 import pytest
 
@@ -101,3 +104,104 @@ def test_close_owner() -> None:
     assert is_open(kept)
     store.close_all()
     assert not is_open(kept)
+
+
+# -- the hang-up watch (FDPOLL), with real socketpairs -------------------------------------
+
+
+def stored_pair(store: FdStore, owner: str, name: str) -> socket.socket:
+    """Store one end of a socketpair; the other end (returned) hangs it up when closed."""
+    ours, theirs = socket.socketpair()
+    store.add(owner, name, RawFd(ours.detach()))
+    return theirs
+
+
+def readable(fd: int) -> bool:
+    return bool(select.select([fd], [], [], 0)[0])
+
+
+def test_a_watched_entry_that_hangs_up_is_reported_once() -> None:
+    store = FdStore()
+    peer = stored_pair(store, "service:web", "conn")
+    quiet = stored_pair(store, "service:web", "quiet")
+    assert store.watch_hangup("service:web", "conn")
+    assert store.watch_hangup("service:web", "quiet")
+    assert store.watches_hangup("service:web", "conn")
+    assert not readable(store.hangup_fileno()) and store.hung_up() == []
+    peer.send(b"data")  # input is no hang-up: nothing asked for EPOLLIN
+    assert not readable(store.hangup_fileno()) and store.hung_up() == []
+    peer.close()
+    assert readable(store.hangup_fileno())
+    assert store.hung_up() == [("service:web", "conn")]
+    # unwatched, not closed: the caller closes it, and it is never reported again
+    assert ("service:web", "conn") in store and not store.watches_hangup("service:web", "conn")
+    assert not readable(store.hangup_fileno()) and store.hung_up() == []
+    assert store.watches_hangup("service:web", "quiet")
+    quiet.close()
+    store.close_all()
+
+
+@pytest.mark.parametrize("how", ["close", "take", "replace", "close_owner"])
+def test_the_watch_ends_with_the_entry(how: str) -> None:
+    store = FdStore()
+    peer = stored_pair(store, "service:web", "conn")
+    store.watch_hangup("service:web", "conn")
+    if how == "close":
+        store.close("service:web", "conn")
+    elif how == "take":
+        store.take("service:web", "conn").close()
+    elif how == "replace":
+        store.add("service:web", "conn", new_fd(), replace=True)
+    else:
+        store.close_owner("service:web")
+    assert not store.watches_hangup("service:web", "conn")
+    peer.close()
+    assert not readable(store.hangup_fileno()) and store.hung_up() == []
+    store.close_all()
+
+
+def test_a_taken_entry_hanging_up_later_is_not_reported() -> None:
+    """Taken out, the fd lives on elsewhere; the store no longer speaks for it."""
+    store = FdStore()
+    peer = stored_pair(store, "service:web", "conn")
+    store.watch_hangup("service:web", "conn")
+    taken = store.take("service:web", "conn")
+    peer.close()
+    assert store.hung_up() == []
+    taken.close()
+    store.close_all()
+
+
+def test_a_regular_file_cannot_be_watched_and_stays_stored(tmp_path: Path) -> None:
+    store = FdStore()
+    fd = os.open(tmp_path / "f", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC)
+    store.add("service:web", "file", RawFd(fd))
+    assert not store.watch_hangup("service:web", "file")
+    assert not store.watches_hangup("service:web", "file")
+    assert ("service:web", "file") in store
+    store.close_all()
+
+
+def test_watching_an_unknown_entry_is_an_error() -> None:
+    with pytest.raises(StoreError, match="not found"):
+        FdStore().watch_hangup("service:web", "nothing")
+
+
+def test_close_all_closes_the_hang_up_watch() -> None:
+    store = FdStore()
+    peer = stored_pair(store, "service:web", "conn")
+    store.watch_hangup("service:web", "conn")
+    epoll_fd = store.hangup_fileno()
+    store.close_all()
+    assert not is_open(epoll_fd)  # nothing opened an fd since
+    assert store.hung_up() == []
+    peer.close()
+
+
+def test_a_store_that_watches_nothing_holds_no_epoll() -> None:
+    before = set(os.listdir("/proc/self/fd"))
+    store = FdStore()
+    store.add(MONITOR_OWNER, "a", new_fd())
+    assert store.hung_up() == []
+    store.close_all()
+    assert set(os.listdir("/proc/self/fd")) <= before

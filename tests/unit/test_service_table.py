@@ -248,20 +248,6 @@ def test_set_status() -> None:
     assert service.status is None
 
 
-def test_assigning_the_state_goes_through_the_table() -> None:
-    """Transitional: supervisor.py's three assignments until it calls the methods above."""
-    watched = make(activation=Activation.ON_DEMAND)
-    watched.state = S.LISTENING  # _watch
-    assert watched.state is S.LISTENING
-    watched.state = S.FAILED  # _fail, which sets .failure next
-    assert watched.state is S.FAILED and watched.failure is not None
-    restored = make()
-    restored.state = S.STARTING  # after an upgrade, on a fresh service
-    assert restored.state is S.STARTING
-    with pytest.raises(ServiceStateError):
-        restored.state = S.RUNNING
-
-
 def test_a_failed_worker_that_is_not_restarted_gives_the_reason() -> None:
     service = make(restart=RestartPolicy.NO)
     service.request_start(0.0, manual=False)

@@ -1,0 +1,695 @@
+"""One unit at run time: its workers, their timers, and what their notifications mean.
+
+The last step of the flow, from a spawn plan to running workers. The
+supervisor makes one :class:`UnitRunner` per unit and gives it a
+:class:`RunnerContext`: the shared loop and fd store, and callbacks up (an
+event for the monitor, "is the supervisor shutting down", "this unit has no
+workers any more"), so that nothing here imports the supervisor.
+
+A runner starts its unit's workers (:mod:`fdsupervisor.spawn`), each in a
+cgroup of its own when there are cgroups (:mod:`fdsupervisor.cgroups`);
+watches each worker's pidfd and reaps it in one place (:meth:`UnitRunner._reap`);
+asks its :class:`~fdsupervisor.service.Service` what an exit means (restart
+when, or fail) and keeps the timers that follow (restart delays, stop
+timeouts, the start timeout, the watchdog). Its sockets bring work in
+through its :class:`~fdsupervisor.activation.Intake` (first traffic, or one
+worker per connection). It also gives sd_notify messages their meaning for
+the unit: ``READY=1``, ``STATUS=``, ``WATCHDOG=1``, and ``FDSTORE=1``, whose
+fds it keeps in the store under ``service:NAME`` for the unit's next workers.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import math
+import os
+import signal
+from collections.abc import Callable, Collection, Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from functools import partial
+from typing import Any
+
+from systemd import journal
+
+from .activation import Intake
+from .addresses import check_name, timer_seconds
+from .cgroups import WorkerCgroups, socket_holders
+from .errors import FdSupervisorError, SpawnError, ValueProblem
+from .fdstore import Entry, FdStore, RawFd, service_owner, unit_owner
+from .loop import EventLoop, Timer
+from .notify import NotifyMessage
+from .service import ExitStatus, Failed, Restart, Service, ServiceState, Worker
+from .spawn import PassedFd, SpawnPlan, plan_worker, spawn
+from .units import Activation, Unit
+from .upgrade import WorkerItem
+
+
+@dataclass(frozen=True, slots=True)
+class RunnerContext:
+    """What every runner gets from the supervisor: the shared parts, and callbacks up."""
+
+    loop: EventLoop
+    store: FdStore
+    environ: Mapping[str, str]  # the supervisor's own, which workers start from
+    log: Any  # the supervisor's logger; each runner binds its unit= once
+    emit: Callable[[str, dict[str, Any]], None]  # an event for the monitor's clients
+    notify_address: Callable[[], str | None]  # the notify socket, once it is open
+    cgroups: Callable[[], WorkerCgroups | None]  # made at start; None: process groups only
+    shutting_down: Callable[[], bool]
+    # The unit has no workers any more; True: the supervisor took it over (a
+    # reload was waiting for it to stop), and the runner does nothing more.
+    on_idle: Callable[[UnitRunner], bool]
+
+
+class Timers:
+    """One kind of timer of one unit, at most one per key (a pid, or an instance)."""
+
+    __slots__ = ("_loop", "_timers")
+
+    def __init__(self, loop: EventLoop) -> None:
+        self._loop = loop
+        self._timers: dict[int, Timer] = {}
+
+    def __contains__(self, key: int) -> bool:
+        return key in self._timers
+
+    def call_at(self, key: int, when: float, callback: Callable[[], None]) -> None:
+        self.cancel(key)
+        self._timers[key] = self._loop.call_at(when, callback)
+
+    def call_later(self, key: int, delay: float, callback: Callable[[], None]) -> None:
+        self.call_at(key, self._loop.time() + delay, callback)
+
+    def fired(self, key: int) -> None:
+        """Called by the timer's own callback: it is no longer pending."""
+        self._timers.pop(key, None)
+
+    def cancel(self, key: int) -> None:
+        timer = self._timers.pop(key, None)
+        if timer is not None:
+            timer.cancel()
+
+    def cancel_all(self) -> None:
+        for timer in self._timers.values():
+            timer.cancel()
+        self._timers.clear()
+
+
+class UnitRunner:
+    """One unit's service at run time: its workers, their timers, its sockets' intake."""
+
+    def __init__(self, unit: Unit, ctx: RunnerContext) -> None:
+        self.unit = unit
+        self.service = Service(unit.name, unit.service)
+        self.log = ctx.log.bind(unit=unit.name)
+        self._ctx = ctx
+        self._loop = ctx.loop
+        self._store = ctx.store
+        self._pidfds: dict[int, int] = {}  # pid → pidfd of every live worker
+        self._restart_timers = Timers(ctx.loop)  # instance → its restart is due
+        self._kill_timers = Timers(ctx.loop)  # pid → SIGKILL once stop-timeout passed
+        self._start_timers = Timers(ctx.loop)  # pid → READY=1 deadline
+        self._watchdog_timers = Timers(ctx.loop)  # pid → next WATCHDOG=1 deadline
+        self._restart_pending = False  # restart(): start again once every worker is gone
+        self._intake = Intake(self, ctx.loop, ctx.store, ctx.shutting_down)
+
+    @property
+    def owner(self) -> str:
+        """The store owner of the unit's sockets."""
+        return unit_owner(self.unit.name)
+
+    # -- what the supervisor asks of a unit ----------------------------------------
+
+    def activate(self) -> None:
+        """Start as the unit's activation says: now, on first traffic, or per connection."""
+        spec = self.unit.service
+        if spec.activation is Activation.ON_DEMAND and not spec.accept:
+            self._intake.watch()
+        else:
+            self.start(manual=False)
+
+    def start(self, *, manual: bool = True) -> None:
+        """Start the service's workers (accept mode: take connections); manual clears a failure."""
+        service = self.service
+        if self.unit.service.accept:
+            service.request_start(self._loop.time(), manual=True)
+            service.refresh_state()
+            self._intake.start_accepting()
+            return
+        if service.state in (ServiceState.RUNNING, ServiceState.STARTING) and service.workers:
+            return
+        if not service.request_start(self._loop.time(), manual=manual):
+            self.fail("start limit hit")
+            return
+        self._intake.unwatch()
+        for instance in service.instances_to_start():
+            self._spawn_instance(instance)
+
+    def stop(self) -> None:
+        """Stop every worker: its stop signal, then SIGKILL after stop-timeout."""
+        self.cancel_restarts()
+        self.suspend_intake()
+        spec = self.unit.service
+        for pid in self.service.request_stop():
+            if pid in self._kill_timers:
+                continue
+            self._signal(pid, spec.stop_signal)
+            self._kill_timers.call_later(pid, spec.stop_timeout, partial(self._kill_timeout, pid))
+        self.log.info("service_stopping", pids=self.service.pids)
+
+    def restart(self) -> None:
+        """Stop the workers, then start new ones; the sockets stay bound throughout."""
+        if not self.service.workers:
+            self.start(manual=True)
+            return
+        self._restart_pending = True
+        self.stop()
+
+    def fail(self, reason: str) -> None:
+        """Fail the service: its workers get their stop signal, its sockets stay bound."""
+        self.cancel_restarts()
+        for pid in self.service.request_stop():
+            self._signal(pid, self.unit.service.stop_signal)
+        self.service.mark_failed(reason)
+        self.log.error(
+            "service_failed",
+            reason=reason,
+            note="its sockets stay bound; service-start clears the failure",
+        )
+        self._ctx.emit("SERVICE_FAILED", {"unit": self.unit.name, "reason": reason})
+
+    def cancel_restarts(self) -> None:
+        """Forget every restart that is due later."""
+        self._restart_timers.cancel_all()
+
+    def suspend_intake(self) -> None:
+        """Stop watching the sockets for traffic and stop accepting on them."""
+        self._intake.suspend()
+
+    def resume(self) -> None:
+        """Carry a restored service on (after an upgrade): start what was due, watch what was."""
+        state, spec = self.service.state, self.unit.service
+        if spec.accept:
+            if state is not ServiceState.INACTIVE and state is not ServiceState.FAILED:
+                self.service.refresh_state()
+                self._intake.start_accepting()
+        elif state is ServiceState.LISTENING:
+            self._intake.watch()
+        elif state in (ServiceState.RUNNING, ServiceState.STARTING):
+            for instance in self.service.instances_to_start():
+                self._spawn_instance(instance)  # restarts that were pending
+
+    def replace_unit(self, unit: Unit, service: Service | None = None) -> None:
+        """A reload's new definition of this unit; with ``service``, its new state machine."""
+        assert unit.name == self.unit.name, "a runner is its unit's for good"
+        self.unit = unit
+        if service is not None:
+            self.service = service
+
+    def on_socket_added(self, entry: Entry) -> None:
+        """A socket added to the unit at run time: watched too, if the unit waits for traffic."""
+        self._intake.socket_added(entry.fd)
+
+    def on_socket_removed(self, entry: Entry) -> None:
+        """One of the unit's sockets is about to be closed: no longer watched."""
+        self._intake.socket_removed(entry.fd)
+
+    def live_workers(self) -> int:
+        """How many workers are still to be reaped."""
+        return len(self._pidfds)
+
+    def adopt_worker(self, saved: WorkerItem) -> bool:
+        """After an upgrade: supervise a worker the old program started; False: it is gone."""
+        try:
+            pidfd = os.pidfd_open(saved.pid)
+        except ProcessLookupError:
+            return False
+        self.service.adopt_worker(
+            saved.instance, saved.pid, saved.started_at, ready=saved.ready, failure=saved.failure
+        )
+        self._pidfds[saved.pid] = pidfd
+        cgroups = self._ctx.cgroups()
+        if cgroups is not None:
+            cgroups.adopt(saved.pid)
+        self._loop.add_reader(pidfd, partial(self._reap, saved.pid))
+        watchdog = self.unit.service.watchdog
+        if watchdog and math.isfinite(watchdog):
+            self._arm_watchdog(saved.pid, watchdog)
+        return True
+
+    def abandon(self, handed_pids: Collection[int]) -> None:
+        """Undo a failed take-over: kill and reap the workers this program started.
+
+        Those in ``handed_pids`` came from the old program, which still
+        supervises them: only their pidfds are closed.
+        """
+        for pid, pidfd in self._pidfds.items():
+            if pid not in handed_pids:
+                self._signal(pid, signal.SIGKILL)
+                with contextlib.suppress(ChildProcessError):
+                    os.waitpid(pid, 0)
+            os.close(pidfd)
+        self._pidfds.clear()
+
+    def close(self) -> None:
+        """At shutdown: cancel restarts and close the pidfds (the workers are gone by then)."""
+        self.cancel_restarts()
+        for pidfd in self._pidfds.values():
+            os.close(pidfd)
+        self._pidfds.clear()
+
+    # -- starting workers ------------------------------------------------------------
+
+    def _spawn_instance(self, instance: int) -> None:
+        passed = self._passed_fds()
+        try:
+            pid, pidfd = self._start_process(instance, passed)
+        except SpawnError as exc:
+            if not exc.transient:  # the program, user or directory is wrong: no retry helps
+                self.log.error("worker_start_failed", instance=instance, error=str(exc))
+                self.service.start_failed(str(exc))
+                self.fail(str(exc))
+                return
+            self._retry_spawn(instance, exc)
+            return
+        except OSError as exc:  # out of fds, processes or memory: may pass, so retry
+            self._retry_spawn(instance, exc)
+            return
+        self._track(instance, pid, pidfd, len(passed))
+
+    def start_worker(
+        self,
+        instance: int,
+        passed: Sequence[PassedFd],
+        *,
+        extra_env: Mapping[str, str] | None = None,
+        stdio_fd: int | None = None,
+    ) -> bool:
+        """Start one worker with exactly ``passed`` (a connection's); False: it could not start.
+
+        The failure is logged and not retried: in accept mode that connection is lost.
+        """
+        try:
+            pid, pidfd = self._start_process(
+                instance, passed, extra_env=extra_env, stdio_fd=stdio_fd
+            )
+        except (SpawnError, OSError) as exc:
+            self.log.error("worker_start_failed", instance=instance, error=str(exc))
+            return False
+        self._track(instance, pid, pidfd, len(passed))
+        return True
+
+    def _retry_spawn(self, instance: int, exc: Exception) -> None:
+        """A start failed for lack of resources: retried as ``restart:`` says."""
+        decision = self.service.spawn_failed(instance, self._loop.time())
+        self.log.error(
+            "worker_start_failed",
+            instance=instance,
+            error=str(exc),
+            restart_in=decision.delay if isinstance(decision, Restart) else None,
+        )
+        if isinstance(decision, Restart):
+            self._restart_timers.call_at(
+                instance, decision.at, partial(self._restart_due, instance)
+            )
+        elif isinstance(decision, Failed):
+            self.fail(f"{decision.reason}: {exc}")
+
+    def _passed_fds(self) -> list[PassedFd]:
+        """The unit's sockets in declaration order, then sockets added at run time, then
+        the fds its workers stored (SPEC 4)."""
+        sockets = {e.name: e for e in self._store.owned_by(self.owner)}
+        ordered = [sockets.pop(n) for n in self.unit.socket_names if n in sockets]
+        ordered += sockets.values()
+        ordered += self._store.owned_by(service_owner(self.unit.name))
+        return [PassedFd(e.name, e.fd) for e in ordered]
+
+    def _start_process(
+        self,
+        instance: int,
+        passed: Sequence[PassedFd],
+        *,
+        extra_env: Mapping[str, str] | None = None,
+        stdio_fd: int | None = None,
+    ) -> tuple[int, int]:
+        """Plan and spawn one worker: its pid and pidfd. Raises SpawnError or OSError."""
+        plan = plan_worker(
+            self.unit,
+            passed,
+            instance,
+            self._ctx.environ,
+            extra_env=extra_env,
+            stdio_fd=stdio_fd,
+            notify_socket=self._ctx.notify_address(),
+        )
+        return spawn_watched(self.unit, plan, instance, self._ctx.cgroups(), self.log)
+
+    def _track(self, instance: int, pid: int, pidfd: int, fds: int) -> None:
+        """A worker exists: watch its pidfd and tell everyone."""
+        self._pidfds[pid] = pidfd
+        self._loop.add_reader(pidfd, partial(self._reap, pid))
+        self.service.worker_started(instance, pid, self._loop.time())
+        spec = self.unit.service
+        if spec.notify and math.isfinite(spec.start_timeout) and spec.start_timeout > 0:
+            self._start_timers.call_later(
+                pid, spec.start_timeout, partial(self._start_timed_out, pid)
+            )
+        if spec.watchdog and math.isfinite(spec.watchdog):
+            self._arm_watchdog(pid, spec.watchdog)
+        self.log.info("worker_started", instance=instance, pid=pid, fds=fds)
+        self._ctx.emit(
+            "SERVICE_STARTED", {"unit": self.unit.name, "instance": instance, "pid": pid}
+        )
+
+    # -- a worker exited -------------------------------------------------------------
+
+    def _reap(self, pid: int) -> None:
+        pidfd = self._pidfds.pop(pid)
+        self._loop.remove_reader(pidfd)
+        os.close(pidfd)
+        self._left_behind(pid)  # first: who left the group is told by its group id
+        # The leader is a zombie until waitpid, so its pid (= the group id)
+        # cannot be reused yet: kill what is left of its group now, as
+        # systemd kills the rest of a service's cgroup when its main process exits.
+        self._signal(pid, signal.SIGKILL, leader_too=False)
+        _, wait_status = os.waitpid(pid, 0)
+        status = ExitStatus.from_wait_status(wait_status)
+        for timers in (self._kill_timers, self._start_timers, self._watchdog_timers):
+            timers.cancel(pid)
+        decision = self.service.worker_exited(pid, status, self._loop.time())
+        self.log.info(
+            "worker_exited",
+            pid=pid,
+            status=str(status),
+            restart_in=decision.delay if isinstance(decision, Restart) else None,
+        )
+        self._ctx.emit("SERVICE_EXITED", {"unit": self.unit.name, "pid": pid, **status.as_dict()})
+        idle = not self.service.workers
+        if self._restart_pending and idle:
+            self._restart_pending = False
+            if not self._ctx.shutting_down():
+                self.start(manual=True)
+            return
+        if idle and self._ctx.on_idle(self):
+            return
+        if isinstance(decision, Restart):
+            self._restart_timers.call_at(
+                decision.instance, decision.at, partial(self._restart_due, decision.instance)
+            )
+        elif isinstance(decision, Failed):
+            self.fail(decision.reason)
+        elif self.service.state is ServiceState.INACTIVE and not self._ctx.shutting_down():
+            self._intake.watch()
+        self._intake.worker_exited()
+
+    def _left_behind(self, pid: int) -> None:
+        """Worker ``pid`` is gone: end what it left in its cgroup, or at least name it.
+
+        With cgroups, the rest of the worker's cgroup is killed (systemd's
+        KillMode=control-group). Without, a process that left the worker's
+        process group (setsid() and a double fork) cannot be told from any
+        other; the one sign is that it still holds one of the unit's sockets.
+        """
+        cgroups = self._ctx.cgroups()
+        if cgroups is not None:
+            for escaped in cgroups.release(pid):
+                self.log.warning(
+                    "escaped_process",
+                    pid=escaped,
+                    worker=pid,
+                    action="killed with the worker's cgroup",
+                )
+            return
+        if self.unit.service.accept:
+            return  # connection workers never get the listening sockets
+        inodes = {}
+        for entry in self._store.owned_by(self.owner):
+            with contextlib.suppress(OSError):
+                inodes[os.fstat(entry.fd).st_ino] = entry.name
+        live = set(self.service.pids)
+        for holder, sockets in socket_holders(inodes, skip=(os.getpid(), *live)).items():
+            with contextlib.suppress(OSError):
+                group = os.getpgid(holder)
+                # the exited worker's group (killed next) and live workers' groups did not escape
+                if group == pid or group in live:
+                    continue
+            self.log.warning(
+                "escaped_process",
+                pid=holder,
+                worker=pid,
+                sockets=sockets,
+                action="left running: no cgroup to stop it with (docs/security.md)",
+            )
+
+    def _restart_due(self, instance: int) -> None:
+        self._restart_timers.fired(instance)
+        if self._ctx.shutting_down() or self.service.state in (
+            ServiceState.STOPPING,
+            ServiceState.FAILED,
+        ):
+            return
+        self._spawn_instance(instance)
+
+    def _kill_timeout(self, pid: int) -> None:
+        self._kill_timers.fired(pid)
+        if pid in self._pidfds:
+            self.log.warning("stop_timeout", pid=pid, signal="SIGKILL")
+            self._signal(pid, signal.SIGKILL)
+
+    def _signal(self, pid: int, signum: int, *, leader_too: bool = True) -> None:
+        signal_group(pid, signum, self._ctx.cgroups(), self.log, leader_too=leader_too)
+
+    # -- sd_notify: what a worker's message means --------------------------------------
+
+    def notified(self, worker: Worker, message: NotifyMessage, fds: list[int]) -> None:
+        """Act on one notification from ``worker`` (or its group); ``fds`` are ours to keep or close."""
+        pid, service = worker.pid, self.service
+        for problem in message.problems:
+            self.log.warning("notify_invalid", pid=pid, problem=problem)
+        if message.status is not None:
+            service.set_status(message.status)
+        if message.ready:
+            self._start_timers.cancel(pid)
+            if service.worker_ready(pid):
+                self.log.info("service_ready", pid=pid)
+                self._ctx.emit("SERVICE_READY", {"unit": self.unit.name, "pid": pid})
+        if message.stopping:
+            self.log.info("worker_stopping", pid=pid)
+        if message.reloading:
+            self.log.info("worker_reloading", pid=pid)
+        if message.main_pid is not None:
+            self.log.info("worker_main_pid", pid=pid, main_pid=message.main_pid)
+        if message.watchdog_usec is not None and message.watchdog_usec > 0:
+            # clamped where it enters: any number a worker sends must make a timer
+            seconds = timer_seconds(message.watchdog_usec)
+            if seconds < message.watchdog_usec / 1_000_000:
+                self.log.warning(
+                    "notify_clamped",
+                    pid=pid,
+                    key="WATCHDOG_USEC",
+                    value=message.watchdog_usec,
+                    seconds=seconds,
+                )
+            self._arm_watchdog(pid, seconds)
+        elif message.watchdog and pid in self._watchdog_timers:
+            self._arm_watchdog(pid, self.unit.service.watchdog)
+        if message.watchdog_trigger:
+            self._watchdog_expired(pid)
+        if message.fd_store_remove and message.fd_name is not None:
+            self.drop_stored(message.fd_name, "FDSTOREREMOVE=1")
+        if fds:
+            self._store_fds(message, fds)
+
+    def _store_fds(self, message: NotifyMessage, fds: list[int]) -> None:
+        """FDSTORE=1: keep the fds under the service, up to fd-store-max.
+
+        One fd per name: a second FDSTORE=1 with the same FDNAME replaces the
+        first (as getfd does), where systemd would keep both.
+        """
+        owner = service_owner(self.unit.name)
+        name = message.fd_name or "stored"
+        try:
+            # stored fds reach the next worker in LISTEN_FDNAMES: the SPEC's name rule
+            check_name(name, "FDNAME")
+        except ValueProblem as exc:
+            for fd in fds:
+                os.close(fd)
+            self.log.warning("fd_store_refused", fdname=name, error=exc.message)
+            return
+        first, extra = fds[0], fds[1:]
+        for fd in extra:
+            os.close(fd)
+        if extra:
+            self.log.warning("fd_store_extra_closed", fdname=name, count=len(extra))
+        limit = self.unit.service.fd_store_max
+        replacing = self._store.get(owner, name) is not None
+        if not replacing and len(self._store.owned_by(owner)) >= limit:
+            os.close(first)
+            self.log.warning("fd_store_full", fdname=name, fd_store_max=limit)
+            return
+        if replacing:
+            self.drop_stored(name, "replaced")
+        try:
+            self._store.add(owner, name, RawFd(first))
+        except FdSupervisorError as exc:
+            self.log.warning("fd_store_refused", fdname=name, error=str(exc))
+            return
+        if message.fd_poll:
+            self._store.watch_hangup(owner, name)  # not pollable (a file): kept until removed
+        self.log.info("fd_stored", fdname=name, fd=first)
+
+    def drop_stored(self, name: str, reason: str) -> None:
+        """Close the fd the unit's workers stored as ``name``, if there is one."""
+        owner = service_owner(self.unit.name)
+        if self._store.get(owner, name) is None:
+            return
+        self._store.close(owner, name)
+        self.log.info("fd_store_removed", owner=owner, fdname=name, reason=reason)
+
+    def _start_timed_out(self, pid: int) -> None:
+        self._start_timers.fired(pid)
+        self._kill_for(pid, "start timeout: no READY=1", self.unit.service.stop_signal)
+
+    def _arm_watchdog(self, pid: int, seconds: float) -> None:
+        self._watchdog_timers.call_later(pid, seconds, partial(self._watchdog_expired, pid))
+
+    def _watchdog_expired(self, pid: int) -> None:
+        self._watchdog_timers.cancel(pid)
+        # systemd's WatchdogSignal= default: SIGABRT, so the worker may dump core
+        self._kill_for(pid, "watchdog timeout: no WATCHDOG=1", signal.SIGABRT)
+
+    def _kill_for(self, pid: int, reason: str, signum: int) -> None:
+        """Stop one worker because it failed us; its exit then counts as a failure."""
+        worker = self.service.worker_by_pid(pid)
+        if worker is None or worker.failure is not None:
+            return
+        worker.failure = reason
+        self.log.warning("worker_killed", pid=pid, reason=reason)
+        self._signal(pid, signum)
+        if pid not in self._kill_timers:  # a stop's earlier deadline stands
+            self._kill_timers.call_later(
+                pid, self.unit.service.stop_timeout, partial(self._kill_timeout, pid)
+            )
+
+
+def signal_group(
+    pid: int, signum: int, cgroups: WorkerCgroups | None, log: Any, *, leader_too: bool = True
+) -> None:
+    """Signal worker ``pid``'s process group, and what of its cgroup left the group.
+
+    Without ``leader_too``, a group that is already empty is left alone.
+    """
+    if cgroups is not None:
+        cgroups.signal(pid, signum)
+    try:
+        os.killpg(pid, signum)
+    except ProcessLookupError:
+        if leader_too:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signum)
+    except PermissionError as exc:
+        log.warning("signal_failed", pid=pid, signal=signum, error=str(exc))
+
+
+def spawn_watched(
+    unit: Unit, plan: SpawnPlan, instance: int, cgroups: WorkerCgroups | None, log: Any
+) -> tuple[int, int]:
+    """Spawn, and open the pidfd that watches the worker; both or neither.
+
+    The unit's stdout: and stderr: null or journal targets are opened for
+    this worker and closed here once it has its own copies (files are
+    opened by the child itself, as the worker's user: see spawn.py). The
+    worker's cgroup (not in accept mode) is made before and joined by the
+    child. Out of fds, a worker we could not watch is killed and reaped at
+    once, and the start counts as failed (then retried) instead of
+    escaping the loop.
+    """
+    outputs: list[int] = []
+    cgroup = None
+    try:
+        stdout_fd = open_output(unit.name, unit.service.stdout, outputs, log)
+        stderr_fd = open_output(unit.name, unit.service.stderr, outputs, log)
+        if outputs:
+            plan = dataclasses.replace(plan, stdout_fd=stdout_fd, stderr_fd=stderr_fd)
+        # Not per connection in accept mode: a connection worker never holds
+        # the listening sockets, and a fresh cgroup holds the loop some 0.4 ms
+        # per start, half the accept rate (docs/security.md).
+        if cgroups is not None and not unit.service.accept:
+            try:
+                cgroup = cgroups.prepare(unit.name, instance)
+            except OSError as exc:  # as systemd's EXIT_CGROUP: the start fails
+                raise SpawnError(
+                    f"cannot start {plan.argv[0]!r}: cgroup: {exc.strerror}", exc.errno
+                ) from None
+            plan = dataclasses.replace(plan, cgroup_fd=cgroup.fd)
+        pid = spawn(plan)
+    except BaseException:
+        if cgroup is not None and cgroups is not None:
+            cgroups.discard(cgroup)
+        raise
+    finally:
+        for fd in outputs:
+            os.close(fd)
+    if cgroup is not None and cgroups is not None:
+        cgroups.started(pid, cgroup)
+    try:
+        return pid, os.pidfd_open(pid)
+    except OSError:
+        os.kill(pid, signal.SIGKILL)
+        os.waitpid(pid, 0)
+        if cgroups is not None:
+            cgroups.release(pid)
+        raise
+
+
+def open_output(unit_name: str, target: str, opened: list[int], log: Any) -> int | None:
+    """An fd for a worker's stdout or stderr: null or journal (None: not ours to open).
+
+    ``file:`` and ``append:`` are not opened here, as root, but by the
+    child after it became the worker's user (spawn.OutputFile): a worker
+    could otherwise point its file at any file of root's with a symlink.
+    """
+    if target == "inherit" or target.startswith(("file:", "append:")):
+        return None
+    if target == "journal":
+        try:
+            stream = journal.stream(unit_name)
+        except OSError as exc:  # no journald here: the supervisor's own output instead
+            log.warning("journal_unavailable", error=str(exc))
+            return None
+        fd = os.dup(stream.fileno())
+        stream.close()
+    else:
+        fd = os.open(os.devnull, os.O_WRONLY | os.O_CLOEXEC)
+    opened.append(fd)
+    return fd
+
+
+def find_sender(
+    pid: int,
+    runners: Iterable[UnitRunner],
+    getpgid: Callable[[int], int] = os.getpgid,
+) -> tuple[UnitRunner, Worker] | None:
+    """The worker a notification from ``pid`` speaks for: itself, or its process group's.
+
+    Like systemd's NotifyAccess=all restricted to the service's own
+    processes: a process of the worker's group (its children) may speak for it.
+    The group cannot be forged: each worker leads a session of its own
+    (spawn.py), and setpgid() joins only groups of the caller's session, so a
+    process in a worker's group descends from that worker.
+    """
+    runners = list(runners)
+    for runner in runners:
+        worker = runner.service.worker_by_pid(pid)
+        if worker is not None:
+            return runner, worker
+    try:
+        group = getpgid(pid)
+    except OSError:
+        return None
+    for runner in runners:
+        worker = runner.service.worker_by_pid(group)
+        if worker is not None:
+            return runner, worker
+    return None

@@ -1,0 +1,376 @@
+"""The runner's pure parts: sender attribution, timers, and a unit's intake.
+
+No process is started here: workers are plain numbers registered with the
+service, the clock is a fake one, and the intake's host is a recording fake
+(the intake knows its runner only as an ``IntakeHost``). Sockets are real
+(bound on 127.0.0.1 by the kernel's choice of port). Runners with real
+workers are in tests/integration/test_runner.py.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import errno
+import socket
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from fdsupervisor.activation import Intake
+from fdsupervisor.binding import BoundSocket, InheritedFds, bind_socket
+from fdsupervisor.fdstore import FdStore, unit_owner
+from fdsupervisor.loop import ACCEPT_RETRY_DELAY, EventLoop
+from fdsupervisor.runner import RunnerContext, Timers, UnitRunner, find_sender
+from fdsupervisor.service import Service, ServiceState
+from fdsupervisor.spawn import PassedFd
+from fdsupervisor.units import Unit, load_unit_text
+from tests.recording_log import RecordingLog
+
+
+class FakeClock:
+    def __init__(self) -> None:
+        self.now = 100.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def make_unit(name: str, service: str, listen: str = "127.0.0.1:0") -> Unit:
+    lines = [f'sockets: {{http: {{listen: "{listen}"}}}}', "service:"]
+    lines += [f"  {line}" for line in service.splitlines()]
+    return load_unit_text("\n".join(lines) + "\n", Path(f"/units/{name}.yaml"), Path("/units"))
+
+
+def make_runner(
+    name: str, loop: EventLoop | None = None, log: RecordingLog | None = None
+) -> UnitRunner:
+    ctx = RunnerContext(
+        loop=loop or EventLoop(),
+        store=FdStore(),
+        environ={},
+        log=log or RecordingLog(),
+        emit=lambda event, data: None,
+        notify_address=lambda: None,
+        cgroups=lambda: None,
+        shutting_down=lambda: False,
+        on_idle=lambda runner: False,
+    )
+    return UnitRunner(make_unit(name, "exec: [worker]"), ctx)
+
+
+# -- sender attribution: the pid itself, then its process group --------------------------
+
+
+def groups(table: Mapping[int, int]) -> Any:
+    def getpgid(pid: int) -> int:
+        try:
+            return table[pid]
+        except KeyError:
+            raise ProcessLookupError(pid) from None
+
+    return getpgid
+
+
+def test_a_worker_speaks_for_itself() -> None:
+    web, api = make_runner("web"), make_runner("api")
+    web.service.worker_started(0, 1000, 0.0)
+    api.service.worker_started(0, 2000, 0.0)
+    found = find_sender(2000, [web, api], groups({}))
+    assert found is not None and found[0] is api and found[1].pid == 2000
+
+
+def test_a_process_of_the_workers_group_speaks_for_the_worker() -> None:
+    web, api = make_runner("web"), make_runner("api")
+    web.service.worker_started(0, 1000, 0.0)
+    api.service.worker_started(3, 2000, 0.0)
+    found = find_sender(2345, [web, api], groups({2345: 2000}))
+    assert found is not None and found[0] is api
+    assert (found[1].pid, found[1].instance) == (2000, 3)
+
+
+def test_the_pid_itself_wins_over_its_group() -> None:
+    """A worker that is also in another worker's group speaks for itself."""
+    web, api = make_runner("web"), make_runner("api")
+    web.service.worker_started(0, 1000, 0.0)
+    api.service.worker_started(0, 2000, 0.0)
+    found = find_sender(2000, [web, api], groups({2000: 1000}))
+    assert found is not None and found[0] is api
+
+
+@pytest.mark.parametrize(
+    "pid, table",
+    [
+        (3000, {3000: 3000}),  # a process of its own group: nobody's
+        (3000, {3000: 1}),  # a group no worker leads
+        (3000, {}),  # gone before we asked (ESRCH)
+    ],
+)
+def test_anyone_else_speaks_for_nobody(pid: int, table: dict[int, int]) -> None:
+    web = make_runner("web")
+    web.service.worker_started(0, 1000, 0.0)
+    assert find_sender(pid, [web], groups(table)) is None
+
+
+def test_no_runners_no_sender() -> None:
+    assert find_sender(1000, [], groups({1000: 1000})) is None
+
+
+def test_the_runners_log_carries_its_unit() -> None:
+    log = RecordingLog()
+    runner = make_runner("web", log=log)
+    runner.log.info("something", pid=1)
+    assert log.lines == [("info", "something", {"unit": "web", "pid": 1})]
+
+
+# -- timers of one kind, one per key, on a fake clock -------------------------------------
+
+
+def fired_after(loop: EventLoop, clock: FakeClock, seconds: float) -> None:
+    """Move the fake clock on, and run the timers that are due by then (only those)."""
+    clock.now += seconds
+    if loop.poll_timeout() == 0.0:
+        loop.run_once()
+
+
+def step(loop: EventLoop) -> None:
+    """One pass of the loop for what is readable now, waiting for it 5 s at most."""
+    guard = loop.call_later(5.0, lambda: None)  # the fake clock never reaches it
+    loop.run_once()
+    guard.cancel()
+
+
+def test_timers_one_per_key_and_a_new_one_replaces_the_old() -> None:
+    clock = FakeClock()
+    loop = EventLoop(clock)
+    timers = Timers(loop)
+    fired: list[str] = []
+    timers.call_later(7, 1.0, lambda: fired.append("first"))
+    timers.call_later(7, 2.0, lambda: fired.append("second"))
+    timers.call_later(8, 1.5, lambda: (timers.fired(8), fired.append("other")))
+    assert 7 in timers and 8 in timers
+    fired_after(loop, clock, 1.6)
+    assert fired == ["other"] and 8 not in timers
+    fired_after(loop, clock, 1.0)
+    assert fired == ["other", "second"]
+    loop.close()
+
+
+def test_timers_cancel_and_cancel_all() -> None:
+    clock = FakeClock()
+    loop = EventLoop(clock)
+    timers = Timers(loop)
+    fired: list[int] = []
+    for key in (1, 2, 3):
+        timers.call_at(key, clock.now + key, lambda key=key: fired.append(key))
+    timers.cancel(2)
+    timers.cancel(2)  # twice: nothing
+    assert 2 not in timers
+    fired_after(loop, clock, 1.5)
+    timers.cancel_all()
+    fired_after(loop, clock, 10)
+    assert fired == [1] and 3 not in timers
+    loop.close()
+
+
+# -- the intake, with a recording host -----------------------------------------------------
+
+
+@dataclass
+class FakeHost:
+    """An IntakeHost: records what the intake asks of its runner."""
+
+    unit: Unit
+    service: Service
+    log: RecordingLog = field(default_factory=RecordingLog)
+    starts: list[bool] = field(default_factory=list)
+    workers: list[tuple[int, list[PassedFd], dict[str, str], int | None]] = field(
+        default_factory=list
+    )
+    next_pid: int = 5000
+
+    def start(self, *, manual: bool = True) -> None:
+        self.starts.append(manual)
+
+    def start_worker(
+        self,
+        instance: int,
+        passed: Sequence[PassedFd],
+        *,
+        extra_env: Mapping[str, str] | None = None,
+        stdio_fd: int | None = None,
+    ) -> bool:
+        self.workers.append((instance, list(passed), dict(extra_env or {}), stdio_fd))
+        self.service.worker_started(instance, self.next_pid, 0.0)
+        self.next_pid += 1
+        return True
+
+
+@dataclass
+class Setup:
+    host: FakeHost
+    intake: Intake
+    loop: EventLoop
+    clock: FakeClock
+    store: FdStore
+    bound: BoundSocket
+
+    @property
+    def port(self) -> int:
+        port: int = self.bound.sock.getsockname()[1]
+        return port
+
+
+def setup_intake(service: str, sock_class: type[socket.socket] | None = None) -> Setup:
+    unit = make_unit("web", service)
+    clock = FakeClock()
+    loop = EventLoop(clock)
+    store = FdStore()
+    bound = bind_socket(
+        unit.sockets[0], base_dir=unit.base_dir, inherited=InheritedFds(frozenset())
+    )
+    if sock_class is not None:
+        bound = dataclasses.replace(bound, sock=sock_class(fileno=bound.sock.detach()))
+    store.add(unit_owner(unit.name), "http", bound)
+    host = FakeHost(unit, Service(unit.name, unit.service))
+    return Setup(host, Intake(host, loop, store, lambda: False), loop, clock, store, bound)
+
+
+@pytest.fixture
+def cleanup() -> Iterator[list[Setup]]:
+    setups: list[Setup] = []
+    yield setups
+    for setup in setups:
+        setup.store.close_all()
+        setup.loop.close()
+
+
+def test_on_demand_waits_for_traffic_then_has_the_service_started(cleanup: list[Setup]) -> None:
+    s = setup_intake("exec: [worker]\nactivation: on-demand")
+    cleanup.append(s)
+    s.intake.watch()
+    assert s.intake.watching and s.host.service.state is ServiceState.LISTENING
+    assert s.loop.has_reader(s.bound.fileno())
+    with socket.create_connection(("127.0.0.1", s.port)):
+        step(s.loop)
+    assert s.host.starts == [False]  # an automatic start: the start limit counts it
+    assert s.host.log.events("traffic") == [{"action": "started service"}]
+    s.intake.unwatch()  # the service takes the sockets over
+    assert not s.intake.watching and not s.loop.has_reader(s.bound.fileno())
+
+
+def test_an_eager_unit_is_never_watched(cleanup: list[Setup]) -> None:
+    s = setup_intake("exec: [worker]")
+    cleanup.append(s)
+    s.intake.watch()
+    assert not s.intake.watching and not s.loop.has_reader(s.bound.fileno())
+    assert s.host.service.state is ServiceState.INACTIVE
+
+
+def test_a_socket_added_while_watching_is_watched_too(cleanup: list[Setup]) -> None:
+    s = setup_intake("exec: [worker]\nactivation: on-demand")
+    cleanup.append(s)
+    a, b = socket.socketpair()
+    with a, b:
+        s.intake.socket_added(a.fileno())  # not watching yet: nothing
+        assert not s.loop.has_reader(a.fileno())
+        s.intake.watch()
+        s.intake.socket_added(a.fileno())
+        assert s.loop.has_reader(a.fileno())
+        s.intake.socket_removed(a.fileno())
+        assert not s.loop.has_reader(a.fileno())
+
+
+def test_accept_mode_one_worker_per_connection_with_its_peer(cleanup: list[Setup]) -> None:
+    s = setup_intake("exec: [worker]\naccept: true\nmax-connections: 2")
+    cleanup.append(s)
+    s.intake.start_accepting()
+    assert s.intake.accepting and not s.bound.sock.getblocking()
+    with socket.create_connection(("127.0.0.1", s.port)) as client:
+        step(s.loop)
+        ((instance, passed, env, stdio),) = s.host.workers
+        assert instance == 0 and [p.name for p in passed] == ["connection"]
+        assert env == {"REMOTE_ADDR": "127.0.0.1", "REMOTE_PORT": str(client.getsockname()[1])}
+        assert stdio is None  # inetd: false
+    assert s.host.service.connections == 1
+
+
+def test_inetd_passes_the_connection_as_stdio(cleanup: list[Setup]) -> None:
+    s = setup_intake("exec: [worker]\naccept: true\ninetd: true")
+    cleanup.append(s)
+    s.intake.start_accepting()
+    with socket.create_connection(("127.0.0.1", s.port)):
+        step(s.loop)
+    ((_instance, passed, _env, stdio),) = s.host.workers
+    assert stdio == passed[0].fd
+
+
+def test_at_max_connections_the_rest_wait_in_the_backlog(cleanup: list[Setup]) -> None:
+    s = setup_intake("exec: [worker]\naccept: true\nmax-connections: 1")
+    cleanup.append(s)
+    s.intake.start_accepting()
+    first = socket.create_connection(("127.0.0.1", s.port))
+    second = socket.create_connection(("127.0.0.1", s.port))
+    with first, second:
+        step(s.loop)
+        assert len(s.host.workers) == 1
+        assert not s.loop.has_reader(s.bound.fileno()), "paused: the second waits, not refused"
+        s.intake.worker_exited()  # the one worker is still there: stays paused
+        assert not s.loop.has_reader(s.bound.fileno())
+        s.host.service.workers.clear()  # its worker exited
+        s.intake.worker_exited()
+        assert s.loop.has_reader(s.bound.fileno())
+        step(s.loop)
+        assert len(s.host.workers) == 2
+
+
+class OutOfFds(socket.socket):
+    """A listening socket whose accept() fails as a process out of fds does."""
+
+    def accept(self) -> tuple[socket.socket, Any]:
+        raise OSError(errno.EMFILE, "Too many open files")
+
+
+def test_out_of_fds_pauses_and_tries_again_later(cleanup: list[Setup]) -> None:
+    s = setup_intake("exec: [worker]\naccept: true", OutOfFds)
+    cleanup.append(s)
+    s.intake.start_accepting()
+    with socket.create_connection(("127.0.0.1", s.port)):
+        step(s.loop)
+        assert [e["error"] for e in s.host.log.events("accept_failed")] == [
+            "[Errno 24] Too many open files"
+        ]
+        assert not s.loop.has_reader(s.bound.fileno()), "no spinning on the backlog"
+        fired_after(s.loop, s.clock, ACCEPT_RETRY_DELAY / 2)
+        assert not s.loop.has_reader(s.bound.fileno())
+        fired_after(s.loop, s.clock, ACCEPT_RETRY_DELAY)
+        assert s.loop.has_reader(s.bound.fileno())
+
+
+def test_a_stopped_service_does_not_accept_again_when_its_retry_falls_due(
+    cleanup: list[Setup],
+) -> None:
+    s = setup_intake("exec: [worker]\naccept: true", OutOfFds)
+    cleanup.append(s)
+    s.intake.start_accepting()
+    with socket.create_connection(("127.0.0.1", s.port)):
+        step(s.loop)
+        s.intake.suspend()  # service-stop, or a reload moving the socket
+        assert not s.intake.accepting
+        fired_after(s.loop, s.clock, ACCEPT_RETRY_DELAY * 2)
+        assert not s.loop.has_reader(s.bound.fileno())
+        assert s.host.workers == []
+
+
+def test_stop_accepting_leaves_connections_waiting(cleanup: list[Setup]) -> None:
+    s = setup_intake("exec: [worker]\naccept: true")
+    cleanup.append(s)
+    s.intake.start_accepting()
+    s.intake.stop_accepting()
+    assert not s.loop.has_reader(s.bound.fileno())
+    with socket.create_connection(("127.0.0.1", s.port)):
+        s.intake.start_accepting()
+        step(s.loop)
+    assert len(s.host.workers) == 1
