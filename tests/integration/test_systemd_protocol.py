@@ -38,12 +38,8 @@ from typing import Any
 import pytest
 
 from fdsupervisor.addresses import FdAddress, InetAddress, SocketAddress, UnixAddress
-from fdsupervisor.systemd import (
-    SystemdSockets,
-    adoptable,
-    scrub_environment,
-    stored_socket_mismatch,
-)
+from fdsupervisor.fdpassing import scrub_environment
+from fdsupervisor.systemd import SystemdSockets, adoptable, stored_socket_mismatch
 from fdsupervisor.units import SocketKind, SocketSpec
 
 ROOT = Path(__file__).resolve().parents[2]
