@@ -22,6 +22,8 @@ from typing import Any
 
 import pytest
 
+from fdsupervisor.spawn import native_spawn_available
+
 ROOT = Path(__file__).resolve().parent.parent
 REPORT_WORKER = str(ROOT / "tests" / "workers" / "report.py")
 # The spawn path the supervisor takes (FDSUPERVISOR_SPAWN in its environment,
@@ -29,6 +31,12 @@ REPORT_WORKER = str(ROOT / "tests" / "workers" / "report.py")
 # without a C compiler. Tests of the child's work run both.
 NATIVE_SPAWN = {"FDSUPERVISOR_SPAWN": "native"}
 FORK_SPAWN = {"FDSUPERVISOR_SPAWN": "fork"}
+SPAWN_PATHS = [
+    pytest.param(NATIVE_SPAWN, id="native", marks=pytest.mark.skipif(
+        not native_spawn_available(), reason="fdsupervisor._spawn is not built"
+    )),
+    pytest.param(FORK_SPAWN, id="fork"),
+]  # fmt: skip
 ECHO_WORKER = str(ROOT / "contrib" / "workers" / "echo.py")
 PYTHON = sys.executable
 

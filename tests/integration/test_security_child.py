@@ -31,8 +31,7 @@ from pathlib import Path
 import pytest
 
 from fdsupervisor.cgroups import cgroup2_mounts, cgroup_directory, own_cgroup
-from fdsupervisor.spawn import native_spawn_available
-from tests.conftest import FORK_SPAWN, NATIVE_SPAWN, SupervisorProcess
+from tests.conftest import SPAWN_PATHS, SupervisorProcess
 from tests.monitor_client import RawClient
 
 SYSTEM_PYTHON = "/usr/bin/python3"  # readable by nobody, needs nothing of ours
@@ -41,13 +40,6 @@ AS_ROOT_AND_NOBODY = pytest.mark.skipif(
     os.getuid() != 0 or not os.path.exists(SYSTEM_PYTHON),
     reason="needs root (to run a worker as nobody) and /usr/bin/python3",
 )
-
-SPAWN_PATHS = [
-    pytest.param(NATIVE_SPAWN, id="native", marks=pytest.mark.skipif(
-        not native_spawn_available(), reason="fdsupervisor._spawn is not built"
-    )),
-    pytest.param(FORK_SPAWN, id="fork"),
-]  # fmt: skip
 
 
 def writable_cgroup2() -> bool:

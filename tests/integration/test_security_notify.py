@@ -34,8 +34,7 @@ import pytest
 
 import tests.conftest
 from fdsupervisor.log import LOG_RATE_BURST, LOG_RATE_INTERVAL
-from fdsupervisor.spawn import native_spawn_available
-from tests.conftest import FORK_SPAWN, NATIVE_SPAWN, PYTHON, ROOT, SupervisorProcess
+from tests.conftest import PYTHON, ROOT, SPAWN_PATHS, SupervisorProcess
 from tests.monitor_client import RawClient
 
 SYSTEM_PYTHON = "/usr/bin/python3"
@@ -325,15 +324,6 @@ while True:
     conn.close()
     os.waitpid(child, 0)
 """
-
-# Both spawn paths, by the supervisor's FDSUPERVISOR_SPAWN (docs/workers.md): the C
-# extension's and the os.fork() one (Python in the child).
-SPAWN_PATHS = [
-    pytest.param(NATIVE_SPAWN, id="native", marks=pytest.mark.skipif(
-        not native_spawn_available(), reason="fdsupervisor._spawn is not built"
-    )),
-    pytest.param(FORK_SPAWN, id="python"),
-]  # fmt: skip
 
 
 def two_units(public_dir: Path) -> dict[str, str]:
