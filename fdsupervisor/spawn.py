@@ -276,7 +276,8 @@ def resolve_worker(
     """Everything a worker's plan needs from the system; SpawnError for a bad user or program.
 
     The output fds are opened last, so that a failure before leaves nothing
-    to close; without ``open_outputs`` they are left to the caller.
+    to close; without ``open_outputs`` they are left to the caller (only
+    supervisor.py's own call, until its runner calls :func:`prepare_worker`).
     """
     service = unit.service
     account = resolve_account(service.user, service.group)

@@ -334,6 +334,32 @@ def test_null_outputs_are_opened_for_the_plan() -> None:
     assert open_fds() == before
 
 
+class Warnings:
+    def __init__(self) -> None:
+        self.events: list[tuple[str, dict[str, object]]] = []
+
+    def warning(self, event: str, **fields: object) -> None:
+        self.events.append((event, fields))
+
+
+def test_journal_outputs_or_the_supervisors_own_without_journald() -> None:
+    log = Warnings()
+    before = open_fds()
+    result = prepare_worker(
+        unit(stdout="journal"), [HTTP], 0, SUPERVISOR_ENV, notify_socket=None, log=log
+    )
+    try:
+        if result.stdout_fd is None:  # no journald here: inherited, and said so
+            assert [event for event, _ in log.events] == ["journal_unavailable"]
+            assert log.events[0][1]["unit"] == "web"
+        else:
+            assert os.readlink(f"/proc/self/fd/{result.stdout_fd}").startswith("socket:")
+            assert log.events == []
+    finally:
+        result.close()
+    assert open_fds() == before
+
+
 def test_a_failed_preparation_leaves_no_fd_open() -> None:
     before = open_fds()
     with pytest.raises(SpawnError, match="not found in PATH"):
