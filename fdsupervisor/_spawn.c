@@ -48,7 +48,10 @@
 #include <sys/wait.h>
 #include <unistd.h>
 
-#define LISTEN_FDS_START 3 /* SD_LISTEN_FDS_START */
+/* SD_LISTEN_FDS_START: the same fact as fdpassing.LISTEN_FDS_START, which C
+ * cannot import. The module exports it, and tests/unit/test_fdpassing.py
+ * checks that the two agree. */
+#define LISTEN_FDS_START 3
 
 /* The 32-bit id variants where the plain ones take 16-bit ids (i386, arm). */
 #ifdef SYS_setresuid32
@@ -707,5 +710,13 @@ static struct PyModuleDef spawn_module = {
 PyMODINIT_FUNC
 PyInit__spawn(void)
 {
-    return PyModule_Create(&spawn_module);
+    PyObject *module = PyModule_Create(&spawn_module);
+    if (module == NULL) {
+        return NULL;
+    }
+    if (PyModule_AddIntConstant(module, "LISTEN_FDS_START", LISTEN_FDS_START) < 0) {
+        Py_DECREF(module);
+        return NULL;
+    }
+    return module;
 }

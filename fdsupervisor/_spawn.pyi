@@ -2,6 +2,8 @@
 
 from collections.abc import Sequence
 
+LISTEN_FDS_START: int  # the C define; fdpassing.LISTEN_FDS_START is the fact
+
 def spawn(
     executable: bytes,
     argv: Sequence[bytes],

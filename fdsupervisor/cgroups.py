@@ -248,8 +248,13 @@ class WorkerCgroups:
         self._by_pid[pid] = cgroup
 
     def discard(self, cgroup: WorkerCgroup) -> None:
-        """The spawn failed: the child (if any) is reaped, the cgroup goes."""
+        """The spawn failed: the child (if any) is reaped, the cgroup goes.
+
+        Killed first: a child that lived for a moment (its pidfd could not be
+        opened) may have forked in that moment.
+        """
         self._close_fd(cgroup)
+        _kill(cgroup.path)
         self._empty_then_remove(cgroup)
 
     def adopt(self, pid: int) -> None:

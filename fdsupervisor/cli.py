@@ -25,6 +25,7 @@ from . import __version__, ctl
 from .addresses import format_address
 from .binding import InheritedFds
 from .errors import BindError, ConfigErrors, FdSupervisorError
+from .fdpassing import LISTEN_FDS_START
 from .log import LOG_FORMATS, make_logger
 from .monitor import default_monitor_path
 from .supervisor import HANDLED_SIGNALS, Supervisor
@@ -449,7 +450,7 @@ def check(paths: Sequence[Path]) -> int:
         for index, spec in enumerate(unit.sockets):
             print(
                 f"  socket {spec.name}: {format_address(spec.address)} {spec.kind.value}"
-                f" (fd {3 + index} in workers)"
+                f" (fd {LISTEN_FDS_START + index} in workers)"
             )
     return 0
 

@@ -9,7 +9,6 @@ codes: 0 done, 1 the command failed, 2 no supervisor to talk to.
 from __future__ import annotations
 
 import argparse
-import array
 import json
 import os
 import socket
@@ -18,6 +17,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from .fdpassing import fds_from_ancillary, rights, rights_space
 from .monitor import default_monitor_path
 
 
@@ -65,9 +65,7 @@ class MonitorConnection:
         if fd is None:
             self.sock.sendall(data)
         else:
-            self.sock.sendmsg(
-                [data], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", [fd]))]
-            )
+            self.sock.sendmsg([data], [rights([fd])])
         while True:
             reply = self._read_message()
             if "return" in reply:
@@ -79,13 +77,9 @@ class MonitorConnection:
     def _read_message(self) -> dict[str, Any]:
         while b"\n" not in self.buffer:
             data, ancillary, _flags, _addr = self.sock.recvmsg(
-                65536, socket.CMSG_SPACE(16 * 4), socket.MSG_CMSG_CLOEXEC
+                65536, rights_space(16), socket.MSG_CMSG_CLOEXEC
             )
-            for level, kind, payload in ancillary:
-                if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
-                    fds = array.array("i")
-                    fds.frombytes(payload[: len(payload) - len(payload) % fds.itemsize])
-                    self.received_fds.extend(fds)
+            self.received_fds.extend(fds_from_ancillary(ancillary))
             if not data:
                 raise CtlError("the supervisor closed the monitor connection", 2)
             self.buffer += data

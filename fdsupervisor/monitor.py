@@ -23,7 +23,6 @@ up the fd table that the units, their workers and the other clients need.
 
 from __future__ import annotations
 
-import array
 import errno
 import os
 import resource
@@ -38,6 +37,7 @@ from typing import Any
 
 from .binding import remove_stale_socket_file
 from .errors import BindError, CommandError
+from .fdpassing import SCM_MAX_FD, fds_from_ancillary, rights, rights_space
 from .loop import ACCEPT_RETRY_DELAY, EventLoop
 from .qmp import Closed, Execute, QmpConnection, Send, error_line, event
 from .units import SocketKind
@@ -45,8 +45,8 @@ from .units import SocketKind
 # At most 64 clients at once (SPEC 5): each costs an fd and a buffer, and a
 # local monitor has a handful of clients; QEMU allows one per chardev.
 MAX_CLIENTS = 64
-# The kernel's SCM_MAX_FD: no sendmsg carries more than 253 fds.
-MAX_FDS_PER_MESSAGE = 253
+# No sendmsg carries more fds than the kernel's SCM_MAX_FD.
+MAX_FDS_PER_MESSAGE = SCM_MAX_FD
 # The fds one client may make the supervisor hold at once (unclaimed ones it
 # sent, duplicates waiting in unread fd-retrieve replies): one sendmsg's worth
 # (SCM_MAX_FD), what a client that claims its fds and reads its replies
@@ -194,13 +194,13 @@ class MonitorClient:
     def on_readable(self) -> None:
         try:
             data, ancillary, flags, _ = self.sock.recvmsg(
-                RECV_SIZE, socket.CMSG_SPACE(MAX_FDS_PER_MESSAGE * 4), socket.MSG_CMSG_CLOEXEC
+                RECV_SIZE, rights_space(MAX_FDS_PER_MESSAGE), socket.MSG_CMSG_CLOEXEC
             )
         except (BlockingIOError, InterruptedError):
             return
         except OSError:
             data, ancillary, flags = b"", [], 0
-        fds = _fds_from(ancillary)
+        fds = fds_from_ancillary(ancillary)
         if fds:
             self.lost_fds = None
             self._receive_fds(fds)
@@ -259,9 +259,7 @@ class MonitorClient:
                     data = b"".join(parts)
             try:
                 if fds:
-                    sent = self.sock.sendmsg(
-                        [data], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", fds))]
-                    )
+                    sent = self.sock.sendmsg([data], [rights(fds)])
                 else:
                     sent = self.sock.send(data)
             except (BlockingIOError, InterruptedError):
@@ -518,16 +516,6 @@ def _make_private_directories(directory: Path) -> None:
     for path in reversed(missing):
         path.mkdir(mode=0o700)
         path.chmod(0o700)  # mkdir's mode is masked by the umask
-
-
-def _fds_from(ancillary: list[tuple[int, int, bytes]]) -> list[int]:
-    fds: list[int] = []
-    for level, kind, data in ancillary:
-        if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
-            received = array.array("i")
-            received.frombytes(data[: len(data) - len(data) % received.itemsize])
-            fds.extend(received)
-    return fds
 
 
 def _remove_stale_socket(path: Path) -> None:

@@ -22,7 +22,6 @@ or any of the self-contained implementations of the protocol.
 
 from __future__ import annotations
 
-import array
 import contextlib
 import errno as _errno
 import os
@@ -36,11 +35,11 @@ from typing import Any, Final
 
 from fdsupervisor.binding import remove_stale_socket_file, unlink_if_same
 from fdsupervisor.errors import BindError
+from fdsupervisor.fdpassing import FDNAME_MAX, fdname_is_valid, fds_from_ancillary, rights_space
 from fdsupervisor.units import SocketKind
 
 __all__ = [
     "ERRNO_MAX",
-    "FDNAME_MAX",
     "NOTIFY_BIND_ATTEMPTS",
     "NOTIFY_BUFFER_MAX",
     "NOTIFY_FD_MAX",
@@ -50,7 +49,6 @@ __all__ = [
     "Datagram",
     "NotifyMessage",
     "NotifySocket",
-    "fdname_is_valid",
     "parse_notify",
 ]
 
@@ -103,21 +101,15 @@ NOTIFY_NAME_BITS: Final = 128
 #: can arrange; the retry is there so that even then the supervisor starts.
 NOTIFY_BIND_ATTEMPTS: Final = 8
 
-#: The longest ``FDNAME=`` (systemd's ``FDNAME_MAX``, ``fdname_is_valid()``).
-FDNAME_MAX: Final = 255
-
 #: The largest errno ``ERRNO=`` may carry (systemd's ``ERRNO_MAX``).
 ERRNO_MAX: Final = 4095
 
 # struct ucred: pid_t pid; uid_t uid; gid_t gid.
 _UCRED: Final = struct.Struct("iII")
-_INT_SIZE: Final = array.array("i").itemsize
 
 # The control buffer systemd's notify_recv_with_fds() uses, less the
 # SCM_PIDFD slot (SO_PASSPIDFD is not enabled here).
-_ANCILLARY_SIZE: Final = socket.CMSG_SPACE(_UCRED.size) + socket.CMSG_SPACE(
-    NOTIFY_FD_MAX * _INT_SIZE
-)
+_ANCILLARY_SIZE: Final = socket.CMSG_SPACE(_UCRED.size) + rights_space(NOTIFY_FD_MAX)
 
 _U64_MAX: Final = (1 << 64) - 1
 _INT_MIN: Final = -(1 << 31)
@@ -419,16 +411,6 @@ def _shown(value: bytes, limit: int = 64) -> str:
     """A value for a log line: quoted, escaped, cut to ``limit`` bytes."""
     text = repr(value[:limit].decode("utf-8", "backslashreplace"))
     return text + "..." if len(value) > limit else text
-
-
-def fdname_is_valid(name: bytes | str) -> bool:
-    """systemd's ``fdname_is_valid()``: up to 255 printable ASCII characters, no ``:``.
-
-    The empty name is valid (systemd allows it explicitly). ``:`` is refused
-    because it separates the names in ``LISTEN_FDNAMES``.
-    """
-    codes = name if isinstance(name, bytes) else [ord(c) for c in name]
-    return len(codes) <= FDNAME_MAX and all(0x20 <= c < 0x7F and c != 0x3A for c in codes)
 
 
 # -- numbers, as systemd's parse-util.c reads them ---------------------------
@@ -763,17 +745,15 @@ class NotifySocket:
     def _accept(
         self, data: bytes, ancillary: list[tuple[int, int, bytes]], msg_flags: int
     ) -> Datagram | None:
-        fds: list[int] = []
+        fds = fds_from_ancillary(ancillary)
         credentials: tuple[int, int, int] | None = None
         try:
             for level, kind, payload in ancillary:
-                if level != socket.SOL_SOCKET:
-                    continue
-                if kind == socket.SCM_RIGHTS:
-                    received = array.array("i")
-                    received.frombytes(payload[: len(payload) - len(payload) % _INT_SIZE])
-                    fds.extend(received)
-                elif kind == socket.SCM_CREDENTIALS and len(payload) == _UCRED.size:
+                if (
+                    level == socket.SOL_SOCKET
+                    and kind == socket.SCM_CREDENTIALS
+                    and len(payload) == _UCRED.size
+                ):
                     sender_pid, uid, gid = _UCRED.unpack(payload)
                     credentials = (sender_pid, uid, gid)
             pid = credentials[0] if credentials is not None else None

@@ -21,7 +21,6 @@ fds it keeps in the store under ``service:NAME`` for the unit's next workers.
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import math
 import os
 import signal
@@ -29,8 +28,6 @@ from collections.abc import Callable, Collection, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from functools import partial
 from typing import Any
-
-from systemd import journal
 
 from .activation import Intake
 from .addresses import check_name, timer_seconds
@@ -40,7 +37,7 @@ from .fdstore import Entry, FdStore, RawFd, service_owner, unit_owner
 from .loop import EventLoop, Timer
 from .notify import NotifyMessage
 from .service import ExitStatus, Failed, Restart, Service, ServiceState, Worker
-from .spawn import PassedFd, SpawnPlan, plan_worker, spawn
+from .spawn import PassedFd, prepare_worker, start_worker, worker_fds
 from .units import Activation, Unit
 from .upgrade import WorkerItem
 
@@ -262,7 +259,7 @@ class UnitRunner:
     # -- starting workers ------------------------------------------------------------
 
     def _spawn_instance(self, instance: int) -> None:
-        passed = self._passed_fds()
+        passed = worker_fds(self._store, self.unit)
         try:
             pid, pidfd = self._start_process(instance, passed)
         except SpawnError as exc:
@@ -316,15 +313,6 @@ class UnitRunner:
         elif isinstance(decision, Failed):
             self.fail(f"{decision.reason}: {exc}")
 
-    def _passed_fds(self) -> list[PassedFd]:
-        """The unit's sockets in declaration order, then sockets added at run time, then
-        the fds its workers stored (SPEC 4)."""
-        sockets = {e.name: e for e in self._store.owned_by(self.owner)}
-        ordered = [sockets.pop(n) for n in self.unit.socket_names if n in sockets]
-        ordered += sockets.values()
-        ordered += self._store.owned_by(service_owner(self.unit.name))
-        return [PassedFd(e.name, e.fd) for e in ordered]
-
     def _start_process(
         self,
         instance: int,
@@ -333,17 +321,42 @@ class UnitRunner:
         extra_env: Mapping[str, str] | None = None,
         stdio_fd: int | None = None,
     ) -> tuple[int, int]:
-        """Plan and spawn one worker: its pid and pidfd. Raises SpawnError or OSError."""
-        plan = plan_worker(
-            self.unit,
-            passed,
-            instance,
-            self._ctx.environ,
-            extra_env=extra_env,
-            stdio_fd=stdio_fd,
-            notify_socket=self._ctx.notify_address(),
-        )
-        return spawn_watched(self.unit, plan, instance, self._ctx.cgroups(), self.log)
+        """Plan and start one worker in its cgroup: its pid and pidfd. Raises SpawnError or OSError.
+
+        Not per connection in accept mode: a connection worker never holds the
+        listening sockets, and a fresh cgroup holds the loop some 0.4 ms per
+        start, half the accept rate (docs/security.md).
+        """
+        cgroups = self._ctx.cgroups()
+        cgroup = None
+        if cgroups is not None and not self.unit.service.accept:
+            try:
+                cgroup = cgroups.prepare(self.unit.name, instance)
+            except OSError as exc:  # as systemd's EXIT_CGROUP: the start fails
+                program = self.unit.service.exec[0]
+                raise SpawnError(
+                    f"cannot start {program!r}: cgroup: {exc.strerror}", exc.errno
+                ) from None
+        try:
+            plan = prepare_worker(
+                self.unit,
+                passed,
+                instance,
+                self._ctx.environ,
+                notify_socket=self._ctx.notify_address(),
+                extra_env=extra_env,
+                stdio_fd=stdio_fd,
+                cgroup_fd=cgroup.fd if cgroup is not None else None,
+                log=self.log,
+            )
+            started = start_worker(plan)
+        except BaseException:
+            if cgroup is not None and cgroups is not None:
+                cgroups.discard(cgroup)
+            raise
+        if cgroup is not None and cgroups is not None:
+            cgroups.started(started.pid, cgroup)
+        return started.pid, started.pidfd
 
     def _track(self, instance: int, pid: int, pidfd: int, fds: int) -> None:
         """A worker exists: watch its pidfd and tell everyone."""
@@ -590,80 +603,6 @@ def signal_group(
                 os.kill(pid, signum)
     except PermissionError as exc:
         log.warning("signal_failed", pid=pid, signal=signum, error=str(exc))
-
-
-def spawn_watched(
-    unit: Unit, plan: SpawnPlan, instance: int, cgroups: WorkerCgroups | None, log: Any
-) -> tuple[int, int]:
-    """Spawn, and open the pidfd that watches the worker; both or neither.
-
-    The unit's stdout: and stderr: null or journal targets are opened for
-    this worker and closed here once it has its own copies (files are
-    opened by the child itself, as the worker's user: see spawn.py). The
-    worker's cgroup (not in accept mode) is made before and joined by the
-    child. Out of fds, a worker we could not watch is killed and reaped at
-    once, and the start counts as failed (then retried) instead of
-    escaping the loop.
-    """
-    outputs: list[int] = []
-    cgroup = None
-    try:
-        stdout_fd = open_output(unit.name, unit.service.stdout, outputs, log)
-        stderr_fd = open_output(unit.name, unit.service.stderr, outputs, log)
-        if outputs:
-            plan = dataclasses.replace(plan, stdout_fd=stdout_fd, stderr_fd=stderr_fd)
-        # Not per connection in accept mode: a connection worker never holds
-        # the listening sockets, and a fresh cgroup holds the loop some 0.4 ms
-        # per start, half the accept rate (docs/security.md).
-        if cgroups is not None and not unit.service.accept:
-            try:
-                cgroup = cgroups.prepare(unit.name, instance)
-            except OSError as exc:  # as systemd's EXIT_CGROUP: the start fails
-                raise SpawnError(
-                    f"cannot start {plan.argv[0]!r}: cgroup: {exc.strerror}", exc.errno
-                ) from None
-            plan = dataclasses.replace(plan, cgroup_fd=cgroup.fd)
-        pid = spawn(plan)
-    except BaseException:
-        if cgroup is not None and cgroups is not None:
-            cgroups.discard(cgroup)
-        raise
-    finally:
-        for fd in outputs:
-            os.close(fd)
-    if cgroup is not None and cgroups is not None:
-        cgroups.started(pid, cgroup)
-    try:
-        return pid, os.pidfd_open(pid)
-    except OSError:
-        os.kill(pid, signal.SIGKILL)
-        os.waitpid(pid, 0)
-        if cgroups is not None:
-            cgroups.release(pid)
-        raise
-
-
-def open_output(unit_name: str, target: str, opened: list[int], log: Any) -> int | None:
-    """An fd for a worker's stdout or stderr: null or journal (None: not ours to open).
-
-    ``file:`` and ``append:`` are not opened here, as root, but by the
-    child after it became the worker's user (spawn.OutputFile): a worker
-    could otherwise point its file at any file of root's with a symlink.
-    """
-    if target == "inherit" or target.startswith(("file:", "append:")):
-        return None
-    if target == "journal":
-        try:
-            stream = journal.stream(unit_name)
-        except OSError as exc:  # no journald here: the supervisor's own output instead
-            log.warning("journal_unavailable", error=str(exc))
-            return None
-        fd = os.dup(stream.fileno())
-        stream.close()
-    else:
-        fd = os.open(os.devnull, os.O_WRONLY | os.O_CLOEXEC)
-    opened.append(fd)
-    return fd
 
 
 def find_sender(

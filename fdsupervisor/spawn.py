@@ -1,26 +1,40 @@
 """The spawn plan and the exec itself.
 
-Fifth step of the flow. :func:`plan_worker` is pure: from a unit, the fds
-its worker gets and the supervisor's environment it computes the argv, the
-environment and the fd layout (sockets at 3, 4, ... in declaration order,
-``LISTEN_FDS`` / ``LISTEN_FDNAMES``, ``{fd:NAME}`` and ``{instance}``
-substituted). :func:`spawn` starts a process that execs that plan.
+Fifth step of the flow, in the three stages of CPython's ``subprocess``,
+which decides all of the child's work before the fork:
 
-Neither ``subprocess`` nor ``os.posix_spawn`` fits: ``LISTEN_PID`` (and
+1. resolve (:func:`prepare_worker`, :func:`resolve_worker`): what the plan
+   needs from outside the unit. The user and groups through the user and
+   group databases (``pwd``, ``grp``), the program in the worker's ``PATH``,
+   the ``stdout:`` / ``stderr:`` targets the supervisor opens (``null``,
+   ``journal``), and the spawn path (``FDSUPERVISOR_SPAWN``). ``file:`` and
+   ``append:`` are not opened here: they travel as paths, for the child to
+   open as the worker (:class:`OutputFile`).
+2. plan (:func:`plan_worker`): pure. From the unit, the fds its worker gets
+   (:func:`worker_fds`, SPEC 4's order), the supervisor's environment and
+   what was resolved it computes argv, environment and fd layout (sockets at
+   3, 4, ... in declaration order, ``LISTEN_FDS`` / ``LISTEN_FDNAMES``,
+   ``{fd:NAME}`` and ``{instance}`` substituted): a whole :class:`SpawnPlan`.
+3. exec (:func:`start_worker`): one step that starts the plan and opens the
+   pidfd that watches the worker, both or neither.
+
+Neither ``subprocess`` nor ``os.posix_spawn`` fits the exec: ``LISTEN_PID`` (and
 ``WATCHDOG_PID``) must hold the worker's own pid, which is known only in the
 child, between fork and ``execve()`` (systemd sets it there too, in
 ``build_environment()``), and the passed fds must be renumbered to 3, 4, ...
 Two implementations do the same steps in the child (own session and so own
 process group, default signals, own cgroup, fds in place, working directory,
-credentials, stdout and stderr files, pid variables, exec):
+credentials, stdout and stderr, pid variables, exec):
 
 - ``fdsupervisor._spawn``, a C extension: ``clone(CLONE_VM | CLONE_VFORK)``
   as glibc's ``posix_spawn()`` does, no copy of the supervisor's memory and
   no Python in the child; an exec failure reaches the parent through the
-  memory they share. Used whenever it was built.
+  memory they share. Used whenever it was built, for every unit.
 - the pure-Python fallback: ``os.fork()``, the steps in Python, an exec
   failure reported through a close-on-exec pipe as CPython's
-  ``_posixsubprocess`` does. Used where no C compiler was at install time.
+  ``_posixsubprocess`` does. Used where no C compiler was at install time,
+  or where the supervisor's environment says ``FDSUPERVISOR_SPAWN=fork``
+  (docs/workers.md): the tests of the child's work run both paths.
 """
 
 from __future__ import annotations
@@ -33,8 +47,13 @@ import shutil
 import signal
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from typing import Any, Final
+
+from systemd import journal
 
 from .errors import SpawnError
+from .fdpassing import LISTEN_FDS_START, scrub_environment
+from .fdstore import FdStore, service_owner, unit_owner
 from .units import Unit, expand_placeholders
 
 try:
@@ -42,19 +61,14 @@ try:
 except ImportError:  # built without a C compiler: the os.fork() path
     _native = None  # type: ignore[assignment]
 
-LISTEN_FDS_START = 3  # SD_LISTEN_FDS_START
+SPAWN_PATH_ENV: Final = "FDSUPERVISOR_SPAWN"
+"""The supervisor's own switch of spawn path: ``native`` (the default) or ``fork``.
 
-# The supervisor's own protocol variables never reach a worker: they
-# describe the supervisor's parent, not the worker's (systemd unsets them
-# in sd_listen_fds(unset_environment=1) for the same reason).
-SUPERVISOR_ONLY_ENV = (
-    "LISTEN_FDS",
-    "LISTEN_PID",
-    "LISTEN_FDNAMES",
-    "NOTIFY_SOCKET",
-    "WATCHDOG_USEC",
-    "WATCHDOG_PID",
-)
+Read from the supervisor's environment as it was at start (the copy the
+supervisor keeps), never from a unit's ``environment:``. ``native`` where the
+extension was not built is the fork path, as without the variable.
+"""
+SPAWN_PATHS: Final = ("native", "fork")
 
 # Signals the supervisor catches or ignores; a worker starts with them at
 # their defaults, as a fresh process from a shell would.
@@ -110,7 +124,45 @@ def output_file(target: str) -> OutputFile | None:
 
 
 @dataclass(frozen=True, slots=True)
+class Account:
+    """A worker's ``user:`` and ``group:``, resolved: ids for the child, names for its environment.
+
+    None for an id keeps the supervisor's own.
+    """
+
+    uid: int | None = None
+    gid: int | None = None
+    groups: tuple[int, ...] | None = None
+    user_name: str | None = None  # USER, LOGNAME: the name the unit gave (as systemd keeps it)
+    home: str | None = None  # HOME
+
+
+SUPERVISORS_ACCOUNT: Final = Account()
+
+
+@dataclass(frozen=True, slots=True)
+class Resolved:
+    """What a plan needs from outside its unit, found before the plan is made.
+
+    Made by :func:`resolve_worker`; the plan made with it owns its output fds.
+    """
+
+    executable: str  # the program, found in the worker's PATH
+    account: Account = SUPERVISORS_ACCOUNT
+    stdout_fd: int | None = None  # the unit's stdout: / stderr: null or journal
+    stderr_fd: int | None = None
+    fork: bool = False  # FDSUPERVISOR_SPAWN=fork
+
+
+@dataclass(frozen=True, slots=True)
 class SpawnPlan:
+    """Everything the exec step does for one worker, decided before it starts.
+
+    A plan from :func:`prepare_worker` owns its ``stdout_fd`` and ``stderr_fd``:
+    it is started once, with :func:`start_worker`, which closes them (or
+    :meth:`close` for a plan that is never started).
+    """
+
     executable: str
     argv: tuple[str, ...]
     environment: tuple[tuple[str, str], ...]  # the *_PID variables are added in the child
@@ -128,6 +180,36 @@ class SpawnPlan:
     # Variables that must hold the worker's own pid, known only after fork():
     # LISTEN_PID always, WATCHDOG_PID with a watchdog (as systemd sets both).
     pid_variables: tuple[str, ...] = ("LISTEN_PID",)
+    fork: bool = False  # the os.fork() path even where the C extension is built
+
+    def close(self) -> None:
+        """Close the output fds this plan holds: for a plan that will not be started."""
+        _close_outputs(self)
+
+
+@dataclass(frozen=True, slots=True)
+class StartedWorker:
+    """A worker that runs: its pid, and the pidfd (the caller's to close) that tells its exit."""
+
+    pid: int
+    pidfd: int
+
+
+# --------------------------------------------------------------------------- fds
+
+
+def worker_fds(store: FdStore, unit: Unit) -> list[PassedFd]:
+    """The fds a worker of ``unit`` gets, in SPEC 4's order.
+
+    The unit's declared sockets in declaration order, then the sockets added
+    to it at run time (``socket-add``), then the fds its workers stored
+    (``FDSTORE=1``). Accept mode passes the connection instead.
+    """
+    sockets = {entry.name: entry for entry in store.owned_by(unit_owner(unit.name))}
+    ordered = [sockets.pop(name) for name in unit.socket_names if name in sockets]
+    ordered += sockets.values()
+    ordered += store.owned_by(service_owner(unit.name))
+    return [PassedFd(entry.name, entry.fd) for entry in ordered]
 
 
 def worker_fd_numbers(names: Sequence[str]) -> dict[str, int]:
@@ -135,29 +217,213 @@ def worker_fd_numbers(names: Sequence[str]) -> dict[str, int]:
     return {name: LISTEN_FDS_START + i for i, name in enumerate(names)}
 
 
-def base_environment(environ: Mapping[str, str], clear: bool) -> dict[str, str]:
-    if clear:
-        return {}
-    return {k: v for k, v in environ.items() if k not in SUPERVISOR_ONLY_ENV}
+# --------------------------------------------------------------------------- resolve
 
 
-def plan_worker(
+def prepare_worker(
     unit: Unit,
     passed: Sequence[PassedFd],
     instance: int,
     environ: Mapping[str, str],
+    *,
+    notify_socket: str | None,
     extra_env: Mapping[str, str] | None = None,
     stdio_fd: int | None = None,
-    notify_socket: str | None = None,
+    cgroup_fd: int | None = None,
+    log: Any = None,
 ) -> SpawnPlan:
-    """The whole spawn plan of one worker; raises SpawnError for a bad user or program.
+    """The whole spawn plan of one worker: resolved first, then planned.
 
-    With ``notify_socket``, the worker gets ``NOTIFY_SOCKET`` pointing at the
-    supervisor, and with a watchdog ``WATCHDOG_USEC`` and ``WATCHDOG_PID``.
+    ``environ`` is the supervisor's environment (as it was at start);
+    ``extra_env`` adds variables of this worker's own (accept mode's
+    ``REMOTE_ADDR``); ``stdio_fd`` is inetd's connection; ``cgroup_fd`` the
+    worker's cgroup, which the child joins first. ``log`` warns when the
+    journal is not there (the worker then writes to the supervisor's own
+    output). Raises :class:`SpawnError` for an unknown user or group, a
+    program that cannot be found or executed, or a bad ``FDSUPERVISOR_SPAWN``;
+    ``OSError`` when an output cannot be opened (out of fds: may pass). On a
+    raise nothing is left open.
+    """
+    resolved = resolve_worker(unit, passed, instance, environ, extra_env=extra_env, log=log)
+    try:
+        return plan_worker(
+            unit,
+            passed,
+            instance,
+            environ,
+            extra_env=extra_env,
+            stdio_fd=stdio_fd,
+            notify_socket=notify_socket,
+            resolved=resolved,
+            cgroup_fd=cgroup_fd,
+        )
+    except BaseException:
+        _close_outputs(resolved)
+        raise
+
+
+def resolve_worker(
+    unit: Unit,
+    passed: Sequence[PassedFd],
+    instance: int,
+    environ: Mapping[str, str],
+    *,
+    extra_env: Mapping[str, str] | None = None,
+    log: Any = None,
+) -> Resolved:
+    """Everything a worker's plan needs from the system; SpawnError for a bad user or program.
+
+    The output fds are opened last, so that a failure before leaves nothing
+    to close.
+    """
+    service = unit.service
+    account = resolve_account(service.user, service.group)
+    fork = fork_requested(environ)
+    program = worker_argv(unit, passed, instance)[0]
+    search_path = ""
+    if "/" not in program:
+        # Looked up in the worker's own PATH, which its unit may set, as a
+        # shell looks a command up in the environment it was given.
+        environment, _ = worker_environment(
+            unit, passed, instance, environ, account=account, extra_env=extra_env
+        )
+        search_path = environment.get("PATH", os.defpath)
+    executable = resolve_executable(program, search_path, service.working_directory)
+    stdout_fd = open_output(unit, service.stdout, log)
+    try:
+        stderr_fd = open_output(unit, service.stderr, log)
+    except BaseException:
+        if stdout_fd is not None:
+            os.close(stdout_fd)
+        raise
+    return Resolved(executable, account, stdout_fd, stderr_fd, fork)
+
+
+def fork_requested(environ: Mapping[str, str]) -> bool:
+    """Whether the supervisor's environment asks for the os.fork() path (``FDSUPERVISOR_SPAWN``)."""
+    value = environ.get(SPAWN_PATH_ENV) or "native"
+    if value not in SPAWN_PATHS:
+        raise SpawnError(
+            f"{SPAWN_PATH_ENV}={value!r} in the supervisor's environment: "
+            f"expected {' or '.join(SPAWN_PATHS)}"
+        )
+    return value == "fork"
+
+
+def resolve_account(user: str | None, group: str | None) -> Account:
+    """``user:`` and ``group:`` (names or numbers) → ids, from the user and group databases.
+
+    The user's own groups (``getgrouplist()``) are the worker's supplementary
+    groups, never the supervisor's; ``group:`` replaces the primary group.
+    """
+    account = SUPERVISORS_ACCOUNT
+    if user is not None:
+        try:
+            entry = pwd.getpwuid(int(user)) if user.isdecimal() else pwd.getpwnam(user)
+        except (KeyError, OverflowError):
+            raise SpawnError(f"unknown user {user!r}") from None
+        account = Account(
+            entry.pw_uid,
+            entry.pw_gid,
+            tuple(os.getgrouplist(entry.pw_name, entry.pw_gid)),
+            entry.pw_name,
+            entry.pw_dir,
+        )
+    if group is not None:
+        try:
+            gid = (
+                grp.getgrgid(int(group)).gr_gid if group.isdecimal() else grp.getgrnam(group).gr_gid
+            )
+        except (KeyError, OverflowError):
+            raise SpawnError(f"unknown group {group!r}") from None
+        groups = account.groups if account.groups is not None else (gid,)
+        account = Account(account.uid, gid, groups, account.user_name, account.home)
+    return account
+
+
+def resolve_executable(program: str, search_path: str, cwd: str | None) -> str:
+    """The file to exec for ``program``: itself when it holds a ``/``, else from ``search_path``.
+
+    A relative path with a ``/`` is taken from ``cwd``, the worker's working directory.
+    """
+    if "/" in program:
+        path = program if os.path.isabs(program) or cwd is None else os.path.join(cwd, program)
+        if not os.access(path, os.X_OK):
+            raise SpawnError(f"cannot execute {program!r}: not an executable file")
+        return path
+    found = shutil.which(program, path=search_path)
+    if found is None:
+        raise SpawnError(f"cannot execute {program!r}: not found in PATH={search_path}")
+    return found
+
+
+def open_output(unit: Unit, target: str, log: Any = None) -> int | None:
+    """An fd for a worker's stdout or stderr: ``null`` or ``journal`` (None: not ours to open).
+
+    ``file:`` and ``append:`` are not opened here, as root, but by the child
+    after it became the worker's user (:class:`OutputFile`): a worker could
+    otherwise point its file at any file of root's with a symlink. Where no
+    journald runs, ``journal`` is the supervisor's own output, with a warning.
+    """
+    if target == "inherit" or target.startswith(("file:", "append:")):
+        return None
+    if target == "journal":
+        try:
+            stream = journal.stream(unit.name)
+        except OSError as exc:  # no journald here: the supervisor's own output instead
+            if log is not None:
+                log.warning("journal_unavailable", unit=unit.name, error=str(exc))
+            return None
+        try:
+            return os.dup(stream.fileno())
+        finally:
+            stream.close()
+    return os.open(os.devnull, os.O_WRONLY | os.O_CLOEXEC)
+
+
+def _close_outputs(holder: Resolved | SpawnPlan) -> None:
+    for fd in (holder.stdout_fd, holder.stderr_fd):
+        if fd is not None:
+            os.close(fd)
+
+
+# --------------------------------------------------------------------------- plan
+
+
+def base_environment(environ: Mapping[str, str], clear: bool) -> dict[str, str]:
+    """What a worker inherits of the supervisor's environment: all but its protocol variables."""
+    if clear:
+        return {}
+    return scrub_environment(environ)
+
+
+def worker_argv(unit: Unit, passed: Sequence[PassedFd], instance: int) -> tuple[str, ...]:
+    """The unit's ``exec:``, with ``{fd:NAME}`` and ``{instance}`` substituted. Pure."""
+    numbers = worker_fd_numbers([p.name for p in passed])
+    return tuple(expand_placeholders(arg, numbers, instance) for arg in unit.service.exec)
+
+
+def worker_environment(
+    unit: Unit,
+    passed: Sequence[PassedFd],
+    instance: int,
+    environ: Mapping[str, str],
+    *,
+    account: Account = SUPERVISORS_ACCOUNT,
+    extra_env: Mapping[str, str] | None = None,
+    notify_socket: str | None = None,
+) -> tuple[dict[str, str], tuple[str, ...]]:
+    """A worker's environment, and the variables the child sets to its own pid. Pure.
+
+    The supervisor's environment less its protocol variables (or nothing,
+    with ``clear-environment``), the unit's ``environment:``, ``extra_env``,
+    then ``LISTEN_FDS`` / ``LISTEN_FDNAMES``. With ``notify_socket``, the worker
+    gets ``NOTIFY_SOCKET`` pointing at the supervisor, and with a watchdog
+    ``WATCHDOG_USEC`` and ``WATCHDOG_PID``. With a ``user:``, ``USER``,
+    ``LOGNAME`` and ``HOME`` are the user's (not in a cleared environment).
     """
     service = unit.service
     numbers = worker_fd_numbers([p.name for p in passed])
-    argv = tuple(expand_placeholders(arg, numbers, instance) for arg in service.exec)
     env = base_environment(environ, service.clear_environment)
     for key, value in service.environment:
         env[key] = expand_placeholders(value, numbers, instance)
@@ -171,64 +437,83 @@ def plan_worker(
         if service.watchdog and service.watchdog != float("inf"):
             env["WATCHDOG_USEC"] = str(round(service.watchdog * 1_000_000))
             pid_variables += ("WATCHDOG_PID",)
-    uid, gid, groups = _resolve_credentials(service.user, service.group)
-    if service.user is not None and not service.clear_environment:
-        entry = pwd.getpwuid(uid) if uid is not None else None
-        if entry is not None:
-            env.update(USER=entry.pw_name, LOGNAME=entry.pw_name, HOME=entry.pw_dir)
-    executable = _resolve_executable(
-        argv[0], env.get("PATH", os.defpath), service.working_directory
+    if account.user_name is not None and not service.clear_environment:
+        env.update(USER=account.user_name, LOGNAME=account.user_name, HOME=account.home or "")
+    return env, pid_variables
+
+
+def plan_worker(
+    unit: Unit,
+    passed: Sequence[PassedFd],
+    instance: int,
+    environ: Mapping[str, str],
+    extra_env: Mapping[str, str] | None = None,
+    stdio_fd: int | None = None,
+    notify_socket: str | None = None,
+    *,
+    resolved: Resolved,
+    cgroup_fd: int | None = None,
+) -> SpawnPlan:
+    """The whole spawn plan of one worker, from its unit and what was resolved for it. Pure.
+
+    :func:`worker_environment` says what the environment holds; the fds go
+    to 3, 4, ... in the order of ``passed``; ``file:`` / ``append:`` outputs
+    travel as paths. The plan owns ``resolved``'s output fds.
+    """
+    service = unit.service
+    account = resolved.account
+    env, pid_variables = worker_environment(
+        unit,
+        passed,
+        instance,
+        environ,
+        account=account,
+        extra_env=extra_env,
+        notify_socket=notify_socket,
     )
     return SpawnPlan(
-        executable=executable,
-        argv=argv,
+        executable=resolved.executable,
+        argv=worker_argv(unit, passed, instance),
         environment=tuple(env.items()),
         fds=tuple(p.fd for p in passed),
         working_directory=service.working_directory,
-        uid=uid,
-        gid=gid,
-        groups=groups,
+        uid=account.uid,
+        gid=account.gid,
+        groups=account.groups,
         stdio_fd=stdio_fd,
+        stdout_fd=resolved.stdout_fd,
+        stderr_fd=resolved.stderr_fd,
         stdout_file=output_file(service.stdout),
         stderr_file=output_file(service.stderr),
+        cgroup_fd=cgroup_fd,
         pid_variables=pid_variables,
+        fork=resolved.fork,
     )
 
 
-def _resolve_executable(program: str, search_path: str, cwd: str | None) -> str:
-    if "/" in program:
-        path = program if os.path.isabs(program) or cwd is None else os.path.join(cwd, program)
-        if not os.access(path, os.X_OK):
-            raise SpawnError(f"cannot execute {program!r}: not an executable file")
-        return path
-    found = shutil.which(program, path=search_path)
-    if found is None:
-        raise SpawnError(f"cannot execute {program!r}: not found in PATH={search_path}")
-    return found
+# --------------------------------------------------------------------------- exec
 
 
-def _resolve_credentials(
-    user: str | None, group: str | None
-) -> tuple[int | None, int | None, tuple[int, ...] | None]:
-    uid = gid = None
-    groups: tuple[int, ...] | None = None
-    if user is not None:
-        try:
-            entry = pwd.getpwuid(int(user)) if user.isdecimal() else pwd.getpwnam(user)
-        except (KeyError, OverflowError):
-            raise SpawnError(f"unknown user {user!r}") from None
-        uid, gid = entry.pw_uid, entry.pw_gid
-        groups = tuple(os.getgrouplist(entry.pw_name, entry.pw_gid))
-    if group is not None:
-        try:
-            gid = (
-                grp.getgrgid(int(group)).gr_gid if group.isdecimal() else grp.getgrnam(group).gr_gid
-            )
-        except (KeyError, OverflowError):
-            raise SpawnError(f"unknown group {group!r}") from None
-        if groups is None:
-            groups = (gid,)
-    return uid, gid, groups
+def start_worker(plan: SpawnPlan) -> StartedWorker:
+    """Start ``plan`` and open the pidfd that watches the worker: both or neither.
+
+    The plan's output fds are closed whatever happens (the worker has its
+    own copies). Raises :class:`SpawnError` as :func:`spawn` does; out of fds
+    for the pidfd, the worker we could not watch is killed and reaped at
+    once and the ``OSError`` raised, so that the start counts as failed
+    (then retried) instead of leaving a worker nobody watches.
+    """
+    try:
+        pid = spawn(plan)
+    finally:
+        plan.close()
+    try:
+        pidfd = os.pidfd_open(pid)
+    except OSError:
+        os.kill(pid, signal.SIGKILL)
+        os.waitpid(pid, 0)
+        raise
+    return StartedWorker(pid, pidfd)
 
 
 def spawn(plan: SpawnPlan) -> int:
@@ -237,13 +522,13 @@ def spawn(plan: SpawnPlan) -> int:
     Raises :class:`SpawnError` when the child failed before or at the exec
     (the message names the step and the reason); the child is reaped then.
     """
-    if _native is not None:
+    if _native is not None and not plan.fork:
         return _spawn_native(plan)
     return _spawn_python(plan)
 
 
 def native_spawn_available() -> bool:
-    """Whether the C extension was built, so that :func:`spawn` avoids ``os.fork()``."""
+    """Whether the C extension was built, so that :func:`spawn` can avoid ``os.fork()``."""
     return _native is not None
 
 

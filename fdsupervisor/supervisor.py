@@ -35,6 +35,7 @@ from .binding import BoundSocket, InheritedFds, adopt_socket, bind_socket, descr
 from .cgroups import WorkerCgroups
 from .commands import Commands, fd_event_data
 from .errors import BindError, ConfigErrors, FdSupervisorError
+from .fdpassing import scrub_environment
 from .fdstore import FdStore, RawFd, owner_unit, service_owner, unit_owner
 from .log import RateLimitedLog
 from .loop import EventLoop, Timer
@@ -43,7 +44,6 @@ from .notify import NotifySocket
 from .reload import ReloadPlan, SocketKey, plan_reload
 from .runner import RunnerContext, UnitRunner, find_sender, signal_group
 from .service import ExitStatus, Service, ServiceState
-from .spawn import SUPERVISOR_ONLY_ENV
 from .systemd import (
     SystemdNotifier,
     SystemdSockets,
@@ -635,7 +635,7 @@ class Supervisor:
         """The new program must at least load: run its ``check`` on our unit files."""
         command = [sys.executable, "-m", "fdsupervisor"]
         command += ["check", *map(str, self.unit_paths)] if self.unit_paths else ["--version"]
-        environ = {k: v for k, v in os.environ.items() if k not in SUPERVISOR_ONLY_ENV}
+        environ = scrub_environment(os.environ)
         try:
             result = subprocess.run(
                 command,

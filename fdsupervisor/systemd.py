@@ -1,7 +1,7 @@
 """Everything that talks to systemd about the supervisor itself, through systemd-python.
 
 The supervisor is a service of its own service manager (``contrib/systemd/``);
-this module is its side of that relation, in four parts:
+this module is its side of that relation, in three parts:
 
 - :class:`SystemdNotifier` sends sd_notify messages: ``READY=1``,
   ``RELOADING=1``, ``STOPPING=1``, ``STATUS=``, ``WATCHDOG=1``, and
@@ -16,8 +16,9 @@ this module is its side of that relation, in four parts:
   store as ``FDNAME=<unit>/<socket>`` (:func:`fd_store_name`), and
   :func:`adoptable` finds those again after a restart;
   :func:`stored_socket_mismatch` says whether one still fits its unit.
-- :func:`scrub_environment`: the supervisor's own protocol variables, which
-  describe the supervisor's parent and never reach a worker.
+
+The protocol's facts (the first passed fd, valid fd names, the variables that
+never reach a worker) are fdpassing.py's.
 
 Everything here but the sending and :func:`stored_socket_mismatch` is pure.
 The worker side of sd_notify (workers notifying *us*) is notify.py.
@@ -46,24 +47,12 @@ from .addresses import (
     UnixAddress,
     VsockAddress,
 )
+from .fdpassing import FDNAME_MAX, LISTEN_FDS_START, SCM_MAX_FD, fdname_is_valid
 from .matching import bound_unix_name, port_range, resolved_address, unix_name, vsock_matches
 from .units import SocketKind, SocketSpec
 
-SD_LISTEN_FDS_START: Final = 3
-"""``SD_LISTEN_FDS_START`` of ``<systemd/sd-daemon.h>``: the first passed fd."""
-
 UNKNOWN_FD_NAME: Final = "unknown"
 """The name ``sd_listen_fds_with_names()`` gives every fd when ``LISTEN_FDNAMES`` is unset."""
-
-FDNAME_MAX: Final = 255
-"""systemd's ``FDNAME_MAX``: ``fdname_is_valid()`` refuses longer names."""
-
-SCM_MAX_FD: Final = 253
-"""Linux's ``SCM_MAX_FD``: at most this many fds in one ``sendmsg()``.
-
-``sd_pid_notify_with_fds()`` fails with ``E2BIG`` above it, so
-:meth:`SystemdNotifier.store_fds` never puts more into one message.
-"""
 
 FD_STORE_SEPARATOR: Final = "/"
 """Between unit and socket in an fd store name: ``web/http``.
@@ -76,41 +65,12 @@ defaults to the socket unit's name, which cannot contain ``/``) never
 look like ours.
 """
 
-# The supervisor's protocol variables (systemd.exec(5), "Environment
-# Variables Set or Propagated by the Service Manager"). They describe what
-# systemd gave *this* process; a worker that saw them would act on fds and
-# sockets that are not its own (sd_listen_fds(unset_environment=1) and
-# sd_notify(unset_environment=1) drop them for the same reason).
-SUPERVISOR_ONLY_ENV: Final = (
-    "LISTEN_FDS",
-    "LISTEN_PID",
-    "LISTEN_FDNAMES",
-    "LISTEN_PIDFDID",  # systemd >= 257: the pidfd inode id that goes with LISTEN_PID
-    "NOTIFY_SOCKET",
-    "WATCHDOG_USEC",
-    "WATCHDOG_PID",
-    "FDSTORE",  # systemd >= 254: FileDescriptorStoreMax= of the service
-)
-
 # time-util.h: timestamp_is_set() is false for 0 and for USEC_INFINITY.
 _USEC_INFINITY: Final = 2**64 - 1
 _AF_VSOCK: Final = getattr(socket, "AF_VSOCK", -1)
 
 NotifySend = Callable[..., object]
 """How a message goes out: ``systemd.daemon.notify(status, unset_environment=False, pid=0, fds=None)``."""
-
-
-def fdname_is_valid(name: str) -> bool:
-    """systemd's ``fdname_is_valid()`` (src/basic/fd-util.c).
-
-    "We basically allow everything ASCII that's not a control character.
-    Also, as special exception the ':' character is not allowed, as we use
-    that as field separator in $LISTEN_FDNAMES." At most ``FDNAME_MAX``
-    characters; the empty name is valid. sd_notify(3) on ``FDNAME=``: "If a
-    submitted name does not follow these restrictions, it is ignored", so
-    we check before sending.
-    """
-    return len(name) <= FDNAME_MAX and all(" " <= c < "\x7f" and c != ":" for c in name)
 
 
 def _decimal(text: str | None) -> int | None:
@@ -170,7 +130,7 @@ class SystemdNotifier:
     out through systemd-python's ``daemon.notify()``, which (like C's
     ``sd_notify()``) reads ``NOTIFY_SOCKET`` from the *process*
     environment: keep it there (scrub copies for workers, with
-    :func:`scrub_environment`, never ``os.environ`` itself).
+    ``fdpassing.scrub_environment()``, never ``os.environ`` itself).
 
     No method raises: a failed send (the manager went away, a full socket
     buffer) returns False and keeps the error in :attr:`last_error`, as
@@ -283,7 +243,8 @@ class SystemdNotifier:
         """Keep duplicates of these fds in systemd's fd store, under their names.
 
         One ``FDSTORE=1`` + ``FDNAME=`` message per name, carrying every fd
-        of that name (at most :data:`SCM_MAX_FD` per message): sd_notify(3),
+        of that name (at most ``SCM_MAX_FD`` per message: above it
+        ``sd_pid_notify_with_fds()`` fails with ``E2BIG``): sd_notify(3),
         "if multiple file descriptors are submitted at once, the specified
         name will be assigned to all of them. In order to assign different
         names to submitted file descriptors, submit them in separate
@@ -296,8 +257,9 @@ class SystemdNotifier:
         No ``FDPOLL=0``: the manager drops an fd on ``EPOLLHUP`` /
         ``EPOLLERR``, which a listening or unconnected socket never reports.
 
-        Raises :class:`ValueError` for a name :func:`fdname_is_valid`
-        refuses (see :func:`fd_store_name`). Returns True if every message
+        Raises :class:`ValueError` for a name ``fdname_is_valid()``
+        refuses (see :func:`fd_store_name`); we check before sending, since
+        systemd ignores an invalid name (sd_notify(3)). Returns True if every message
         went out.
         """
         by_name: dict[str, list[int]] = {}
@@ -375,7 +337,7 @@ class SystemdSockets:
         """Read ``LISTEN_PID`` / ``LISTEN_FDS`` / ``LISTEN_FDNAMES`` as sd_listen_fds(3) does.
 
         ``sd_listen_fds()``: nothing unless ``LISTEN_PID`` is ``pid`` ("Is
-        this for us?"); ``LISTEN_FDS`` fds from ``SD_LISTEN_FDS_START`` on.
+        this for us?"); ``LISTEN_FDS`` fds from ``SD_LISTEN_FDS_START`` (3) on.
         ``sd_listen_fds_with_names()``: names split at ``:`` without
         coalescing empty ones; all ``unknown`` when ``LISTEN_FDNAMES`` is
         unset. Where systemd answers -EINVAL (a malformed count, or a name
@@ -394,9 +356,9 @@ class SystemdSockets:
         if count_text is None:
             return cls()
         count = _decimal(count_text)
-        if count is None or count == 0 or count > 2**31 - 1 - SD_LISTEN_FDS_START:
+        if count is None or count == 0 or count > 2**31 - 1 - LISTEN_FDS_START:
             return cls(problem=f"LISTEN_FDS={count_text!r} is not a positive number; ignored")
-        numbers = list(range(SD_LISTEN_FDS_START, SD_LISTEN_FDS_START + count))
+        numbers = list(range(LISTEN_FDS_START, LISTEN_FDS_START + count))
         names_text = environ.get("LISTEN_FDNAMES")
         if names_text is None:
             return cls(numbers, [UNKNOWN_FD_NAME] * count)
@@ -430,11 +392,6 @@ class SystemdSockets:
             if number in wanted:
                 seen.setdefault(name, None)
         return list(seen)
-
-
-def scrub_environment(environ: Mapping[str, str]) -> dict[str, str]:
-    """A copy of ``environ`` without :data:`SUPERVISOR_ONLY_ENV` (for workers)."""
-    return {key: value for key, value in environ.items() if key not in SUPERVISOR_ONLY_ENV}
 
 
 # --------------------------------------------------------------------------- fd store names

@@ -22,12 +22,21 @@ from typing import Any
 
 import pytest
 
+from fdsupervisor.spawn import native_spawn_available
+
 ROOT = Path(__file__).resolve().parent.parent
 REPORT_WORKER = str(ROOT / "tests" / "workers" / "report.py")
-# How to run the supervisor: as installed, or with the os.fork() spawn path
-# (where the C extension was not built); tests of the child's work run both.
-NATIVE_SPAWN = ("-m", "fdsupervisor")
-FORK_SPAWN = (str(ROOT / "tests" / "workers" / "fork_spawn_supervisor.py"),)
+# The spawn path the supervisor takes (FDSUPERVISOR_SPAWN in its environment,
+# docs/workers.md): the C extension, or the os.fork() fallback of installs
+# without a C compiler. Tests of the child's work run both.
+NATIVE_SPAWN = {"FDSUPERVISOR_SPAWN": "native"}
+FORK_SPAWN = {"FDSUPERVISOR_SPAWN": "fork"}
+SPAWN_PATHS = [
+    pytest.param(NATIVE_SPAWN, id="native", marks=pytest.mark.skipif(
+        not native_spawn_available(), reason="fdsupervisor._spawn is not built"
+    )),
+    pytest.param(FORK_SPAWN, id="fork"),
+]  # fmt: skip
 ECHO_WORKER = str(ROOT / "contrib" / "workers" / "echo.py")
 PYTHON = sys.executable
 
@@ -81,7 +90,6 @@ class SupervisorProcess:
         cwd: Path,
         pass_fds: tuple[int, ...] = (),
         env: dict[str, str] | None = None,
-        program: tuple[str, ...] = NATIVE_SPAWN,
     ) -> None:
         self.events: list[dict[str, Any]] = []
         self.output: list[str] = []
@@ -89,7 +97,7 @@ class SupervisorProcess:
         # The package is the installed one (pip install -e): no PYTHONPATH of ours.
         full_env = dict(os.environ, **(env or {}))
         self.proc = subprocess.Popen(
-            [PYTHON, *program, "run", "--log-format", "json", *args],
+            [PYTHON, "-m", "fdsupervisor", "run", "--log-format", "json", *args],
             cwd=cwd,
             stdin=subprocess.DEVNULL,
             stdout=subprocess.PIPE,

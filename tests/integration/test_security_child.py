@@ -2,7 +2,7 @@
 
 Both defences live between fork and exec, so every test runs the supervisor
 with each spawn path: the C extension (``NATIVE_SPAWN``) and the os.fork()
-fallback (``FORK_SPAWN``).
+fallback (``FORK_SPAWN``), chosen by ``FDSUPERVISOR_SPAWN`` in its environment.
 
 - A worker's ``stdout: append:PATH`` is opened by the child once it is the
   worker's user: a worker that swaps its log file for a symlink to a
@@ -31,7 +31,7 @@ from pathlib import Path
 import pytest
 
 from fdsupervisor.cgroups import cgroup2_mounts, cgroup_directory, own_cgroup
-from tests.conftest import FORK_SPAWN, NATIVE_SPAWN, SupervisorProcess
+from tests.conftest import SPAWN_PATHS, SupervisorProcess
 from tests.monitor_client import RawClient
 
 SYSTEM_PYTHON = "/usr/bin/python3"  # readable by nobody, needs nothing of ours
@@ -40,11 +40,6 @@ AS_ROOT_AND_NOBODY = pytest.mark.skipif(
     os.getuid() != 0 or not os.path.exists(SYSTEM_PYTHON),
     reason="needs root (to run a worker as nobody) and /usr/bin/python3",
 )
-
-SPAWN_PATHS = [
-    pytest.param(NATIVE_SPAWN, id="native"),
-    pytest.param(FORK_SPAWN, id="fork"),
-]
 
 
 def writable_cgroup2() -> bool:
@@ -84,10 +79,10 @@ sys.exit(1)
 
 
 @AS_ROOT_AND_NOBODY
-@pytest.mark.parametrize("program", SPAWN_PATHS)
+@pytest.mark.parametrize("spawn_env", SPAWN_PATHS)
 @pytest.mark.parametrize("kind", ["append", "file"])
 def test_a_worker_cannot_make_root_open_a_file_as_its_output(
-    supervisor, program: tuple[str, ...], kind: str
+    supervisor, spawn_env: dict[str, str], kind: str
 ) -> None:
     nobody = pwd.getpwnam("nobody")
     with world_traversable_dir() as directory:
@@ -108,7 +103,7 @@ def test_a_worker_cannot_make_root_open_a_file_as_its_output(
               restart: always
               restart-delay: 0
             """
-        sup = supervisor({"web": unit}, program=program)
+        sup = supervisor({"web": unit}, env=spawn_env)
         first = sup.wait_for("worker_exited")
         assert first["status"] == "code 1"
         assert log.is_symlink(), "the worker did not swap its log: no attack was mounted"
@@ -121,9 +116,9 @@ def test_a_worker_cannot_make_root_open_a_file_as_its_output(
 
 
 @AS_ROOT_AND_NOBODY
-@pytest.mark.parametrize("program", SPAWN_PATHS)
+@pytest.mark.parametrize("spawn_env", SPAWN_PATHS)
 def test_output_files_are_created_by_the_worker_and_shared_by_stdout_and_stderr(
-    supervisor, program: tuple[str, ...]
+    supervisor, spawn_env: dict[str, str]
 ) -> None:
     nobody = pwd.getpwnam("nobody")
     worker = "import sys; print('out', flush=True); print('err', file=sys.stderr, flush=True)"
@@ -141,7 +136,7 @@ def test_output_files_are_created_by_the_worker_and_shared_by_stdout_and_stderr(
               stdout: "file:{log}"
               stderr: "file:{log}"
             """
-        sup = supervisor({"web": unit}, program=program)
+        sup = supervisor({"web": unit}, env=spawn_env)
         assert sup.wait_for("worker_exited")["status"] == "code 0"
         assert log.stat().st_uid == nobody.pw_uid, "created by root, not by the worker"
         # One open file for both (as systemd does): two would each write at offset 0.
@@ -240,11 +235,11 @@ def see_the_daemon_answer(port: int, daemon: int) -> None:
 
 @pytest.mark.skipif(not writable_cgroup2(), reason="needs a writable cgroup v2 hierarchy")
 @pytest.mark.skipif(not os.path.exists(SYSTEM_PYTHON), reason="needs /usr/bin/python3")
-@pytest.mark.parametrize("program", SPAWN_PATHS)
+@pytest.mark.parametrize("spawn_env", SPAWN_PATHS)
 def test_an_escaped_daemon_is_stopped_with_its_worker(
-    supervisor, tmp_path: Path, program: tuple[str, ...]
+    supervisor, tmp_path: Path, spawn_env: dict[str, str]
 ) -> None:
-    sup = supervisor({"web": escaping_unit(tmp_path)}, program=program)
+    sup = supervisor({"web": escaping_unit(tmp_path)}, env=spawn_env)
     with watched_daemon(sup) as (daemon, pidfd):  # first: killed even if the test fails
         enabled = sup.wait_for("cgroups_enabled")
         port = sup.port("http")
@@ -283,14 +278,14 @@ def test_cgroups_are_found_again_after_an_upgrade(supervisor, tmp_path: Path) ->
 
 
 @pytest.mark.skipif(not os.path.exists(SYSTEM_PYTHON), reason="needs /usr/bin/python3")
-@pytest.mark.parametrize("program", SPAWN_PATHS)
+@pytest.mark.parametrize("spawn_env", SPAWN_PATHS)
 def test_without_cgroups_an_escaped_daemon_is_named(
-    supervisor, tmp_path: Path, program: tuple[str, ...]
+    supervisor, tmp_path: Path, spawn_env: dict[str, str]
 ) -> None:
     sup = supervisor(
         {"web": escaping_unit(tmp_path)},
         args=["--no-cgroups", str(tmp_path / "units")],
-        program=program,
+        env=spawn_env,
     )
     with watched_daemon(sup) as (daemon, pidfd):
         sup.wait_for("cgroups_disabled")

@@ -34,7 +34,7 @@ import pytest
 
 import tests.conftest
 from fdsupervisor.log import LOG_RATE_BURST, LOG_RATE_INTERVAL
-from tests.conftest import PYTHON, ROOT, SupervisorProcess
+from tests.conftest import PYTHON, ROOT, SPAWN_PATHS, SupervisorProcess
 from tests.monitor_client import RawClient
 
 SYSTEM_PYTHON = "/usr/bin/python3"
@@ -325,15 +325,8 @@ while True:
     os.waitpid(child, 0)
 """
 
-# stdout: null makes the supervisor spawn with os.fork() (the Python path: the
-# native one does not redirect output), the default with the C extension.
-SPAWN_PATHS = [
-    pytest.param("", id="native"),
-    pytest.param("  stdout: null\n", id="python"),
-]
 
-
-def two_units(public_dir: Path, extra: str) -> dict[str, str]:
+def two_units(public_dir: Path) -> dict[str, str]:
     script = public_dir / "a_worker.py"
     script.write_text(A_WORKER)
     script.chmod(0o644)
@@ -355,7 +348,7 @@ def two_units(public_dir: Path, extra: str) -> dict[str, str]:
           notify: true
           fd-store-max: 4
         """)
-    return {"a": a + extra, "b": b + extra}
+    return {"a": a, "b": b}
 
 
 @contextmanager
@@ -373,11 +366,11 @@ def started(sup: SupervisorProcess) -> tuple[int, int]:
     return a, b
 
 
-@pytest.mark.parametrize("extra", SPAWN_PATHS)
+@pytest.mark.parametrize("spawn_env", SPAWN_PATHS)
 def test_a_child_of_one_worker_cannot_speak_for_another(
-    supervisor, public_dir: Path, extra: str
+    supervisor, public_dir: Path, spawn_env: dict[str, str]
 ) -> None:
-    sup = supervisor(two_units(public_dir, extra))
+    sup = supervisor(two_units(public_dir), env=spawn_env)
     a_pid, b_pid = started(sup)
     mark = sup.mark()
     with asking_a(sup, f"attack {b_pid}") as answer:
@@ -393,11 +386,11 @@ def test_a_child_of_one_worker_cannot_speak_for_another(
     assert sup.wait_for("fd_store_full", after=mark)["unit"] == "a"  # a's fd-store-max: 0
 
 
-@pytest.mark.parametrize("extra", SPAWN_PATHS)
+@pytest.mark.parametrize("spawn_env", SPAWN_PATHS)
 def test_a_grandchild_in_the_workers_own_group_speaks_for_it(
-    supervisor, public_dir: Path, extra: str
+    supervisor, public_dir: Path, spawn_env: dict[str, str]
 ) -> None:
-    sup = supervisor(two_units(public_dir, extra))
+    sup = supervisor(two_units(public_dir), env=spawn_env)
     a_pid, _b_pid = started(sup)
     mark = sup.mark()
     with asking_a(sup, "legit") as answer:

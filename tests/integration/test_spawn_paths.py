@@ -13,14 +13,17 @@ takes on each path.
 from __future__ import annotations
 
 import ctypes
+import errno
 import grp
 import os
 import pwd
+import select
 import shutil
 import signal
 import socket
 import sys
 import tempfile
+import textwrap
 import time
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
@@ -29,19 +32,25 @@ from types import FrameType
 from typing import Any
 
 import pytest
+from systemd import journal
 
 from fdsupervisor import spawn as spawn_module
 from fdsupervisor.cgroups import cgroup2_mounts, cgroup_directory, own_cgroup
 from fdsupervisor.errors import SpawnError
 from fdsupervisor.spawn import (
     RESET_SIGNALS,
+    SPAWN_PATH_ENV,
     OutputFile,
+    PassedFd,
     SpawnPlan,
     _spawn_native,
     _spawn_python,
     native_spawn_available,
+    prepare_worker,
     spawn,
+    start_worker,
 )
+from fdsupervisor.units import Unit, load_unit_text
 from tests.conftest import open_fds
 
 Spawn = Callable[[SpawnPlan], int]
@@ -615,6 +624,138 @@ def test_output_files_and_fds_take_the_extension_too(
         os.close(null)
     assert calls == ["native"]
     assert (tmp_path / "out.log").read_text() == "out\n"
+
+
+def recorded_paths(monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    """The spawn paths taken from now on, by name, in order."""
+    calls: list[str] = []
+    monkeypatch.setattr(spawn_module, "_spawn_native", _recording(calls, "native", _spawn_native))
+    monkeypatch.setattr(spawn_module, "_spawn_python", _recording(calls, "python", _spawn_python))
+    return calls
+
+
+def unit_from(tmp_path: Path, service: str) -> Unit:
+    text = f"""
+sockets:
+  http: {{listen: "127.0.0.1:0"}}
+service:
+{textwrap.indent(textwrap.dedent(service).strip(), "  ")}
+"""
+    return load_unit_text(text, tmp_path / "web.yaml", tmp_path)
+
+
+def journald_runs() -> bool:
+    try:
+        journal.stream("fdsupervisor-test").close()
+    except OSError:
+        return False
+    return True
+
+
+WRITE_BOTH = "echo to-out; echo to-err >&2"
+
+
+@pytest.mark.skipif(not native_spawn_available(), reason="fdsupervisor._spawn is not built")
+@pytest.mark.parametrize(
+    "outputs",
+    [
+        "stdout: null\nstderr: null",
+        pytest.param(
+            "stdout: journal\nstderr: journal",
+            marks=pytest.mark.skipif(not journald_runs(), reason="no journald here"),
+        ),
+        "stdout: file:{tmp}/out.log\nstderr: append:{tmp}/err.log",
+    ],
+    ids=["null", "journal", "file"],
+)
+def test_a_unit_with_outputs_takes_the_native_path(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path, outputs: str
+) -> None:
+    """Every stdout: / stderr: target is redirected by the C extension: none needs os.fork()."""
+    calls = recorded_paths(monkeypatch)
+    unit = unit_from(
+        tmp_path,
+        f"exec: [{SH}, -c, {WRITE_BOTH!r}]\n" + outputs.format(tmp=tmp_path),
+    )
+    fds_before = open_fds()
+    plan = prepare_worker(unit, [], 0, {"PATH": os.defpath}, notify_socket=None)
+    started = start_worker(plan)
+    try:
+        assert os.waitpid(started.pid, 0)[1] == 0
+    finally:
+        os.close(started.pidfd)
+    assert calls == ["native"]
+    assert open_fds() == fds_before, "the output fds of the plan were not closed"
+    if "file:" in outputs:
+        assert (tmp_path / "out.log").read_text() == "to-out\n"
+        assert (tmp_path / "err.log").read_text() == "to-err\n"
+
+
+def test_the_fork_path_on_request(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    """FDSUPERVISOR_SPAWN=fork in the supervisor's environment: os.fork(), built or not."""
+    calls = recorded_paths(monkeypatch)
+    unit = unit_from(tmp_path, f"exec: [{SH}, -c, {WRITE_BOTH!r}]\nstdout: null")
+    environ = {"PATH": os.defpath, SPAWN_PATH_ENV: "fork"}
+    started = start_worker(prepare_worker(unit, [], 0, environ, notify_socket=None))
+    try:
+        assert os.waitpid(started.pid, 0)[1] == 0
+    finally:
+        os.close(started.pidfd)
+    assert calls == ["python"]
+
+
+def test_a_started_worker_is_watched_by_its_pidfd(spawn_with: Spawn, tmp_path: Path) -> None:
+    unit = unit_from(tmp_path, f"exec: [{SLEEP}, '60']\nstdout: null")
+    environ = {"PATH": os.defpath}
+    if spawn_with is _spawn_python:
+        environ[SPAWN_PATH_ENV] = "fork"
+    with socket_pair() as (a, _):
+        fds_before = open_fds()
+        plan = prepare_worker(unit, [PassedFd("http", a.fileno())], 0, environ, notify_socket=None)
+        assert plan.stdout_fd is not None
+        started = start_worker(plan)
+        try:
+            wait_until_asleep(started.pid)
+            assert os.readlink(f"/proc/{started.pid}/fd/1") == os.devnull
+            assert same_file(started.pid, 3, a.fileno())
+            # the output fd is closed (the worker has its own copy); the pidfd is new
+            assert open_fds() == sorted([*fds_before, started.pidfd])
+            assert not os.get_inheritable(started.pidfd)
+            os.kill(started.pid, signal.SIGKILL)
+            # the pidfd turns readable when the worker exits: what the loop waits for
+            assert select.select([started.pidfd], [], [], 10)[0] == [started.pidfd]
+        finally:
+            os.close(started.pidfd)
+            os.waitpid(started.pid, 0)
+
+
+def test_no_pidfd_means_no_worker(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    """Out of fds for the pidfd: the worker we could not watch is killed and reaped at once."""
+
+    def no_pidfd(pid: int, flags: int = 0) -> int:
+        raise OSError(errno.EMFILE, os.strerror(errno.EMFILE))
+
+    unit = unit_from(tmp_path, f"exec: [{SLEEP}, '60']\nstdout: null\nstderr: null")
+    fds_before, children_before = open_fds(), children_of(os.getpid())
+    plan = prepare_worker(unit, [], 0, {"PATH": os.defpath}, notify_socket=None)
+    monkeypatch.setattr(os, "pidfd_open", no_pidfd)
+    with pytest.raises(OSError, match="Too many open files"):
+        start_worker(plan)
+    assert children_of(os.getpid()) == children_before  # not even a zombie
+    assert open_fds() == fds_before
+
+
+def children_of(pid: int) -> list[int]:
+    found = []
+    for entry in os.listdir("/proc"):
+        if entry.isdecimal():
+            try:
+                stat = Path(f"/proc/{entry}/stat").read_text()
+            except OSError:
+                continue
+            if int(stat.rsplit(")", 1)[1].split()[1]) == pid:
+                found.append(int(entry))
+    return found
 
 
 def test_spawn_falls_back_to_fork_without_the_extension(monkeypatch: pytest.MonkeyPatch) -> None:

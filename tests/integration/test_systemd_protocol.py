@@ -37,12 +37,8 @@ from typing import Any
 import pytest
 
 from fdsupervisor.addresses import FdAddress, InetAddress, SocketAddress, UnixAddress
-from fdsupervisor.systemd import (
-    SystemdSockets,
-    adoptable,
-    scrub_environment,
-    stored_socket_mismatch,
-)
+from fdsupervisor.fdpassing import scrub_environment
+from fdsupervisor.systemd import SystemdSockets, adoptable, stored_socket_mismatch
 from fdsupervisor.units import SocketKind, SocketSpec
 from tests.conftest import PYTHON, ROOT, fdsupervisor_command
 

@@ -17,7 +17,7 @@ from typing import Any
 
 import pytest
 
-from tests.conftest import PYTHON, REPORT_WORKER, open_fds, report_from
+from tests.conftest import PYTHON, REPORT_WORKER, SPAWN_PATHS, open_fds, report_from
 from tests.integration.test_reload import free_port, steady_clients, unit_text
 from tests.monitor_client import RawClient
 
@@ -334,11 +334,14 @@ def blocked_signals(pid: int) -> int:
     raise AssertionError("no SigBlk")
 
 
-def test_workers_started_while_signals_are_blocked_get_an_empty_mask(supervisor) -> None:
-    # inherit: the native spawn (clone in C); null: the os.fork() path
-    units = {"native": pending_restart_unit(free_port(), "inherit")}
-    units["forked"] = pending_restart_unit(free_port(), "null")
-    sup = supervisor(units)
+@pytest.mark.parametrize("spawn_env", SPAWN_PATHS)
+def test_workers_started_while_signals_are_blocked_get_an_empty_mask(
+    supervisor, spawn_env: dict[str, str]
+) -> None:
+    # each spawn path empties the mask in the child: the C one (clone) and os.fork()'s
+    units = {"inherits": pending_restart_unit(free_port(), "inherit")}
+    units["quiet"] = pending_restart_unit(free_port(), "null")
+    sup = supervisor(units, env=spawn_env)
     for name in units:
         pid = sup.wait_for("worker_started", unit=name)["pid"]
         os.kill(pid, signal.SIGKILL)

@@ -9,13 +9,8 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from fdsupervisor.notify import (
-    ERRNO_MAX,
-    FDNAME_MAX,
-    NotifyMessage,
-    fdname_is_valid,
-    parse_notify,
-)
+from fdsupervisor.fdpassing import FDNAME_MAX, fdname_is_valid
+from fdsupervisor.notify import ERRNO_MAX, NotifyMessage, parse_notify
 
 DEFAULT = NotifyMessage()
 

@@ -1,4 +1,9 @@
-"""The spawn plan: argv, environment, fd layout and credentials of a worker, without a process."""
+"""The spawn plan: argv, environment, fd layout and credentials of a worker, without a process.
+
+Resolving (the user database, the program in PATH, the output fds) is
+:func:`prepare_worker`'s; :func:`plan_worker` is pure and tested with what
+was resolved given as plain values.
+"""
 
 from __future__ import annotations
 
@@ -11,17 +16,24 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from fdsupervisor.errors import SpawnError
+from fdsupervisor.fdpassing import LISTEN_FDS_START, SUPERVISOR_ONLY_ENV
+from fdsupervisor.fdstore import FdStore, RawFd, service_owner, unit_owner
 from fdsupervisor.spawn import (
-    LISTEN_FDS_START,
-    SUPERVISOR_ONLY_ENV,
+    SPAWN_PATH_ENV,
+    Account,
     OutputFile,
     PassedFd,
+    Resolved,
     SpawnPlan,
     base_environment,
+    fork_requested,
     plan_worker,
+    prepare_worker,
     worker_fd_numbers,
+    worker_fds,
 )
-from fdsupervisor.units import ServiceSpec, Unit
+from fdsupervisor.units import ServiceSpec, Unit, load_unit_text
+from tests.conftest import open_fds
 
 PYTHON = sys.executable
 SUPERVISOR_ENV = {
@@ -42,15 +54,22 @@ def unit(**service: object) -> Unit:
 
 
 def plan(**kwargs: object) -> SpawnPlan:
+    """A worker's plan as the supervisor makes it: resolved, then planned."""
     service = kwargs.pop("service", {})
     passed = kwargs.pop("passed", [HTTP, ADMIN])
-    return plan_worker(
+    return prepare_worker(
         unit(**service),  # type: ignore[arg-type]
         passed,  # type: ignore[arg-type]
         kwargs.pop("instance", 2),  # type: ignore[arg-type]
         kwargs.pop("environ", SUPERVISOR_ENV),  # type: ignore[arg-type]
+        notify_socket=kwargs.pop("notify_socket", None),  # type: ignore[arg-type]
         **kwargs,  # type: ignore[arg-type]
     )
+
+
+def pure_plan(resolved: Resolved, **service: object) -> SpawnPlan:
+    """The pure plan alone, with what was resolved given by hand."""
+    return plan_worker(unit(**service), [HTTP, ADMIN], 2, SUPERVISOR_ENV, resolved=resolved)
 
 
 # --------------------------------------------------------------------------- fd layout
@@ -103,7 +122,9 @@ def test_inetd_connection_is_passed_as_stdio_too() -> None:
 )
 def test_output_files_are_left_to_the_child(target: str, expected: OutputFile | None) -> None:
     """file: and append: travel in the plan, to be opened by the child as the worker's user."""
-    plan = plan_worker(unit(stdout=target, stderr=target), [HTTP], 0, SUPERVISOR_ENV)
+    plan = plan_worker(
+        unit(stdout=target, stderr=target), [HTTP], 0, SUPERVISOR_ENV, resolved=Resolved(PYTHON)
+    )
     assert plan.stdout_file == expected and plan.stderr_file == expected
     assert plan.stdout_fd is None and plan.stderr_fd is None  # nothing opened by the supervisor
     if expected is not None:
@@ -241,3 +262,155 @@ def test_missing_or_not_executable_program(tmp_path: Path) -> None:
     text.write_text("")
     with pytest.raises(SpawnError, match="not an executable file"):
         plan(service={"exec": (str(text),)})
+
+
+# --------------------------------------------------------------------------- the pure plan
+
+
+def test_the_plan_takes_what_was_resolved_as_it_is() -> None:
+    """No user database, no PATH search: ids, names and program come in resolved."""
+    account = Account(uid=4321, gid=99, groups=(99, 7), user_name="nobody-here", home="/nowhere")
+    resolved = Resolved("/opt/app/bin/app", account, stdout_fd=41, stderr_fd=42, fork=True)
+    result = pure_plan(resolved, exec=("app", "--fd={fd:http}"), user="no-such-user-here")
+    assert result.executable == "/opt/app/bin/app"
+    assert result.argv == ("app", "--fd=3")
+    assert (result.uid, result.gid, result.groups) == (4321, 99, (99, 7))
+    env = dict(result.environment)
+    assert (env["USER"], env["LOGNAME"], env["HOME"]) == ("nobody-here", "nobody-here", "/nowhere")
+    assert (result.stdout_fd, result.stderr_fd, result.fork) == (41, 42, True)
+    assert result.cgroup_fd is None
+
+
+def test_the_supervisors_own_account_changes_nothing() -> None:
+    result = pure_plan(Resolved(PYTHON))
+    assert (result.uid, result.gid, result.groups) == (None, None, None)
+    assert "USER" not in dict(result.environment)
+    assert result.fork is False
+
+
+def test_a_cgroup_is_part_of_the_plan() -> None:
+    result = plan_worker(unit(), [HTTP], 0, SUPERVISOR_ENV, resolved=Resolved(PYTHON), cgroup_fd=17)
+    assert result.cgroup_fd == 17
+
+
+# --------------------------------------------------------------------------- the spawn path
+
+
+@pytest.mark.parametrize(
+    ("value", "fork"), [(None, False), ("", False), ("native", False), ("fork", True)]
+)
+def test_the_spawn_path_switch(value: str | None, fork: bool) -> None:
+    environ = {} if value is None else {SPAWN_PATH_ENV: value}
+    assert fork_requested(environ) is fork
+    assert plan(environ={**SUPERVISOR_ENV, **environ}).fork is fork
+
+
+def test_an_unknown_spawn_path_fails_the_start() -> None:
+    with pytest.raises(SpawnError, match=r"FDSUPERVISOR_SPAWN='vfork'.*expected native or fork"):
+        plan(environ={**SUPERVISOR_ENV, SPAWN_PATH_ENV: "vfork"})
+
+
+def test_the_switch_is_the_supervisors_not_the_workers() -> None:
+    """A unit's environment: cannot choose the path; the worker still sees the variable."""
+    result = plan(service={"environment": ((SPAWN_PATH_ENV, "fork"),)})
+    assert result.fork is False
+    assert dict(result.environment)[SPAWN_PATH_ENV] == "fork"
+
+
+# --------------------------------------------------------------------------- outputs
+
+
+def test_null_outputs_are_opened_for_the_plan() -> None:
+    before = open_fds()
+    result = plan(service={"stdout": "null", "stderr": "null"})
+    try:
+        assert result.stdout_fd is not None and result.stderr_fd is not None
+        assert result.stdout_fd != result.stderr_fd
+        for fd in (result.stdout_fd, result.stderr_fd):
+            assert os.readlink(f"/proc/self/fd/{fd}") == os.devnull
+            assert not os.get_inheritable(fd)  # the child places it, nothing else inherits it
+    finally:
+        result.close()
+    assert open_fds() == before
+
+
+class Warnings:
+    def __init__(self) -> None:
+        self.events: list[tuple[str, dict[str, object]]] = []
+
+    def warning(self, event: str, **fields: object) -> None:
+        self.events.append((event, fields))
+
+
+def test_journal_outputs_or_the_supervisors_own_without_journald() -> None:
+    log = Warnings()
+    before = open_fds()
+    result = prepare_worker(
+        unit(stdout="journal"), [HTTP], 0, SUPERVISOR_ENV, notify_socket=None, log=log
+    )
+    try:
+        if result.stdout_fd is None:  # no journald here: inherited, and said so
+            assert [event for event, _ in log.events] == ["journal_unavailable"]
+            assert log.events[0][1]["unit"] == "web"
+        else:
+            assert os.readlink(f"/proc/self/fd/{result.stdout_fd}").startswith("socket:")
+            assert log.events == []
+    finally:
+        result.close()
+    assert open_fds() == before
+
+
+def test_a_failed_preparation_leaves_no_fd_open() -> None:
+    before = open_fds()
+    with pytest.raises(SpawnError, match="not found in PATH"):
+        plan(
+            service={
+                "exec": ("no-such-app",),
+                "environment": (("PATH", "/nonexistent"),),
+                "stdout": "null",
+                "stderr": "null",
+            }
+        )
+    assert open_fds() == before
+
+
+# --------------------------------------------------------------------------- fd order
+
+
+UNIT_WITH_TWO_SOCKETS = """
+sockets:
+  http: {listen: "127.0.0.1:0"}
+  admin: {listen: "127.0.0.1:0"}
+service:
+  exec: [app]
+"""
+
+
+def test_worker_fds_in_spec_order() -> None:
+    """SPEC 4: declared sockets in declaration order, runtime sockets, then stored fds."""
+    web = load_unit_text(UNIT_WITH_TWO_SOCKETS, Path("/units/web.yaml"), Path("/units"))
+    assert [s.name for s in web.sockets] == ["http", "admin"]
+    store = FdStore()
+    opened: dict[str, int] = {}
+    try:
+        # added in another order than declared, with a runtime socket in between
+        for owner, name in [
+            (service_owner("web"), "state"),
+            (unit_owner("web"), "added-at-run-time"),
+            (unit_owner("web"), "admin"),
+            (unit_owner("other"), "http"),
+            (unit_owner("web"), "http"),
+        ]:
+            fd = os.open(os.devnull, os.O_RDONLY | os.O_CLOEXEC)
+            opened[f"{owner}/{name}"] = fd
+            store.add(owner, name, RawFd(fd))
+        passed = worker_fds(store, web)
+        assert [p.name for p in passed] == ["http", "admin", "added-at-run-time", "state"]
+        assert [p.fd for p in passed] == [
+            opened["unit:web/http"],
+            opened["unit:web/admin"],
+            opened["unit:web/added-at-run-time"],
+            opened["service:web/state"],
+        ]
+    finally:
+        store.close_all()

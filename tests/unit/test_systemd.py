@@ -17,18 +17,20 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from fdsupervisor.addresses import NAME_RE
-from fdsupervisor.systemd import (
+from fdsupervisor.fdpassing import (
     FDNAME_MAX,
     SCM_MAX_FD,
     SUPERVISOR_ONLY_ENV,
+    fdname_is_valid,
+    scrub_environment,
+)
+from fdsupervisor.systemd import (
     SystemdNotifier,
     SystemdSockets,
     adoptable,
     fd_store_name,
-    fdname_is_valid,
     notify_message,
     parse_fd_store_name,
-    scrub_environment,
 )
 
 NOTIFY_ENV = {"NOTIFY_SOCKET": "/run/systemd/notify"}
