@@ -48,7 +48,7 @@ def fdsupervisor_command(*args: str) -> list[str]:
     systemd's exec step); one that runs to its end is :func:`run_fdsupervisor`,
     one that runs beside the test is the ``supervisor`` fixture.
     """
-    return [PYTHON, *NATIVE_SPAWN, *args]
+    return [PYTHON, "-m", "fdsupervisor", *args]
 
 
 def run_fdsupervisor(
