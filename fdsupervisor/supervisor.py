@@ -34,7 +34,7 @@ from systemd import journal
 
 from . import __version__
 from .addresses import FdAddress, check_name, timer_seconds
-from .binding import BoundSocket, InheritedFds, adopt_socket, bind_socket, describe_socket
+from .binding import BoundSocket, InheritedFds, bind_socket, describe_socket
 from .cgroups import WorkerCgroups, socket_holders
 from .errors import BindError, ConfigErrors, FdSupervisorError, SpawnError, ValueProblem
 from .fdstore import FdStore, RawFd, service_owner, unit_owner
@@ -46,13 +46,7 @@ from .qmp import event as qmp_event
 from .reload import ReloadPlan, SocketKey, plan_reload
 from .service import ExitStatus, Failed, Restart, Service, ServiceState, Worker
 from .spawn import SUPERVISOR_ONLY_ENV, PassedFd, SpawnPlan, plan_worker, spawn
-from .systemd import (
-    SystemdNotifier,
-    SystemdSockets,
-    adoptable,
-    fd_store_name,
-    stored_socket_mismatch,
-)
+from .systemd import SystemdFdStore, SystemdNotifier, SystemdSockets
 from .units import ACCEPT_FD_NAME, Activation, SocketKind, SocketSpec, Unit, load_units
 from .upgrade import (
     HANDOVER_ENV,
@@ -131,9 +125,9 @@ class Supervisor:
         self.loop = EventLoop()
         self.store = FdStore(limit=max_stored_fds)
         self.notifier = notifier or SystemdNotifier({})
-        self.systemd_sockets = systemd_sockets or SystemdSockets()
-        self._from_systemd_store = adoptable(self.systemd_sockets)  # (unit, socket) → fd
-        self._kept_in_systemd: set[str] = set()  # FDNAMEs in systemd's fd store
+        self.systemd_store = SystemdFdStore(
+            self.notifier, systemd_sockets or SystemdSockets(), self.store, log=log
+        )
         self._watchdog: Timer | None = None
         self.units: dict[str, UnitRuntime] = {
             u.name: UnitRuntime(u, Service(u.name, u.service)) for u in units
@@ -204,7 +198,7 @@ class Supervisor:
         try:
             for runtime in self.units.values():
                 for spec in runtime.unit.sockets:
-                    bound = self._take_from_systemd_store(runtime.unit, spec)
+                    bound = self.systemd_store.take_back(runtime.unit, spec, self.inherited)
                     if bound is None:
                         bound = bind_socket(
                             spec, base_dir=runtime.unit.base_dir, inherited=self.inherited
@@ -224,77 +218,15 @@ class Supervisor:
         closed = self.inherited.close_unclaimed()
         for number in closed:
             self.log.warning("inherited_fd_closed", fd=number, reason="no unit references it")
-        for name in self.systemd_sockets.names_of(closed):
-            self.notifier.remove_fds(name)  # systemd closes its copy too
+        self.systemd_store.drop_unclaimed(closed)
         self.sync_systemd_store()
-
-    def _take_from_systemd_store(self, unit: Unit, spec: SocketSpec) -> BoundSocket | None:
-        """The socket systemd's fd store handed back for this unit socket, if it still fits."""
-        if isinstance(spec.address, FdAddress):
-            return None
-        fd = self._from_systemd_store.get((unit.name, spec.name))
-        if fd is None:
-            return None
-        name = fd_store_name(unit.name, spec.name)
-        self.inherited.claim(fd, spec.name)
-        reason = stored_socket_mismatch(fd, spec, unit.base_dir)
-        if reason is None:
-            sock = socket.socket(fileno=fd)
-            try:
-                bound = adopt_socket(sock, spec, fd_label=name)
-            except BindError as exc:
-                sock.detach()
-                reason = str(exc)
-            else:
-                self.log.info("socket_taken_back", unit=unit.name, socket=spec.name, fd=fd)
-                return bound
-        self.log.warning("stored_socket_dropped", unit=unit.name, socket=spec.name, reason=reason)
-        os.close(fd)
-        if name is not None:
-            self.notifier.remove_fds(name)
-            self.notifier.barrier()  # systemd's copy is closed before we bind the address
-        return None
 
     def sync_systemd_store(self) -> None:
         """Make systemd's fd store hold exactly the unit-file sockets the supervisor holds."""
-        if not self.notifier.enabled:
-            return  # not under systemd: nothing is kept, socket files go at shutdown
-        current: dict[str, int] = {}
-        for runtime in self.units.values():
-            for spec in runtime.unit.sockets:
-                if isinstance(spec.address, FdAddress):
-                    continue  # passed again by whoever passed it (a .socket unit)
-                entry = self.store.get(unit_owner(runtime.unit.name), spec.name)
-                if entry is None:
-                    continue
-                name = fd_store_name(runtime.unit.name, spec.name)
-                if name is None:
-                    self.log.warning(
-                        "socket_not_kept",
-                        unit=runtime.unit.name,
-                        socket=spec.name,
-                        reason="unit and socket name exceed 255 characters together",
-                    )
-                    continue
-                current[name] = entry.fd
-        for name in sorted(self._kept_in_systemd - current.keys()):
-            self.notifier.remove_fds(name)
-        limit = self.notifier.fd_store_max
-        if limit is not None and len(current) > limit:
-            self.log.warning("fd_store_full", sockets=len(current), file_descriptor_store_max=limit)
-        if current and not self.notifier.store_fds(sorted(current.items())):
-            self.log.warning("fd_store_failed", error=str(self.notifier.last_error))
-        self._kept_in_systemd = set(current)
+        self.systemd_store.sync(rt.unit for rt in self.units.values())
 
     def _keep_socket_files(self) -> None:
-        """Sockets systemd keeps for the next start keep their files (RemoveOnStop=no)."""
-        for runtime in self.units.values():
-            for entry in self.store.owned_by(unit_owner(runtime.unit.name)):
-                name = fd_store_name(runtime.unit.name, entry.name)
-                if name in self._kept_in_systemd and isinstance(entry.resource, BoundSocket):
-                    entry.resource = dataclasses.replace(
-                        entry.resource, created_path=None, created_inode=None
-                    )
+        self.systemd_store.keep_socket_files()
 
     def _ping_watchdog(self, interval: float) -> None:
         self.notifier.ping()
