@@ -36,18 +36,18 @@ from . import __version__
 from .addresses import FdAddress, check_name, timer_seconds
 from .binding import BoundSocket, InheritedFds, bind_socket, describe_socket
 from .cgroups import WorkerCgroups, socket_holders
-from .errors import BindError, ConfigErrors, FdSupervisorError, SpawnError, ValueProblem
+from .errors import BindError, FdSupervisorError, SpawnError, ValueProblem
 from .fdstore import FdStore, RawFd, service_owner, unit_owner
 from .log import RateLimitedLog
 from .loop import EventLoop, Timer
 from .monitor import MonitorServer
 from .notify import NotifyMessage, NotifySocket
 from .qmp import event as qmp_event
-from .reload import ReloadPlan, SocketKey, plan_reload
+from .reloader import PendingReload, Reloader
 from .service import ExitStatus, Failed, Restart, Service, ServiceState, Worker
 from .spawn import SUPERVISOR_ONLY_ENV, PassedFd, SpawnPlan, plan_worker, spawn
 from .systemd import SystemdFdStore, SystemdNotifier, SystemdSockets
-from .units import ACCEPT_FD_NAME, Activation, SocketKind, SocketSpec, Unit, load_units
+from .units import ACCEPT_FD_NAME, Activation, SocketKind, SocketSpec, Unit
 from .upgrade import (
     HANDOVER_ENV,
     HandoverState,
@@ -89,16 +89,6 @@ class UnitRuntime:
     restart_pending: bool = False
 
 
-@dataclass(slots=True)
-class PendingReload:
-    """A reload waiting for the workers of changed and removed units to exit."""
-
-    plan: ReloadPlan
-    units: Mapping[str, Unit]
-    fresh: dict[SocketKey, BoundSocket]
-    waiting_units: set[str]
-
-
 class Supervisor:
     def __init__(
         self,
@@ -133,7 +123,7 @@ class Supervisor:
             u.name: UnitRuntime(u, Service(u.name, u.service)) for u in units
         }
         self.shutting_down = False
-        self.unit_paths = tuple(unit_paths)
+        self.reloader = Reloader(self, unit_paths, log=log)
         self.exec_argv = tuple(exec_argv)  # how to run this supervisor again (upgrade)
         self.run_config = run_config  # how it runs, for an upgrade's fallback
         # An upgrade's take-over closes these only once it is ready (finish_handover):
@@ -141,7 +131,6 @@ class Supervisor:
         self._handover_leftovers: list[tuple[str, BoundSocket]] = []
         self._handover_orphans: list[int] = []
         self.monitor: MonitorServer | None = None
-        self._reload: PendingReload | None = None
         self.base_dir = Path.cwd()
         self.listeners: list[Callable[[str, dict[str, Any]], None]] = []
         self.notify_socket: NotifySocket | None = None
@@ -357,168 +346,54 @@ class Supervisor:
     # -- reload: apply changed unit files, keeping every fd that can be kept --------------
 
     def reload(self) -> dict[str, Any]:
-        """Re-read the unit files; nothing changes unless all of them are valid.
+        """Re-read the unit files and apply them (reloader.py); nothing changes on a refusal."""
+        return self.reloader.reload()
 
-        Every new socket that can be bound at once is bound before anything
-        else happens, so a failure there also changes nothing. Then kept
-        sockets are relistened or moved, and the units whose service or fd
-        layout changed are stopped; once their workers are gone, their old
-        sockets are closed, the sockets that had to wait for that are bound,
-        and the new and changed units start.
-        """
-        if self._reload is not None:
-            raise self._reload_refused(
-                "a reload is still in progress (waiting for workers to stop)"
-            )
-        if not self.unit_paths:
-            raise self._reload_refused(
-                "this supervisor runs a command-line unit: nothing to reload"
-            )
-        try:
-            new_units = load_units(self.unit_paths)
-        except ConfigErrors as exc:
-            raise self._reload_refused(str(exc)) from None
-        plan = plan_reload(
-            [rt.unit for rt in self.units.values()], new_units, self._added_sockets()
-        )
-        if plan.problems:
-            raise self._reload_refused("\n".join(plan.problems))
-        new_by_name = {unit.name: unit for unit in new_units}
-        waiting = set(plan.bind_after_close)
-        fresh: dict[SocketKey, BoundSocket] = {}
-        try:
-            for key in (*plan.bind_sockets, *plan.rebind_sockets):
-                if key not in waiting:
-                    fresh[key] = self._bind_key(new_by_name, key)
-        except BindError as exc:
-            for bound in fresh.values():
-                bound.close()
-            raise self._reload_refused(str(exc)) from None
-        self.notifier.reloading()
-        self.log.info("reloading", plan=plan.summary())
-        self._apply_now(plan, new_by_name)
-        stopping = {*plan.stop_units, *plan.restart_units}
-        for name in stopping:
-            self.stop_service(name)
-        self._reload = PendingReload(
-            plan, new_by_name, fresh, {n for n in stopping if self.units[n].service.workers}
-        )
-        if not self._reload.waiting_units:
-            self._finish_reload()
-        return {"summary": plan.summary(), "waiting-for": sorted(stopping)}
-
-    def _added_sockets(self) -> dict[SocketKey, SocketSpec]:
-        """Sockets added to units at run time (socket-add), which no unit file declares."""
-        added = {}
-        for name, runtime in self.units.items():
-            for entry in self.store.owned_by(unit_owner(name)):
-                if entry.name not in runtime.unit.socket_names and isinstance(
-                    entry.resource, BoundSocket
-                ):
-                    added[(name, entry.name)] = entry.resource.spec
-        return added
-
-    def _reload_refused(self, reason: str) -> FdSupervisorError:
-        self.log.error("reload_failed", error=reason, note="nothing was changed")
-        self.notifier.status(f"reload failed, nothing changed: {reason.splitlines()[0]}")
-        return FdSupervisorError(f"reload refused, nothing was changed: {reason}")
-
-    def _bind_key(self, units: Mapping[str, Unit], key: SocketKey) -> BoundSocket:
-        unit = units[key[0]]
-        spec = next(s for s in unit.sockets if s.name == key[1])
-        bound = bind_socket(spec, base_dir=unit.base_dir, inherited=InheritedFds(frozenset()))
-        self.log.info(
-            "socket_bound",
-            unit=key[0],
-            socket=key[1],
-            address=describe_socket(bound.fileno()).address,
-            kind=spec.kind.value,
-            fd=bound.fileno(),
-        )
-        return bound
-
-    def _new_spec(self, units: Mapping[str, Unit], key: SocketKey) -> SocketSpec:
-        return next(s for s in units[key[0]].sockets if s.name == key[1])
-
-    def _apply_now(self, plan: ReloadPlan, units: Mapping[str, Unit]) -> None:
-        """The part of a reload that needs no worker to stop: adoptions, backlogs and moves."""
-        for key in plan.adopt_sockets:  # a runtime socket, now declared: the same fd
-            entry = self.store.get(unit_owner(key[0]), key[1])
-            if entry is not None and isinstance(entry.resource, BoundSocket):
-                entry.resource = dataclasses.replace(
-                    entry.resource, spec=self._new_spec(units, key)
-                )
-                self.log.info("socket_adopted", unit=key[0], socket=key[1], fd=entry.fd)
-        for key in plan.relisten_sockets:
-            entry = self.store.get(unit_owner(key[0]), key[1])
-            if entry is not None and isinstance(entry.resource, BoundSocket):
-                spec = self._new_spec(units, key)
-                entry.resource.sock.listen(spec.backlog)
-                entry.resource = dataclasses.replace(entry.resource, spec=spec)
-        involved = {old[0] for old, _new in plan.move_sockets}
-        for name in involved & set(self.units):
-            self._unwatch(self.units[name])
-            self._stop_accepting(self.units[name])
-        moved = [
-            (new, self.store.take(unit_owner(old[0]), old[1])) for old, new in plan.move_sockets
-        ]
-        for new, resource in moved:
-            spec = self._new_spec(units, new)
-            if isinstance(resource, BoundSocket):
-                resource = dataclasses.replace(resource, name=new[1], spec=spec)
-            self.store.add(unit_owner(new[0]), new[1], resource)
-            if new in plan.relisten_moved and isinstance(resource, BoundSocket):
-                resource.sock.listen(spec.backlog)
-        for name in plan.unchanged_units:
-            self.units[name].unit = units[name]
-        for name in involved & set(plan.unchanged_units):
-            self._activate(self.units[name])
+    # The per-unit code (_reap) reads these two until it calls reloader.waits_for(name)
+    # and reloader.unit_idle(name) itself.
+    @property
+    def _reload(self) -> PendingReload | None:
+        return self.reloader.pending
 
     def _finish_reload(self) -> None:
-        pending, self._reload = self._reload, None
-        assert pending is not None
-        plan, units = pending.plan, pending.units
-        for key in (*plan.close_sockets, *plan.rebind_sockets):
-            entry = self.store.get(unit_owner(key[0]), key[1])
-            if entry is not None:
-                self.loop.remove_reader(entry.fd)
-                self.store.close(entry.owner, entry.name)
-                self.log.info("socket_closed", unit=key[0], socket=key[1], reason="reload")
-        failed: set[str] = set()
-        for key in plan.bind_after_close:
-            try:
-                pending.fresh[key] = self._bind_key(units, key)
-            except BindError as exc:
-                failed.add(key[0])
-                self.log.error("reload_bind_failed", unit=key[0], socket=key[1], error=str(exc))
-        for key, bound in pending.fresh.items():
-            self.store.add(unit_owner(key[0]), key[1], bound)
-        for name in plan.stop_units:
-            runtime = self.units.pop(name)
-            self._cancel_restarts(runtime)
-            self.store.close_owner(unit_owner(name))
-            # What its workers stored (FDSTORE=1) would otherwise stay for good, out of
-            # reach of every command and counted against --max-stored-fds. systemd
-            # likewise empties a service's fd store once it has stopped for good
-            # (FileDescriptorStorePreserve=no, its default).
-            for entry in self.store.owned_by(service_owner(name)):
-                self._drop_stored(entry.owner, entry.name, "its unit was removed by reload")
-        for name in (*plan.restart_units, *plan.start_units):
-            service = Service(name, units[name].service)
-            existing = self.units.get(name)
-            if existing is None:
-                runtime = self.units[name] = UnitRuntime(units[name], service)
-            else:
-                runtime = existing
-                runtime.unit, runtime.service = units[name], service
-            if name in failed:
-                self._fail(runtime, "a socket could not be bound at reload")
-            else:
-                self._activate(runtime)
-        summary = f"{len(self.units)} units, {len(self.store)} fds; reloaded: {plan.summary()}"
-        self.log.info("reloaded", plan=plan.summary())
-        self.sync_systemd_store()
-        self.notifier.ready(summary)
+        self.reloader.finish()
+
+    # What the reloader, the upgrade and the handover ask of the units (their hosts'
+    # Protocols); each is one call on the unit's runtime.
+
+    def unit_names(self) -> list[str]:
+        return list(self.units)
+
+    def unit(self, name: str) -> Unit:
+        return self.runtime(name).unit
+
+    def has_workers(self, name: str) -> bool:
+        return bool(self.units[name].service.workers)
+
+    def suspend_intake(self, name: str) -> None:
+        self._unwatch(self.units[name])
+        self._stop_accepting(self.units[name])
+
+    def activate(self, name: str) -> None:
+        self._activate(self.units[name])
+
+    def fail(self, name: str, reason: str) -> None:
+        self._fail(self.units[name], reason)
+
+    def replace_unit(self, unit: Unit, service: Service | None) -> None:
+        runtime = self.units[unit.name]
+        runtime.unit = unit
+        if service is not None:
+            runtime.service = service
+
+    def add_unit(self, unit: Unit) -> None:
+        self.units[unit.name] = UnitRuntime(unit, Service(unit.name, unit.service))
+
+    def remove_unit(self, name: str) -> None:
+        self._cancel_restarts(self.units.pop(name))
+
+    def drop_stored(self, owner: str, name: str, reason: str) -> None:
+        self._drop_stored(owner, name, reason)
 
     # -- upgrade in place: re-exec, handing every fd and worker over ---------------------
 
@@ -528,7 +403,7 @@ class Supervisor:
         Returns only if the upgrade did not happen; the old supervisor then
         runs on as before.
         """
-        if self._reload is not None or self.shutting_down:
+        if self.reloader.in_progress or self.shutting_down:
             raise self._upgrade_refused("a reload or a shutdown is in progress")
         if not self.exec_argv:
             raise self._upgrade_refused("this supervisor does not know its own command line")
@@ -593,7 +468,11 @@ class Supervisor:
     def _preflight(self) -> None:
         """The new program must at least load: run its ``check`` on our unit files."""
         command = [sys.executable, "-m", "fdsupervisor"]
-        command += ["check", *map(str, self.unit_paths)] if self.unit_paths else ["--version"]
+        command += (
+            ["check", *map(str, self.reloader.unit_paths)]
+            if self.reloader.unit_paths
+            else ["--version"]
+        )
         environ = {k: v for k, v in os.environ.items() if k not in SUPERVISOR_ONLY_ENV}
         try:
             result = subprocess.run(
