@@ -21,8 +21,6 @@ import os
 import select
 import signal
 import socket
-import subprocess
-import sys
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -45,19 +43,14 @@ from .notify import NotifyMessage, NotifySocket
 from .qmp import event as qmp_event
 from .reloader import PendingReload, Reloader
 from .service import ExitStatus, Failed, Restart, Service, ServiceState, Worker
-from .spawn import SUPERVISOR_ONLY_ENV, PassedFd, SpawnPlan, plan_worker, spawn
+from .spawn import PassedFd, SpawnPlan, plan_worker, spawn
 from .systemd import SystemdFdStore, SystemdNotifier, SystemdSockets
 from .units import ACCEPT_FD_NAME, Activation, SocketKind, SocketSpec, Unit
 from .upgrade import (
-    HANDOVER_ENV,
     HandoverState,
     RunConfig,
-    ServiceItem,
     StoredItem,
-    UnitFile,
-    WorkerItem,
-    set_inheritable,
-    write_state,
+    Upgrader,
 )
 
 HANDLED_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGUSR2)
@@ -67,9 +60,6 @@ NOTIFY_NAME_PREFIX = "fdsupervisor/notify/"
 # socket cannot starve the loop; and a pause after EMFILE before trying again.
 ACCEPT_BATCH = 64
 ACCEPT_RETRY_DELAY = 0.1
-# The new program's check before an upgrade blocks the loop; keep it well
-# under half of a typical WatchdogSec= (30 s in contrib/), pinged before and after.
-PREFLIGHT_TIMEOUT = 10.0
 
 
 @dataclass(slots=True)
@@ -124,8 +114,14 @@ class Supervisor:
         }
         self.shutting_down = False
         self.reloader = Reloader(self, unit_paths, log=log)
-        self.exec_argv = tuple(exec_argv)  # how to run this supervisor again (upgrade)
-        self.run_config = run_config  # how it runs, for an upgrade's fallback
+        self.upgrader = Upgrader(
+            self,
+            exec_argv=exec_argv,  # how to run this supervisor again
+            unit_paths=unit_paths,
+            run_config=run_config,  # how it runs, for the new program's fallback
+            signals=HANDLED_SIGNALS,
+            log=log,
+        )
         # An upgrade's take-over closes these only once it is ready (finish_handover):
         # sockets of units gone from the unit files, workers of such units.
         self._handover_leftovers: list[tuple[str, BoundSocket]] = []
@@ -398,164 +394,38 @@ class Supervisor:
     # -- upgrade in place: re-exec, handing every fd and worker over ---------------------
 
     def upgrade(self) -> dict[str, Any]:
-        """Re-execute this supervisor's program as the same process (see upgrade.py).
+        """Re-execute this supervisor's program as the same process (upgrade.py).
 
         Returns only if the upgrade did not happen; the old supervisor then
         runs on as before.
         """
-        if self.reloader.in_progress or self.shutting_down:
-            raise self._upgrade_refused("a reload or a shutdown is in progress")
-        if not self.exec_argv:
-            raise self._upgrade_refused("this supervisor does not know its own command line")
-        self.notifier.ping()  # the check below blocks the loop: a watchdog deadline must not pass
-        self._preflight()
-        self.notifier.ping()
-        state = self._handover_state()
-        state_fd = write_state(state)
-        self._notify_log.flush(everything=True)  # counts of suppressed warnings do not cross
-        # From here until the new program is ready, a handled signal must neither
-        # kill it (after execve() its disposition is the default until the new
-        # program installs handlers; SIGHUP's default is to terminate) nor be lost:
-        # blocked, it stays pending across execve() (signal(7)) and the new program
-        # unblocks it once ready. Blocked only now, so the check above ran unblocked.
-        old_mask = signal.pthread_sigmask(signal.SIG_BLOCK, HANDLED_SIGNALS)
-        try:
-            self._repost_signals()
-            self.log.info("upgrading", pid=os.getpid(), fds=len(state.fds))
-            self.notifier.reloading()
-            if self.monitor is not None:
-                self.monitor.close_clients()  # connections do not cross; clients reconnect
-            set_inheritable(state.fds, True)
-            environ = {k: v for k, v in os.environ.items() if not k.startswith("LISTEN_")}
-            environ[HANDOVER_ENV] = str(state_fd)
-            argv = [sys.executable, "-m", "fdsupervisor", *self.exec_argv]
-            try:
-                os.execve(sys.executable, argv, environ)
-            except OSError as exc:
-                set_inheritable(state.fds, False)
-                os.close(state_fd)
-                self.notifier.ready("upgrade failed; still running the old program")
-                raise self._upgrade_refused(f"execve {sys.executable}: {exc}") from None
-        finally:
-            # Only reached when the exec did not happen: what was pending arrives now.
-            signal.pthread_sigmask(signal.SIG_SETMASK, old_mask)
-        raise AssertionError("unreachable")  # pragma: no cover
+        return self.upgrader.upgrade()
 
-    def _repost_signals(self) -> None:
-        """Signals that arrived while the upgrade was prepared: pending again, for the new program.
+    @property
+    def reload_in_progress(self) -> bool:
+        return self.reloader.in_progress
 
-        Their numbers wait in the wake-up socket, which does not survive the
-        exec; with the signals blocked, raising them again leaves them pending
-        across it. A SIGUSR2 among them asked for this very upgrade.
-        """
-        if self._wakeup is None:
-            return
-        while True:
+    def service(self, name: str) -> Service:
+        return self.runtime(name).service
+
+    def watches_hangup(self, fd: int) -> bool:
+        return fd in self._hangup_keys
+
+    def flush_notify_log(self) -> None:
+        self._notify_log.flush(everything=True)
+
+    def pending_signals(self) -> bytes:
+        """Drain the wake-up socket: the numbers of the signals not handled yet."""
+        data = b""
+        while self._wakeup is not None:
             try:
-                data = self._wakeup[0].recv(512)
+                chunk = self._wakeup[0].recv(512)
             except (BlockingIOError, InterruptedError):
                 break
-            if not data:
+            if not chunk:
                 break
-            for signum in set(data) - {signal.SIGUSR2}:
-                if signum in HANDLED_SIGNALS:
-                    os.kill(os.getpid(), signum)
-
-    def _upgrade_refused(self, reason: str) -> FdSupervisorError:
-        self.log.error("upgrade_failed", error=reason, note="the running supervisor carries on")
-        return FdSupervisorError(f"upgrade refused, still running: {reason}")
-
-    def _preflight(self) -> None:
-        """The new program must at least load: run its ``check`` on our unit files."""
-        command = [sys.executable, "-m", "fdsupervisor"]
-        command += (
-            ["check", *map(str, self.reloader.unit_paths)]
-            if self.reloader.unit_paths
-            else ["--version"]
-        )
-        environ = {k: v for k, v in os.environ.items() if k not in SUPERVISOR_ONLY_ENV}
-        try:
-            result = subprocess.run(
-                command,
-                capture_output=True,
-                text=True,
-                timeout=PREFLIGHT_TIMEOUT,
-                env=environ,
-                stdin=subprocess.DEVNULL,
-                cwd=self.base_dir,
-            )
-        except (OSError, subprocess.TimeoutExpired) as exc:
-            raise self._upgrade_refused(f"the new program did not run: {exc}") from None
-        if result.returncode != 0:
-            detail = (result.stderr or result.stdout).strip().splitlines()
-            raise self._upgrade_refused(
-                "the new program's check failed: " + (detail[-1] if detail else "no output")
-            )
-
-    def _handover_state(self) -> HandoverState:
-        items = []
-        for entry in self.store:
-            resource = entry.resource
-            if isinstance(resource, BoundSocket):
-                items.append(
-                    StoredItem(
-                        entry.owner,
-                        entry.name,
-                        entry.fd,
-                        True,
-                        kind=resource.spec.kind.value,
-                        backlog=resource.spec.backlog,
-                        created_path=str(resource.created_path) if resource.created_path else None,
-                        created_inode=resource.created_inode,
-                    )
-                )
-            else:
-                items.append(
-                    StoredItem(
-                        entry.owner,
-                        entry.name,
-                        entry.fd,
-                        False,
-                        watch_hangup=entry.fd in self._hangup_keys,
-                    )
-                )
-        services = {}
-        for name, runtime in self.units.items():
-            service = runtime.service
-            services[name] = ServiceItem(
-                state=service.state.value,
-                restarts=service.restarts,
-                last_exit=service.last_exit.as_dict() if service.last_exit else None,
-                status=service.status,
-                failure=service.failure,
-                connections=service.connections,
-                workers=tuple(
-                    WorkerItem(w.instance, w.pid, w.started_at, w.ready, w.failure)
-                    for w in service.workers.values()
-                ),
-            )
-        monitor_fd = self.monitor.fileno() if self.monitor is not None else None
-        notify_fd = self.notify_socket.fileno() if self.notify_socket is not None else None
-        return HandoverState(
-            self.exec_argv,
-            tuple(items),
-            services,
-            monitor_fd,
-            notify_fd=notify_fd,
-            config=self._current_config(),
-            monitor_inode=self.monitor.inode if self.monitor is not None else None,
-        )
-
-    def _current_config(self) -> RunConfig | None:
-        """How to run exactly the units running now (None: the new program cannot fall back)."""
-        if self.run_config is None or self.run_config.command_line is not None:
-            return self.run_config  # a command-line unit comes from the command line again
-        files = []
-        for runtime in self.units.values():
-            if runtime.unit.text is None:
-                return None
-            files.append(UnitFile(str(runtime.unit.source), runtime.unit.text))
-        return dataclasses.replace(self.run_config, unit_files=tuple(files))
+            data += chunk
+        return data
 
     def adopt_handover(self, state: HandoverState, *, bind_new: bool = True) -> None:
         """In the new program: take over the old one's fds, then bind what is new.
