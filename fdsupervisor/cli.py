@@ -15,7 +15,6 @@ import argparse
 import gc
 import os
 import resource
-import signal
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -25,6 +24,7 @@ from . import __version__, ctl
 from .addresses import format_address
 from .binding import InheritedFds
 from .errors import BindError, ConfigErrors, FdSupervisorError
+from .handover import unblock_signals
 from .log import LOG_FORMATS, make_logger
 from .monitor import default_monitor_path
 from .supervisor import HANDLED_SIGNALS, Supervisor
@@ -352,7 +352,7 @@ def run_upgraded(
         except Exception:  # past ready, nothing to go back to: supervise on
             log.exception("internal_error", note="please report this")
         log.info("upgraded", pid=os.getpid(), workers=_workers(handover))
-        _unblock_signals()
+        unblock_signals(HANDLED_SIGNALS)
         return attempt.run()
     attempt = None
     # Objects of the failed attempt that still wrap a copy close it now, before
@@ -378,20 +378,8 @@ def run_upgraded(
         note="the old units run on the handed-over fds; fix the cause and upgrade again",
     )
     supervisor.notifier.status("upgrade failed: running the units handed over")
-    _unblock_signals()
+    unblock_signals(HANDLED_SIGNALS)
     return supervisor.run()
-
-
-def _unblock_signals() -> None:
-    """The handled signals, blocked by the old program since before its exec, arrive now.
-
-    Handlers are installed by then (``Supervisor.start``). A SIGUSR2 that came
-    meanwhile asked for the upgrade that has just happened (or failed): dropped,
-    as the old program drops one that comes while it prepares the upgrade.
-    """
-    if signal.SIGUSR2 in signal.sigpending():
-        signal.sigtimedwait([signal.SIGUSR2], 0)
-    signal.pthread_sigmask(signal.SIG_UNBLOCK, HANDLED_SIGNALS)
 
 
 def _fall_back(handover: HandoverState, inherited: InheritedFds, log: Any) -> Supervisor:

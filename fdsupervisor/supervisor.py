@@ -31,11 +31,12 @@ from typing import Any
 from systemd import journal
 
 from . import __version__
-from .addresses import FdAddress, check_name, timer_seconds
+from .addresses import check_name, timer_seconds
 from .binding import BoundSocket, InheritedFds, bind_socket, describe_socket
 from .cgroups import WorkerCgroups, socket_holders
 from .errors import BindError, FdSupervisorError, SpawnError, ValueProblem
 from .fdstore import FdStore, RawFd, service_owner, unit_owner
+from .handover import Handover
 from .log import RateLimitedLog
 from .loop import EventLoop, Timer
 from .monitor import MonitorServer
@@ -45,13 +46,8 @@ from .reloader import PendingReload, Reloader
 from .service import ExitStatus, Failed, Restart, Service, ServiceState, Worker
 from .spawn import PassedFd, SpawnPlan, plan_worker, spawn
 from .systemd import SystemdFdStore, SystemdNotifier, SystemdSockets
-from .units import ACCEPT_FD_NAME, Activation, SocketKind, SocketSpec, Unit
-from .upgrade import (
-    HandoverState,
-    RunConfig,
-    StoredItem,
-    Upgrader,
-)
+from .units import ACCEPT_FD_NAME, Activation, Unit
+from .upgrade import HandoverState, RunConfig, Upgrader, WorkerItem
 
 HANDLED_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGUSR2)
 # The notify socket's abstract name, before its random part (NotifySocket.bind_unpredictable).
@@ -122,10 +118,7 @@ class Supervisor:
             signals=HANDLED_SIGNALS,
             log=log,
         )
-        # An upgrade's take-over closes these only once it is ready (finish_handover):
-        # sockets of units gone from the unit files, workers of such units.
-        self._handover_leftovers: list[tuple[str, BoundSocket]] = []
-        self._handover_orphans: list[int] = []
+        self.handover = Handover(self, log=log)  # the new program's side of an upgrade
         self.monitor: MonitorServer | None = None
         self.base_dir = Path.cwd()
         self.listeners: list[Callable[[str, dict[str, Any]], None]] = []
@@ -237,7 +230,7 @@ class Supervisor:
             for runtime in self.units.values():
                 self._activate(runtime)
         else:
-            self._restore_services(handover)
+            self.handover.restore_services(handover)
         if self.cgroups is not None:
             self.cgroups.release_unclaimed()
         interval = self.notifier.watchdog_interval()
@@ -428,108 +421,23 @@ class Supervisor:
         return data
 
     def adopt_handover(self, state: HandoverState, *, bind_new: bool = True) -> None:
-        """In the new program: take over the old one's fds, then bind what is new.
-
-        Sockets of units that are gone from the unit files are closed once the
-        new program is ready (:meth:`finish_handover`), not before: a take-over
-        that fails until then falls back to them. Sockets the unit files have
-        and the old program had not are bound, unless ``bind_new`` is false (the
-        fallback: only what was handed over). (A change of configuration is a
-        reload's business; this only keeps both in step.)
-        """
-        wanted = {(u.name, s.name): s for u in self._unit_list() for s in u.sockets}
-        for item in state.store:
-            os.set_inheritable(item.fd, False)
-            unit = item.owner.removeprefix("unit:") if item.owner.startswith("unit:") else None
-            if not item.socket:
-                self.store.add(item.owner, item.name, RawFd(item.fd))
-                if item.watch_hangup:
-                    self._hangups.register(item.fd, 0)
-                    self._hangup_keys[item.fd] = (item.owner, item.name)
-                continue
-            sock = socket.socket(fileno=item.fd)
-            spec = wanted.pop((unit, item.name), None) if unit is not None else None
-            if unit is not None and unit not in self.units:
-                leftover = BoundSocket(
-                    item.name,
-                    self._runtime_spec(item),
-                    sock,
-                    Path(item.created_path) if item.created_path else None,
-                    created_inode=item.created_inode,
-                )
-                self._handover_leftovers.append((unit, leftover))
-                continue
-            bound = BoundSocket(
-                item.name,
-                spec or self._runtime_spec(item),
-                sock,
-                Path(item.created_path) if item.created_path else None,
-                adopted=True,
-                created_inode=item.created_inode,
-            )
-            self.store.add(item.owner, item.name, bound)
-        for (unit_name, _socket_name), spec in wanted.items():
-            if not bind_new:
-                # The old program did not hold it either (socket-del, or a bind
-                # that failed at a reload): the fallback changes nothing.
-                self.log.warning(
-                    "socket_not_bound", unit=unit_name, socket=spec.name, reason="not handed over"
-                )
-                continue
-            runtime = self.units[unit_name]
-            bound = bind_socket(spec, base_dir=runtime.unit.base_dir, inherited=self.inherited)
-            self.store.add(unit_owner(unit_name), spec.name, bound)
-        self.log.info("handover_adopted", fds=len(state.fds), services=len(state.services))
-        self.sync_systemd_store()
+        """In the new program: take over the old one's fds, then bind what is new (handover.py)."""
+        self.handover.adopt(state, bind_new=bind_new)
 
     def finish_handover(self) -> None:
         """Once the new program is ready: close and stop what the unit files no longer have."""
-        leftovers, self._handover_leftovers = self._handover_leftovers, []
-        for unit, bound in leftovers:
-            self.log.warning(
-                "socket_closed",
-                unit=unit,
-                socket=bound.name,
-                reason="its unit is gone from the unit files",
-            )
-            bound.close()
-        orphans, self._handover_orphans = self._handover_orphans, []
-        for pid in orphans:
-            self._orphan(pid)
+        self.handover.finish()
 
     def abandon(self, state: HandoverState) -> None:
         """Undo a take-over that failed before it was ready: close what this program opened.
 
-        ``state`` is what it was given (:func:`~fdsupervisor.upgrade.copy_fds`:
-        copies of the handed-over fds); the copies are closed too, but not the
-        socket files they share with the originals, which still serve them.
-        Workers this program started are killed and reaped; the handed-over
-        ones are left alone. The handled signals stay blocked: the fallback
-        installs its handlers before they are unblocked.
+        The handled signals stay blocked: the fallback installs its handlers
+        before they are unblocked.
         """
-        handed_fds = set(state.fds)
-        handed_pids = {w.pid for item in state.services.values() for w in item.workers}
-        for runtime in self.units.values():
-            for pid, pidfd in runtime.pidfds.items():
-                if pid not in handed_pids:
-                    self._signal_group(pid, signal.SIGKILL)
-                    with contextlib.suppress(ChildProcessError):
-                        os.waitpid(pid, 0)
-                os.close(pidfd)
-            runtime.pidfds.clear()
+        self.handover.abandon(state)
         if self.monitor is not None:
             self.monitor.abandon()
             self.monitor = None
-        for entry in self.store:
-            fd, resource = entry.fd, self.store.take(entry.owner, entry.name)
-            if fd in handed_fds and isinstance(resource, BoundSocket):
-                resource.sock.close()  # the original still serves its file
-            else:
-                resource.close()
-        for _unit, bound in self._handover_leftovers:
-            bound.sock.close()
-        self._handover_leftovers.clear()
-        self._handover_orphans.clear()
         if self.notify_socket is not None:
             self.notify_socket.close()
             self.notify_socket = None
@@ -543,57 +451,34 @@ class Supervisor:
             self._wakeup = None
         self.loop.close()
 
-    def _unit_list(self) -> list[Unit]:
-        return [runtime.unit for runtime in self.units.values()]
+    def watch_hangup(self, owner: str, name: str) -> None:
+        entry = self.store.get(owner, name)
+        if entry is not None:
+            self._hangups.register(entry.fd, 0)
+            self._hangup_keys[entry.fd] = (owner, name)
 
-    @staticmethod
-    def _runtime_spec(item: StoredItem) -> SocketSpec:
-        """A spec for a socket added at run time, which no unit file describes."""
-        return SocketSpec(
-            name=item.name,
-            address=FdAddress(str(item.fd)),
-            kind=SocketKind(item.kind),
-            backlog=item.backlog,
+    def signal_group(self, pid: int, signum: int) -> None:
+        self._signal_group(pid, signum)
+
+    def adopt_worker(self, name: str, saved: WorkerItem) -> bool:
+        runtime = self.units[name]
+        try:
+            pidfd = os.pidfd_open(saved.pid)
+        except ProcessLookupError:
+            return False
+        runtime.service.workers[saved.instance] = Worker(
+            saved.instance, saved.pid, saved.started_at, ready=saved.ready, failure=saved.failure
         )
+        runtime.pidfds[saved.pid] = pidfd
+        if self.cgroups is not None:
+            self.cgroups.adopt(saved.pid)
+        self.loop.add_reader(pidfd, partial(self._reap, runtime, saved.pid))
+        if runtime.unit.service.watchdog and math.isfinite(runtime.unit.service.watchdog):
+            self._arm_watchdog(runtime, saved.pid, runtime.unit.service.watchdog)
+        return True
 
-    def _restore_services(self, state: HandoverState) -> None:
-        for name, item in state.services.items():
-            runtime = self.units.get(name)
-            if runtime is None:
-                # stopped by finish_handover(), once this program is ready
-                self._handover_orphans.extend(worker.pid for worker in item.workers)
-                continue
-            service = runtime.service
-            service.state = ServiceState(item.state)
-            service.restarts, service.status, service.failure = (
-                item.restarts,
-                item.status,
-                item.failure,
-            )
-            service.last_exit = ExitStatus(**item.last_exit) if item.last_exit else None
-            service.connections = item.connections
-            for saved in item.workers:
-                try:
-                    pidfd = os.pidfd_open(saved.pid)
-                except ProcessLookupError:
-                    continue
-                service.workers[saved.instance] = Worker(
-                    saved.instance,
-                    saved.pid,
-                    saved.started_at,
-                    ready=saved.ready,
-                    failure=saved.failure,
-                )
-                runtime.pidfds[saved.pid] = pidfd
-                if self.cgroups is not None:
-                    self.cgroups.adopt(saved.pid)
-                self.loop.add_reader(pidfd, partial(self._reap, runtime, saved.pid))
-                if runtime.unit.service.watchdog and math.isfinite(runtime.unit.service.watchdog):
-                    self._arm_watchdog(runtime, saved.pid, runtime.unit.service.watchdog)
-            self._resume(runtime)
-
-    def _resume(self, runtime: UnitRuntime) -> None:
-        """Carry a restored service on: start what was due, watch what was watched."""
+    def resume(self, name: str) -> None:
+        runtime = self.units[name]
         state, spec = runtime.service.state, runtime.unit.service
         if spec.accept:
             if state is not ServiceState.INACTIVE and state is not ServiceState.FAILED:
@@ -605,24 +490,14 @@ class Supervisor:
             for instance in runtime.service.instances_to_start():
                 self._spawn_worker(runtime, instance)  # restarts that were pending
 
-    def _orphan(self, pid: int) -> None:
-        """A worker of a unit that no longer exists: stop it, and still reap it."""
-        try:
-            pidfd = os.pidfd_open(pid)
-        except ProcessLookupError:
-            return
-        if self.cgroups is not None:
-            self.cgroups.adopt(pid)
-        self._signal_group(pid, signal.SIGTERM)
+    def worker_pids(self) -> list[int]:
+        return [pid for runtime in self.units.values() for pid in runtime.pidfds]
 
-        def reap() -> None:
-            self.loop.remove_reader(pidfd)
-            os.close(pidfd)
-            os.waitpid(pid, 0)
-            if self.cgroups is not None:
-                self.cgroups.release(pid)
-
-        self.loop.add_reader(pidfd, reap)
+    def release_workers(self) -> None:
+        for runtime in self.units.values():
+            for pidfd in runtime.pidfds.values():
+                os.close(pidfd)
+            runtime.pidfds.clear()
 
     # -- sockets added and removed at run time (the monitor) ---------------------------
 
