@@ -347,43 +347,6 @@ class Supervisor:
     def _finish_reload(self) -> None:
         self.reloader.finish()
 
-    # What the reloader, the upgrade and the handover ask of the units (their hosts'
-    # Protocols); each is one call on the unit's runtime.
-
-    def unit_names(self) -> list[str]:
-        return list(self.units)
-
-    def unit(self, name: str) -> Unit:
-        return self.runtime(name).unit
-
-    def has_workers(self, name: str) -> bool:
-        return bool(self.units[name].service.workers)
-
-    def suspend_intake(self, name: str) -> None:
-        self._unwatch(self.units[name])
-        self._stop_accepting(self.units[name])
-
-    def activate(self, name: str) -> None:
-        self._activate(self.units[name])
-
-    def fail(self, name: str, reason: str) -> None:
-        self._fail(self.units[name], reason)
-
-    def replace_unit(self, unit: Unit, service: Service | None) -> None:
-        runtime = self.units[unit.name]
-        runtime.unit = unit
-        if service is not None:
-            runtime.service = service
-
-    def add_unit(self, unit: Unit) -> None:
-        self.units[unit.name] = UnitRuntime(unit, Service(unit.name, unit.service))
-
-    def remove_unit(self, name: str) -> None:
-        self._cancel_restarts(self.units.pop(name))
-
-    def drop_stored(self, owner: str, name: str, reason: str) -> None:
-        self._drop_stored(owner, name, reason)
-
     # -- upgrade in place: re-exec, handing every fd and worker over ---------------------
 
     def upgrade(self) -> dict[str, Any]:
@@ -393,32 +356,6 @@ class Supervisor:
         runs on as before.
         """
         return self.upgrader.upgrade()
-
-    @property
-    def reload_in_progress(self) -> bool:
-        return self.reloader.in_progress
-
-    def service(self, name: str) -> Service:
-        return self.runtime(name).service
-
-    def watches_hangup(self, fd: int) -> bool:
-        return fd in self._hangup_keys
-
-    def flush_notify_log(self) -> None:
-        self._notify_log.flush(everything=True)
-
-    def pending_signals(self) -> bytes:
-        """Drain the wake-up socket: the numbers of the signals not handled yet."""
-        data = b""
-        while self._wakeup is not None:
-            try:
-                chunk = self._wakeup[0].recv(512)
-            except (BlockingIOError, InterruptedError):
-                break
-            if not chunk:
-                break
-            data += chunk
-        return data
 
     def adopt_handover(self, state: HandoverState, *, bind_new: bool = True) -> None:
         """In the new program: take over the old one's fds, then bind what is new (handover.py)."""
@@ -451,11 +388,75 @@ class Supervisor:
             self._wakeup = None
         self.loop.close()
 
+    # -- what the reloader, the upgrade and the handover ask of the supervisor -----------
+    # (reloader.ReloadHost, upgrade.UpgradeHost, handover.HandoverHost): units by name.
+    # Each is, or becomes with the unit runners, one call on a unit's runner.
+
+    def unit_names(self) -> list[str]:
+        return list(self.units)
+
+    def unit(self, name: str) -> Unit:
+        return self.runtime(name).unit
+
+    def service(self, name: str) -> Service:
+        return self.runtime(name).service
+
+    def has_workers(self, name: str) -> bool:
+        return bool(self.units[name].service.workers)
+
+    def suspend_intake(self, name: str) -> None:
+        self._unwatch(self.units[name])
+        self._stop_accepting(self.units[name])
+
+    def activate(self, name: str) -> None:
+        self._activate(self.units[name])
+
+    def fail(self, name: str, reason: str) -> None:
+        self._fail(self.units[name], reason)
+
+    def replace_unit(self, unit: Unit, service: Service | None) -> None:
+        runtime = self.units[unit.name]
+        runtime.unit = unit
+        if service is not None:
+            runtime.service = service
+
+    def add_unit(self, unit: Unit) -> None:
+        self.units[unit.name] = UnitRuntime(unit, Service(unit.name, unit.service))
+
+    def remove_unit(self, name: str) -> None:
+        self._cancel_restarts(self.units.pop(name))
+
+    def drop_stored(self, owner: str, name: str, reason: str) -> None:
+        self._drop_stored(owner, name, reason)
+
+    @property
+    def reload_in_progress(self) -> bool:
+        return self.reloader.in_progress
+
+    def watches_hangup(self, fd: int) -> bool:
+        return fd in self._hangup_keys
+
     def watch_hangup(self, owner: str, name: str) -> None:
         entry = self.store.get(owner, name)
         if entry is not None:
             self._hangups.register(entry.fd, 0)
             self._hangup_keys[entry.fd] = (owner, name)
+
+    def flush_notify_log(self) -> None:
+        self._notify_log.flush(everything=True)
+
+    def pending_signals(self) -> bytes:
+        """Drain the wake-up socket: the numbers of the signals not handled yet."""
+        data = b""
+        while self._wakeup is not None:
+            try:
+                chunk = self._wakeup[0].recv(512)
+            except (BlockingIOError, InterruptedError):
+                break
+            if not chunk:
+                break
+            data += chunk
+        return data
 
     def signal_group(self, pid: int, signum: int) -> None:
         self._signal_group(pid, signum)
