@@ -351,8 +351,10 @@ def run_upgraded(
             attempt.finish_handover()
         except Exception:  # past ready, nothing to go back to: supervise on
             log.exception("internal_error", note="please report this")
-        log.info("upgraded", pid=os.getpid(), workers=_workers(handover))
+        # Before the event that says the upgrade is done: whoever acts on
+        # "upgraded" (a signal, a look at the mask) finds the signals open.
         unblock_signals(HANDLED_SIGNALS)
+        log.info("upgraded", pid=os.getpid(), workers=_workers(handover))
         return attempt.run()
     attempt = None
     # Objects of the failed attempt that still wrap a copy close it now, before
@@ -371,6 +373,7 @@ def run_upgraded(
             exc_info=not isinstance(exc, FdSupervisorError),
         )
         return 1
+    unblock_signals(HANDLED_SIGNALS)
     log.warning(
         "upgrade_rolled_back",
         pid=os.getpid(),
@@ -378,7 +381,6 @@ def run_upgraded(
         note="the old units run on the handed-over fds; fix the cause and upgrade again",
     )
     supervisor.notifier.status("upgrade failed: running the units handed over")
-    unblock_signals(HANDLED_SIGNALS)
     return supervisor.run()
 
 
