@@ -203,6 +203,7 @@ class Supervisor:
         """Make systemd's fd store hold exactly the unit-file sockets the supervisor holds."""
         self.systemd_store.sync(rt.unit for rt in self.units.values())
 
+    # Shutdown (_close) calls this until it calls systemd_store.keep_socket_files() itself.
     def _keep_socket_files(self) -> None:
         self.systemd_store.keep_socket_files()
 
