@@ -434,8 +434,9 @@ class Supervisor:
     def reload_in_progress(self) -> bool:
         return self.reloader.in_progress
 
-    def watches_hangup(self, fd: int) -> bool:
-        return fd in self._hangup_keys
+    def watches_hangup(self, owner: str, name: str) -> bool:
+        entry = self.store.get(owner, name)
+        return entry is not None and self._hangup_keys.get(entry.fd) == (owner, name)
 
     def watch_hangup(self, owner: str, name: str) -> None:
         entry = self.store.get(owner, name)

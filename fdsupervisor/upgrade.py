@@ -368,8 +368,8 @@ class UpgradeHost(Protocol):
 
     def service(self, name: str) -> Service: ...
 
-    def watches_hangup(self, fd: int) -> bool:
-        """Whether a worker's stored fd ``fd`` is polled for POLLHUP (FDPOLL)."""
+    def watches_hangup(self, owner: str, name: str) -> bool:
+        """Whether the stored fd ``(owner, name)`` is polled for POLLHUP (FDPOLL)."""
 
     def flush_notify_log(self) -> None:
         """Write the counts of rate-limited warnings now: they do not cross the exec."""
@@ -513,7 +513,7 @@ class Upgrader:
                         entry.name,
                         entry.fd,
                         False,
-                        watch_hangup=host.watches_hangup(entry.fd),
+                        watch_hangup=host.watches_hangup(entry.owner, entry.name),
                     )
                 )
         services = {name: _service_item(host.service(name)) for name in host.unit_names()}
