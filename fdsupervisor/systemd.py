@@ -1,7 +1,7 @@
 """Everything that talks to systemd about the supervisor itself, through systemd-python.
 
 The supervisor is a service of its own service manager (``contrib/systemd/``);
-this module is its side of that relation, in four parts:
+this module is its side of that relation, in five parts:
 
 - :class:`SystemdNotifier` sends sd_notify messages: ``READY=1``,
   ``RELOADING=1``, ``STOPPING=1``, ``STATUS=``, ``WATCHDOG=1``, and
