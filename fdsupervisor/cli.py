@@ -15,7 +15,6 @@ import argparse
 import gc
 import os
 import resource
-import signal
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -26,6 +25,7 @@ from .addresses import format_address
 from .binding import InheritedFds
 from .errors import BindError, ConfigErrors, FdSupervisorError
 from .fdpassing import LISTEN_FDS_START
+from .handover import unblock_signals
 from .log import LOG_FORMATS, make_logger
 from .monitor import default_monitor_path
 from .supervisor import HANDLED_SIGNALS, Supervisor
@@ -352,8 +352,10 @@ def run_upgraded(
             attempt.finish_handover()
         except Exception:  # past ready, nothing to go back to: supervise on
             log.exception("internal_error", note="please report this")
+        # Before the event that says the upgrade is done: whoever acts on
+        # "upgraded" (a signal, a look at the mask) finds the signals open.
+        unblock_signals(HANDLED_SIGNALS)
         log.info("upgraded", pid=os.getpid(), workers=_workers(handover))
-        _unblock_signals()
         return attempt.run()
     attempt = None
     # Objects of the failed attempt that still wrap a copy close it now, before
@@ -372,6 +374,7 @@ def run_upgraded(
             exc_info=not isinstance(exc, FdSupervisorError),
         )
         return 1
+    unblock_signals(HANDLED_SIGNALS)
     log.warning(
         "upgrade_rolled_back",
         pid=os.getpid(),
@@ -379,20 +382,7 @@ def run_upgraded(
         note="the old units run on the handed-over fds; fix the cause and upgrade again",
     )
     supervisor.notifier.status("upgrade failed: running the units handed over")
-    _unblock_signals()
     return supervisor.run()
-
-
-def _unblock_signals() -> None:
-    """The handled signals, blocked by the old program since before its exec, arrive now.
-
-    Handlers are installed by then (``Supervisor.start``). A SIGUSR2 that came
-    meanwhile asked for the upgrade that has just happened (or failed): dropped,
-    as the old program drops one that comes while it prepares the upgrade.
-    """
-    if signal.SIGUSR2 in signal.sigpending():
-        signal.sigtimedwait([signal.SIGUSR2], 0)
-    signal.pthread_sigmask(signal.SIG_UNBLOCK, HANDLED_SIGNALS)
 
 
 def _fall_back(handover: HandoverState, inherited: InheritedFds, log: Any) -> Supervisor:

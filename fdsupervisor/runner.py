@@ -24,7 +24,7 @@ import contextlib
 import math
 import os
 import signal
-from collections.abc import Callable, Collection, Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from functools import partial
 from typing import Any
@@ -235,19 +235,9 @@ class UnitRunner:
             self._arm_watchdog(saved.pid, watchdog)
         return True
 
-    def abandon(self, handed_pids: Collection[int]) -> None:
-        """Undo a failed take-over: kill and reap the workers this program started.
-
-        Those in ``handed_pids`` came from the old program, which still
-        supervises them: only their pidfds are closed.
-        """
-        for pid, pidfd in self._pidfds.items():
-            if pid not in handed_pids:
-                self._signal(pid, signal.SIGKILL)
-                with contextlib.suppress(ChildProcessError):
-                    os.waitpid(pid, 0)
-            os.close(pidfd)
-        self._pidfds.clear()
+    def watched_pids(self) -> list[int]:
+        """The workers whose exit this runner still waits for (their pidfds are open)."""
+        return list(self._pidfds)
 
     def close(self) -> None:
         """At shutdown: cancel restarts and close the pidfds (the workers are gone by then)."""

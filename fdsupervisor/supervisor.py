@@ -17,69 +17,35 @@ as gunicorn's arbiter and asyncio do; all work happens in the loop.
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import os
 import signal
 import socket
-import subprocess
-import sys
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
 from typing import Any
 
 from . import __version__
-from .addresses import FdAddress
-from .binding import BoundSocket, InheritedFds, adopt_socket, bind_socket, describe_socket
+from .binding import BoundSocket, InheritedFds, bind_socket, describe_socket
 from .cgroups import WorkerCgroups
 from .commands import Commands, fd_event_data
-from .errors import BindError, ConfigErrors, FdSupervisorError
-from .fdpassing import scrub_environment
-from .fdstore import FdStore, RawFd, owner_unit, service_owner, unit_owner
+from .errors import BindError, FdSupervisorError
+from .fdstore import FdStore, owner_unit, service_owner, unit_owner
+from .handover import Handover
 from .log import RateLimitedLog
 from .loop import EventLoop, Timer
 from .monitor import MonitorServer, event_line
 from .notify import NotifySocket
-from .reload import ReloadPlan, SocketKey, plan_reload
+from .reloader import Reloader
 from .runner import RunnerContext, UnitRunner, find_sender, signal_group
-from .service import ExitStatus, Service, ServiceState
-from .systemd import (
-    SystemdNotifier,
-    SystemdSockets,
-    adoptable,
-    fd_store_name,
-    stored_socket_mismatch,
-)
-from .units import SocketKind, SocketSpec, Unit, load_units
-from .upgrade import (
-    HANDOVER_ENV,
-    HandoverState,
-    RunConfig,
-    ServiceItem,
-    StoredItem,
-    UnitFile,
-    WorkerItem,
-    set_inheritable,
-    write_state,
-)
+from .service import Service
+from .systemd import SystemdFdStore, SystemdNotifier, SystemdSockets
+from .units import Unit
+from .upgrade import HandoverState, RunConfig, Upgrader, WorkerItem
 
 HANDLED_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGUSR2)
 # The notify socket's abstract name, before its random part (NotifySocket.bind_unpredictable).
 NOTIFY_NAME_PREFIX = "fdsupervisor/notify/"
-# The new program's check before an upgrade blocks the loop; keep it well
-# under half of a typical WatchdogSec= (30 s in contrib/), pinged before and after.
-PREFLIGHT_TIMEOUT = 10.0
-
-
-@dataclass(slots=True)
-class PendingReload:
-    """A reload waiting for the workers of changed and removed units to exit."""
-
-    plan: ReloadPlan
-    units: Mapping[str, Unit]
-    fresh: dict[SocketKey, BoundSocket]
-    waiting_units: set[str]
 
 
 class Supervisor:
@@ -112,9 +78,9 @@ class Supervisor:
             on_change=lambda event, entry: self.emit(event, dict(fd_event_data(entry))),
         )
         self.notifier = notifier or SystemdNotifier({})
-        self.systemd_sockets = systemd_sockets or SystemdSockets()
-        self._from_systemd_store = adoptable(self.systemd_sockets)  # (unit, socket) → fd
-        self._kept_in_systemd: set[str] = set()  # FDNAMEs in systemd's fd store
+        self.systemd_store = SystemdFdStore(
+            self.notifier, systemd_sockets or SystemdSockets(), self.store, log=log
+        )
         self._watchdog: Timer | None = None
         self.shutting_down = False
         # What every unit's runner shares; the getters are read when used
@@ -131,15 +97,17 @@ class Supervisor:
             on_idle=self._unit_idle,
         )
         self.runners: dict[str, UnitRunner] = {u.name: self._new_runner(u) for u in units}
-        self.unit_paths = tuple(unit_paths)
-        self.exec_argv = tuple(exec_argv)  # how to run this supervisor again (upgrade)
-        self.run_config = run_config  # how it runs, for an upgrade's fallback
-        # An upgrade's take-over closes these only once it is ready (finish_handover):
-        # sockets of units gone from the unit files, workers of such units.
-        self._handover_leftovers: list[tuple[str, BoundSocket]] = []
-        self._handover_orphans: list[int] = []
+        self.reloader = Reloader(self, unit_paths, log=log)
+        self.upgrader = Upgrader(
+            self,
+            exec_argv=exec_argv,  # how to run this supervisor again
+            unit_paths=unit_paths,
+            run_config=run_config,  # how it runs, for the new program's fallback
+            signals=HANDLED_SIGNALS,
+            log=log,
+        )
+        self.handover = Handover(self, log=log)  # the new program's side of an upgrade
         self.monitor: MonitorServer | None = None
-        self._reload: PendingReload | None = None
         self.base_dir = Path.cwd()
         self.listeners: list[Callable[[str, dict[str, Any]], None]] = []
         self.notify_socket: NotifySocket | None = None
@@ -189,7 +157,7 @@ class Supervisor:
         try:
             for runner in self.runners.values():
                 for spec in runner.unit.sockets:
-                    bound = self._take_from_systemd_store(runner.unit, spec)
+                    bound = self.systemd_store.take_back(runner.unit, spec, self.inherited)
                     if bound is None:
                         bound = bind_socket(
                             spec, base_dir=runner.unit.base_dir, inherited=self.inherited
@@ -209,77 +177,12 @@ class Supervisor:
         closed = self.inherited.close_unclaimed()
         for number in closed:
             self.log.warning("inherited_fd_closed", fd=number, reason="no unit references it")
-        for name in self.systemd_sockets.names_of(closed):
-            self.notifier.remove_fds(name)  # systemd closes its copy too
+        self.systemd_store.drop_unclaimed(closed)  # systemd closes its copies too
         self.sync_systemd_store()
-
-    def _take_from_systemd_store(self, unit: Unit, spec: SocketSpec) -> BoundSocket | None:
-        """The socket systemd's fd store handed back for this unit socket, if it still fits."""
-        if isinstance(spec.address, FdAddress):
-            return None
-        fd = self._from_systemd_store.get((unit.name, spec.name))
-        if fd is None:
-            return None
-        name = fd_store_name(unit.name, spec.name)
-        self.inherited.claim(fd, spec.name)
-        reason = stored_socket_mismatch(fd, spec, unit.base_dir)
-        if reason is None:
-            sock = socket.socket(fileno=fd)
-            try:
-                bound = adopt_socket(sock, spec, fd_label=name)
-            except BindError as exc:
-                sock.detach()
-                reason = str(exc)
-            else:
-                self.log.info("socket_taken_back", unit=unit.name, socket=spec.name, fd=fd)
-                return bound
-        self.log.warning("stored_socket_dropped", unit=unit.name, socket=spec.name, reason=reason)
-        os.close(fd)
-        if name is not None:
-            self.notifier.remove_fds(name)
-            self.notifier.barrier()  # systemd's copy is closed before we bind the address
-        return None
 
     def sync_systemd_store(self) -> None:
         """Make systemd's fd store hold exactly the unit-file sockets the supervisor holds."""
-        if not self.notifier.enabled:
-            return  # not under systemd: nothing is kept, socket files go at shutdown
-        current: dict[str, int] = {}
-        for runtime in self.units.values():
-            for spec in runtime.unit.sockets:
-                if isinstance(spec.address, FdAddress):
-                    continue  # passed again by whoever passed it (a .socket unit)
-                entry = self.store.get(unit_owner(runtime.unit.name), spec.name)
-                if entry is None:
-                    continue
-                name = fd_store_name(runtime.unit.name, spec.name)
-                if name is None:
-                    self.log.warning(
-                        "socket_not_kept",
-                        unit=runtime.unit.name,
-                        socket=spec.name,
-                        reason="unit and socket name exceed 255 characters together",
-                    )
-                    continue
-                current[name] = entry.fd
-        for name in sorted(self._kept_in_systemd - current.keys()):
-            self.notifier.remove_fds(name)
-        limit = self.notifier.fd_store_max
-        if limit is not None and len(current) > limit:
-            self.log.warning("fd_store_full", sockets=len(current), file_descriptor_store_max=limit)
-        if current and not self.notifier.store_fds(sorted(current.items())):
-            self.log.warning("fd_store_failed", error=str(self.notifier.last_error))
-        self._kept_in_systemd = set(current)
-
-    def _keep_socket_files(self) -> None:
-        """Sockets systemd keeps for the next start keep their files (RemoveOnStop=no)."""
-        for runtime in self.units.values():
-            for entry in self.store.owned_by(unit_owner(runtime.unit.name)):
-                name = fd_store_name(runtime.unit.name, entry.name)
-                if name in self._kept_in_systemd and isinstance(entry.resource, BoundSocket):
-                    entry.resource = dataclasses.replace(
-                        entry.resource, created_path=None, created_inode=None
-                    )
+        self.systemd_store.sync(runner.unit for runner in self.runners.values())
 
     def _ping_watchdog(self, interval: float) -> None:
         self.notifier.ping()
@@ -305,7 +208,7 @@ class Supervisor:
             for runner in self.runners.values():
                 runner.activate()
         else:
-            self._restore_services(handover)
+            self.handover.restore_services(handover)
         if self.cgroups is not None:
             self.cgroups.release_unclaimed()
         interval = self.notifier.watchdog_interval()
@@ -360,11 +263,6 @@ class Supervisor:
         except KeyError:
             raise FdSupervisorError(f"unit '{unit_name}' not found") from None
 
-    @property
-    def units(self) -> dict[str, UnitRunner]:
-        """The runners by unit name, under their old name (reload, upgrade)."""
-        return self.runners
-
     def unit_names(self) -> list[str]:
         return list(self.runners)
 
@@ -389,432 +287,43 @@ class Supervisor:
     def _unit_idle(self, runner: UnitRunner) -> bool:
         """A unit has no workers any more: a reload that waited for it may go on."""
         name = runner.unit.name
-        if self._reload is None or name not in self._reload.waiting_units:
+        if not self.reloader.waits_for(name):
             return False
-        self._reload.waiting_units.discard(name)
-        if not self._reload.waiting_units:
-            self._finish_reload()
+        self.reloader.unit_idle(name)
         return True
 
-    # -- reload: apply changed unit files, keeping every fd that can be kept --------------
+    # -- reload and upgrade in place (reloader.py, upgrade.py, handover.py) -------------
 
     def reload(self) -> dict[str, Any]:
-        """Re-read the unit files; nothing changes unless all of them are valid.
-
-        Every new socket that can be bound at once is bound before anything
-        else happens, so a failure there also changes nothing. Then kept
-        sockets are relistened or moved, and the units whose service or fd
-        layout changed are stopped; once their workers are gone, their old
-        sockets are closed, the sockets that had to wait for that are bound,
-        and the new and changed units start.
-        """
-        if self._reload is not None:
-            raise self._reload_refused(
-                "a reload is still in progress (waiting for workers to stop)"
-            )
-        if not self.unit_paths:
-            raise self._reload_refused(
-                "this supervisor runs a command-line unit: nothing to reload"
-            )
-        try:
-            new_units = load_units(self.unit_paths)
-        except ConfigErrors as exc:
-            raise self._reload_refused(str(exc)) from None
-        plan = plan_reload(
-            [rt.unit for rt in self.units.values()], new_units, self._added_sockets()
-        )
-        if plan.problems:
-            raise self._reload_refused("\n".join(plan.problems))
-        new_by_name = {unit.name: unit for unit in new_units}
-        waiting = set(plan.bind_after_close)
-        fresh: dict[SocketKey, BoundSocket] = {}
-        try:
-            for key in (*plan.bind_sockets, *plan.rebind_sockets):
-                if key not in waiting:
-                    fresh[key] = self._bind_key(new_by_name, key)
-        except BindError as exc:
-            for bound in fresh.values():
-                bound.close()
-            raise self._reload_refused(str(exc)) from None
-        self.notifier.reloading()
-        self.log.info("reloading", plan=plan.summary())
-        self._apply_now(plan, new_by_name)
-        stopping = {*plan.stop_units, *plan.restart_units}
-        for name in stopping:
-            self.stop_service(name)
-        self._reload = PendingReload(
-            plan, new_by_name, fresh, {n for n in stopping if self.units[n].service.workers}
-        )
-        if not self._reload.waiting_units:
-            self._finish_reload()
-        return {"summary": plan.summary(), "waiting-for": sorted(stopping)}
-
-    def _added_sockets(self) -> dict[SocketKey, SocketSpec]:
-        """Sockets added to units at run time (socket-add), which no unit file declares."""
-        added = {}
-        for name, runtime in self.units.items():
-            for entry in self.store.owned_by(unit_owner(name)):
-                if entry.name not in runtime.unit.socket_names and isinstance(
-                    entry.resource, BoundSocket
-                ):
-                    added[(name, entry.name)] = entry.resource.spec
-        return added
-
-    def _reload_refused(self, reason: str) -> FdSupervisorError:
-        self.log.error("reload_failed", error=reason, note="nothing was changed")
-        self.notifier.status(f"reload failed, nothing changed: {reason.splitlines()[0]}")
-        return FdSupervisorError(f"reload refused, nothing was changed: {reason}")
-
-    def _bind_key(self, units: Mapping[str, Unit], key: SocketKey) -> BoundSocket:
-        unit = units[key[0]]
-        spec = next(s for s in unit.sockets if s.name == key[1])
-        bound = bind_socket(spec, base_dir=unit.base_dir, inherited=InheritedFds(frozenset()))
-        self.log.info(
-            "socket_bound",
-            unit=key[0],
-            socket=key[1],
-            address=describe_socket(bound.fileno()).address,
-            kind=spec.kind.value,
-            fd=bound.fileno(),
-        )
-        return bound
-
-    def _new_spec(self, units: Mapping[str, Unit], key: SocketKey) -> SocketSpec:
-        return next(s for s in units[key[0]].sockets if s.name == key[1])
-
-    def _apply_now(self, plan: ReloadPlan, units: Mapping[str, Unit]) -> None:
-        """The part of a reload that needs no worker to stop: adoptions, backlogs and moves."""
-        for key in plan.adopt_sockets:  # a runtime socket, now declared: the same fd
-            entry = self.store.get(unit_owner(key[0]), key[1])
-            if entry is not None and isinstance(entry.resource, BoundSocket):
-                entry.resource = dataclasses.replace(
-                    entry.resource, spec=self._new_spec(units, key)
-                )
-                self.log.info("socket_adopted", unit=key[0], socket=key[1], fd=entry.fd)
-        for key in plan.relisten_sockets:
-            entry = self.store.get(unit_owner(key[0]), key[1])
-            if entry is not None and isinstance(entry.resource, BoundSocket):
-                spec = self._new_spec(units, key)
-                entry.resource.sock.listen(spec.backlog)
-                entry.resource = dataclasses.replace(entry.resource, spec=spec)
-        involved = {old[0] for old, _new in plan.move_sockets}
-        for name in involved & set(self.units):
-            self.units[name].suspend_intake()
-        moved = [
-            (new, self.store.take(unit_owner(old[0]), old[1])) for old, new in plan.move_sockets
-        ]
-        for new, resource in moved:
-            spec = self._new_spec(units, new)
-            if isinstance(resource, BoundSocket):
-                resource = dataclasses.replace(resource, name=new[1], spec=spec)
-            self.store.add(unit_owner(new[0]), new[1], resource)
-            if new in plan.relisten_moved and isinstance(resource, BoundSocket):
-                resource.sock.listen(spec.backlog)
-        for name in plan.unchanged_units:
-            self.units[name].replace_unit(units[name])
-        for name in involved & set(plan.unchanged_units):
-            self.units[name].activate()
-
-    def _finish_reload(self) -> None:
-        pending, self._reload = self._reload, None
-        assert pending is not None
-        plan, units = pending.plan, pending.units
-        for key in (*plan.close_sockets, *plan.rebind_sockets):
-            entry = self.store.get(unit_owner(key[0]), key[1])
-            if entry is not None:
-                self.loop.remove_reader(entry.fd)
-                self.store.close(entry.owner, entry.name)
-                self.log.info("socket_closed", unit=key[0], socket=key[1], reason="reload")
-        failed: set[str] = set()
-        for key in plan.bind_after_close:
-            try:
-                pending.fresh[key] = self._bind_key(units, key)
-            except BindError as exc:
-                failed.add(key[0])
-                self.log.error("reload_bind_failed", unit=key[0], socket=key[1], error=str(exc))
-        for key, bound in pending.fresh.items():
-            self.store.add(unit_owner(key[0]), key[1], bound)
-        for name in plan.stop_units:
-            runtime = self.units.pop(name)
-            runtime.cancel_restarts()
-            self.store.close_owner(unit_owner(name))
-            # What its workers stored (FDSTORE=1) would otherwise stay for good, out of
-            # reach of every command and counted against --max-stored-fds. systemd
-            # likewise empties a service's fd store once it has stopped for good
-            # (FileDescriptorStorePreserve=no, its default).
-            for entry in self.store.owned_by(service_owner(name)):
-                runtime.drop_stored(entry.name, "its unit was removed by reload")
-        for name in (*plan.restart_units, *plan.start_units):
-            service = Service(name, units[name].service)
-            existing = self.units.get(name)
-            if existing is None:
-                runtime = self.units[name] = self._new_runner(units[name])
-            else:
-                runtime = existing
-                runtime.replace_unit(units[name], service)
-            if name in failed:
-                runtime.fail("a socket could not be bound at reload")
-            else:
-                runtime.activate()
-        summary = f"{len(self.units)} units, {len(self.store)} fds; reloaded: {plan.summary()}"
-        self.log.info("reloaded", plan=plan.summary())
-        self.sync_systemd_store()
-        self.notifier.ready(summary)
-
-    # -- upgrade in place: re-exec, handing every fd and worker over ---------------------
+        """Re-read the unit files and apply them (reloader.py); nothing changes on a refusal."""
+        return self.reloader.reload()
 
     def upgrade(self) -> dict[str, Any]:
-        """Re-execute this supervisor's program as the same process (see upgrade.py).
+        """Re-execute this supervisor's program as the same process (upgrade.py).
 
         Returns only if the upgrade did not happen; the old supervisor then
         runs on as before.
         """
-        if self._reload is not None or self.shutting_down:
-            raise self._upgrade_refused("a reload or a shutdown is in progress")
-        if not self.exec_argv:
-            raise self._upgrade_refused("this supervisor does not know its own command line")
-        self.notifier.ping()  # the check below blocks the loop: a watchdog deadline must not pass
-        self._preflight()
-        self.notifier.ping()
-        state = self._handover_state()
-        state_fd = write_state(state)
-        self._notify_log.flush(everything=True)  # counts of suppressed warnings do not cross
-        # From here until the new program is ready, a handled signal must neither
-        # kill it (after execve() its disposition is the default until the new
-        # program installs handlers; SIGHUP's default is to terminate) nor be lost:
-        # blocked, it stays pending across execve() (signal(7)) and the new program
-        # unblocks it once ready. Blocked only now, so the check above ran unblocked.
-        old_mask = signal.pthread_sigmask(signal.SIG_BLOCK, HANDLED_SIGNALS)
-        try:
-            self._repost_signals()
-            self.log.info("upgrading", pid=os.getpid(), fds=len(state.fds))
-            self.notifier.reloading()
-            if self.monitor is not None:
-                self.monitor.close_clients()  # connections do not cross; clients reconnect
-            set_inheritable(state.fds, True)
-            environ = {k: v for k, v in os.environ.items() if not k.startswith("LISTEN_")}
-            environ[HANDOVER_ENV] = str(state_fd)
-            argv = [sys.executable, "-m", "fdsupervisor", *self.exec_argv]
-            try:
-                os.execve(sys.executable, argv, environ)
-            except OSError as exc:
-                set_inheritable(state.fds, False)
-                os.close(state_fd)
-                self.notifier.ready("upgrade failed; still running the old program")
-                raise self._upgrade_refused(f"execve {sys.executable}: {exc}") from None
-        finally:
-            # Only reached when the exec did not happen: what was pending arrives now.
-            signal.pthread_sigmask(signal.SIG_SETMASK, old_mask)
-        raise AssertionError("unreachable")  # pragma: no cover
-
-    def _repost_signals(self) -> None:
-        """Signals that arrived while the upgrade was prepared: pending again, for the new program.
-
-        Their numbers wait in the wake-up socket, which does not survive the
-        exec; with the signals blocked, raising them again leaves them pending
-        across it. A SIGUSR2 among them asked for this very upgrade.
-        """
-        if self._wakeup is None:
-            return
-        while True:
-            try:
-                data = self._wakeup[0].recv(512)
-            except (BlockingIOError, InterruptedError):
-                break
-            if not data:
-                break
-            for signum in set(data) - {signal.SIGUSR2}:
-                if signum in HANDLED_SIGNALS:
-                    os.kill(os.getpid(), signum)
-
-    def _upgrade_refused(self, reason: str) -> FdSupervisorError:
-        self.log.error("upgrade_failed", error=reason, note="the running supervisor carries on")
-        return FdSupervisorError(f"upgrade refused, still running: {reason}")
-
-    def _preflight(self) -> None:
-        """The new program must at least load: run its ``check`` on our unit files."""
-        command = [sys.executable, "-m", "fdsupervisor"]
-        command += ["check", *map(str, self.unit_paths)] if self.unit_paths else ["--version"]
-        environ = scrub_environment(os.environ)
-        try:
-            result = subprocess.run(
-                command,
-                capture_output=True,
-                text=True,
-                timeout=PREFLIGHT_TIMEOUT,
-                env=environ,
-                stdin=subprocess.DEVNULL,
-                cwd=self.base_dir,
-            )
-        except (OSError, subprocess.TimeoutExpired) as exc:
-            raise self._upgrade_refused(f"the new program did not run: {exc}") from None
-        if result.returncode != 0:
-            detail = (result.stderr or result.stdout).strip().splitlines()
-            raise self._upgrade_refused(
-                "the new program's check failed: " + (detail[-1] if detail else "no output")
-            )
-
-    def _handover_state(self) -> HandoverState:
-        items = []
-        for entry in self.store:
-            resource = entry.resource
-            if isinstance(resource, BoundSocket):
-                items.append(
-                    StoredItem(
-                        entry.owner,
-                        entry.name,
-                        entry.fd,
-                        True,
-                        kind=resource.spec.kind.value,
-                        backlog=resource.spec.backlog,
-                        created_path=str(resource.created_path) if resource.created_path else None,
-                        created_inode=resource.created_inode,
-                    )
-                )
-            else:
-                items.append(
-                    StoredItem(
-                        entry.owner,
-                        entry.name,
-                        entry.fd,
-                        False,
-                        watch_hangup=self.store.watches_hangup(entry.owner, entry.name),
-                    )
-                )
-        services = {}
-        for name, runtime in self.units.items():
-            service = runtime.service
-            services[name] = ServiceItem(
-                state=service.state.value,
-                restarts=service.restarts,
-                last_exit=service.last_exit.as_dict() if service.last_exit else None,
-                status=service.status,
-                failure=service.failure,
-                connections=service.connections,
-                workers=tuple(
-                    WorkerItem(w.instance, w.pid, w.started_at, w.ready, w.failure)
-                    for w in service.workers.values()
-                ),
-            )
-        monitor_fd = self.monitor.fileno() if self.monitor is not None else None
-        notify_fd = self.notify_socket.fileno() if self.notify_socket is not None else None
-        return HandoverState(
-            self.exec_argv,
-            tuple(items),
-            services,
-            monitor_fd,
-            notify_fd=notify_fd,
-            config=self._current_config(),
-            monitor_inode=self.monitor.inode if self.monitor is not None else None,
-        )
-
-    def _current_config(self) -> RunConfig | None:
-        """How to run exactly the units running now (None: the new program cannot fall back)."""
-        if self.run_config is None or self.run_config.command_line is not None:
-            return self.run_config  # a command-line unit comes from the command line again
-        files = []
-        for runtime in self.units.values():
-            if runtime.unit.text is None:
-                return None
-            files.append(UnitFile(str(runtime.unit.source), runtime.unit.text))
-        return dataclasses.replace(self.run_config, unit_files=tuple(files))
+        return self.upgrader.upgrade()
 
     def adopt_handover(self, state: HandoverState, *, bind_new: bool = True) -> None:
-        """In the new program: take over the old one's fds, then bind what is new.
-
-        Sockets of units that are gone from the unit files are closed once the
-        new program is ready (:meth:`finish_handover`), not before: a take-over
-        that fails until then falls back to them. Sockets the unit files have
-        and the old program had not are bound, unless ``bind_new`` is false (the
-        fallback: only what was handed over). (A change of configuration is a
-        reload's business; this only keeps both in step.)
-        """
-        wanted = {(u.name, s.name): s for u in self._unit_list() for s in u.sockets}
-        for item in state.store:
-            os.set_inheritable(item.fd, False)
-            unit = item.owner.removeprefix("unit:") if item.owner.startswith("unit:") else None
-            if not item.socket:
-                self.store.add(item.owner, item.name, RawFd(item.fd))
-                if item.watch_hangup:
-                    self.store.watch_hangup(item.owner, item.name)
-                continue
-            sock = socket.socket(fileno=item.fd)
-            spec = wanted.pop((unit, item.name), None) if unit is not None else None
-            if unit is not None and unit not in self.units:
-                leftover = BoundSocket(
-                    item.name,
-                    self._runtime_spec(item),
-                    sock,
-                    Path(item.created_path) if item.created_path else None,
-                    created_inode=item.created_inode,
-                )
-                self._handover_leftovers.append((unit, leftover))
-                continue
-            bound = BoundSocket(
-                item.name,
-                spec or self._runtime_spec(item),
-                sock,
-                Path(item.created_path) if item.created_path else None,
-                adopted=True,
-                created_inode=item.created_inode,
-            )
-            self.store.add(item.owner, item.name, bound)
-        for (unit_name, _socket_name), spec in wanted.items():
-            if not bind_new:
-                # The old program did not hold it either (socket-del, or a bind
-                # that failed at a reload): the fallback changes nothing.
-                self.log.warning(
-                    "socket_not_bound", unit=unit_name, socket=spec.name, reason="not handed over"
-                )
-                continue
-            runtime = self.units[unit_name]
-            bound = bind_socket(spec, base_dir=runtime.unit.base_dir, inherited=self.inherited)
-            self.store.add(unit_owner(unit_name), spec.name, bound)
-        self.log.info("handover_adopted", fds=len(state.fds), services=len(state.services))
-        self.sync_systemd_store()
+        """In the new program: take over the old one's fds, then bind what is new (handover.py)."""
+        self.handover.adopt(state, bind_new=bind_new)
 
     def finish_handover(self) -> None:
         """Once the new program is ready: close and stop what the unit files no longer have."""
-        leftovers, self._handover_leftovers = self._handover_leftovers, []
-        for unit, bound in leftovers:
-            self.log.warning(
-                "socket_closed",
-                unit=unit,
-                socket=bound.name,
-                reason="its unit is gone from the unit files",
-            )
-            bound.close()
-        orphans, self._handover_orphans = self._handover_orphans, []
-        for pid in orphans:
-            self._orphan(pid)
+        self.handover.finish()
 
     def abandon(self, state: HandoverState) -> None:
         """Undo a take-over that failed before it was ready: close what this program opened.
 
-        ``state`` is what it was given (:func:`~fdsupervisor.upgrade.copy_fds`:
-        copies of the handed-over fds); the copies are closed too, but not the
-        socket files they share with the originals, which still serve them.
-        Workers this program started are killed and reaped; the handed-over
-        ones are left alone. The handled signals stay blocked: the fallback
-        installs its handlers before they are unblocked.
+        The handled signals stay blocked: the fallback installs its handlers
+        before they are unblocked.
         """
-        handed_fds = set(state.fds)
-        handed_pids = {w.pid for item in state.services.values() for w in item.workers}
-        for runtime in self.units.values():
-            runtime.abandon(handed_pids)
+        self.handover.abandon(state)
         if self.monitor is not None:
             self.monitor.abandon()
             self.monitor = None
-        for entry in self.store:
-            fd, resource = entry.fd, self.store.take(entry.owner, entry.name)
-            if fd in handed_fds and isinstance(resource, BoundSocket):
-                resource.sock.close()  # the original still serves its file
-            else:
-                resource.close()
-        for _unit, bound in self._handover_leftovers:
-            bound.sock.close()
-        self._handover_leftovers.clear()
-        self._handover_orphans.clear()
         if self.notify_socket is not None:
             self.notify_socket.close()
             self.notify_socket = None
@@ -828,56 +337,84 @@ class Supervisor:
             self._wakeup = None
         self.loop.close()
 
-    def _unit_list(self) -> list[Unit]:
-        return [runtime.unit for runtime in self.units.values()]
+    # -- what the reloader, the upgrade and the handover ask of the supervisor -----------
+    # (reloader.ReloadHost, upgrade.UpgradeHost, handover.HandoverHost): units by name,
+    # each one call on the unit's runner.
 
-    @staticmethod
-    def _runtime_spec(item: StoredItem) -> SocketSpec:
-        """A spec for a socket added at run time, which no unit file describes."""
-        return SocketSpec(
-            name=item.name,
-            address=FdAddress(str(item.fd)),
-            kind=SocketKind(item.kind),
-            backlog=item.backlog,
-        )
+    def service(self, name: str) -> Service:
+        return self.runner(name).service
 
-    def _restore_services(self, state: HandoverState) -> None:
-        for name, item in state.services.items():
-            runtime = self.units.get(name)
-            if runtime is None:
-                # stopped by finish_handover(), once this program is ready
-                self._handover_orphans.extend(worker.pid for worker in item.workers)
-                continue
-            runtime.service.restore(
-                ServiceState(item.state),
-                restarts=item.restarts,
-                last_exit=ExitStatus(**item.last_exit) if item.last_exit else None,
-                status=item.status,
-                failure=item.failure,
-                connections=item.connections,
-            )
-            for saved in item.workers:
-                runtime.adopt_worker(saved)
-            runtime.resume()
+    def has_workers(self, name: str) -> bool:
+        return bool(self.runner(name).service.workers)
 
-    def _orphan(self, pid: int) -> None:
-        """A worker of a unit that no longer exists: stop it, and still reap it."""
-        try:
-            pidfd = os.pidfd_open(pid)
-        except ProcessLookupError:
-            return
-        if self.cgroups is not None:
-            self.cgroups.adopt(pid)
-        signal_group(pid, signal.SIGTERM, self.cgroups, self.log)
+    def suspend_intake(self, name: str) -> None:
+        self.runner(name).suspend_intake()
 
-        def reap() -> None:
-            self.loop.remove_reader(pidfd)
-            os.close(pidfd)
-            os.waitpid(pid, 0)
-            if self.cgroups is not None:
-                self.cgroups.release(pid)
+    def activate(self, name: str) -> None:
+        self.runner(name).activate()
 
-        self.loop.add_reader(pidfd, reap)
+    def fail(self, name: str, reason: str) -> None:
+        self.runner(name).fail(reason)
+
+    def replace_unit(self, unit: Unit, service: Service | None) -> None:
+        self.runner(unit.name).replace_unit(unit, service)
+
+    def add_unit(self, unit: Unit) -> None:
+        self.runners[unit.name] = self._new_runner(unit)
+
+    def remove_unit(self, name: str) -> None:
+        self.runners.pop(name).cancel_restarts()
+
+    def drop_stored(self, owner: str, name: str, reason: str) -> None:
+        unit = owner.removeprefix("service:")
+        runner = self.runners.get(unit)
+        if runner is not None and service_owner(unit) == owner:
+            runner.drop_stored(name, reason)
+        elif self.store.get(owner, name) is not None:
+            self.store.close(owner, name)
+            self.log.info("fd_store_removed", owner=owner, fdname=name, reason=reason)
+
+    @property
+    def reload_in_progress(self) -> bool:
+        return self.reloader.in_progress
+
+    def watches_hangup(self, owner: str, name: str) -> bool:
+        return self.store.watches_hangup(owner, name)
+
+    def watch_hangup(self, owner: str, name: str) -> None:
+        self.store.watch_hangup(owner, name)
+
+    def flush_notify_log(self) -> None:
+        self._notify_log.flush(everything=True)
+
+    def pending_signals(self) -> bytes:
+        """Drain the wake-up socket: the numbers of the signals not handled yet."""
+        data = b""
+        while self._wakeup is not None:
+            try:
+                chunk = self._wakeup[0].recv(512)
+            except (BlockingIOError, InterruptedError):
+                break
+            if not chunk:
+                break
+            data += chunk
+        return data
+
+    def signal_group(self, pid: int, signum: int) -> None:
+        signal_group(pid, signum, self.cgroups, self.log)
+
+    def adopt_worker(self, name: str, saved: WorkerItem) -> bool:
+        return self.runner(name).adopt_worker(saved)
+
+    def resume(self, name: str) -> None:
+        self.runner(name).resume()
+
+    def worker_pids(self) -> list[int]:
+        return [pid for runner in self.runners.values() for pid in runner.watched_pids()]
+
+    def release_workers(self) -> None:
+        for runner in self.runners.values():
+            runner.close()
 
     # -- sockets added and removed at run time (the monitor) ---------------------------
 
@@ -1027,7 +564,7 @@ class Supervisor:
             runner.close()
         if self.cgroups is not None:
             self.cgroups.close()
-        self._keep_socket_files()
+        self.systemd_store.keep_socket_files()
         self.store.close_all()
         if self.notify_socket is not None:
             self.notify_socket.close()

@@ -1,7 +1,7 @@
 """Everything that talks to systemd about the supervisor itself, through systemd-python.
 
 The supervisor is a service of its own service manager (``contrib/systemd/``);
-this module is its side of that relation, in three parts:
+this module is its side of that relation, in four parts:
 
 - :class:`SystemdNotifier` sends sd_notify messages: ``READY=1``,
   ``RELOADING=1``, ``STOPPING=1``, ``STATUS=``, ``WATCHDOG=1``, and
@@ -16,17 +16,23 @@ this module is its side of that relation, in three parts:
   store as ``FDNAME=<unit>/<socket>`` (:func:`fd_store_name`), and
   :func:`adoptable` finds those again after a restart;
   :func:`stored_socket_mismatch` says whether one still fits its unit.
+- :class:`SystemdFdStore` keeps that store in step with the supervisor's
+  own (:class:`~fdsupervisor.fdstore.FdStore`): it takes a unit socket back
+  at start, stores every unit-file socket after each change, and keeps
+  their socket files at shutdown (systemd holds the sockets for the next run).
 
 The protocol's facts (the first passed fd, valid fd names, the variables that
 never reach a worker) are fdpassing.py's.
 
-Everything here but the sending and :func:`stored_socket_mismatch` is pure.
+Everything here but the sending, :func:`stored_socket_mismatch` and
+:class:`SystemdFdStore` is pure.
 The worker side of sd_notify (workers notifying *us*) is notify.py.
 """
 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import ipaddress
 import os
 import select
@@ -36,7 +42,7 @@ import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Final
+from typing import Any, Final, Protocol
 
 from systemd import daemon
 
@@ -47,9 +53,12 @@ from .addresses import (
     UnixAddress,
     VsockAddress,
 )
+from .binding import BoundSocket, InheritedFds, adopt_socket
+from .errors import BindError
 from .fdpassing import FDNAME_MAX, LISTEN_FDS_START, SCM_MAX_FD, fdname_is_valid
+from .fdstore import FdStore, unit_owner
 from .matching import bound_unix_name, port_range, resolved_address, unix_name, vsock_matches
-from .units import SocketKind, SocketSpec
+from .units import SocketKind, SocketSpec, Unit
 
 UNKNOWN_FD_NAME: Final = "unknown"
 """The name ``sd_listen_fds_with_names()`` gives every fd when ``LISTEN_FDNAMES`` is unset."""
@@ -544,3 +553,144 @@ def _same_ip(a: str, b: str) -> bool:
 
 def _label(host: str, port: int) -> str:
     return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+# --------------------------------------------------------------------------- keeping the store
+
+
+class FdStoreMessages(Protocol):
+    """What :class:`SystemdFdStore` sends its messages through: a :class:`SystemdNotifier`."""
+
+    @property
+    def enabled(self) -> bool: ...
+
+    @property
+    def fd_store_max(self) -> int | None: ...
+
+    @property
+    def last_error(self) -> OSError | None: ...
+
+    def store_fds(self, named: Sequence[tuple[str, int]], *, replace: bool = True) -> bool: ...
+
+    def remove_fds(self, name: str) -> bool: ...
+
+    def barrier(self, timeout: float = 5.0) -> bool: ...
+
+
+class SystemdFdStore:
+    """systemd's fd store kept in step with the supervisor's: every unit-file socket, by name.
+
+    A restart of the supervisor (``systemctl restart``, a crash) then keeps
+    its sockets: systemd hands them back in ``LISTEN_FDS``
+    (FILE_DESCRIPTOR_STORE.md), :meth:`take_back` adopts each one that still
+    fits its unit, and no connection is refused while the supervisor is
+    gone. Only sockets a unit file declares are kept: a ``{type: fd}``
+    socket comes again from whoever passed it, and a socket added at run
+    time is not in the unit files the next run reads. Without a manager
+    (``NOTIFY_SOCKET`` unset) nothing is sent and nothing is kept.
+
+    ``handed`` is what systemd passed at start; ``store`` the supervisor's
+    own store, which this class reads and never changes but for the socket
+    files at shutdown (:meth:`keep_socket_files`).
+    """
+
+    def __init__(
+        self, messages: FdStoreMessages, handed: SystemdSockets, store: FdStore, *, log: Any
+    ) -> None:
+        self._messages = messages
+        self._handed = handed
+        self._handed_back = adoptable(handed)  # (unit, socket) → fd
+        self._store = store
+        self._log = log
+        self._kept: dict[str, tuple[str, str]] = {}  # FDNAME in systemd's store → (unit, socket)
+
+    @property
+    def kept(self) -> frozenset[str]:
+        """The names systemd's fd store holds now (as far as its last sync knows)."""
+        return frozenset(self._kept)
+
+    def take_back(
+        self, unit: Unit, spec: SocketSpec, inherited: InheritedFds
+    ) -> BoundSocket | None:
+        """The socket systemd's fd store handed back for this unit socket, if it still fits.
+
+        A socket that no longer fits (the unit file changed its address or
+        kind meanwhile) is closed, and systemd's copy with it, before the
+        caller binds the address anew: ``BARRIER=1`` waits until the manager
+        has closed its copy, which would otherwise hold the address.
+        """
+        if isinstance(spec.address, FdAddress):
+            return None
+        fd = self._handed_back.pop((unit.name, spec.name), None)
+        if fd is None:
+            return None
+        name = fd_store_name(unit.name, spec.name)
+        inherited.claim(fd, spec.name)
+        reason = stored_socket_mismatch(fd, spec, unit.base_dir)
+        if reason is None:
+            sock = socket.socket(fileno=fd)
+            try:
+                bound = adopt_socket(sock, spec, fd_label=name)
+            except BindError as exc:
+                sock.detach()
+                reason = str(exc)
+            else:
+                self._log.info("socket_taken_back", unit=unit.name, socket=spec.name, fd=fd)
+                return bound
+        self._log.warning("stored_socket_dropped", unit=unit.name, socket=spec.name, reason=reason)
+        os.close(fd)
+        if name is not None:
+            self._messages.remove_fds(name)
+            self._messages.barrier()  # systemd's copy is closed before we bind the address
+        return None
+
+    def drop_unclaimed(self, closed: Iterable[int]) -> None:
+        """Inherited fds no unit claimed were closed: systemd closes its copies too."""
+        for name in self._handed.names_of(closed):
+            self._messages.remove_fds(name)
+
+    def sync(self, units: Iterable[Unit]) -> None:
+        """Make systemd's fd store hold exactly the unit-file sockets the supervisor holds."""
+        if not self._messages.enabled:
+            return  # not under systemd: nothing is kept, socket files go at shutdown
+        current: dict[str, tuple[str, str]] = {}
+        fds: dict[str, int] = {}
+        for unit in units:
+            for spec in unit.sockets:
+                if isinstance(spec.address, FdAddress):
+                    continue  # passed again by whoever passed it (a .socket unit)
+                entry = self._store.get(unit_owner(unit.name), spec.name)
+                if entry is None:
+                    continue
+                name = fd_store_name(unit.name, spec.name)
+                if name is None:
+                    self._log.warning(
+                        "socket_not_kept",
+                        unit=unit.name,
+                        socket=spec.name,
+                        reason="unit and socket name exceed 255 characters together",
+                    )
+                    continue
+                current[name] = (unit.name, spec.name)
+                fds[name] = entry.fd
+        for name in sorted(self._kept.keys() - current.keys()):
+            self._messages.remove_fds(name)
+        limit = self._messages.fd_store_max
+        if limit is not None and len(fds) > limit:
+            self._log.warning("fd_store_full", sockets=len(fds), file_descriptor_store_max=limit)
+        if fds and not self._messages.store_fds(sorted(fds.items())):
+            self._log.warning("fd_store_failed", error=str(self._messages.last_error))
+        self._kept = current
+
+    def keep_socket_files(self) -> None:
+        """Sockets systemd keeps for the next start keep their files (RemoveOnStop=no).
+
+        Called at shutdown, before the store is closed: a socket file
+        removed now would leave systemd holding a socket nobody can reach.
+        """
+        for unit, socket_name in self._kept.values():
+            entry = self._store.get(unit_owner(unit), socket_name)
+            if entry is not None and isinstance(entry.resource, BoundSocket):
+                entry.resource = dataclasses.replace(
+                    entry.resource, created_path=None, created_inode=None
+                )

@@ -41,22 +41,44 @@ The signals the supervisor handles are blocked across the exec (the mask
 and pending signals survive ``execve()``, signal(7)); the new program
 unblocks them only once its handlers are installed and it is ready, so a
 SIGHUP or SIGTERM in between is delivered then instead of killing it.
+
+This module is the state that crosses (:class:`HandoverState`, pure data
+and JSON) and the old program's side, :class:`Upgrader`: the check, the
+state, the exec. The new program's side (adopt, restore, finish, abandon)
+is handover.py. Both work against a Protocol of what they need of the
+supervisor and never import it.
 """
 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import fcntl
 import json
 import os
-from collections.abc import Mapping
+import signal
+import subprocess
+import sys
+from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field, replace
-from typing import Any
+from pathlib import Path
+from typing import Any, Protocol
 
+from .binding import BoundSocket
 from .errors import FdSupervisorError
+from .fdpassing import scrub_environment
+from .fdstore import FdStore
+from .monitor import MonitorServer
+from .notify import NotifySocket
+from .service import Service
+from .systemd import SystemdNotifier
+from .units import Unit
 
 HANDOVER_ENV = "FDSUPERVISOR_HANDOVER_FD"
 STATE_VERSION = 1
+# The new program's check before an upgrade blocks the loop; keep it well
+# under half of a typical WatchdogSec= (30 s in contrib/), pinged before and after.
+PREFLIGHT_TIMEOUT = 10.0
 
 
 class UpgradeError(FdSupervisorError):
@@ -312,3 +334,224 @@ def close_originals(state: HandoverState) -> None:
     for fd in state.fds:
         with contextlib.suppress(OSError):
             os.close(fd)
+
+
+# --------------------------------------------------------------------------- the old program's side
+
+
+class UpgradeHost(Protocol):
+    """What an upgrade needs of the running supervisor: what it hands over, and its signals."""
+
+    @property
+    def store(self) -> FdStore: ...
+
+    @property
+    def notifier(self) -> SystemdNotifier: ...
+
+    @property
+    def monitor(self) -> MonitorServer | None: ...
+
+    @property
+    def notify_socket(self) -> NotifySocket | None: ...
+
+    @property
+    def base_dir(self) -> Path: ...
+
+    @property
+    def shutting_down(self) -> bool: ...
+
+    @property
+    def reload_in_progress(self) -> bool: ...
+
+    def unit_names(self) -> list[str]: ...
+
+    def unit(self, name: str) -> Unit: ...
+
+    def service(self, name: str) -> Service: ...
+
+    def watches_hangup(self, owner: str, name: str) -> bool:
+        """Whether the stored fd ``(owner, name)`` is polled for POLLHUP (FDPOLL)."""
+
+    def flush_notify_log(self) -> None:
+        """Write the counts of rate-limited warnings now: they do not cross the exec."""
+
+    def pending_signals(self) -> bytes:
+        """The numbers of handled signals that arrived and are not handled yet (drained)."""
+
+
+class Upgrader:
+    """The old program's side of an upgrade: check the new program, hand over, exec.
+
+    ``exec_argv`` is how to run this supervisor again, ``unit_paths`` what
+    the new program's check reads, ``run_config`` how it runs (for the new
+    program's fallback) and ``signals`` the signals the supervisor handles,
+    blocked across the exec.
+    """
+
+    def __init__(
+        self,
+        host: UpgradeHost,
+        *,
+        exec_argv: Sequence[str],
+        unit_paths: Sequence[Path],
+        run_config: RunConfig | None,
+        signals: Sequence[int],
+        log: Any,
+    ) -> None:
+        self.host = host
+        self.exec_argv = tuple(exec_argv)
+        self.unit_paths = tuple(unit_paths)
+        self.run_config = run_config
+        self.signals = tuple(signals)
+        self.log = log
+
+    def upgrade(self) -> dict[str, Any]:
+        """Re-execute this supervisor's program as the same process.
+
+        Returns only if the upgrade did not happen (raising
+        :class:`~fdsupervisor.errors.FdSupervisorError`); the old supervisor
+        then runs on as before.
+        """
+        host = self.host
+        if host.reload_in_progress or host.shutting_down:
+            raise self._refused("a reload or a shutdown is in progress")
+        if not self.exec_argv:
+            raise self._refused("this supervisor does not know its own command line")
+        host.notifier.ping()  # the check below blocks the loop: a watchdog deadline must not pass
+        self._preflight()
+        host.notifier.ping()
+        state = self.handover_state()
+        state_fd = write_state(state)
+        host.flush_notify_log()  # counts of suppressed warnings do not cross
+        # From here until the new program is ready, a handled signal must neither
+        # kill it (after execve() its disposition is the default until the new
+        # program installs handlers; SIGHUP's default is to terminate) nor be lost:
+        # blocked, it stays pending across execve() (signal(7)) and the new program
+        # unblocks it once ready. Blocked only now, so the check above ran unblocked.
+        old_mask = signal.pthread_sigmask(signal.SIG_BLOCK, self.signals)
+        try:
+            self._repost_signals()
+            self.log.info("upgrading", pid=os.getpid(), fds=len(state.fds))
+            host.notifier.reloading()
+            if host.monitor is not None:
+                host.monitor.close_clients()  # connections do not cross; clients reconnect
+            set_inheritable(state.fds, True)
+            environ = {k: v for k, v in os.environ.items() if not k.startswith("LISTEN_")}
+            environ[HANDOVER_ENV] = str(state_fd)
+            argv = [sys.executable, "-m", "fdsupervisor", *self.exec_argv]
+            try:
+                os.execve(sys.executable, argv, environ)
+            except OSError as exc:
+                set_inheritable(state.fds, False)
+                os.close(state_fd)
+                host.notifier.ready("upgrade failed; still running the old program")
+                raise self._refused(f"execve {sys.executable}: {exc}") from None
+        finally:
+            # Only reached when the exec did not happen: what was pending arrives now.
+            signal.pthread_sigmask(signal.SIG_SETMASK, old_mask)
+        raise AssertionError("unreachable")  # pragma: no cover
+
+    def _repost_signals(self) -> None:
+        """Signals that arrived while the upgrade was prepared: pending again, for the new program.
+
+        Their numbers wait in the supervisor's wake-up socket, which does not
+        survive the exec; with the signals blocked, raising them again leaves
+        them pending across it. A SIGUSR2 among them asked for this very upgrade.
+        """
+        for signum in set(self.host.pending_signals()) - {signal.SIGUSR2}:
+            if signum in self.signals:
+                os.kill(os.getpid(), signum)
+
+    def _refused(self, reason: str) -> FdSupervisorError:
+        self.log.error("upgrade_failed", error=reason, note="the running supervisor carries on")
+        return FdSupervisorError(f"upgrade refused, still running: {reason}")
+
+    def _preflight(self) -> None:
+        """The new program must at least load: run its ``check`` on our unit files."""
+        command = [sys.executable, "-m", "fdsupervisor"]
+        command += ["check", *map(str, self.unit_paths)] if self.unit_paths else ["--version"]
+        try:
+            result = subprocess.run(
+                command,
+                capture_output=True,
+                text=True,
+                timeout=PREFLIGHT_TIMEOUT,
+                env=scrub_environment(os.environ),
+                stdin=subprocess.DEVNULL,
+                cwd=self.host.base_dir,
+            )
+        except (OSError, subprocess.TimeoutExpired) as exc:
+            raise self._refused(f"the new program did not run: {exc}") from None
+        if result.returncode != 0:
+            detail = (result.stderr or result.stdout).strip().splitlines()
+            raise self._refused(
+                "the new program's check failed: " + (detail[-1] if detail else "no output")
+            )
+
+    def handover_state(self) -> HandoverState:
+        """Everything the new program takes over: the store, the services, the sockets."""
+        host = self.host
+        items = []
+        for entry in host.store:
+            resource = entry.resource
+            if isinstance(resource, BoundSocket):
+                items.append(
+                    StoredItem(
+                        entry.owner,
+                        entry.name,
+                        entry.fd,
+                        True,
+                        kind=resource.spec.kind.value,
+                        backlog=resource.spec.backlog,
+                        created_path=str(resource.created_path) if resource.created_path else None,
+                        created_inode=resource.created_inode,
+                    )
+                )
+            else:
+                items.append(
+                    StoredItem(
+                        entry.owner,
+                        entry.name,
+                        entry.fd,
+                        False,
+                        watch_hangup=host.watches_hangup(entry.owner, entry.name),
+                    )
+                )
+        services = {name: _service_item(host.service(name)) for name in host.unit_names()}
+        monitor, notify_socket = host.monitor, host.notify_socket
+        return HandoverState(
+            self.exec_argv,
+            tuple(items),
+            services,
+            monitor.fileno() if monitor is not None else None,
+            notify_fd=notify_socket.fileno() if notify_socket is not None else None,
+            config=self._current_config(),
+            monitor_inode=monitor.inode if monitor is not None else None,
+        )
+
+    def _current_config(self) -> RunConfig | None:
+        """How to run exactly the units running now (None: the new program cannot fall back)."""
+        if self.run_config is None or self.run_config.command_line is not None:
+            return self.run_config  # a command-line unit comes from the command line again
+        files = []
+        for name in self.host.unit_names():
+            unit = self.host.unit(name)
+            if unit.text is None:
+                return None
+            files.append(UnitFile(str(unit.source), unit.text))
+        return dataclasses.replace(self.run_config, unit_files=tuple(files))
+
+
+def _service_item(service: Service) -> ServiceItem:
+    return ServiceItem(
+        state=service.state.value,
+        restarts=service.restarts,
+        last_exit=service.last_exit.as_dict() if service.last_exit else None,
+        status=service.status,
+        failure=service.failure,
+        connections=service.connections,
+        workers=tuple(
+            WorkerItem(w.instance, w.pid, w.started_at, w.ready, w.failure)
+            for w in service.workers.values()
+        ),
+    )

@@ -214,9 +214,9 @@ NEW_CODE_FAILS = """
 import os
 
 if os.environ.get("FDSUPERVISOR_HANDOVER_FD"):
-    from fdsupervisor import supervisor
+    from fdsupervisor import handover
 
-    restore = supervisor.Supervisor._restore_services
+    restore = handover.Handover.restore_services
     calls = []
 
     def fails(self, state):
@@ -226,7 +226,7 @@ if os.environ.get("FDSUPERVISOR_HANDOVER_FD"):
         if len(calls) <= {failures}:
             raise RuntimeError("new code fails as it runs")
 
-    supervisor.Supervisor._restore_services = fails
+    handover.Handover.restore_services = fails
 """
 
 
