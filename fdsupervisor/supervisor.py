@@ -39,6 +39,7 @@ from .notify import NotifySocket
 from .reloader import Reloader
 from .runner import RunnerContext, UnitRunner, find_sender, signal_group
 from .service import Service
+from .signals import SignalWakeup
 from .systemd import SystemdFdStore, SystemdNotifier, SystemdSockets
 from .units import Unit
 from .upgrade import HandoverState, RunConfig, Upgrader, WorkerItem
@@ -115,8 +116,7 @@ class Supervisor:
         # logged through a rate limit (a flood from nobody costs a few lines).
         self._notify_log = RateLimitedLog(log, clock=self.loop.time)
         self._notify_log_timer: Timer | None = None
-        self._wakeup: tuple[socket.socket, socket.socket] | None = None
-        self._old_handlers: dict[int, Any] = {}
+        self._signals = SignalWakeup(HANDLED_SIGNALS)  # installed at start()
         self.on_shutdown: list[Callable[[], None]] = []
 
     def emit(self, event: str, data: dict[str, Any]) -> None:
@@ -194,7 +194,7 @@ class Supervisor:
         After an upgrade (``handover``), the services carry on where the old
         program left them instead: running workers are supervised again.
         """
-        self._install_signals()
+        self.loop.add_reader(self._signals.install(), self._on_signals)
         self.notify_socket = self._open_notify_socket(handover)
         self.loop.add_reader(self.notify_socket.fileno(), self._on_notify)
         self.loop.add_reader(self.store.hangup_fileno(), self._on_hangups)
@@ -328,13 +328,7 @@ class Supervisor:
             self.notify_socket.close()
             self.notify_socket = None
         self.store.close_all()  # empty by now: its hang-up watch
-        if self._wakeup is not None:
-            for signum, handler in self._old_handlers.items():
-                signal.signal(signum, handler)
-            signal.set_wakeup_fd(-1)
-            for sock in self._wakeup:
-                sock.close()
-            self._wakeup = None
+        self._signals.close()
         self.loop.close()
 
     # -- what the reloader, the upgrade and the handover ask of the supervisor -----------
@@ -389,16 +383,7 @@ class Supervisor:
 
     def pending_signals(self) -> bytes:
         """Drain the wake-up socket: the numbers of the signals not handled yet."""
-        data = b""
-        while self._wakeup is not None:
-            try:
-                chunk = self._wakeup[0].recv(512)
-            except (BlockingIOError, InterruptedError):
-                break
-            if not chunk:
-                break
-            data += chunk
-        return data
+        return self._signals.drain()
 
     def signal_group(self, pid: int, signum: int) -> None:
         signal_group(pid, signum, self.cgroups, self.log)
@@ -517,22 +502,8 @@ class Supervisor:
 
     # -- signals and shutdown ---------------------------------------------------------
 
-    def _install_signals(self) -> None:
-        receive, send = socket.socketpair()
-        receive.setblocking(False)
-        send.setblocking(False)
-        self._wakeup = (receive, send)
-        signal.set_wakeup_fd(send.fileno(), warn_on_full_buffer=False)
-        for signum in HANDLED_SIGNALS:
-            self._old_handlers[signum] = signal.signal(signum, _wake_only)
-        self.loop.add_reader(receive.fileno(), self._on_signals)
-
     def _on_signals(self) -> None:
-        assert self._wakeup is not None
-        try:
-            data = self._wakeup[0].recv(512)
-        except BlockingIOError:
-            return
+        data = self._signals.drain()
         for signum in data:
             if signum in (signal.SIGTERM, signal.SIGINT):
                 self.shutdown(signal.Signals(signum).name)
@@ -569,17 +540,8 @@ class Supervisor:
         if self.notify_socket is not None:
             self.notify_socket.close()
         self._notify_log.flush(everything=True)
-        for signum, handler in self._old_handlers.items():
-            signal.signal(signum, handler)
-        if self._wakeup is not None:
-            signal.set_wakeup_fd(-1)
-            for sock in self._wakeup:
-                sock.close()
+        self._signals.close()
         self.loop.close()
-
-
-def _wake_only(signum: int, frame: object) -> None:
-    """Signal handler: the wake-up fd already carries the signal number."""
 
 
 __all__ = ["BindError", "BoundSocket", "Supervisor"]
