@@ -4,7 +4,7 @@ Part of the supervisor's reload (SIGHUP, the monitor's ``reload``), after
 ``units.load_units()`` has validated the whole new directory and before
 anything is touched. :func:`plan_reload` is pure: it compares two lists of
 :class:`~fdsupervisor.units.Unit` and never opens, closes or looks at an fd.
-The supervisor carries the resulting :class:`ReloadPlan` out.
+:class:`~fdsupervisor.reloader.Reloader` carries the resulting :class:`ReloadPlan` out.
 
 What systemd does, and why we do more. ``systemctl daemon-reload`` re-reads
 unit files but applies nothing to running units: a listening ``.socket``
