@@ -182,6 +182,25 @@ class SupervisorProcess:
                 if e.get("event") == event and all(e.get(k) == v for k, v in fields.items())
             )
 
+    def wait_count(self, event: str, count: int, timeout: float = 15.0, **fields: Any) -> int:
+        """Wait until ``count`` events named ``event`` were logged; how many there are then.
+
+        The log arrives on a pipe read by a thread: an event logged before a
+        reply the test has read may not have been read yet.
+        """
+        deadline = time.monotonic() + timeout
+        with self._cond:
+            while True:
+                seen = sum(
+                    1
+                    for e in self.events
+                    if e.get("event") == event and all(e.get(k) == v for k, v in fields.items())
+                )
+                remaining = deadline - time.monotonic()
+                if seen >= count or remaining <= 0 or not self._reading:
+                    return seen
+                self._cond.wait(remaining)
+
     def mark(self) -> int:
         with self._cond:
             return len(self.events)

@@ -401,7 +401,7 @@ def test_four_clients_holding_253_fds_each_leave_room_for_the_next_client(superv
                 f"clients would hold {2 * SCM_MAX_FD} file descriptors together "
                 f"(at most {BUDGET_AT_1024}); try again later"
             )
-        assert sup.count("monitor_fds_refused") == 3, "one warning per client"
+        assert sup.wait_count("monitor_fds_refused", 3) == 3, "one warning per client"
         assert holders[0].command("getfd", fdname="mine") == {"return": {}}
         assert holders[0].command("closefd", fdname="mine") == {"return": {}}
     finally:

@@ -62,6 +62,7 @@ def supervisor_for(directory: Path, stream: io.StringIO) -> Supervisor:
 def test_bind_all_puts_every_unit_socket_in_the_store_and_closing_it_frees_them(
     tmp_path: Path,
 ) -> None:
+    gc.collect()  # sockets earlier tests left to the collector: closed now, not mid-test
     baseline = open_fds()
     units = write_units(tmp_path / "units", {"web": WEB, "events": EVENTS})
     stream = io.StringIO()
