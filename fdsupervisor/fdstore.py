@@ -58,6 +58,11 @@ def owner_unit(owner: str) -> str | None:
     return owner.removeprefix(_UNIT_PREFIX) if owner.startswith(_UNIT_PREFIX) else None
 
 
+def owner_service(owner: str) -> str | None:
+    """The unit whose workers stored fds under this owner (``service:web`` → ``web``), else None."""
+    return owner.removeprefix(_SERVICE_PREFIX) if owner.startswith(_SERVICE_PREFIX) else None
+
+
 def owner_kind(owner: str) -> OwnerKind:
     """Which of the three kinds of owner ``owner`` is; anything else is a StoreError."""
     if owner.startswith(_UNIT_PREFIX):

@@ -30,7 +30,7 @@ from .binding import BoundSocket, InheritedFds, bind_socket, describe_socket
 from .cgroups import WorkerCgroups
 from .commands import Commands, fd_event_data
 from .errors import BindError, FdSupervisorError
-from .fdstore import FdStore, owner_unit, service_owner, unit_owner
+from .fdstore import FdStore, owner_service, owner_unit, unit_owner
 from .handover import Handover
 from .log import RateLimitedLog
 from .loop import EventLoop, Timer
@@ -360,9 +360,10 @@ class Supervisor:
         self.runners.pop(name).cancel_restarts()
 
     def drop_stored(self, owner: str, name: str, reason: str) -> None:
-        unit = owner.removeprefix("service:")
-        runner = self.runners.get(unit)
-        if runner is not None and service_owner(unit) == owner:
+        """Close a worker's stored fd; of a unit gone (after an upgrade) all the same."""
+        unit = owner_service(owner)
+        runner = self.runners.get(unit) if unit is not None else None
+        if runner is not None:
             runner.drop_stored(name, reason)
         elif self.store.get(owner, name) is not None:
             self.store.close(owner, name)
@@ -489,16 +490,8 @@ class Supervisor:
 
     def _on_hangups(self) -> None:
         """Stored fds that hung up (FDPOLL) are dropped, as systemd drops them."""
-        by_owner = {service_owner(name): runner for name, runner in self.runners.items()}
         for owner, name in self.store.hung_up():
-            runner = by_owner.get(owner)
-            if runner is not None:
-                runner.drop_stored(name, "hung up (FDPOLL)")
-            else:  # of a unit gone before an upgrade handed it over: closed all the same
-                self.store.close(owner, name)
-                self.log.info(
-                    "fd_store_removed", owner=owner, fdname=name, reason="hung up (FDPOLL)"
-                )
+            self.drop_stored(owner, name, "hung up (FDPOLL)")
 
     # -- signals and shutdown ---------------------------------------------------------
 
