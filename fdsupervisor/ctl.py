@@ -124,7 +124,17 @@ def run(args: argparse.Namespace) -> int:
         print(f"fdsupervisor ctl: {exc}", file=sys.stderr)
         return exc.exit_code
     try:
-        return _run_command(connection, args)
+        code = _run_command(connection, args)
+        sys.stdout.flush()  # here, where an EPIPE is caught, not at the interpreter's exit
+        return code
+    except BrokenPipeError:
+        # The reader went away (`ctl status | head -1`): exit quietly, as other
+        # tools do on EPIPE; stdout is pointed at /dev/null so that the
+        # interpreter's own flush at exit does not complain again.
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        os.close(devnull)
+        return 0
     except CtlError as exc:
         print(f"fdsupervisor ctl: {exc}", file=sys.stderr)
         return exc.exit_code
@@ -154,6 +164,13 @@ def _run_command(connection: MonitorConnection, args: argparse.Namespace) -> int
             )
         )
     elif command == "getfd":
+        try:
+            os.fstat(args.fd)
+        except OSError as exc:
+            raise CtlError(
+                f"--fd {args.fd}: this process has no fd {args.fd} open ({exc.strerror}); "
+                f"open one in the shell, e.g. `{args.fd}<>FILE`"
+            ) from None
         connection.execute("getfd", {"fdname": args.fdname}, fd=args.fd)
     elif command == "closefd":
         connection.execute("closefd", {"fdname": args.fdname})
