@@ -86,6 +86,13 @@ class SocketInfo:
     address: str  # "127.0.0.1:8080", "[::1]:8080", "unix:/path", "@name", "vsock:CID:PORT" or ""
 
 
+def _is_socket(number: int) -> bool:
+    try:
+        return stat.S_ISSOCK(os.fstat(number).st_mode)
+    except OSError:
+        return False
+
+
 @dataclass(frozen=True, slots=True)
 class InheritedFds:
     """The fds the supervisor had open at start-up, other than 0, 1 and 2.
@@ -119,10 +126,17 @@ class InheritedFds:
         """The inherited fds that no socket has claimed and that are still open."""
         return sorted(self.numbers - self._claims.keys() - self._closed)
 
-    def close_unclaimed(self) -> list[int]:
-        """Close every unclaimed fd; returns their numbers so the caller can warn."""
+    def close_unclaimed(self, sockets: set[int] | None = None) -> list[int]:
+        """Close every unclaimed fd; returns their numbers so the caller can warn.
+
+        ``sockets``, when given, gets the numbers of those that were sockets
+        (looked at just before the close): the ones that look deliberately
+        passed, worth a warning, where a shell's stray fd is not.
+        """
         closed = self.unclaimed()
         for number in closed:
+            if sockets is not None and _is_socket(number):
+                sockets.add(number)
             with contextlib.suppress(OSError):
                 os.close(number)
             self._closed.add(number)
@@ -238,6 +252,17 @@ def describe_socket(fd: int) -> SocketInfo:
 
 
 # --- inet ------------------------------------------------------------------
+
+
+def check_resolvable(spec: SocketSpec) -> None:
+    """Raise the :class:`BindError` that binding an inet ``spec`` would raise at resolution.
+
+    For ``check``: whether the host and port resolve (``localhost:nosuchservice``,
+    ``999.1.1.1:80`` do not) is known without binding anything.
+    """
+    address = spec.address
+    if isinstance(address, InetAddress):
+        _resolve_inet(spec, address, _inet_family(spec, address))
 
 
 def _bind_inet(spec: SocketSpec, address: InetAddress) -> BoundSocket:

@@ -22,8 +22,8 @@ from typing import Any
 
 from . import __version__, ctl
 from .addresses import format_address
-from .binding import InheritedFds
-from .errors import BindError, ConfigErrors, FdSupervisorError
+from .binding import InheritedFds, check_resolvable
+from .errors import BindError, ConfigError, ConfigErrors, FdSupervisorError, Location
 from .fdpassing import LISTEN_FDS_START
 from .handover import unblock_signals
 from .log import LOG_FORMATS, make_logger
@@ -183,7 +183,11 @@ def _command_line_unit(args: argparse.Namespace, command: list[str]) -> CommandL
         return None
     if args.units:
         raise FdSupervisorError("give either unit files or --listen ... -- COMMAND, not both")
-    if not args.listen or not command:
+    if not args.listen:
+        raise FdSupervisorError(
+            "a command after -- needs at least one --listen NAME=ADDRESS (the sockets it gets)"
+        )
+    if not command:
         raise FdSupervisorError("--listen NAME=ADDRESS needs a command after --")
     listens = []
     for item in args.listen:
@@ -433,6 +437,24 @@ def check(paths: Sequence[Path]) -> int:
         units = load_units(paths)
     except ConfigErrors as exc:
         for error in exc.errors:
+            print(f"fdsupervisor: {error}", file=sys.stderr)
+        return 1
+    # What can be known without binding: whether each inet address resolves.
+    unresolved = []
+    for unit in units:
+        for spec in unit.sockets:
+            try:
+                check_resolvable(spec)
+            except BindError as exc:
+                unresolved.append(
+                    ConfigError(
+                        spec.location or Location(str(unit.source)),
+                        ("sockets", spec.name, "listen"),
+                        exc.message,
+                    )
+                )
+    if unresolved:
+        for error in unresolved:
             print(f"fdsupervisor: {error}", file=sys.stderr)
         return 1
     for unit in units:

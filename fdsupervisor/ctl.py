@@ -2,7 +2,7 @@
 
 A small synchronous QMP client: connect, read the greeting, negotiate, run
 one command, print the answer (tables for ``status`` and ``query-fds``,
-JSON for ``execute``). fds travel on the command's own ``sendmsg``. Exit
+JSON for ``execute``), or follow the event stream (``events``). fds travel on the command's own ``sendmsg``. Exit
 codes: 0 done, 1 the command failed, 2 no supervisor to talk to.
 """
 
@@ -14,6 +14,7 @@ import os
 import socket
 import sys
 from collections.abc import Sequence
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -74,6 +75,13 @@ class MonitorConnection:
                 error = reply["error"]
                 raise CtlError(f"{error.get('class')}: {error.get('desc')}")
 
+    def next_message(self) -> dict[str, Any]:
+        """The next reply or event; :class:`CtlError` (exit 2) once the supervisor is gone."""
+        try:
+            return self._read_message()
+        except (ConnectionResetError, json.JSONDecodeError) as exc:
+            raise CtlError(f"the monitor connection ended: {exc}", 2) from None
+
     def _read_message(self) -> dict[str, Any]:
         while b"\n" not in self.buffer:
             data, ancillary, _flags, _addr = self.sock.recvmsg(
@@ -111,6 +119,8 @@ def build_parser(parser: argparse.ArgumentParser) -> None:
     for name in ("service-start", "service-stop", "service-restart"):
         sub.add_parser(name, help=f"{name.split('-')[1]} a unit's service").add_argument("unit")
     sub.add_parser("reload", help="re-read the unit files")
+    events = sub.add_parser("events", help="print the monitor's events as they come, until Ctrl-C")
+    events.add_argument("--json", action="store_true", help="the raw QMP event objects")
     execute = sub.add_parser("execute", help="any QMP command; prints its JSON result")
     execute.add_argument("qmp_command")
     execute.add_argument("arguments", nargs="?", default=None, help="a JSON object")
@@ -124,7 +134,19 @@ def run(args: argparse.Namespace) -> int:
         print(f"fdsupervisor ctl: {exc}", file=sys.stderr)
         return exc.exit_code
     try:
-        return _run_command(connection, args)
+        if args.ctl_command == "events":
+            return follow_events(connection, json_lines=args.json)
+        code = _run_command(connection, args)
+        sys.stdout.flush()  # here, where an EPIPE is caught, not at the interpreter's exit
+        return code
+    except BrokenPipeError:
+        # The reader went away (`ctl status | head -1`): exit quietly, as other
+        # tools do on EPIPE; stdout is pointed at /dev/null so that the
+        # interpreter's own flush at exit does not complain again.
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        os.close(devnull)
+        return 0
     except CtlError as exc:
         print(f"fdsupervisor ctl: {exc}", file=sys.stderr)
         return exc.exit_code
@@ -133,6 +155,40 @@ def run(args: argparse.Namespace) -> int:
         return 2
     finally:
         connection.close()
+
+
+def follow_events(connection: MonitorConnection, *, json_lines: bool) -> int:
+    """Print each event as it comes, until Ctrl-C or the supervisor's end (both exit 0)."""
+    connection.sock.settimeout(None)  # an idle supervisor sends nothing for hours
+    print("fdsupervisor ctl: following events (Ctrl-C to stop)", file=sys.stderr, flush=True)
+    try:
+        while True:
+            try:
+                message = connection.next_message()
+            except CtlError as exc:
+                # The supervisor stopped (or upgraded itself): the stream is over.
+                print(f"fdsupervisor ctl: {exc}; no more events", file=sys.stderr)
+                return 0
+            if "event" not in message:
+                continue
+            print(json.dumps(message) if json_lines else event_text(message), flush=True)
+    except KeyboardInterrupt:
+        return 0
+
+
+def event_text(message: dict[str, Any]) -> str:
+    """One readable line: ``TIMESTAMP EVENT unit=U key=value ...`` (UTC, microseconds)."""
+    stamp = message.get("timestamp") or {}
+    seconds = int(stamp.get("seconds", 0)) + int(stamp.get("microseconds", 0)) / 1e6
+    when = datetime.fromtimestamp(seconds, UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+    data = dict(message.get("data") or {})
+    parts = [when, str(message.get("event"))]
+    if "unit" in data:
+        parts.append(f"unit={data.pop('unit')}")
+    for key, value in data.items():
+        text = value if isinstance(value, str) else json.dumps(value)
+        parts.append(f"{key}={json.dumps(text) if ' ' in text or not text else text}")
+    return " ".join(parts)
 
 
 def _run_command(connection: MonitorConnection, args: argparse.Namespace) -> int:
@@ -154,6 +210,13 @@ def _run_command(connection: MonitorConnection, args: argparse.Namespace) -> int
             )
         )
     elif command == "getfd":
+        try:
+            os.fstat(args.fd)
+        except OSError as exc:
+            raise CtlError(
+                f"--fd {args.fd}: this process has no fd {args.fd} open ({exc.strerror}); "
+                f"open one in the shell, e.g. `{args.fd}<>FILE`"
+            ) from None
         connection.execute("getfd", {"fdname": args.fdname}, fd=args.fd)
     elif command == "closefd":
         connection.execute("closefd", {"fdname": args.fdname})

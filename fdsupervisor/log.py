@@ -24,12 +24,16 @@ import sys
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Final, TextIO
 
 import structlog
 from systemd import journal
 
 LOG_FORMATS: Final = ("auto", "console", "json", "journal")
+
+#: journald's native protocol socket (sd-journal's journal-send.c).
+JOURNAL_SOCKET: Final = "/run/systemd/journal/socket"
 
 SYSLOG_IDENTIFIER: Final = "fdsupervisor"
 
@@ -78,6 +82,7 @@ def make_logger(
     *,
     environ: Mapping[str, str] | None = None,
     send: JournalSend | None = None,
+    journal_socket: str = JOURNAL_SOCKET,
 ) -> Any:
     """A bound structlog logger in ``log_format`` (one of :data:`LOG_FORMATS`).
 
@@ -91,7 +96,14 @@ def make_logger(
         environ = os.environ if environ is None else environ
         log_format = "journal" if journal_stream_matches(environ) else "console"
     if log_format == "journal":
-        return _journal_logger(send or journal.send, stream)
+        if send is not None or Path(journal_socket).exists():
+            return _journal_logger(send or journal.send, stream)
+        # sd_journal_send() drops entries silently when journald's socket is
+        # missing (journal-send.c: ENOENT is "no journal"): every line would be
+        # lost. Console instead, and say so, as ``stdout: journal`` does.
+        fallback = make_logger("console", stream)
+        fallback.warning("journal_unavailable", socket=journal_socket, note="logging to stderr")
+        return fallback
     renderer: Any
     if log_format == "json":
         renderer = structlog.processors.JSONRenderer()

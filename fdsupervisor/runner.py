@@ -378,10 +378,12 @@ class UnitRunner:
         self._signal(pid, signal.SIGKILL, leader_too=False)
         _, wait_status = os.waitpid(pid, 0)
         status = ExitStatus.from_wait_status(wait_status)
+        stopped = pid in self._kill_timers  # we asked it to stop: its status is no news
         for timers in (self._kill_timers, self._start_timers, self._watchdog_timers):
             timers.cancel(pid)
         decision = self.service.worker_exited(pid, status, self._loop.time())
-        self.log.info(
+        failed = not stopped and (status.code not in (None, 0) or status.signal is not None)
+        (self.log.warning if failed else self.log.info)(
             "worker_exited",
             pid=pid,
             status=str(status),

@@ -429,9 +429,11 @@ def worker_environment(
         env[key] = expand_placeholders(value, numbers, instance)
     if extra_env:
         env.update(extra_env)
-    env["LISTEN_FDS"] = str(len(passed))
-    env["LISTEN_FDNAMES"] = ":".join(p.name for p in passed)
-    pid_variables: tuple[str, ...] = ("LISTEN_PID",)
+    pid_variables: tuple[str, ...] = ()
+    if passed:  # as systemd's exec_context: LISTEN_* only when at least one fd is passed
+        env["LISTEN_FDS"] = str(len(passed))
+        env["LISTEN_FDNAMES"] = ":".join(p.name for p in passed)
+        pid_variables = ("LISTEN_PID",)
     if notify_socket is not None:
         env["NOTIFY_SOCKET"] = notify_socket
         if service.watchdog and service.watchdog != float("inf"):

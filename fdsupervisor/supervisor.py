@@ -29,7 +29,7 @@ from . import __version__
 from .binding import BoundSocket, InheritedFds, bind_socket, describe_socket
 from .cgroups import WorkerCgroups
 from .commands import Commands, fd_event_data
-from .errors import BindError, FdSupervisorError
+from .errors import BindError, FdSupervisorError, Location
 from .fdstore import FdStore, owner_service, owner_unit, unit_owner
 from .handover import Handover
 from .log import RateLimitedLog
@@ -41,12 +41,21 @@ from .runner import RunnerContext, UnitRunner, find_sender, signal_group
 from .service import Service
 from .signals import SignalWakeup
 from .systemd import SystemdFdStore, SystemdNotifier, SystemdSockets
-from .units import Unit
+from .units import SocketSpec, Unit
 from .upgrade import HandoverState, RunConfig, Upgrader, WorkerItem
 
 HANDLED_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGUSR2)
 # The notify socket's abstract name, before its random part (NotifySocket.bind_unpredictable).
 NOTIFY_NAME_PREFIX = "fdsupervisor/notify/"
+
+
+def located_bind_error(unit: Unit, spec: SocketSpec, exc: BindError) -> BindError:
+    """``exc`` naming the unit, the file:line:col and the key of the socket that failed."""
+    where = spec.location or Location(str(unit.source))
+    return BindError(
+        spec.name,
+        f"{exc.message} (unit {unit.name}, {where}: sockets.{spec.name}.listen)",
+    )
 
 
 class Supervisor:
@@ -79,8 +88,9 @@ class Supervisor:
             on_change=lambda event, entry: self.emit(event, dict(fd_event_data(entry))),
         )
         self.notifier = notifier or SystemdNotifier({})
+        self._systemd_sockets = systemd_sockets or SystemdSockets()
         self.systemd_store = SystemdFdStore(
-            self.notifier, systemd_sockets or SystemdSockets(), self.store, log=log
+            self.notifier, self._systemd_sockets, self.store, log=log
         )
         self._watchdog: Timer | None = None
         self.shutting_down = False
@@ -118,11 +128,24 @@ class Supervisor:
         self._notify_log_timer: Timer | None = None
         self._signals = SignalWakeup(HANDLED_SIGNALS)  # installed at start()
         self.on_shutdown: list[Callable[[], None]] = []
+        # A command-line unit (run --listen ... -- COMMAND) is the whole job.
+        self._one_off = run_config is not None and run_config.command_line is not None
+        self.exit_code = 0
+
+    def socket_count(self) -> int:
+        """Bound sockets in the store (not fds from getfd or FDSTORE=1)."""
+        return sum(1 for entry in self.store if isinstance(entry.resource, BoundSocket))
 
     def emit(self, event: str, data: dict[str, Any]) -> None:
         """Tell every listener (the monitor's clients) that ``event`` happened."""
         for listener in self.listeners:
             listener(event, data)
+        if event == "SERVICE_FAILED" and self._one_off and not self.shutting_down:
+            # As systemd-socket-activate, whose exit is its one program's: a
+            # one-off unit failed for good ends the supervisor, non-zero. Later
+            # in the loop, not inside the runner that is failing.
+            self.exit_code = 1
+            self.loop.call_later(0, partial(self.shutdown, "the one-off unit failed"))
 
     # -- start-up -----------------------------------------------------------
 
@@ -159,9 +182,12 @@ class Supervisor:
                 for spec in runner.unit.sockets:
                     bound = self.systemd_store.take_back(runner.unit, spec, self.inherited)
                     if bound is None:
-                        bound = bind_socket(
-                            spec, base_dir=runner.unit.base_dir, inherited=self.inherited
-                        )
+                        try:
+                            bound = bind_socket(
+                                spec, base_dir=runner.unit.base_dir, inherited=self.inherited
+                            )
+                        except BindError as exc:
+                            raise located_bind_error(runner.unit, spec, exc) from None
                     self.store.add(runner.owner, spec.name, bound)
                     self.log.info(
                         "socket_bound",
@@ -174,9 +200,16 @@ class Supervisor:
         except BaseException:
             self.store.close_all()
             raise
-        closed = self.inherited.close_unclaimed()
+        sockets: set[int] = set()
+        closed = self.inherited.close_unclaimed(sockets)
+        passed = set(self._systemd_sockets.numbers)
         for number in closed:
-            self.log.warning("inherited_fd_closed", fd=number, reason="no unit references it")
+            # Only a socket, or an fd systemd passed in LISTEN_FDS, looks
+            # deliberately handed over; a shell's stray fds are not worth a warning.
+            deliberate = number in sockets or number in passed
+            (self.log.warning if deliberate else self.log.debug)(
+                "inherited_fd_closed", fd=number, reason="no unit references it"
+            )
         self.systemd_store.drop_unclaimed(closed)  # systemd closes its copies too
         self.sync_systemd_store()
 
@@ -214,8 +247,10 @@ class Supervisor:
         interval = self.notifier.watchdog_interval()
         if interval is not None:
             self._ping_watchdog(interval)
-        summary = f"{len(self.runners)} units, {len(self.store)} sockets"
-        self.log.info("ready", units=len(self.runners), sockets=len(self.store), pid=os.getpid())
+        # Sockets only: after an upgrade the store also holds getfd and FDSTORE=1 fds.
+        sockets = self.socket_count()
+        summary = f"{len(self.runners)} units, {sockets} sockets"
+        self.log.info("ready", units=len(self.runners), sockets=sockets, pid=os.getpid())
         self.notifier.ready(summary)
 
     def _open_notify_socket(self, handover: HandoverState | None) -> NotifySocket:
@@ -248,8 +283,8 @@ class Supervisor:
                     self.log.exception("internal_error", note="please report this")
         finally:
             self._close()
-        self.log.info("stopped")
-        return 0
+        self.log.info("stopped", exit_code=self.exit_code)
+        return self.exit_code
 
     # -- services -------------------------------------------------------------
 

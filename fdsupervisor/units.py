@@ -443,7 +443,13 @@ class _UnitReader:
         mark = error.problem_mark or error.context_mark
         problem = error.problem or error.context or "syntax error"
         if error.context and error.problem:
-            problem = f"{problem} ({error.context})"
+            context = error.context
+            opened = error.context_mark
+            unterminated = context.startswith("while ")  # "while scanning a quoted scalar"
+            if unterminated and opened is not None and mark and opened.line != mark.line:
+                # An unterminated quote or bracket: where it was opened is what helps.
+                context += f" opened at {opened.line + 1}:{opened.column + 1}"
+            problem = f"{problem} ({context})"
         if mark is None:
             return ConfigError(Location(str(self.source)), (), f"invalid YAML: {problem}")
         location = Location(str(self.source), mark.line + 1, mark.column + 1)
@@ -1058,7 +1064,10 @@ def load_unit_text(text: str, source: Path, base_dir: Path) -> Unit:
     parser = _UnitParser(source, base_dir)
     unit = parser.unit(text)
     if parser.errors or unit is None:
-        raise ConfigErrors(parser.errors)
+        # In line order, as a compiler lists them (the parser finds them key by key).
+        raise ConfigErrors(
+            sorted(parser.errors, key=lambda e: (e.location.line, e.location.column))
+        )
     return replace(unit, text=text)
 
 
