@@ -32,12 +32,12 @@ from .commands import Commands, fd_event_data
 from .errors import BindError, FdSupervisorError, Location
 from .fdstore import FdStore, owner_service, owner_unit, unit_owner
 from .handover import Handover
-from .log import RateLimitedLog
 from .loop import EventLoop, Timer
 from .monitor import MonitorServer, event_line
+from .notifications import WorkerNotifications
 from .notify import NotifySocket
 from .reloader import Reloader
-from .runner import RunnerContext, UnitRunner, find_sender, signal_group
+from .runner import RunnerContext, UnitRunner, signal_group
 from .service import Service
 from .signals import SignalWakeup
 from .systemd import SystemdFdStore, SystemdNotifier, SystemdSockets
@@ -45,8 +45,6 @@ from .units import SocketSpec, Unit
 from .upgrade import HandoverState, RunConfig, Upgrader, WorkerItem
 
 HANDLED_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGUSR2)
-# The notify socket's abstract name, before its random part (NotifySocket.bind_unpredictable).
-NOTIFY_NAME_PREFIX = "fdsupervisor/notify/"
 
 
 def located_bind_error(unit: Unit, spec: SocketSpec, exc: BindError) -> BindError:
@@ -102,7 +100,7 @@ class Supervisor:
             environ=self.environ,
             log=log,
             emit=self.emit,
-            notify_address=self._notify_address,
+            notify_address=lambda: self.notifications.address,
             cgroups=lambda: self.cgroups,
             shutting_down=lambda: self.shutting_down,
             on_idle=self._unit_idle,
@@ -121,11 +119,9 @@ class Supervisor:
         self.monitor: MonitorServer | None = None
         self.base_dir = Path.cwd()
         self.listeners: list[Callable[[str, dict[str, Any]], None]] = []
-        self.notify_socket: NotifySocket | None = None
-        # Anyone on the machine can send to the notify socket: what they cause is
-        # logged through a rate limit (a flood from nobody costs a few lines).
-        self._notify_log = RateLimitedLog(log, clock=self.loop.time)
-        self._notify_log_timer: Timer | None = None
+        self.notifications: WorkerNotifications = WorkerNotifications(
+            self.loop, log, lambda: self.runners.values()
+        )
         self._signals = SignalWakeup(HANDLED_SIGNALS)  # installed at start()
         self.on_shutdown: list[Callable[[], None]] = []
         # A command-line unit (run --listen ... -- COMMAND) is the whole job.
@@ -228,8 +224,7 @@ class Supervisor:
         program left them instead: running workers are supervised again.
         """
         self.loop.add_reader(self._signals.install(), self._on_signals)
-        self.notify_socket = self._open_notify_socket(handover)
-        self.loop.add_reader(self.notify_socket.fileno(), self._on_notify)
+        self.notifications.open(handover.notify_fd if handover is not None else None)
         self.loop.add_reader(self.store.hangup_fileno(), self._on_hangups)
         if self.use_cgroups:
             self.cgroups = WorkerCgroups.open(self.log)
@@ -252,24 +247,6 @@ class Supervisor:
         summary = f"{len(self.runners)} units, {sockets} sockets"
         self.log.info("ready", units=len(self.runners), sockets=sockets, pid=os.getpid())
         self.notifier.ready(summary)
-
-    def _open_notify_socket(self, handover: HandoverState | None) -> NotifySocket:
-        """The old program's notify socket after an upgrade, else one bound anew.
-
-        A name nobody can guess (any user may bind a free abstract name), kept
-        bound across an upgrade's exec so that it is never free for someone
-        else to take (docs/security.md).
-        """
-        if handover is not None and handover.notify_fd is not None:
-            try:
-                return NotifySocket.adopt(handover.notify_fd, log=self._notify_log)
-            except BindError as exc:
-                self.log.warning(
-                    "notify_socket_rebound",
-                    error=exc.message,
-                    note="running workers' NOTIFY_SOCKET no longer reaches the supervisor",
-                )
-        return NotifySocket.bind_unpredictable(NOTIFY_NAME_PREFIX, log=self._notify_log)
 
     def run(self) -> int:
         """Run until shut down and every worker is gone; returns the exit code."""
@@ -359,9 +336,7 @@ class Supervisor:
         if self.monitor is not None:
             self.monitor.abandon()
             self.monitor = None
-        if self.notify_socket is not None:
-            self.notify_socket.close()
-            self.notify_socket = None
+        self.notifications.close()
         self.store.close_all()  # empty by now: its hang-up watch
         self._signals.close()
         self.loop.close()
@@ -414,8 +389,12 @@ class Supervisor:
     def watch_hangup(self, owner: str, name: str) -> None:
         self.store.watch_hangup(owner, name)
 
+    @property
+    def notify_socket(self) -> NotifySocket | None:
+        return self.notifications.socket
+
     def flush_notify_log(self) -> None:
-        self._notify_log.flush(everything=True)
+        self.notifications.flush()
 
     def pending_signals(self) -> bytes:
         """Drain the wake-up socket: the numbers of the signals not handled yet."""
@@ -487,42 +466,6 @@ class Supervisor:
         self.sync_systemd_store()
         self.emit("SOCKET_REMOVED", {"id": socket_id, "unit": unit})
 
-    # -- the notify protocol (sd_notify) from workers -------------------------------------
-
-    def _notify_address(self) -> str | None:
-        return self.notify_socket.address if self.notify_socket is not None else None
-
-    def _on_notify(self) -> None:
-        assert self.notify_socket is not None
-        for datagram in self.notify_socket.receive():
-            sender = find_sender(datagram.pid, self.runners.values())
-            if sender is None:
-                for fd in datagram.fds:
-                    os.close(fd)
-                self._notify_log.warning(
-                    "notify_ignored",
-                    pid=datagram.pid,
-                    uid=datagram.uid,
-                    reason="not a worker's process",
-                )
-                continue
-            runner, worker = sender
-            runner.notified(worker, datagram.message, datagram.fds)
-        self._schedule_notify_log_flush()
-
-    def _schedule_notify_log_flush(self) -> None:
-        """Have the count of suppressed warnings written once its window is over."""
-        due = self._notify_log.due()
-        if due is None or self._notify_log_timer is not None:
-            return
-
-        def flush() -> None:
-            self._notify_log_timer = None
-            self._notify_log.flush()
-            self._schedule_notify_log_flush()
-
-        self._notify_log_timer = self.loop.call_at(due, flush)
-
     def _on_hangups(self) -> None:
         """Stored fds that hung up (FDPOLL) are dropped, as systemd drops them."""
         for owner, name in self.store.hung_up():
@@ -565,9 +508,8 @@ class Supervisor:
             self.cgroups.close()
         self.systemd_store.keep_socket_files()
         self.store.close_all()
-        if self.notify_socket is not None:
-            self.notify_socket.close()
-        self._notify_log.flush(everything=True)
+        self.notifications.close()
+        self.notifications.flush()
         self._signals.close()
         self.loop.close()
 
