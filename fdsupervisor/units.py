@@ -152,6 +152,58 @@ class ServiceSpec:
     # "file:/abs/path" (written from the start) or "append:/abs/path".
     stdout: str = "inherit"
     stderr: str = "inherit"
+    # Hardening applied in the child before exec (SPEC section 10, systemd's
+    # LimitXXX=, UMask=, NoNewPrivileges=, SupplementaryGroups=).
+    limits: tuple[ResourceLimit, ...] = ()
+    umask: int | None = None  # None: the supervisor's own
+    no_new_privileges: bool = False
+    supplementary_groups: tuple[str, ...] | None = None  # None: the user's own groups
+    # Where user:, group: and supplementary-groups: were written, for errors
+    # found when they are resolved (fdsupervisor check, start); not identity.
+    account_locations: tuple[tuple[str, Location], ...] = field(
+        default=(), compare=False, repr=False
+    )
+
+    def account_location(self, key: str) -> Location | None:
+        """Where the account key ``key`` (``user``, ``group``, ``supplementary-groups.N``) is."""
+        return dict(self.account_locations).get(key)
+
+
+RLIM_INFINITY: Final = -1
+"""``infinity`` in a :class:`ResourceLimit` (``resource.RLIM_INFINITY`` on Linux)."""
+
+
+@dataclass(frozen=True, slots=True)
+class ResourceLimit:
+    """One ``limits:`` entry: systemd's ``LimitNAME=`` lower-case, soft and hard (-1: infinity)."""
+
+    name: str  # nofile, nproc, ... (resolved to RLIMIT_* by spawn.py)
+    soft: int
+    hard: int
+
+
+# systemd's Limit*= names (systemd.exec(5), "Process Properties"), lower-case,
+# with the unit of each value: bytes take K/M/G/T/P/E (base 1024) as systemd's
+# parse_size(); cpu is seconds, rttime microseconds, nice a nice level or the
+# raw rlimit (rlimit_parse_one() in systemd's src/basic/rlimit-util.c).
+LIMIT_UNITS: Final = {
+    "cpu": "seconds",
+    "fsize": "bytes",
+    "data": "bytes",
+    "stack": "bytes",
+    "core": "bytes",
+    "rss": "bytes",
+    "nproc": "count",
+    "nofile": "count",
+    "memlock": "bytes",
+    "as": "bytes",
+    "locks": "count",
+    "sigpending": "count",
+    "msgqueue": "bytes",
+    "nice": "nice",
+    "rtprio": "count",
+    "rttime": "microseconds",
+}
 
 
 @dataclass(frozen=True, slots=True)
@@ -348,6 +400,10 @@ _SERVICE_KEYS: Final = (
     "fd-store-max",
     "stdout",
     "stderr",
+    "limits",
+    "umask",
+    "no-new-privileges",
+    "supplementary-groups",
 )
 _START_LIMIT_KEYS: Final = ("burst", "interval")
 
@@ -357,6 +413,13 @@ _DEFAULT_RESTART_DELAY_MAX: Final = 30.0  # ServiceSpec.restart_delay_max
 _OCTAL_MODE_RE: Final = re.compile(r"(?:0o)?0*([0-7]{1,4})")
 _SIZE_RE: Final = re.compile(r"([0-9]{1,12})([KMG]?)")
 _SIZE_FACTORS: Final = {"": 1, "K": 1024, "M": 1024**2, "G": 1024**3}
+_LIMIT_RE: Final = re.compile(r"([0-9]{1,20})([KMGTPE]?)")
+_LIMIT_FACTORS: Final[dict[str, int]] = {"": 1} | {
+    c: 1 << (10 * (i + 1)) for i, c in enumerate("KMGTPE")
+}
+_RLIM_MAX: Final = 2**63 - 1  # rlim_t is 64-bit; all ones is RLIM_INFINITY
+_NICE_RE: Final = re.compile(r"([+-])([0-9]{1,2})")
+_GROUPS_MAX: Final = 65536  # NGROUPS_MAX of the kernel
 
 
 @dataclass(frozen=True, slots=True)
@@ -909,6 +972,13 @@ class _UnitParser(_UnitReader):
             fd_store_max=self._field(entries, "fd-store-max", path, self.integer, 0),
             stdout=self._field(entries, "stdout", path, self._output, "inherit"),
             stderr=self._field(entries, "stderr", path, self._output, "inherit"),
+            limits=self._field(entries, "limits", path, self._limits, ()),
+            umask=self._field(entries, "umask", path, self._umask, None),
+            no_new_privileges=self._field(entries, "no-new-privileges", path, self.boolean, False),
+            supplementary_groups=self._field(
+                entries, "supplementary-groups", path, self._groups, None
+            ),
+            account_locations=self._account_locations(entries),
         )
         if len(self.errors) > before:
             return None
@@ -917,6 +987,88 @@ class _UnitParser(_UnitReader):
 
     def _activation(self, node: Node, path: KeyPath) -> str:
         return self.choice(node, path, Activation)
+
+    def _limits(self, node: Node, path: KeyPath) -> tuple[ResourceLimit, ...]:
+        limits = []
+        for name, entry in self.mapping(node, path, tuple(LIMIT_UNITS)).items():
+            limit = self._attempt(
+                functools.partial(self._limit, name), entry.value, (*path, name), None
+            )
+            if limit is not None:
+                limits.append(limit)
+        return tuple(limits)
+
+    def _limit(self, name: str, node: Node, path: KeyPath) -> ResourceLimit:
+        """``SOFT`` or ``SOFT:HARD`` as systemd's ``LimitNAME=``; one value sets both."""
+        scalar = self.scalar(node, path, "a limit such as 1024 or 1024:4096 or infinity")
+        # The text as written: YAML 1.1 would read an unquoted 10:20 as 620.
+        text = str(scalar.value).strip()
+        soft_text, sep, hard_text = text.partition(":")
+        soft = self._limit_value(name, soft_text.strip(), node, path)
+        hard = self._limit_value(name, hard_text.strip(), node, path) if sep else soft
+        if hard != RLIM_INFINITY and (soft == RLIM_INFINITY or soft > hard):
+            raise self.error(
+                node, path, f"the soft limit must not be above the hard limit, got {text!r}"
+            )
+        return ResourceLimit(name, soft, hard)
+
+    def _limit_value(self, name: str, text: str, node: Node, path: KeyPath) -> int:
+        unit = LIMIT_UNITS[name]
+        if text == "infinity":
+            return RLIM_INFINITY
+        if unit == "nice":
+            signed = _NICE_RE.fullmatch(text)
+            if signed is not None:  # a nice level: rlimit 20 - level (rlimit_parse_nice())
+                level = int(signed.group(2)) * (-1 if signed.group(1) == "-" else 1)
+                if -20 <= level <= 19:
+                    return 20 - level
+            elif text.isascii() and text.isdecimal() and int(text) <= 40:
+                return int(text)
+            raise self.error(
+                node,
+                path,
+                "expected a nice level from -20 to +19 (with its sign), a raw limit "
+                f"from 0 to 40, or infinity, got {describe(text)}",
+            )
+        match = _LIMIT_RE.fullmatch(text)
+        if match is None or (match.group(2) and unit != "bytes"):
+            what = "bytes (optionally with K, M, G, T, P or E)" if unit == "bytes" else unit
+            raise self.error(
+                node,
+                path,
+                f"expected a number of {what}, SOFT:HARD or infinity, got {describe(text)}",
+            )
+        value = int(match.group(1)) * _LIMIT_FACTORS[match.group(2)]
+        if value > _RLIM_MAX:
+            raise self.error(node, path, f"the limit {text} is too large; for none write infinity")
+        return value
+
+    def _umask(self, node: Node, path: KeyPath) -> int:
+        mask = self.octal_mode(node, path)
+        if mask > 0o777:
+            raise self.error(node, path, f"a umask is from 0000 to 0777, got {oct(mask)[2:]}")
+        return mask
+
+    def _groups(self, node: Node, path: KeyPath) -> tuple[str, ...]:
+        if not isinstance(node, SequenceNode):
+            raise self.error(node, path, f"expected a list of group names, got {_node_text(node)}")
+        if len(node.value) > _GROUPS_MAX:
+            raise self.error(node, path, f"at most {_GROUPS_MAX} groups")
+        return tuple(
+            self.nonempty_string(item, (*path, str(index))) for index, item in enumerate(node.value)
+        )
+
+    def _account_locations(self, entries: Mapping[str, _Entry]) -> tuple[tuple[str, Location], ...]:
+        found = [
+            (key, self.location(entries[key].value)) for key in ("user", "group") if key in entries
+        ]
+        groups = entries.get("supplementary-groups")
+        if groups is not None and isinstance(groups.value, SequenceNode):
+            found += [
+                (f"supplementary-groups.{index}", self.location(item))
+                for index, item in enumerate(groups.value.value)
+            ]
+        return tuple(found)
 
     def _output(self, node: Node, path: KeyPath) -> str:
         """systemd's StandardOutput= in small; a relative file is the unit directory's."""
