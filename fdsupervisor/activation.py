@@ -7,20 +7,27 @@ watches the unit's sockets until the first traffic and then has the runner
 start the service, which takes the sockets over. With ``accept: true`` it
 accepts connections itself, up to ``max-connections`` at once, and has the
 runner start one worker per connection: the connection at fd 3
-(``LISTEN_FDNAMES=connection``), the peer in ``REMOTE_ADDR`` / ``REMOTE_PORT``,
-and with ``inetd: true`` the connection as stdin and stdout too (SPEC 4).
+(``LISTEN_FDNAMES=connection``), the peer in ``REMOTE_ADDR`` / ``REMOTE_PORT``
+(inet) or ``REMOTE_PID`` / ``REMOTE_UID`` / ``REMOTE_GID`` (unix, from
+``SO_PEERCRED``), and with ``inetd: true`` the connection as stdin and stdout
+too (SPEC 4, 10).
 
-Nothing is ever refused: while the intake is paused (at ``max-connections``,
-out of fds, or stopped), connections wait in the kernel's backlog.
+Nothing is refused for load: while the intake is paused (at
+``max-connections``, out of fds, or stopped), connections wait in the
+kernel's backlog. Only a source past its socket's
+``max-connections-per-source`` is closed at once (SPEC 10), as systemd's
+``MaxConnectionsPerSource=`` does, and counted.
 """
 
 from __future__ import annotations
 
 import errno
 import socket
+import struct
+from collections import Counter
 from collections.abc import Callable, Mapping, Sequence
 from functools import partial
-from typing import Any, Protocol
+from typing import Any, Final, Protocol
 
 from .binding import BoundSocket
 from .fdstore import FdStore, unit_owner
@@ -32,6 +39,39 @@ from .units import ACCEPT_FD_NAME, Activation, Unit
 # At most this many connections per wake-up, so that one busy socket cannot
 # starve the loop (the monitor and the other units' sockets wait meanwhile).
 ACCEPT_BATCH = 64
+
+_UCRED: Final = struct.Struct("3i")  # struct ucred: pid, uid, gid (SO_PEERCRED)
+
+Source = tuple[str, str]
+"""A connection's source for ``max-connections-per-source``: (socket name, peer)."""
+
+
+def peer_credentials(conn: socket.socket) -> tuple[int, int, int]:
+    """The pid, uid and gid of a unix peer, as the kernel recorded them at ``connect()``."""
+    raw = conn.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, _UCRED.size)
+    pid, uid, gid = _UCRED.unpack(raw)
+    return pid, uid, gid
+
+
+def peer_of(conn: socket.socket, peer: Any) -> tuple[str | None, dict[str, str]]:
+    """A connection's source (its IP, uid or CID; None if it has none) and its REMOTE_* variables.
+
+    systemd sets ``REMOTE_ADDR`` / ``REMOTE_PORT`` for inet peers
+    (service.c); for a unix peer, ``REMOTE_PID`` / ``REMOTE_UID`` /
+    ``REMOTE_GID`` from ``SO_PEERCRED`` (SPEC 10). A source is what systemd's
+    ``MaxConnectionsPerSource=`` counts by: the peer's IP address, the uid of
+    a unix peer (the kernel's record, not a name the peer chose), the CID of
+    a vsock peer.
+    """
+    if conn.family in (socket.AF_INET, socket.AF_INET6):
+        return str(peer[0]), {"REMOTE_ADDR": str(peer[0]), "REMOTE_PORT": str(peer[1])}
+    if conn.family == socket.AF_UNIX:
+        pid, uid, gid = peer_credentials(conn)
+        env = {"REMOTE_PID": str(pid), "REMOTE_UID": str(uid), "REMOTE_GID": str(gid)}
+        return f"uid:{uid}", env
+    if conn.family == getattr(socket, "AF_VSOCK", -1):
+        return f"cid:{peer[0]}", {}
+    return None, {}
 
 
 class IntakeHost(Protocol):
@@ -71,6 +111,9 @@ class Intake:
         self.accepting = False  # accept mode: the service takes connections
         self._paused = False  # accept mode: at max-connections, or out of fds
         self._retry: Timer | None = None  # accept mode: out of fds, try again then
+        # accept mode: each connection worker's source (max-connections-per-source)
+        self._sources: dict[int, Source] = {}
+        self.refused_per_source = 0  # connections closed for their source, since start
 
     def _sockets(self) -> list[BoundSocket]:
         owner = unit_owner(self._host.unit.name)
@@ -182,18 +225,43 @@ class Intake:
                     self._retry = self._loop.call_later(ACCEPT_RETRY_DELAY, self._retry_due)
                 return
             with conn:
-                self._connection(conn, peer)
+                self._connection(bound, conn, peer)
 
-    def _connection(self, conn: socket.socket, peer: Any) -> None:
+    def _connection(self, bound: BoundSocket, conn: socket.socket, peer: Any) -> None:
         """Start the worker of one connection; if it cannot start, the connection is lost."""
+        try:
+            source, extra_env = peer_of(conn, peer)
+        except OSError as exc:  # the peer is gone already (SO_PEERCRED on a dead socket)
+            self._host.log.info("connection_lost", socket=bound.name, error=str(exc))
+            return
+        limit = bound.spec.max_connections_per_source
+        key = (bound.name, source) if source is not None else None
+        if limit is not None and key is not None and self._source_count(key) >= limit:
+            # Closed at once, as systemd's MaxConnectionsPerSource= does
+            # (socket_enter_running(): "Too many incoming connections")
+            self.refused_per_source += 1
+            self._host.log.warning(
+                "connection_refused",
+                socket=bound.name,
+                source=source,
+                reason="max-connections-per-source",
+                limit=limit,
+                refused_total=self.refused_per_source,
+            )
+            return
         instance = self._host.service.next_instance()
-        extra_env = {}
-        if conn.family in (socket.AF_INET, socket.AF_INET6):
-            # systemd sets these for inet peers only (service.c, REMOTE_ADDR/REMOTE_PORT)
-            extra_env = {"REMOTE_ADDR": str(peer[0]), "REMOTE_PORT": str(peer[1])}
-        self._host.start_worker(
+        started = self._host.start_worker(
             instance,
             [PassedFd(ACCEPT_FD_NAME, conn.fileno())],
             extra_env=extra_env,
             stdio_fd=conn.fileno() if self._host.unit.service.inetd else None,
         )
+        if started and key is not None and limit is not None:
+            self._sources[instance] = key
+
+    def _source_count(self, key: Source) -> int:
+        """How many live connection workers came from ``key``; forgets the ones that are gone."""
+        live = self._host.service.workers
+        for instance in [i for i in self._sources if i not in live]:
+            del self._sources[instance]
+        return Counter(self._sources.values())[key]

@@ -116,6 +116,9 @@ class SocketSpec:
     free_bind: bool = False  # IP_FREEBIND (FreeBind=)
     receive_buffer: int | None = None  # SO_RCVBUF (ReceiveBuffer=)
     send_buffer: int | None = None  # SO_SNDBUF (SendBuffer=)
+    # accept mode: connections at once from one peer IP (inet), uid (unix),
+    # CID (vsock); more are closed at once (MaxConnectionsPerSource=)
+    max_connections_per_source: int | None = None
     # Where the socket was declared (its `listen:` value), for errors found
     # later (binding, conflicts); not part of the socket's identity.
     location: Location | None = field(default=None, compare=False, repr=False)
@@ -375,6 +378,7 @@ _SOCKET_KEYS: Final = (
     "free-bind",
     "receive-buffer",
     "send-buffer",
+    "max-connections-per-source",
 )
 _SERVICE_KEYS: Final = (
     "exec",
@@ -735,6 +739,11 @@ _SOCKET_RULES: Final = (
     _SocketRules("keep-alive", _maybe_tcp, "applies to inet stream (TCP) sockets only"),
     _SocketRules("no-delay", _maybe_tcp, "applies to inet stream (TCP) sockets only"),
     _SocketRules(
+        "max-connections-per-source",
+        lambda address, kind: kind is not SocketKind.DATAGRAM,
+        "applies to stream and seqpacket sockets (accept mode) only",
+    ),
+    _SocketRules(
         "backlog",
         _binds_listener,
         "applies to stream and seqpacket sockets that fdsupervisor binds, "
@@ -756,6 +765,11 @@ def _kind_problem(address: SocketAddress, kind: SocketKind) -> str | None:
 class _UnitParser(_UnitReader):
     """The unit schema (SPEC section 3) on top of :class:`_UnitReader`."""
 
+    def __init__(self, source: Path, base_dir: Path) -> None:
+        super().__init__(source, base_dir)
+        # max-connections-per-source values, which need the service's accept: true
+        self.per_source_nodes: list[tuple[Node, KeyPath]] = []
+
     def unit(self, text: str) -> Unit | None:
         root = self.compose(text)
         if root is None:
@@ -776,6 +790,10 @@ class _UnitParser(_UnitReader):
             name = self._name_from_file()
         sockets, names = self._sockets(top)
         service = self._service_field(top, root, names, sockets)
+        if service is not None and not service.accept:
+            for node, path in self.per_source_nodes:
+                message = "max-connections-per-source applies only with the service's accept: true"
+                self.errors.append(self.error(node, path, message))
         if self.errors or name is None or sockets is None or service is None:
             return None
         return Unit(name, self.source, self.base_dir, tuple(sockets), service)
@@ -842,12 +860,19 @@ class _UnitParser(_UnitReader):
             free_bind=self._field(entries, "free-bind", path, self.boolean, False),
             receive_buffer=self._field(entries, "receive-buffer", path, self.size, None),
             send_buffer=self._field(entries, "send-buffer", path, self.size, None),
+            max_connections_per_source=self._field(
+                entries, "max-connections-per-source", path, self._per_source, None
+            ),
             location=self.location(listen),
         )
         if address is None or len(self.errors) > before:
             return None
         self._check_socket_keys(entries, path, spec)
         return spec if len(self.errors) == before else None
+
+    def _per_source(self, node: Node, path: KeyPath) -> int:
+        self.per_source_nodes.append((node, path))  # checked against accept: later
+        return self.integer(node, path, 1, _INT_MAX)
 
     def _socket_kind(self, node: Node, path: KeyPath) -> str:
         return self.choice(node, path, SocketKind)

@@ -121,3 +121,53 @@ def test_supplementary_groups_replace_the_users_own() -> None:
     assert resolve_account(None, None, ["root", "0"]).groups == (0,)  # once each
     nobody = resolve_account("nobody", None)
     assert nobody.groups is not None and 0 not in nobody.groups
+
+
+# --------------------------------------------------------------------------- intake (sockets)
+
+
+def socket_unit(socket_lines: str, service_lines: str = "accept: true\n") -> str:
+    return (
+        'sockets:\n  conn:\n    listen: "127.0.0.1:0"\n'
+        + textwrap.indent(textwrap.dedent(socket_lines), "    ")
+        + "service:\n  exec: [app]\n"
+        + textwrap.indent(textwrap.dedent(service_lines), "  ")
+    )
+
+
+def socket_errors(text: str) -> list[str]:
+    with pytest.raises(ConfigErrors) as info:
+        load_unit_text(text, SOURCE, SOURCE.parent)
+    return [str(e) for e in info.value.errors]
+
+
+def test_max_connections_per_source() -> None:
+    unit = load_unit_text(socket_unit("max-connections-per-source: 3\n"), SOURCE, SOURCE.parent)
+    assert unit.sockets[0].max_connections_per_source == 3
+    plain = load_unit_text(socket_unit(""), SOURCE, SOURCE.parent)
+    assert plain.sockets[0].max_connections_per_source is None
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        (
+            socket_unit("max-connections-per-source: 2\n", ""),
+            "web.yaml:4:33: sockets.conn.max-connections-per-source: "
+            "max-connections-per-source applies only with the service's accept: true",
+        ),
+        (
+            socket_unit("max-connections-per-source: 0\n"),
+            "web.yaml:4:33: sockets.conn.max-connections-per-source: "
+            "expected an integer from 1 to 2147483647, got 0",
+        ),
+        (
+            socket_unit("max-connections-per-source: 2\nkind: datagram\n"),
+            "sockets.conn.max-connections-per-source: 'max-connections-per-source' "
+            "applies to stream and seqpacket sockets (accept mode) only",
+        ),
+    ],
+    ids=["without-accept", "zero", "datagram"],
+)
+def test_bad_max_connections_per_source(text: str, expected: str) -> None:
+    assert any(expected in found for found in socket_errors(text)), socket_errors(text)
