@@ -16,12 +16,17 @@ Nothing is refused for load: while the intake is paused (at
 ``max-connections``, out of fds, or stopped), connections wait in the
 kernel's backlog. Only a source past its socket's
 ``max-connections-per-source`` is closed at once (SPEC 10), as systemd's
-``MaxConnectionsPerSource=`` does, and counted.
+``MaxConnectionsPerSource=`` does, and counted. A socket's ``trigger-limit``
+(more than ``burst`` activations or accepts within ``interval``) pauses that
+socket for the rest of the interval: not watched (a timer ends the pause, no
+polling), its connections wait in the backlog, a warning and
+``SOCKET_PAUSED`` / ``SOCKET_RESUMED`` events (systemd's ``PollLimit*=``).
 """
 
 from __future__ import annotations
 
 import errno
+import math
 import socket
 import struct
 from collections import Counter
@@ -34,7 +39,7 @@ from .fdstore import FdStore, unit_owner
 from .loop import ACCEPT_RETRY_DELAY, EventLoop, Timer
 from .service import Service
 from .spawn import PassedFd
-from .units import ACCEPT_FD_NAME, Activation, Unit
+from .units import ACCEPT_FD_NAME, Activation, TriggerLimit, Unit
 
 # At most this many connections per wake-up, so that one busy socket cannot
 # starve the loop (the monitor and the other units' sockets wait meanwhile).
@@ -93,6 +98,32 @@ class IntakeHost(Protocol):
     ) -> bool: ...
 
 
+class TriggerWindow:
+    """One socket's ``trigger-limit`` count: pure, of the times it is given.
+
+    A window opens at the first trigger and lasts ``interval``; the
+    ``burst``-th trigger in it exhausts it, and the socket is paused until
+    the window ends (as systemd's ``ratelimit_below()`` counts
+    ``PollLimitBurst=`` per ``PollLimitIntervalSec=``).
+    """
+
+    __slots__ = ("count", "limit", "opened")
+
+    def __init__(self, limit: TriggerLimit) -> None:
+        self.limit = limit
+        self.opened = -math.inf
+        self.count = 0
+
+    def trigger(self, now: float) -> float | None:
+        """Count one trigger at ``now``; the time the pause ends if the burst is spent now."""
+        if now >= self.opened + self.limit.interval:
+            self.opened, self.count = now, 0
+        self.count += 1
+        if self.count >= self.limit.burst:
+            return self.opened + self.limit.interval
+        return None
+
+
 class Intake:
     """One unit's sockets, watched for traffic or accepted on, as its activation says."""
 
@@ -102,11 +133,16 @@ class Intake:
         loop: EventLoop,
         store: FdStore,
         shutting_down: Callable[[], bool],
+        emit: Callable[[str, dict[str, Any]], None] = lambda event, data: None,
     ) -> None:
         self._host = host
         self._loop = loop
         self._store = store
         self._shutting_down = shutting_down
+        self._emit = emit
+        # trigger-limit: each limited socket's window, and the paused ones' timers
+        self._windows: dict[str, TriggerWindow] = {}
+        self._throttled: dict[str, Timer] = {}
         self.watching = False  # on-demand: waiting for the first traffic
         self.accepting = False  # accept mode: the service takes connections
         self._paused = False  # accept mode: at max-connections, or out of fds
@@ -132,7 +168,10 @@ class Intake:
     def socket_added(self, fd: int) -> None:
         """A socket added to the unit at run time: watched too, if the unit waits for traffic."""
         if self.watching:
-            self._loop.add_reader(fd, self._traffic)
+            self._loop.add_reader(fd, partial(self._traffic, self._name_of(fd)))
+
+    def _name_of(self, fd: int) -> str | None:
+        return next((b.name for b in self._sockets() if b.fileno() == fd), None)
 
     def socket_removed(self, fd: int) -> None:
         self._loop.remove_reader(fd)
@@ -143,8 +182,9 @@ class Intake:
         """On-demand: start the service at the first traffic on any of its sockets."""
         if self.watching or self._host.unit.service.activation is not Activation.ON_DEMAND:
             return
-        for fd in self._fds():
-            self._loop.add_reader(fd, self._traffic)
+        for bound in self._sockets():
+            if bound.name not in self._throttled:
+                self._loop.add_reader(bound.fileno(), partial(self._traffic, bound.name))
         self.watching = True
         self._host.service.mark_listening()
 
@@ -155,9 +195,55 @@ class Intake:
             self._loop.remove_reader(fd)
         self.watching = False
 
-    def _traffic(self) -> None:
+    def _traffic(self, name: str | None = None) -> None:
         self._host.start(manual=False)  # first: the log can wait
         self._host.log.info("traffic", action="started service")
+        bound = self._bound(name)
+        if bound is not None:
+            self._triggered(bound)
+
+    def _bound(self, name: str | None) -> BoundSocket | None:
+        return next((b for b in self._sockets() if b.name == name), None)
+
+    # -- trigger-limit ---------------------------------------------------------------
+
+    def _triggered(self, bound: BoundSocket) -> bool:
+        """Count one activation or accept on ``bound``; True: it is paused now."""
+        limit = bound.spec.trigger_limit
+        if limit is None:
+            return False
+        window = self._windows.get(bound.name)
+        if window is None or window.limit != limit:
+            window = self._windows[bound.name] = TriggerWindow(limit)
+        until = window.trigger(self._loop.time())
+        if until is None:
+            return False
+        self._loop.remove_reader(bound.fileno())
+        self._throttled[bound.name] = self._loop.call_at(
+            until, partial(self._throttle_over, bound.name)
+        )
+        # once per pause, as systemd logs "Trigger limit hit, refusing further activation"
+        self._host.log.warning(
+            "socket_paused",
+            socket=bound.name,
+            burst=limit.burst,
+            interval=limit.interval,
+            resume_in=round(until - self._loop.time(), 3),
+        )
+        self._emit("SOCKET_PAUSED", {"unit": self._host.unit.name, "socket": bound.name})
+        return True
+
+    def _throttle_over(self, name: str) -> None:
+        self._throttled.pop(name, None)
+        self._host.log.info("socket_resumed", socket=name)
+        self._emit("SOCKET_RESUMED", {"unit": self._host.unit.name, "socket": name})
+        bound = self._bound(name)
+        if bound is None:
+            return
+        if self.watching:
+            self._loop.add_reader(bound.fileno(), partial(self._traffic, name))
+        elif self.accepting and not self._paused:
+            self._loop.add_reader(bound.fileno(), partial(self._accept, bound))
 
     # -- accept mode: one instance per connection --------------------------------------
 
@@ -197,7 +283,8 @@ class Intake:
         if len(self._host.service.workers) >= self._host.unit.service.max_connections:
             return
         for bound in self._sockets():
-            self._loop.add_reader(bound.fileno(), partial(self._accept, bound))
+            if bound.name not in self._throttled:
+                self._loop.add_reader(bound.fileno(), partial(self._accept, bound))
         self._paused = False
 
     def _retry_due(self) -> None:
@@ -226,6 +313,8 @@ class Intake:
                 return
             with conn:
                 self._connection(bound, conn, peer)
+            if self._triggered(bound):
+                return
 
     def _connection(self, bound: BoundSocket, conn: socket.socket, peer: Any) -> None:
         """Start the worker of one connection; if it cannot start, the connection is lost."""

@@ -119,9 +119,21 @@ class SocketSpec:
     # accept mode: connections at once from one peer IP (inet), uid (unix),
     # CID (vsock); more are closed at once (MaxConnectionsPerSource=)
     max_connections_per_source: int | None = None
+    # more than burst activations or accepts within interval: the socket is
+    # not watched for the rest of it (systemd's PollLimitIntervalSec= /
+    # PollLimitBurst=); None: no limit
+    trigger_limit: TriggerLimit | None = None
     # Where the socket was declared (its `listen:` value), for errors found
     # later (binding, conflicts); not part of the socket's identity.
     location: Location | None = field(default=None, compare=False, repr=False)
+
+
+@dataclass(frozen=True, slots=True)
+class TriggerLimit:
+    """A socket's ``trigger-limit``: at most ``burst`` activations or accepts per ``interval``."""
+
+    interval: float
+    burst: int
 
 
 @dataclass(frozen=True, slots=True)
@@ -379,6 +391,7 @@ _SOCKET_KEYS: Final = (
     "receive-buffer",
     "send-buffer",
     "max-connections-per-source",
+    "trigger-limit",
 )
 _SERVICE_KEYS: Final = (
     "exec",
@@ -410,6 +423,7 @@ _SERVICE_KEYS: Final = (
     "supplementary-groups",
 )
 _START_LIMIT_KEYS: Final = ("burst", "interval")
+_TRIGGER_LIMIT_KEYS: Final = ("interval", "burst")
 
 _PORT_MAX: Final = 65535
 _INT_MAX: Final = 2**31 - 1  # SO_RCVBUF / SO_SNDBUF take a C int
@@ -863,6 +877,7 @@ class _UnitParser(_UnitReader):
             max_connections_per_source=self._field(
                 entries, "max-connections-per-source", path, self._per_source, None
             ),
+            trigger_limit=self._field(entries, "trigger-limit", path, self._trigger_limit, None),
             location=self.location(listen),
         )
         if address is None or len(self.errors) > before:
@@ -873,6 +888,17 @@ class _UnitParser(_UnitReader):
     def _per_source(self, node: Node, path: KeyPath) -> int:
         self.per_source_nodes.append((node, path))  # checked against accept: later
         return self.integer(node, path, 1, _INT_MAX)
+
+    def _trigger_limit(self, node: Node, path: KeyPath) -> TriggerLimit:
+        entries = self.mapping(node, path, _TRIGGER_LIMIT_KEYS)
+        interval_node = self._required(entries, "interval", node, path)
+        burst_node = self._required(entries, "burst", node, path)
+        interval = self._attempt(self.duration, interval_node, (*path, "interval"), -1.0)
+        burst = self._attempt(self._at_least_one, burst_node, (*path, "burst"), 1)
+        if interval == 0:
+            message = "must be a positive duration such as 2s"
+            raise self.error(interval_node, (*path, "interval"), message)
+        return TriggerLimit(interval, burst)
 
     def _socket_kind(self, node: Node, path: KeyPath) -> str:
         return self.choice(node, path, SocketKind)

@@ -7,6 +7,7 @@ connections are concurrent for as long as the test keeps them open.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import pwd
@@ -19,8 +20,10 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from qemu.qmp import QMPClient
 
 from tests.conftest import PYTHON
+from tests.integration.test_monitor import qmp_session
 
 # Tells the client its REMOTE_* variables, then waits for the client's end.
 HOLD = (
@@ -165,3 +168,57 @@ def test_a_unix_peers_credentials_and_its_uid_as_the_source(supervisor, shared_d
         assert theirs["REMOTE_PID"] == theirs["client_pid"]
     finally:
         held.close()
+
+
+REPLY = "import socket\nsocket.socket(fileno=3).sendall(b'served\\n')\n"
+
+
+def test_a_burst_past_the_trigger_limit_is_served_in_full_with_a_pause(supervisor) -> None:
+    burst, total = 3, 7
+    sup = supervisor(
+        {
+            "web": f"""
+            sockets:
+              conn:
+                listen: "127.0.0.1:0"
+                trigger-limit: {{interval: 1s, burst: {burst}}}
+            service:
+              accept: true
+              exec: [{PYTHON}, -c, {json.dumps(REPLY)}]
+            """
+        }
+    )
+    port = sup.port("conn")
+
+    def burst_of_connections() -> list[bytes]:
+        # all at once: they wait in the backlog while the socket is paused
+        conns = [socket.create_connection(("127.0.0.1", port), timeout=15) for _ in range(total)]
+        try:
+            return [first_line(conn) for conn in conns]
+        finally:
+            for conn in conns:
+                conn.close()
+
+    async def steps(client: QMPClient) -> tuple[list[bytes], list[Any]]:
+        seen: list[Any] = []
+        with client.listener() as listener:
+            replies = await asyncio.to_thread(burst_of_connections)
+            async for event in listener:
+                if event["event"].startswith("SOCKET_"):
+                    seen.append(event)
+                if event["event"] == "SOCKET_RESUMED" and len(seen) >= 4:
+                    break
+        return replies, seen
+
+    replies, events = asyncio.run(asyncio.wait_for(qmp_session(sup.monitor_path, steps), 20))
+    assert replies == [b"served\n"] * total  # nothing refused
+    assert [(e["event"], e["data"]) for e in events] == [
+        (name, {"unit": "web", "socket": "conn"})
+        for name in ("SOCKET_PAUSED", "SOCKET_RESUMED") * 2
+    ]
+    paused = sup.wait_for("socket_paused", unit="web", socket="conn")
+    assert (paused["burst"], paused["interval"]) == (burst, 1.0)
+    sup.wait_for("socket_resumed", unit="web", socket="conn")
+    # 7 accepts at 3 per window: paused twice (after the 3rd and the 6th)
+    assert sup.wait_count("socket_paused", 2, unit="web") == 2
+    assert sup.count("connection_refused") == 0

@@ -1,4 +1,4 @@
-"""The hardening keys of a service (SPEC section 10): limits, umask, no-new-privileges, groups."""
+"""SPEC section 10 in unit files: service hardening (limits, umask, groups) and socket intake keys."""
 
 from __future__ import annotations
 
@@ -7,9 +7,17 @@ from pathlib import Path
 
 import pytest
 
+from fdsupervisor.activation import TriggerWindow
 from fdsupervisor.errors import ConfigErrors
 from fdsupervisor.spawn import account_errors, resolve_account, resolve_limits
-from fdsupervisor.units import LIMIT_UNITS, RLIM_INFINITY, ResourceLimit, Unit, load_unit_text
+from fdsupervisor.units import (
+    LIMIT_UNITS,
+    RLIM_INFINITY,
+    ResourceLimit,
+    TriggerLimit,
+    Unit,
+    load_unit_text,
+)
 
 SOURCE = Path("/srv/units/web.yaml")
 
@@ -171,3 +179,38 @@ def test_max_connections_per_source() -> None:
 )
 def test_bad_max_connections_per_source(text: str, expected: str) -> None:
     assert any(expected in found for found in socket_errors(text)), socket_errors(text)
+
+
+def test_trigger_limit() -> None:
+    unit = load_unit_text(
+        socket_unit("trigger-limit: {interval: 2s, burst: 200}\n", ""), SOURCE, SOURCE.parent
+    )
+    assert unit.sockets[0].trigger_limit == TriggerLimit(2.0, 200)
+
+
+@pytest.mark.parametrize(
+    ("lines", "expected"),
+    [
+        (
+            "trigger-limit: {interval: 2s}",
+            "sockets.conn.trigger-limit: missing required key 'burst'",
+        ),
+        ("trigger-limit: {interval: 0, burst: 5}", "trigger-limit.interval: must be a positive"),
+        ("trigger-limit: {interval: 1s, burst: 0}", "trigger-limit.burst: expected an integer"),
+        ("trigger-limit: {interval: 1s, burst: 2, rate: 1}", "unknown key 'rate'"),
+        ("trigger-limit: 5", "sockets.conn.trigger-limit: expected a mapping"),
+    ],
+)
+def test_bad_trigger_limits(lines: str, expected: str) -> None:
+    found = socket_errors(socket_unit(lines + "\n", ""))
+    assert len(found) == 1 and expected in found[0], found
+
+
+def test_trigger_window_counts_a_burst_per_interval() -> None:
+    window = TriggerWindow(TriggerLimit(interval=2.0, burst=3))
+    assert window.trigger(10.0) is None
+    assert window.trigger(10.5) is None
+    assert window.trigger(11.0) == 12.0  # the 3rd within 2s: paused until the window ends
+    assert window.trigger(12.0) is None  # a new window from here
+    assert window.trigger(13.9) is None
+    assert window.trigger(14.0) is None  # 14.0 opens the next window: the count starts again
