@@ -222,3 +222,30 @@ def test_a_burst_past_the_trigger_limit_is_served_in_full_with_a_pause(superviso
     # 7 accepts at 3 per window: paused twice (after the 3rd and the 6th)
     assert sup.wait_count("socket_paused", 2, unit="web") == 2
     assert sup.count("connection_refused") == 0
+
+
+def test_on_demand_activations_past_the_trigger_limit_pause_the_socket(supervisor) -> None:
+    """A worker that never takes its connection: each exit re-activates at once, but not faster
+    than the trigger-limit allows (the connection waits in the backlog meanwhile)."""
+    sup = supervisor(
+        {
+            "web": f"""
+            sockets:
+              conn:
+                listen: "127.0.0.1:0"
+                trigger-limit: {{interval: 1s, burst: 2}}
+            service:
+              activation: on-demand
+              restart: "no"
+              exec: [{shutil.which("true") or "/bin/true"}]
+            """
+        }
+    )
+    port = sup.port("conn")
+    with socket.create_connection(("127.0.0.1", port), timeout=10):
+        paused = sup.wait_for("socket_paused", unit="web", socket="conn")
+        assert sup.count("worker_started", unit="web") == 2
+        resumed = sup.wait_for("socket_resumed", unit="web", socket="conn")
+        assert resumed["timestamp"] > paused["timestamp"]
+        sup.wait_count("worker_started", 3, unit="web")
+        assert sup.count("worker_started", unit="web") >= 3
