@@ -36,6 +36,7 @@ from typing import Any, Final, Protocol
 
 from .binding import BoundSocket
 from .fdstore import FdStore, unit_owner
+from .log import RateLimitedLog
 from .loop import ACCEPT_RETRY_DELAY, EventLoop, Timer
 from .service import Service
 from .spawn import PassedFd
@@ -150,6 +151,9 @@ class Intake:
         # accept mode: each connection worker's source (max-connections-per-source)
         self._sources: dict[int, Source] = {}
         self.refused_per_source = 0  # connections closed for their source, since start
+        # a peer past its limit chooses how often we would warn: limited, as journald does
+        self._refusals_log: RateLimitedLog | None = None
+        self._refusals_flush: Timer | None = None
 
     def _sockets(self) -> list[BoundSocket]:
         owner = unit_owner(self._host.unit.name)
@@ -329,8 +333,7 @@ class Intake:
             # Closed at once, as systemd's MaxConnectionsPerSource= does
             # (socket_enter_running(): "Too many incoming connections")
             self.refused_per_source += 1
-            self._host.log.warning(
-                "connection_refused",
+            self._refused(
                 socket=bound.name,
                 source=source,
                 reason="max-connections-per-source",
@@ -347,6 +350,20 @@ class Intake:
         )
         if started and key is not None and limit is not None:
             self._sources[instance] = key
+
+    def _refused(self, **fields: Any) -> None:
+        """``connection_refused``, at most LOG_RATE_BURST lines per interval, then a summary."""
+        if self._refusals_log is None:
+            self._refusals_log = RateLimitedLog(self._host.log, clock=self._loop.time)
+        self._refusals_log.warning("connection_refused", **fields)
+        due = self._refusals_log.due()
+        if due is not None and self._refusals_flush is None:
+            self._refusals_flush = self._loop.call_at(due, self._flush_refusals)
+
+    def _flush_refusals(self) -> None:
+        self._refusals_flush = None
+        if self._refusals_log is not None:
+            self._refusals_log.flush()
 
     def _source_count(self, key: Source) -> int:
         """How many live connection workers came from ``key``; forgets the ones that are gone."""

@@ -249,3 +249,30 @@ def test_on_demand_activations_past_the_trigger_limit_pause_the_socket(superviso
         assert resumed["timestamp"] > paused["timestamp"]
         sup.wait_count("worker_started", 3, unit="web")
         assert sup.count("worker_started", unit="web") >= 3
+
+
+def test_a_flood_past_the_limit_writes_a_bounded_log(supervisor) -> None:
+    """The peer decides how often it is refused: the warnings are rate limited (journald's rule)."""
+    from fdsupervisor.log import LOG_RATE_BURST
+
+    sup = supervisor({"web": unit('"127.0.0.1:0"', 1)})
+    port = sup.port("conn")
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as held:
+        served(held)
+        for _ in range(LOG_RATE_BURST + 5):
+            with socket.create_connection(("127.0.0.1", port), timeout=10) as extra:
+                try:
+                    assert first_line(extra) == b""
+                except ConnectionResetError:
+                    pass
+        # another source, after the flood on the same socket: served, so the flood was handled
+        with socket.socket() as other:
+            other.settimeout(10)
+            other.bind(("127.0.0.2", 0))
+            other.connect(("127.0.0.1", port))
+            assert served(other)["REMOTE_ADDR"] == "127.0.0.2"
+        # its worker_started comes after the refusals on the same log pipe
+        assert sup.wait_count("worker_started", 2, unit="web") == 2
+        assert sup.count("connection_refused", unit="web") == LOG_RATE_BURST
+        last = [e for e in sup.events if e.get("event") == "connection_refused"][-1]
+        assert last["refused_total"] == LOG_RATE_BURST
