@@ -43,6 +43,8 @@
 #include <signal.h>
 #include <string.h>
 #include <sys/prctl.h>
+#include <sys/resource.h>
+#include <sys/stat.h>
 #include <sys/syscall.h>
 #include <sys/types.h>
 #include <sys/wait.h>
@@ -98,6 +100,11 @@ struct child_plan {
     int set_gid;
     uid_t uid;
     int set_uid;
+    const int *rlimit_resources; /* setrlimit() of each, while still root */
+    const struct rlimit *rlimits;
+    int rlimit_count;
+    int umask; /* -1: the supervisor's own */
+    int no_new_privileges; /* PR_SET_NO_NEW_PRIVS last before execve() */
     char **pid_digits; /* where each pid variable's value goes */
     Py_ssize_t pid_variable_count;
     sigset_t reset_ignored; /* reset to SIG_DFL even when ignored */
@@ -105,6 +112,18 @@ struct child_plan {
     /* Written by the child on failure, read by the parent after clone(). */
     const char *volatile failed_stage;
     volatile int failed_errno;
+};
+
+/* The failed stage of a setrlimit(): "limits.NAME", the unit's key. */
+static const char *const rlimit_stages[RLIM_NLIMITS] = {
+    [RLIMIT_CPU] = "limits.cpu", [RLIMIT_FSIZE] = "limits.fsize",
+    [RLIMIT_DATA] = "limits.data", [RLIMIT_STACK] = "limits.stack",
+    [RLIMIT_CORE] = "limits.core", [RLIMIT_RSS] = "limits.rss",
+    [RLIMIT_NPROC] = "limits.nproc", [RLIMIT_NOFILE] = "limits.nofile",
+    [RLIMIT_MEMLOCK] = "limits.memlock", [RLIMIT_AS] = "limits.as",
+    [RLIMIT_LOCKS] = "limits.locks", [RLIMIT_SIGPENDING] = "limits.sigpending",
+    [RLIMIT_MSGQUEUE] = "limits.msgqueue", [RLIMIT_NICE] = "limits.nice",
+    [RLIMIT_RTPRIO] = "limits.rtprio", [RLIMIT_RTTIME] = "limits.rttime",
 };
 
 /* ------------------------------------------------------------------ the child */
@@ -259,6 +278,18 @@ child_main(void *argument)
     }
     CHILD_STEP("fds", close_fds_from(top, plan->max_fd));
 
+    /* The hardening of SPEC section 10, in systemd's order (exec_child()):
+     * the umask before any file is created (the output files below), the
+     * rlimits while still root, as raising a hard limit needs
+     * CAP_SYS_RESOURCE, NO_NEW_PRIVS after the switch of credentials. */
+    if (plan->umask >= 0) {
+        (void)umask((mode_t)plan->umask);
+    }
+    for (int i = 0; i < plan->rlimit_count; i++) {
+        const char *stage = rlimit_stages[plan->rlimit_resources[i]];
+        CHILD_STEP(stage != NULL ? stage : "limits",
+                   setrlimit(plan->rlimit_resources[i], &plan->rlimits[i]));
+    }
     if (plan->cwd != NULL) {
         CHILD_STEP("chdir", chdir(plan->cwd));
     }
@@ -278,6 +309,9 @@ child_main(void *argument)
         CHILD_STEP("stderr", dup2(STDOUT_FILENO, STDERR_FILENO));
     } else if (plan->stderr_path != NULL) {
         CHILD_STEP("stderr", open_output(plan->stderr_path, plan->stderr_flags, STDERR_FILENO));
+    }
+    if (plan->no_new_privileges) {
+        CHILD_STEP("no-new-privileges", prctl(PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0));
     }
     write_pid_variables(plan);
 
@@ -437,7 +471,8 @@ raise_child_error(const char *stage, int error)
 PyDoc_STRVAR(spawn_doc,
 "spawn(executable, argv, envp, fds, stdio_fd, cwd, uid, gid, groups,\n"
 "      pid_variables, reset_signals, stdout_fd, stderr_fd, stdout_path,\n"
-"      stdout_append, stderr_path, stderr_append, cgroup_fd, /) -> pid\n"
+"      stdout_append, stderr_path, stderr_append, cgroup_fd, rlimits,\n"
+"      umask, no_new_privileges, /) -> pid\n"
 "\n"
 "Start ``executable`` in a new process with clone(CLONE_VM | CLONE_VFORK) and\n"
 "return its pid once it has exec'd.\n"
@@ -447,21 +482,25 @@ PyDoc_STRVAR(spawn_doc,
 "of directory fd ``cgroup_fd`` unless -1 (\"0\" to its cgroup.procs), places\n"
 "``fds`` at 3, 4, ... (``stdio_fd``, unless -1, also at 0 and 1; ``stdout_fd``\n"
 "at 1 and ``stderr_fd`` at 2 unless -1), closes every other fd above 2,\n"
-"changes to ``cwd`` unless None, sets ``groups`` unless None, the gid and\n"
+"sets the umask unless -1 and each (resource, soft, hard) of ``rlimits``\n"
+"(-1: RLIM_INFINITY), changes to ``cwd`` unless None, sets ``groups`` unless None, the gid and\n"
 "uid unless -1, then opens\n"
 "``stdout_path`` at 1 and ``stderr_path`` at 2 unless None (created 0644,\n"
 "appended to when the flag is true), adds ``NAME=<its own pid>`` to ``envp``\n"
-"for each name of ``pid_variables``, empties its signal mask and execs.\n"
+"for each name of ``pid_variables``, sets PR_SET_NO_NEW_PRIVS if\n"
+"``no_new_privileges`` is true, empties its signal mask and execs.\n"
 "\n"
 "A failure in the child raises OSError(errno, 'STAGE: reason') once the\n"
-"child is reaped; STAGE is one of setsid, cgroup, fds, chdir, setgroups,\n"
-"setgid, setuid, stdout, stderr, signals, exec.");
+"child is reaped; STAGE is one of setsid, cgroup, fds, limits.NAME, chdir, setgroups,\n"
+"setgid, setuid, stdout, stderr, no-new-privileges, signals, exec.");
 
 static PyObject *
 native_spawn(PyObject *Py_UNUSED(module), PyObject *const *args, Py_ssize_t nargs)
 {
     PyObject *argv_seq = NULL, *envp_seq = NULL, *fds_seq = NULL;
-    PyObject *groups_seq = NULL, *pid_names_seq = NULL, *signals_seq = NULL;
+    PyObject *groups_seq = NULL, *pid_names_seq = NULL, *signals_seq = NULL, *rlimits_seq = NULL;
+    int *rlimit_resources = NULL;
+    struct rlimit *rlimits = NULL;
     char **argv = NULL, **envp = NULL, **pid_digits = NULL, *pid_text = NULL;
     int *fds = NULL, *moved = NULL;
     gid_t *groups = NULL;
@@ -470,8 +509,8 @@ native_spawn(PyObject *Py_UNUSED(module), PyObject *const *args, Py_ssize_t narg
     Py_ssize_t argc = 0, envc = 0;
     long number;
 
-    if (nargs != 18) {
-        PyErr_Format(PyExc_TypeError, "spawn() takes exactly 18 arguments (%zd given)", nargs);
+    if (nargs != 21) {
+        PyErr_Format(PyExc_TypeError, "spawn() takes exactly 21 arguments (%zd given)", nargs);
         return NULL;
     }
     memset(&plan, 0, sizeof(plan));
@@ -607,6 +646,47 @@ native_spawn(PyObject *Py_UNUSED(module), PyObject *const *args, Py_ssize_t narg
     }
     plan.cgroup_fd = (int)number;
 
+    if ((rlimits_seq = PySequence_Fast(args[18], "rlimits must be a sequence")) == NULL) {
+        goto done;
+    }
+    Py_ssize_t rlimit_count = PySequence_Fast_GET_SIZE(rlimits_seq);
+    if (rlimit_count > RLIM_NLIMITS * 4) {
+        PyErr_SetString(PyExc_ValueError, "too many rlimits");
+        goto done;
+    }
+    rlimit_resources = PyMem_New(int, rlimit_count ? rlimit_count : 1);
+    rlimits = PyMem_New(struct rlimit, rlimit_count ? rlimit_count : 1);
+    if (rlimit_resources == NULL || rlimits == NULL) {
+        PyErr_NoMemory();
+        goto done;
+    }
+    for (Py_ssize_t i = 0; i < rlimit_count; i++) {
+        long resource_number;
+        long long soft, hard;
+        if (!PyArg_ParseTuple(PySequence_Fast_GET_ITEM(rlimits_seq, i), "lLL;rlimits must hold (resource, soft, hard)",
+                              &resource_number, &soft, &hard)) {
+            goto done;
+        }
+        if (resource_number < 0 || resource_number >= RLIM_NLIMITS || soft < -1 || hard < -1) {
+            PyErr_Format(PyExc_ValueError, "rlimit out of range: (%ld, %lld, %lld)",
+                         resource_number, soft, hard);
+            goto done;
+        }
+        rlimit_resources[i] = (int)resource_number;
+        rlimits[i].rlim_cur = soft == -1 ? RLIM_INFINITY : (rlim_t)soft;
+        rlimits[i].rlim_max = hard == -1 ? RLIM_INFINITY : (rlim_t)hard;
+    }
+    plan.rlimit_resources = rlimit_resources;
+    plan.rlimits = rlimits;
+    plan.rlimit_count = (int)rlimit_count;
+    if (int_in_range(args[19], "umask", -1, 0777, &number) < 0) {
+        goto done;
+    }
+    plan.umask = (int)number;
+    if ((plan.no_new_privileges = PyObject_IsTrue(args[20])) < 0) {
+        goto done;
+    }
+
     if (optional_id(args[6], "uid", &plan.uid, &plan.set_uid) < 0 ||
         optional_id(args[7], "gid", &plan.gid, &plan.set_gid) < 0) {
         goto done;
@@ -678,6 +758,9 @@ native_spawn(PyObject *Py_UNUSED(module), PyObject *const *args, Py_ssize_t narg
     result = PyLong_FromLong((long)pid);
 
 done:
+    PyMem_Free(rlimits);
+    PyMem_Free(rlimit_resources);
+    Py_XDECREF(rlimits_seq);
     PyMem_Free(groups);
     PyMem_Free(moved);
     PyMem_Free(fds);

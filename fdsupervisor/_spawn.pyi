@@ -23,6 +23,9 @@ def spawn(
     stderr_path: bytes | None,
     stderr_append: bool,
     cgroup_fd: int,
+    rlimits: Sequence[tuple[int, int, int]],
+    umask: int,
+    no_new_privileges: bool,
     /,
 ) -> int:
     """Start ``executable`` with ``clone(CLONE_VM | CLONE_VFORK)``; its pid once it exec'd.
@@ -30,6 +33,7 @@ def spawn(
     ``-1`` for ``stdio_fd``, ``uid``, ``gid``, ``stdout_fd``, ``stderr_fd`` or
     ``cgroup_fd`` means none; ``cgroup_fd`` is a cgroup's directory, which the child
     starts in. ``stdout_path`` and ``stderr_path`` are opened by the child after the
-    switch to ``uid``. A failure in the child raises
+    switch to ``uid``. ``rlimits`` are (``RLIMIT_*``, soft, hard) with -1 for
+    infinity; ``umask`` -1 keeps the supervisor's. A failure in the child raises
     ``OSError(errno, "STAGE: reason")`` after the child was reaped.
     """

@@ -28,9 +28,10 @@ from .fdpassing import LISTEN_FDS_START
 from .handover import unblock_signals
 from .log import LOG_FORMATS, make_logger
 from .monitor import default_monitor_path
+from .spawn import load_units_resolved
 from .supervisor import HANDLED_SIGNALS, Supervisor
 from .systemd import SystemdNotifier, SystemdSockets
-from .units import Unit, load_unit_text, load_units, unit_from_command_line
+from .units import Unit, load_unit_text, unit_from_command_line
 from .upgrade import (
     CommandLineUnit,
     HandoverState,
@@ -213,7 +214,7 @@ def _load(args: argparse.Namespace, command: list[str]) -> list[Unit]:
             "no units given: name unit files or directories, "
             "or use --listen NAME=ADDRESS -- COMMAND"
         )
-    return load_units(args.units)
+    return load_units_resolved(args.units)
 
 
 def run(
@@ -434,7 +435,7 @@ def _workers(state: HandoverState) -> int:
 
 def check(paths: Sequence[Path]) -> int:
     try:
-        units = load_units(paths)
+        units = load_units_resolved(paths)
     except ConfigErrors as exc:
         for error in exc.errors:
             print(f"fdsupervisor: {error}", file=sys.stderr)

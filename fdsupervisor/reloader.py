@@ -1,8 +1,8 @@
 """The reload executor: a :class:`~fdsupervisor.reload.ReloadPlan` carried out, fd by fd.
 
-SIGHUP or the monitor's ``reload`` re-reads the unit files
-(:func:`~fdsupervisor.units.load_units`), :func:`~fdsupervisor.reload.plan_reload`
-compares them with the units running now (pure), and :class:`Reloader`
+SIGHUP or the monitor's ``reload`` re-reads the unit files, their users and
+groups looked up (:func:`~fdsupervisor.spawn.load_units_resolved`),
+:func:`~fdsupervisor.reload.plan_reload` compares them with the units running now (pure), and :class:`Reloader`
 applies the plan in the order reload.py's docstring sets out: bind what
 can be bound at once (a failure there changes nothing), relisten and move
 kept sockets, stop the units whose workers must go; once those workers
@@ -29,8 +29,9 @@ from .fdstore import FdStore, service_owner, unit_owner
 from .loop import EventLoop
 from .reload import ReloadPlan, SocketKey, plan_reload
 from .service import Service
+from .spawn import load_units_resolved
 from .systemd import SystemdNotifier
-from .units import SocketSpec, Unit, load_units
+from .units import SocketSpec, Unit
 
 
 class ReloadHost(Protocol):
@@ -134,7 +135,7 @@ class Reloader:
         if not self.unit_paths:
             raise self._refused("this supervisor runs a command-line unit: nothing to reload")
         try:
-            new_units = load_units(self.unit_paths)
+            new_units = load_units_resolved(self.unit_paths)
         except ConfigErrors as exc:
             raise self._refused(str(exc)) from None
         old_units = [host.unit(name) for name in host.unit_names()]

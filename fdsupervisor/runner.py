@@ -109,7 +109,7 @@ class UnitRunner:
         self._start_timers = Timers(ctx.loop)  # pid → READY=1 deadline
         self._watchdog_timers = Timers(ctx.loop)  # pid → next WATCHDOG=1 deadline
         self._restart_pending = False  # restart(): start again once every worker is gone
-        self._intake = Intake(self, ctx.loop, ctx.store, ctx.shutting_down)
+        self._intake = Intake(self, ctx.loop, ctx.store, ctx.shutting_down, ctx.emit)
 
     @property
     def owner(self) -> str:

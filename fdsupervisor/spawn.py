@@ -39,22 +39,32 @@ credentials, stdout and stderr, pid variables, exec):
 
 from __future__ import annotations
 
+import ctypes
 import errno
 import grp
 import os
 import pwd
+import resource
 import shutil
 import signal
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Final
 
 from systemd import journal
 
-from .errors import SpawnError
+from .errors import ConfigError, ConfigErrors, Location, SpawnError
 from .fdpassing import LISTEN_FDS_START, scrub_environment
 from .fdstore import FdStore, service_owner, unit_owner
-from .units import Unit, expand_placeholders
+from .units import (
+    LIMIT_UNITS,
+    RLIM_INFINITY,
+    ResourceLimit,
+    Unit,
+    expand_placeholders,
+    load_units,
+)
 
 try:
     from . import _spawn as _native
@@ -152,6 +162,7 @@ class Resolved:
     stdout_fd: int | None = None  # the unit's stdout: / stderr: null or journal
     stderr_fd: int | None = None
     fork: bool = False  # FDSUPERVISOR_SPAWN=fork
+    rlimits: tuple[tuple[int, int, int], ...] = ()  # (RLIMIT_*, soft, hard), -1 infinity
 
 
 @dataclass(frozen=True, slots=True)
@@ -181,6 +192,13 @@ class SpawnPlan:
     # LISTEN_PID always, WATCHDOG_PID with a watchdog (as systemd sets both).
     pid_variables: tuple[str, ...] = ("LISTEN_PID",)
     fork: bool = False  # the os.fork() path even where the C extension is built
+    # Hardening (SPEC section 10), in the order the child applies it: the
+    # umask first (the output files are created with it), the rlimits while
+    # still root (raising a hard limit needs CAP_SYS_RESOURCE), the groups
+    # before setresgid()/setresuid(), PR_SET_NO_NEW_PRIVS last before execve().
+    rlimits: tuple[tuple[int, int, int], ...] = ()  # (RLIMIT_*, soft, hard); -1: infinity
+    umask: int | None = None  # None: the supervisor's own
+    no_new_privileges: bool = False
 
     def close(self) -> None:
         """Close the output fds this plan holds: for a plan that will not be started."""
@@ -277,7 +295,8 @@ def resolve_worker(
     to close.
     """
     service = unit.service
-    account = resolve_account(service.user, service.group)
+    account = resolve_account(service.user, service.group, service.supplementary_groups)
+    rlimits = resolve_limits(service.limits)
     fork = fork_requested(environ)
     program = worker_argv(unit, passed, instance)[0]
     search_path = ""
@@ -296,7 +315,7 @@ def resolve_worker(
         if stdout_fd is not None:
             os.close(stdout_fd)
         raise
-    return Resolved(executable, account, stdout_fd, stderr_fd, fork)
+    return Resolved(executable, account, stdout_fd, stderr_fd, fork, rlimits)
 
 
 def fork_requested(environ: Mapping[str, str]) -> bool:
@@ -310,18 +329,21 @@ def fork_requested(environ: Mapping[str, str]) -> bool:
     return value == "fork"
 
 
-def resolve_account(user: str | None, group: str | None) -> Account:
-    """``user:`` and ``group:`` (names or numbers) → ids, from the user and group databases.
+def resolve_account(
+    user: str | None, group: str | None, supplementary_groups: Sequence[str] | None = None
+) -> Account:
+    """``user:``, ``group:`` and ``supplementary-groups:`` (names or numbers) → ids.
 
-    The user's own groups (``getgrouplist()``) are the worker's supplementary
-    groups, never the supervisor's; ``group:`` replaces the primary group.
+    From the user and group databases. Without ``supplementary-groups:`` the
+    user's own groups (``getgrouplist()``, what ``initgroups()`` sets) are the
+    worker's supplementary groups, never the supervisor's; ``group:`` replaces
+    the primary group. ``supplementary-groups:`` (SPEC section 10) replaces
+    the list, with or without a user. Raises :class:`SpawnError` naming the
+    unknown entry.
     """
     account = SUPERVISORS_ACCOUNT
     if user is not None:
-        try:
-            entry = pwd.getpwuid(int(user)) if user.isdecimal() else pwd.getpwnam(user)
-        except (KeyError, OverflowError):
-            raise SpawnError(f"unknown user {user!r}") from None
+        entry = lookup_user(user)
         account = Account(
             entry.pw_uid,
             entry.pw_gid,
@@ -330,15 +352,105 @@ def resolve_account(user: str | None, group: str | None) -> Account:
             entry.pw_dir,
         )
     if group is not None:
-        try:
-            gid = (
-                grp.getgrgid(int(group)).gr_gid if group.isdecimal() else grp.getgrnam(group).gr_gid
-            )
-        except (KeyError, OverflowError):
-            raise SpawnError(f"unknown group {group!r}") from None
+        gid = lookup_group(group)
         groups = account.groups if account.groups is not None else (gid,)
         account = Account(account.uid, gid, groups, account.user_name, account.home)
+    if supplementary_groups is not None:
+        listed = tuple(dict.fromkeys(lookup_group(name) for name in supplementary_groups))
+        account = Account(account.uid, account.gid, listed, account.user_name, account.home)
     return account
+
+
+def load_units_resolved(paths: Sequence[Path]) -> list[Unit]:
+    """:func:`load_units`, then every user and group looked up: one unknown means none load.
+
+    ``check`` and ``run`` refuse a unit whose ``user:`` (or group) is not on
+    this host, with the unit file's FILE:LINE:COL, instead of passing it and
+    failing at its start.
+    """
+    units = load_units(paths)
+    errors = [error for unit in units for error in account_errors(unit)]
+    if errors:
+        raise ConfigErrors(errors)
+    return units
+
+
+def account_errors(unit: Unit) -> list[ConfigError]:
+    """The unit's users and groups that are not in the databases here, as unit-file errors.
+
+    For ``fdsupervisor check`` and the load at start: an unknown ``user:``
+    would otherwise pass the check and fail only when the worker starts (the
+    socket's ``user:`` / ``group:``, when it is bound). Names and numbers of
+    ``service.user``, ``service.group`` and ``service.supplementary-groups``
+    must be in the user and group databases, as ``resolve_account`` looks
+    them up; a socket file's owner is looked up only by name (a number is
+    taken as it is, see binding.py).
+    """
+    service = unit.service
+    found: list[ConfigError] = []
+
+    def problem(key: str, lookup: Callable[[str], object], value: str) -> None:
+        try:
+            lookup(value)
+        except SpawnError as exc:
+            where = service.account_location(key) or Location(str(unit.source))
+            found.append(ConfigError(where, ("service", *key.split(".")), str(exc)))
+
+    if service.user is not None:
+        problem("user", lookup_user, service.user)
+    if service.group is not None:
+        problem("group", lookup_group, service.group)
+    for index, name in enumerate(service.supplementary_groups or ()):
+        problem(f"supplementary-groups.{index}", lookup_group, name)
+    for spec in unit.sockets:
+        for key, value, lookup in (
+            ("user", spec.user, lookup_user),
+            ("group", spec.group, lookup_group),
+        ):
+            if value is None or value.isdecimal():
+                continue
+            try:
+                lookup(value)
+            except SpawnError as exc:
+                where = spec.location or Location(str(unit.source))
+                message = f"{exc} (the owner of the socket file)"
+                found.append(ConfigError(where, ("sockets", spec.name, key), message))
+    return found
+
+
+def lookup_user(user: str) -> pwd.struct_passwd:
+    """A ``user:`` value (a name, or a number) in the user database; SpawnError if unknown."""
+    try:
+        return pwd.getpwuid(int(user)) if user.isdecimal() else pwd.getpwnam(user)
+    except (KeyError, OverflowError):
+        raise SpawnError(f"unknown user {user!r}: not in the user database") from None
+
+
+def lookup_group(group: str) -> int:
+    """A group name or number → its gid, from the group database; SpawnError if unknown."""
+    try:
+        return grp.getgrgid(int(group)).gr_gid if group.isdecimal() else grp.getgrnam(group).gr_gid
+    except (KeyError, OverflowError):
+        raise SpawnError(f"unknown group {group!r}: not in the group database") from None
+
+
+# Python's resource module has no RLIMIT_LOCKS; it is 10 on every Linux
+# architecture (asm-generic/resource.h, and the mips, sparc, alpha headers).
+_RLIMIT_LOCKS: Final = 10
+
+
+def rlimit_number(name: str) -> int:
+    """The ``RLIMIT_*`` number of a ``limits:`` key (``nofile`` → ``RLIMIT_NOFILE``)."""
+    return int(getattr(resource, f"RLIMIT_{name.upper()}", _RLIMIT_LOCKS))
+
+
+RLIMIT_NAMES: Final = {rlimit_number(name): name for name in LIMIT_UNITS}
+"""``RLIMIT_*`` → the ``limits:`` key that names it, for the failed stage of a start."""
+
+
+def resolve_limits(limits: Sequence[ResourceLimit]) -> tuple[tuple[int, int, int], ...]:
+    """``limits:`` → (``RLIMIT_*``, soft, hard) for ``setrlimit()``; -1 is RLIM_INFINITY."""
+    return tuple((rlimit_number(limit.name), limit.soft, limit.hard) for limit in limits)
 
 
 def resolve_executable(program: str, search_path: str, cwd: str | None) -> str:
@@ -490,6 +602,9 @@ def plan_worker(
         cgroup_fd=cgroup_fd,
         pid_variables=pid_variables,
         fork=resolved.fork,
+        rlimits=resolved.rlimits,
+        umask=service.umask,
+        no_new_privileges=service.no_new_privileges,
     )
 
 
@@ -563,6 +678,9 @@ def _spawn_native(plan: SpawnPlan) -> int:
             None if plan.stderr_file is None else plan.stderr_file.path,
             plan.stderr_file is not None and plan.stderr_file.append,
             -1 if plan.cgroup_fd is None else plan.cgroup_fd,
+            plan.rlimits,
+            -1 if plan.umask is None else plan.umask,
+            plan.no_new_privileges,
         )
     except OSError as exc:  # "STAGE: reason", or from clone() itself
         raise SpawnError(f"cannot start {plan.argv[0]!r}: {exc.strerror}", exc.errno) from None
@@ -635,6 +753,15 @@ def _exec_child(plan: SpawnPlan, report_fd: int) -> None:  # pragma: no cover - 
             os.close(procs)
         stage = "fds"
         _place_fds(plan.fds, plan.stdio_fd, report_fd, plan.stdout_fd, plan.stderr_fd)
+        if plan.umask is not None:
+            os.umask(plan.umask)
+        for limit, soft, hard in plan.rlimits:
+            # while still root: raising a hard limit needs CAP_SYS_RESOURCE
+            stage = f"limits.{RLIMIT_NAMES.get(limit, limit)}"
+            try:
+                resource.setrlimit(limit, (_rlim(soft), _rlim(hard)))
+            except ValueError:  # CPython's word for EPERM here: "not allowed to raise"
+                raise OSError(errno.EPERM, "setrlimit") from None
         if plan.working_directory is not None:
             stage = "chdir"
             os.chdir(plan.working_directory)
@@ -658,6 +785,10 @@ def _exec_child(plan: SpawnPlan, report_fd: int) -> None:  # pragma: no cover - 
                 os.dup2(1, 2)
             else:
                 _open_output(plan.stderr_file, 2)
+        if plan.no_new_privileges:
+            # last before the exec: nothing before needs a set-uid program
+            stage = "no-new-privileges"
+            _set_no_new_privileges()
         env = dict(plan.environment)
         own_pid = str(os.getpid())
         for name in plan.pid_variables:
@@ -670,6 +801,20 @@ def _exec_child(plan: SpawnPlan, report_fd: int) -> None:  # pragma: no cover - 
         _report(report_fd, stage, errno.EIO)
     finally:
         os._exit(127)
+
+
+def _rlim(value: int) -> int:
+    return resource.RLIM_INFINITY if value == RLIM_INFINITY else value
+
+
+PR_SET_NO_NEW_PRIVS: Final = 38  # <linux/prctl.h>
+
+
+def _set_no_new_privileges() -> None:  # pragma: no cover - child
+    """``prctl(PR_SET_NO_NEW_PRIVS, 1)``: execve() grants no privileges from then on."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    if libc.prctl(PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) != 0:
+        raise OSError(ctypes.get_errno(), "prctl(PR_SET_NO_NEW_PRIVS)")
 
 
 def _place_fds(

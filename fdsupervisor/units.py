@@ -116,9 +116,24 @@ class SocketSpec:
     free_bind: bool = False  # IP_FREEBIND (FreeBind=)
     receive_buffer: int | None = None  # SO_RCVBUF (ReceiveBuffer=)
     send_buffer: int | None = None  # SO_SNDBUF (SendBuffer=)
+    # accept mode: connections at once from one peer IP (inet), uid (unix),
+    # CID (vsock); more are closed at once (MaxConnectionsPerSource=)
+    max_connections_per_source: int | None = None
+    # more than burst activations or accepts within interval: the socket is
+    # not watched for the rest of it (systemd's PollLimitIntervalSec= /
+    # PollLimitBurst=); None: no limit
+    trigger_limit: TriggerLimit | None = None
     # Where the socket was declared (its `listen:` value), for errors found
     # later (binding, conflicts); not part of the socket's identity.
     location: Location | None = field(default=None, compare=False, repr=False)
+
+
+@dataclass(frozen=True, slots=True)
+class TriggerLimit:
+    """A socket's ``trigger-limit``: at most ``burst`` activations or accepts per ``interval``."""
+
+    interval: float
+    burst: int
 
 
 @dataclass(frozen=True, slots=True)
@@ -152,6 +167,58 @@ class ServiceSpec:
     # "file:/abs/path" (written from the start) or "append:/abs/path".
     stdout: str = "inherit"
     stderr: str = "inherit"
+    # Hardening applied in the child before exec (SPEC section 10, systemd's
+    # LimitXXX=, UMask=, NoNewPrivileges=, SupplementaryGroups=).
+    limits: tuple[ResourceLimit, ...] = ()
+    umask: int | None = None  # None: the supervisor's own
+    no_new_privileges: bool = False
+    supplementary_groups: tuple[str, ...] | None = None  # None: the user's own groups
+    # Where user:, group: and supplementary-groups: were written, for errors
+    # found when they are resolved (fdsupervisor check, start); not identity.
+    account_locations: tuple[tuple[str, Location], ...] = field(
+        default=(), compare=False, repr=False
+    )
+
+    def account_location(self, key: str) -> Location | None:
+        """Where the account key ``key`` (``user``, ``group``, ``supplementary-groups.N``) is."""
+        return dict(self.account_locations).get(key)
+
+
+RLIM_INFINITY: Final = -1
+"""``infinity`` in a :class:`ResourceLimit` (``resource.RLIM_INFINITY`` on Linux)."""
+
+
+@dataclass(frozen=True, slots=True)
+class ResourceLimit:
+    """One ``limits:`` entry: systemd's ``LimitNAME=`` lower-case, soft and hard (-1: infinity)."""
+
+    name: str  # nofile, nproc, ... (resolved to RLIMIT_* by spawn.py)
+    soft: int
+    hard: int
+
+
+# systemd's Limit*= names (systemd.exec(5), "Process Properties"), lower-case,
+# with the unit of each value: bytes take K/M/G/T/P/E (base 1024) as systemd's
+# parse_size(); cpu is seconds, rttime microseconds, nice a nice level or the
+# raw rlimit (rlimit_parse_one() in systemd's src/basic/rlimit-util.c).
+LIMIT_UNITS: Final = {
+    "cpu": "seconds",
+    "fsize": "bytes",
+    "data": "bytes",
+    "stack": "bytes",
+    "core": "bytes",
+    "rss": "bytes",
+    "nproc": "count",
+    "nofile": "count",
+    "memlock": "bytes",
+    "as": "bytes",
+    "locks": "count",
+    "sigpending": "count",
+    "msgqueue": "bytes",
+    "nice": "nice",
+    "rtprio": "count",
+    "rttime": "microseconds",
+}
 
 
 @dataclass(frozen=True, slots=True)
@@ -323,6 +390,8 @@ _SOCKET_KEYS: Final = (
     "free-bind",
     "receive-buffer",
     "send-buffer",
+    "max-connections-per-source",
+    "trigger-limit",
 )
 _SERVICE_KEYS: Final = (
     "exec",
@@ -348,8 +417,13 @@ _SERVICE_KEYS: Final = (
     "fd-store-max",
     "stdout",
     "stderr",
+    "limits",
+    "umask",
+    "no-new-privileges",
+    "supplementary-groups",
 )
 _START_LIMIT_KEYS: Final = ("burst", "interval")
+_TRIGGER_LIMIT_KEYS: Final = ("interval", "burst")
 
 _PORT_MAX: Final = 65535
 _INT_MAX: Final = 2**31 - 1  # SO_RCVBUF / SO_SNDBUF take a C int
@@ -357,6 +431,13 @@ _DEFAULT_RESTART_DELAY_MAX: Final = 30.0  # ServiceSpec.restart_delay_max
 _OCTAL_MODE_RE: Final = re.compile(r"(?:0o)?0*([0-7]{1,4})")
 _SIZE_RE: Final = re.compile(r"([0-9]{1,12})([KMG]?)")
 _SIZE_FACTORS: Final = {"": 1, "K": 1024, "M": 1024**2, "G": 1024**3}
+_LIMIT_RE: Final = re.compile(r"([0-9]{1,20})([KMGTPE]?)")
+_LIMIT_FACTORS: Final[dict[str, int]] = {"": 1} | {
+    c: 1 << (10 * (i + 1)) for i, c in enumerate("KMGTPE")
+}
+_RLIM_MAX: Final = 2**63 - 1  # rlim_t is 64-bit; all ones is RLIM_INFINITY
+_NICE_RE: Final = re.compile(r"([+-])([0-9]{1,2})")
+_GROUPS_MAX: Final = 65536  # NGROUPS_MAX of the kernel
 
 
 @dataclass(frozen=True, slots=True)
@@ -678,6 +759,11 @@ _SOCKET_RULES: Final = (
     _SocketRules("keep-alive", _maybe_tcp, "applies to inet stream (TCP) sockets only"),
     _SocketRules("no-delay", _maybe_tcp, "applies to inet stream (TCP) sockets only"),
     _SocketRules(
+        "max-connections-per-source",
+        lambda address, kind: kind is not SocketKind.DATAGRAM,
+        "applies to stream and seqpacket sockets (accept mode) only",
+    ),
+    _SocketRules(
         "backlog",
         _binds_listener,
         "applies to stream and seqpacket sockets that fdsupervisor binds, "
@@ -699,6 +785,11 @@ def _kind_problem(address: SocketAddress, kind: SocketKind) -> str | None:
 class _UnitParser(_UnitReader):
     """The unit schema (SPEC section 3) on top of :class:`_UnitReader`."""
 
+    def __init__(self, source: Path, base_dir: Path) -> None:
+        super().__init__(source, base_dir)
+        # max-connections-per-source values, which need the service's accept: true
+        self.per_source_nodes: list[tuple[Node, KeyPath]] = []
+
     def unit(self, text: str) -> Unit | None:
         root = self.compose(text)
         if root is None:
@@ -719,6 +810,10 @@ class _UnitParser(_UnitReader):
             name = self._name_from_file()
         sockets, names = self._sockets(top)
         service = self._service_field(top, root, names, sockets)
+        if service is not None and not service.accept:
+            for node, path in self.per_source_nodes:
+                message = "max-connections-per-source applies only with the service's accept: true"
+                self.errors.append(self.error(node, path, message))
         if self.errors or name is None or sockets is None or service is None:
             return None
         return Unit(name, self.source, self.base_dir, tuple(sockets), service)
@@ -785,12 +880,31 @@ class _UnitParser(_UnitReader):
             free_bind=self._field(entries, "free-bind", path, self.boolean, False),
             receive_buffer=self._field(entries, "receive-buffer", path, self.size, None),
             send_buffer=self._field(entries, "send-buffer", path, self.size, None),
+            max_connections_per_source=self._field(
+                entries, "max-connections-per-source", path, self._per_source, None
+            ),
+            trigger_limit=self._field(entries, "trigger-limit", path, self._trigger_limit, None),
             location=self.location(listen),
         )
         if address is None or len(self.errors) > before:
             return None
         self._check_socket_keys(entries, path, spec)
         return spec if len(self.errors) == before else None
+
+    def _per_source(self, node: Node, path: KeyPath) -> int:
+        self.per_source_nodes.append((node, path))  # checked against accept: later
+        return self.integer(node, path, 1, _INT_MAX)
+
+    def _trigger_limit(self, node: Node, path: KeyPath) -> TriggerLimit:
+        entries = self.mapping(node, path, _TRIGGER_LIMIT_KEYS)
+        interval_node = self._required(entries, "interval", node, path)
+        burst_node = self._required(entries, "burst", node, path)
+        interval = self._attempt(self.duration, interval_node, (*path, "interval"), -1.0)
+        burst = self._attempt(self._at_least_one, burst_node, (*path, "burst"), 1)
+        if interval == 0:
+            message = "must be a positive duration such as 2s"
+            raise self.error(interval_node, (*path, "interval"), message)
+        return TriggerLimit(interval, burst)
 
     def _socket_kind(self, node: Node, path: KeyPath) -> str:
         return self.choice(node, path, SocketKind)
@@ -915,6 +1029,13 @@ class _UnitParser(_UnitReader):
             fd_store_max=self._field(entries, "fd-store-max", path, self.integer, 0),
             stdout=self._field(entries, "stdout", path, self._output, "inherit"),
             stderr=self._field(entries, "stderr", path, self._output, "inherit"),
+            limits=self._field(entries, "limits", path, self._limits, ()),
+            umask=self._field(entries, "umask", path, self._umask, None),
+            no_new_privileges=self._field(entries, "no-new-privileges", path, self.boolean, False),
+            supplementary_groups=self._field(
+                entries, "supplementary-groups", path, self._groups, None
+            ),
+            account_locations=self._account_locations(entries),
         )
         if len(self.errors) > before:
             return None
@@ -923,6 +1044,88 @@ class _UnitParser(_UnitReader):
 
     def _activation(self, node: Node, path: KeyPath) -> str:
         return self.choice(node, path, Activation)
+
+    def _limits(self, node: Node, path: KeyPath) -> tuple[ResourceLimit, ...]:
+        limits = []
+        for name, entry in self.mapping(node, path, tuple(LIMIT_UNITS)).items():
+            limit = self._attempt(
+                functools.partial(self._limit, name), entry.value, (*path, name), None
+            )
+            if limit is not None:
+                limits.append(limit)
+        return tuple(limits)
+
+    def _limit(self, name: str, node: Node, path: KeyPath) -> ResourceLimit:
+        """``SOFT`` or ``SOFT:HARD`` as systemd's ``LimitNAME=``; one value sets both."""
+        scalar = self.scalar(node, path, "a limit such as 1024 or 1024:4096 or infinity")
+        # The text as written: YAML 1.1 would read an unquoted 10:20 as 620.
+        text = str(scalar.value).strip()
+        soft_text, sep, hard_text = text.partition(":")
+        soft = self._limit_value(name, soft_text.strip(), node, path)
+        hard = self._limit_value(name, hard_text.strip(), node, path) if sep else soft
+        if hard != RLIM_INFINITY and (soft == RLIM_INFINITY or soft > hard):
+            raise self.error(
+                node, path, f"the soft limit must not be above the hard limit, got {text!r}"
+            )
+        return ResourceLimit(name, soft, hard)
+
+    def _limit_value(self, name: str, text: str, node: Node, path: KeyPath) -> int:
+        unit = LIMIT_UNITS[name]
+        if text == "infinity":
+            return RLIM_INFINITY
+        if unit == "nice":
+            signed = _NICE_RE.fullmatch(text)
+            if signed is not None:  # a nice level: rlimit 20 - level (rlimit_parse_nice())
+                level = int(signed.group(2)) * (-1 if signed.group(1) == "-" else 1)
+                if -20 <= level <= 19:
+                    return 20 - level
+            elif text.isascii() and text.isdecimal() and int(text) <= 40:
+                return int(text)
+            raise self.error(
+                node,
+                path,
+                "expected a nice level from -20 to +19 (with its sign), a raw limit "
+                f"from 0 to 40, or infinity, got {describe(text)}",
+            )
+        match = _LIMIT_RE.fullmatch(text)
+        if match is None or (match.group(2) and unit != "bytes"):
+            what = "bytes (optionally with K, M, G, T, P or E)" if unit == "bytes" else unit
+            raise self.error(
+                node,
+                path,
+                f"expected a number of {what}, SOFT:HARD or infinity, got {describe(text)}",
+            )
+        value = int(match.group(1)) * _LIMIT_FACTORS[match.group(2)]
+        if value > _RLIM_MAX:
+            raise self.error(node, path, f"the limit {text} is too large; for none write infinity")
+        return value
+
+    def _umask(self, node: Node, path: KeyPath) -> int:
+        mask = self.octal_mode(node, path)
+        if mask > 0o777:
+            raise self.error(node, path, f"a umask is from 0000 to 0777, got {oct(mask)[2:]}")
+        return mask
+
+    def _groups(self, node: Node, path: KeyPath) -> tuple[str, ...]:
+        if not isinstance(node, SequenceNode):
+            raise self.error(node, path, f"expected a list of group names, got {_node_text(node)}")
+        if len(node.value) > _GROUPS_MAX:
+            raise self.error(node, path, f"at most {_GROUPS_MAX} groups")
+        return tuple(
+            self.nonempty_string(item, (*path, str(index))) for index, item in enumerate(node.value)
+        )
+
+    def _account_locations(self, entries: Mapping[str, _Entry]) -> tuple[tuple[str, Location], ...]:
+        found = [
+            (key, self.location(entries[key].value)) for key in ("user", "group") if key in entries
+        ]
+        groups = entries.get("supplementary-groups")
+        if groups is not None and isinstance(groups.value, SequenceNode):
+            found += [
+                (f"supplementary-groups.{index}", self.location(item))
+                for index, item in enumerate(groups.value.value)
+            ]
+        return tuple(found)
 
     def _output(self, node: Node, path: KeyPath) -> str:
         """systemd's StandardOutput= in small; a relative file is the unit directory's."""

@@ -405,6 +405,10 @@ def test_nul_byte_is_refused(spawn_with: Spawn) -> None:
         (13, "/tmp/out", TypeError),  # str, not bytes
         (15, b"/tmp/a\0b", ValueError),
         (17, -2, ValueError),
+        (18, [(7, 1)], TypeError),  # (resource, soft, hard)
+        (18, [(999, 1, 1)], ValueError),
+        (18, [(7, -2, 1)], ValueError),
+        (19, 0o1000, ValueError),  # umask
     ],
 )
 def test_extension_checks_its_arguments_before_starting_anything(
@@ -414,12 +418,12 @@ def test_extension_checks_its_arguments_before_starting_anything(
 
     args: list[Any] = [
         TRUE.encode(), [b"true"], [], (), -1, None, -1, -1, None, (b"LISTEN_PID",), (15,),
-        -1, -1, None, False, None, False, -1,
+        -1, -1, None, False, None, False, -1, (), -1, False,
     ]  # fmt: skip
     args[index] = value
     with pytest.raises(error):
         _spawn.spawn(*args)
-    with pytest.raises(TypeError, match="exactly 18 arguments"):
+    with pytest.raises(TypeError, match="exactly 21 arguments"):
         _spawn.spawn(*args[:-1])
     assert zombies_of(os.getpid()) == []
 

@@ -41,6 +41,14 @@ def test_service_keys() -> None:
     assert documented_keys("`service`") == set(units._SERVICE_KEYS)
 
 
+def test_trigger_limit_keys() -> None:
+    assert documented_keys("`sockets.NAME.trigger-limit`") == set(units._TRIGGER_LIMIT_KEYS)
+
+
+def test_limit_keys() -> None:
+    assert documented_keys("`service.limits`") == set(units.LIMIT_UNITS)
+
+
 def test_start_limit_keys() -> None:
     assert documented_keys("`service.start-limit`") == set(units._START_LIMIT_KEYS)
 
