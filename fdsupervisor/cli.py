@@ -24,6 +24,7 @@ from . import __version__, ctl
 from .addresses import format_address
 from .binding import InheritedFds
 from .errors import BindError, ConfigErrors, FdSupervisorError
+from .export import export_units, write_files
 from .fdpassing import LISTEN_FDS_START
 from .handover import unblock_signals
 from .log import LOG_FORMATS, make_logger
@@ -141,6 +142,10 @@ def build_parser() -> argparse.ArgumentParser:
     check = commands.add_parser("check", help="validate unit files")
     check.add_argument("units", nargs="+", type=Path, metavar="UNIT_DIR_OR_FILE")
 
+    export = commands.add_parser("export", help="write unit files for another engine")
+    export.add_argument("--systemd", required=True, type=Path, metavar="OUTDIR")
+    export.add_argument("units", nargs="+", type=Path, metavar="UNIT_DIR_OR_FILE")
+
     ctl.build_parser(commands.add_parser("ctl", help="talk to a running supervisor"))
     return parser
 
@@ -171,6 +176,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(args_list)
     if args.command == "check":
         return check(args.units)
+    if args.command == "export":
+        return export_systemd(args.systemd, args.units)
     if args.command == "ctl":
         return ctl.run(args)
     systemd_sockets = SystemdSockets.from_environment(os.environ, os.getpid())
@@ -426,6 +433,24 @@ def _failure(exc: BaseException) -> str:
 
 def _workers(state: HandoverState) -> int:
     return sum(len(item.workers) for item in state.services.values())
+
+
+def export_systemd(directory: Path, paths: Sequence[Path]) -> int:
+    """``export --systemd``: every file, or (an error in any unit) none."""
+    try:
+        files = export_units(load_units(paths))
+    except ConfigErrors as exc:
+        for error in exc.errors:
+            print(f"fdsupervisor: {error}", file=sys.stderr)
+        return 1
+    try:
+        written = write_files(directory, files)
+    except OSError as exc:
+        print(f"fdsupervisor: {directory}: {exc.strerror}", file=sys.stderr)
+        return 1
+    for path in written:
+        print(path)
+    return 0
 
 
 def check(paths: Sequence[Path]) -> int:
