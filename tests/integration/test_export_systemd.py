@@ -109,6 +109,8 @@ def test_round_trip_gives_the_same_answer(
     finally:
         activate.terminate()
         activate.wait(10)
+        assert activate.stderr is not None
+        activate.stderr.close()  # not left for the garbage collector, in a later test's fd count
 
 
 @needs

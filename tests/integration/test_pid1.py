@@ -31,7 +31,7 @@ service:
 # One that leaves its process group: setsid, so a stop of the worker's group misses it.
 LEFT_THE_GROUP = """
 service:
-  exec: [sh, -c, "sh -c 'setsid sleep 1000 &' ; echo forked; exec sleep 1000"]
+  exec: [sh, -c, "sh -c 'setsid sh -c \\"echo detached; exec sleep 1000\\" &' ; exec sleep 1000"]
 """
 
 pytestmark = pytest.mark.skipif(
@@ -115,7 +115,7 @@ def test_shutdown_as_pid1_stops_a_daemon_that_left_the_group(
     proc = supervisor({"daemon": LEFT_THE_GROUP}, args=args, prefix=UNSHARE)
     init = namespace_init(proc)
     proc.wait_for("worker_started")
-    proc.wait_output("forked")
+    proc.wait_output("detached")  # after setsid: out of the worker's group
     os.kill(init, signal.SIGTERM)
     assert proc.stop() == 0
     assert proc.wait_for("namespace_stopping", signal="SIGTERM")
