@@ -24,6 +24,7 @@ from . import __version__, ctl
 from .addresses import format_address
 from .binding import InheritedFds, check_resolvable
 from .errors import BindError, ConfigError, ConfigErrors, FdSupervisorError, Location
+from .export import export_units, write_files
 from .fdpassing import LISTEN_FDS_START
 from .handover import unblock_signals
 from .log import LOG_FORMATS, make_logger
@@ -31,7 +32,7 @@ from .monitor import default_monitor_path
 from .spawn import load_units_resolved
 from .supervisor import HANDLED_SIGNALS, Supervisor
 from .systemd import SystemdNotifier, SystemdSockets
-from .units import Unit, load_unit_text, unit_from_command_line
+from .units import Unit, load_unit_text, load_units, unit_from_command_line
 from .upgrade import (
     CommandLineUnit,
     HandoverState,
@@ -142,6 +143,10 @@ def build_parser() -> argparse.ArgumentParser:
     check = commands.add_parser("check", help="validate unit files")
     check.add_argument("units", nargs="+", type=Path, metavar="UNIT_DIR_OR_FILE")
 
+    export = commands.add_parser("export", help="write unit files for another engine")
+    export.add_argument("--systemd", required=True, type=Path, metavar="OUTDIR")
+    export.add_argument("units", nargs="+", type=Path, metavar="UNIT_DIR_OR_FILE")
+
     ctl.build_parser(commands.add_parser("ctl", help="talk to a running supervisor"))
     return parser
 
@@ -172,6 +177,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(args_list)
     if args.command == "check":
         return check(args.units)
+    if args.command == "export":
+        return export_systemd(args.systemd, args.units)
     if args.command == "ctl":
         return ctl.run(args)
     systemd_sockets = SystemdSockets.from_environment(os.environ, os.getpid())
@@ -431,6 +438,25 @@ def _failure(exc: BaseException) -> str:
 
 def _workers(state: HandoverState) -> int:
     return sum(len(item.workers) for item in state.services.values())
+
+
+def export_systemd(directory: Path, paths: Sequence[Path]) -> int:
+    """``export --systemd``: every file, or (an error in any unit) none."""
+    try:
+        # Users and groups are the target machines' business: not resolved here.
+        files = export_units(load_units(paths))
+    except ConfigErrors as exc:
+        for error in exc.errors:
+            print(f"fdsupervisor: {error}", file=sys.stderr)
+        return 1
+    try:
+        written = write_files(directory, files)
+    except OSError as exc:
+        print(f"fdsupervisor: {directory}: {exc.strerror}", file=sys.stderr)
+        return 1
+    for path in written:
+        print(path)
+    return 0
 
 
 def check(paths: Sequence[Path]) -> int:

@@ -92,6 +92,7 @@ class Handover:
         # from the unit files, and workers of such units.
         self._leftovers: list[tuple[str, BoundSocket]] = []
         self._orphans: list[int] = []
+        self._orphan_pids: set[int] = set()  # stopped orphans not reaped yet (by their pidfd)
 
     def adopt(self, state: HandoverState, *, bind_new: bool = True) -> None:
         """Take over the old program's fds, then bind what is new.
@@ -209,6 +210,10 @@ class Handover:
         self._leftovers.clear()
         self._orphans.clear()
 
+    def orphan_pids(self) -> set[int]:
+        """The old program's workers of removed units that are stopped and not reaped yet."""
+        return set(self._orphan_pids)
+
     def _orphan(self, pid: int) -> None:
         """A worker of a unit that no longer exists: stop it, and still reap it."""
         try:
@@ -219,11 +224,13 @@ class Handover:
         if cgroups is not None:
             cgroups.adopt(pid)
         self.host.signal_group(pid, signal.SIGTERM)
+        self._orphan_pids.add(pid)
 
         def reap() -> None:
             loop.remove_reader(pidfd)
             os.close(pidfd)
             os.waitpid(pid, 0)
+            self._orphan_pids.discard(pid)
             if cgroups is not None:
                 cgroups.release(pid)
 

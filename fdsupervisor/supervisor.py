@@ -8,7 +8,7 @@ becomes readable, a restart or stop timer fires, traffic arrives, a worker
 notifies) is its runner's business; the supervisor reads the notify socket
 and hands each message to the runner of the worker that sent it, answers
 the monitor's commands, and handles signals (SIGTERM/SIGINT: shut down,
-SIGHUP: reload, SIGUSR2: upgrade).
+SIGHUP: reload, SIGUSR2: upgrade, SIGCHLD: reap orphans, reaper.py).
 
 Signal handlers do nothing but wake the loop (``signal.set_wakeup_fd``),
 as gunicorn's arbiter and asyncio do; all work happens in the loop.
@@ -36,6 +36,7 @@ from .loop import EventLoop, Timer
 from .monitor import MonitorServer, event_line
 from .notifications import WorkerNotifications
 from .notify import NotifySocket
+from .reaper import OrphanReaper, set_child_subreaper, stop_namespace
 from .reloader import Reloader
 from .runner import RunnerContext, UnitRunner, signal_group
 from .service import Service
@@ -45,6 +46,9 @@ from .units import SocketSpec, Unit
 from .upgrade import HandoverState, RunConfig, Upgrader, WorkerItem
 
 HANDLED_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGUSR2)
+# SIGCHLD too wakes the loop, to reap orphans (reaper.py); it is not one of the
+# signals an upgrade carries across its exec: the new program reaps once at start.
+WAKEUP_SIGNALS = (*HANDLED_SIGNALS, signal.SIGCHLD)
 
 
 def located_bind_error(unit: Unit, spec: SocketSpec, exc: BindError) -> BindError:
@@ -122,7 +126,13 @@ class Supervisor:
         self.notifications: WorkerNotifications = WorkerNotifications(
             self.loop, log, lambda: self.runners.values()
         )
-        self._signals = SignalWakeup(HANDLED_SIGNALS)  # installed at start()
+        self._signals = SignalWakeup(WAKEUP_SIGNALS)  # installed at start()
+        self._wakeup_fd: int | None = None
+        # Orphans re-parented to us (we are a child subreaper, or PID 1): reaped unless
+        # a runner (or the handover) watches them by pidfd and reaps them itself.
+        self.reaper = OrphanReaper(
+            lambda: {*self.worker_pids(), *self.handover.orphan_pids()}, log=log
+        )
         self.on_shutdown: list[Callable[[], None]] = []
         # A command-line unit (run --listen ... -- COMMAND) is the whole job.
         self._one_off = run_config is not None and run_config.command_line is not None
@@ -223,7 +233,11 @@ class Supervisor:
         After an upgrade (``handover``), the services carry on where the old
         program left them instead: running workers are supervised again.
         """
-        self.loop.add_reader(self._signals.install(), self._on_signals)
+        if not set_child_subreaper():
+            self.log.warning("subreaper_refused", note="orphans go to the namespace's init")
+        self._wakeup_fd = self._signals.install()
+        self.loop.add_reader(self._wakeup_fd, self._on_signals)
+        self.reaper.reap()  # orphans that exited before (or during an upgrade's exec)
         self.notifications.open(handover.notify_fd if handover is not None else None)
         self.loop.add_reader(self.store.hangup_fileno(), self._on_hangups)
         if self.use_cgroups:
@@ -475,6 +489,8 @@ class Supervisor:
 
     def _on_signals(self) -> None:
         data = self._signals.drain()
+        if signal.SIGCHLD in data:
+            self.reaper.reap()
         for signum in data:
             if signum in (signal.SIGTERM, signal.SIGINT):
                 self.shutdown(signal.Signals(signum).name)
@@ -500,6 +516,10 @@ class Supervisor:
         return sum(runner.live_workers() for runner in self.runners.values())
 
     def _close(self) -> None:
+        if os.getpid() == 1 and self._wakeup_fd is not None:
+            # A container's init: nothing may outlive it unstopped (a daemon that left its
+            # worker's process group, say); the kernel would SIGKILL them all at our exit.
+            stop_namespace(self._wakeup_fd, log=self.log)
         for callback in self.on_shutdown:
             callback()
         for runner in self.runners.values():

@@ -90,6 +90,7 @@ class SupervisorProcess:
         cwd: Path,
         pass_fds: tuple[int, ...] = (),
         env: dict[str, str] | None = None,
+        prefix: tuple[str, ...] = (),
     ) -> None:
         self.events: list[dict[str, Any]] = []
         self.output: list[str] = []
@@ -97,7 +98,8 @@ class SupervisorProcess:
         # The package is the installed one (pip install -e): no PYTHONPATH of ours.
         full_env = dict(os.environ, **(env or {}))
         self.proc = subprocess.Popen(
-            [PYTHON, "-m", "fdsupervisor", "run", "--log-format", "json", *args],
+            # prefix: a program that runs the supervisor (unshare for a pid namespace).
+            [*prefix, PYTHON, "-m", "fdsupervisor", "run", "--log-format", "json", *args],
             cwd=cwd,
             stdin=subprocess.DEVNULL,
             stdout=subprocess.PIPE,
