@@ -7,6 +7,7 @@ reads its stderr line by line, and tests wait for events (``ready``,
 
 from __future__ import annotations
 
+import gc
 import json
 import os
 import signal
@@ -71,6 +72,13 @@ def run_fdsupervisor(
 
 
 def open_fds(pid: int | str = "self") -> list[int]:
+    """The fds open in ``pid``; in this process, after a collection.
+
+    Objects an earlier test left to the garbage collector (a socket, a file)
+    would otherwise close their fds in the middle of a later test's count.
+    """
+    if pid == "self" or pid == os.getpid():
+        gc.collect()
     result = []
     for name in os.listdir(f"/proc/{pid}/fd"):
         try:
