@@ -21,9 +21,9 @@ from pathlib import Path
 from typing import Any
 
 from . import __version__, ctl
-from .addresses import format_address
+from .addresses import Context, format_address, parse_address
 from .binding import InheritedFds, check_resolvable
-from .errors import BindError, ConfigError, ConfigErrors, FdSupervisorError, Location
+from .errors import BindError, ConfigError, ConfigErrors, FdSupervisorError, Location, ValueProblem
 from .export import export_units, write_files
 from .fdpassing import LISTEN_FDS_START
 from .handover import unblock_signals
@@ -125,6 +125,12 @@ def build_parser() -> argparse.ArgumentParser:
         "$XDG_RUNTIME_DIR/fdsupervisor/monitor.sock)",
     )
     run.add_argument("--no-monitor", action="store_true", help="run without a monitor socket")
+    run.add_argument(
+        "--metrics",
+        metavar="ADDRESS",
+        help="serve Prometheus metrics at GET /metrics on ADDRESS "
+        "(a socket address shorthand: 127.0.0.1:9469, unix:PATH)",
+    )
     run.add_argument(
         "--no-cgroups",
         action="store_true",
@@ -250,6 +256,13 @@ def run(
     except FdSupervisorError as exc:
         print(f"fdsupervisor: {exc}", file=sys.stderr)
         return 1
+    metrics = None
+    if args.metrics is not None:
+        try:
+            metrics = parse_address(args.metrics, Context.STARTUP)
+        except ValueProblem as exc:
+            print(f"fdsupervisor: --metrics {args.metrics!r}: {exc}", file=sys.stderr)
+            return 1
     config = _run_config(args, command)
     supervisor = _supervisor(units, log, inherited, config, exec_argv, systemd_sockets)
     try:
@@ -265,6 +278,15 @@ def run(
             supervisor.store.close_all()
             reason = exc.message if isinstance(exc, BindError) else f"{path}: {exc}"
             log.error("startup_failed", error=f"monitor: {reason}", note="nothing was bound")
+            return 1
+    if metrics is not None:
+        try:
+            supervisor.attach_metrics(metrics)
+        except BindError as exc:
+            for close in supervisor.on_shutdown:
+                close()  # the monitor
+            supervisor.store.close_all()
+            log.error("startup_failed", error=f"metrics: {exc.message}", note="nothing was bound")
             return 1
     supervisor.start()
     return supervisor.run()

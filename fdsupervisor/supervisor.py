@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import Any
 
 from . import __version__
+from .addresses import SocketAddress
 from .binding import BoundSocket, InheritedFds, bind_socket, describe_socket
 from .cgroups import WorkerCgroups
 from .commands import Commands, fd_event_data
@@ -33,6 +34,7 @@ from .errors import BindError, FdSupervisorError, Location
 from .fdstore import FdStore, owner_service, owner_unit, unit_owner
 from .handover import Handover
 from .loop import EventLoop, Timer
+from .metrics import MetricsServer, MetricsSource
 from .monitor import MonitorServer, event_line
 from .notifications import WorkerNotifications
 from .notify import NotifySocket
@@ -121,6 +123,7 @@ class Supervisor:
         )
         self.handover = Handover(self, log=log)  # the new program's side of an upgrade
         self.monitor: MonitorServer | None = None
+        self.metrics: MetricsServer | None = None
         self.base_dir = Path.cwd()
         self.listeners: list[Callable[[str, dict[str, Any]], None]] = []
         self.notifications: WorkerNotifications = WorkerNotifications(
@@ -179,6 +182,22 @@ class Supervisor:
         self.monitor = server
         self.listeners.append(lambda name, data: server.broadcast(event_line(name, data)))
         self.on_shutdown.append(server.close)
+        return server
+
+    def attach_metrics(self, address: SocketAddress) -> MetricsServer:
+        """Serve ``GET /metrics`` on ``address``, bound like a unit socket (SPEC 11)."""
+        spec = SocketSpec(name="metrics", address=address)
+        bound = bind_socket(spec, base_dir=self.base_dir, inherited=self.inherited)
+        source = MetricsSource(
+            services=self.describe_services,
+            stored_owners=lambda: [entry.owner for entry in self.store],
+            monitor_clients=lambda: len(self.monitor.clients) if self.monitor is not None else 0,
+        )
+        server = MetricsServer(bound, loop=self.loop, log=self.log, source=source)
+        server.open()
+        self.metrics = server
+        self.on_shutdown.append(server.close)
+        self.log.info("metrics_listening", address=describe_socket(bound.fileno()).address)
         return server
 
     def bind_all(self) -> None:

@@ -1,0 +1,164 @@
+"""``--metrics ADDRESS`` (SPEC 11): a real supervisor scraped over loopback.
+
+The values are checked against ``query-services`` on the monitor; the
+scrapers that misbehave (half a header, a hundred idle connections, a bad
+request line) are real sockets, and the supervisor's own answers (a second
+scrape, the monitor) show that they harm nothing.
+"""
+
+from __future__ import annotations
+
+import socket
+import time
+import urllib.request
+from collections.abc import Callable
+from typing import Any
+
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+
+from fdsupervisor.metrics import CONNECTION_TIMEOUT, MAX_CONNECTIONS
+from tests.conftest import PYTHON, REPORT_WORKER, SupervisorProcess, open_fds
+from tests.monitor_client import RawClient
+
+WEB = f"""
+    sockets:
+      http: {{listen: "127.0.0.1:0"}}
+    service:
+      exec: [{PYTHON}, {REPORT_WORKER}]
+      restart: always
+      restart-delay: 0
+    """
+LAZY = f"""
+    sockets:
+      http: {{listen: "127.0.0.1:0"}}
+    service:
+      exec: [{PYTHON}, {REPORT_WORKER}]
+      activation: on-demand
+    """
+
+
+@pytest.fixture
+def metered(
+    supervisor: Callable[..., SupervisorProcess], tmp_path: Any
+) -> tuple[SupervisorProcess, int]:
+    (tmp_path / "units").mkdir(exist_ok=True)
+    sup = supervisor(
+        {"web": WEB, "lazy": LAZY}, args=["--metrics", "127.0.0.1:0", str(tmp_path / "units")]
+    )
+    address = sup.wait_for("metrics_listening")["address"]
+    return sup, int(str(address).rsplit(":", 1)[1])
+
+
+def scrape(port: int) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as reply:
+        assert reply.status == 200
+        assert reply.headers["Content-Type"].startswith("text/plain")
+        text = reply.read().decode()
+    samples = {}
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            samples[(sample.name, tuple(sorted(sample.labels.items())))] = sample.value
+    return samples
+
+
+def raw_request(port: int, data: bytes) -> bytes:
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as conn:
+        conn.sendall(data)
+        chunks = []
+        while chunk := conn.recv(65536):
+            chunks.append(chunk)
+    return b"".join(chunks)
+
+
+def test_values_match_query_services(metered: tuple[SupervisorProcess, int]) -> None:
+    """Every unit's workers, state (one 1, the rest 0) and restarts, the store and the monitor."""
+    sup, port = metered
+    sup.wait_for("worker_started", unit="web")
+    with RawClient(sup.monitor_path).negotiate() as client:
+        services = client.command("query-services")["return"]
+        samples = scrape(port)
+    for service in services:
+        unit = service["unit"]
+        assert samples[("fdsupervisor_workers", (("unit", unit),))] == len(service["pids"])
+        assert samples[("fdsupervisor_restarts_total", (("unit", unit),))] == service["restarts"]
+        states = {
+            dict(labels)["state"]: value
+            for (name, labels), value in samples.items()
+            if name == "fdsupervisor_service_state" and dict(labels)["unit"] == unit
+        }
+        assert states[service["state"]] == 1
+        assert sum(states.values()) == 1 and len(states) == 6
+    assert {s["unit"] for s in services} == {"web", "lazy"}
+    assert samples[("fdsupervisor_stored_fds", (("owner_kind", "unit"),))] == 2
+    assert samples[("fdsupervisor_stored_fds", (("owner_kind", "monitor"),))] == 0
+    assert samples[("fdsupervisor_monitor_clients", ())] == 1  # the RawClient above
+
+
+def test_slowloris_does_not_stop_a_second_scrape(metered: tuple[SupervisorProcess, int]) -> None:
+    sup, port = metered
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as slow:
+        slow.sendall(b"GET /metrics HTTP/1.1\r\nHost: x\r\nX-Slow: ")
+        samples = scrape(port)  # answered while the first waits for the rest of its header
+        assert ("fdsupervisor_monitor_clients", ()) in samples
+        # The silent client is closed by its timer, not left open for good.
+        slow.settimeout(CONNECTION_TIMEOUT + 10)
+        assert slow.recv(100) == b""
+    sup.wait_for("metrics_client_timeout")
+
+
+def test_idle_connections_are_bounded_and_closed(metered: tuple[SupervisorProcess, int]) -> None:
+    """100 idle connections: all but MAX_CONNECTIONS closed at once, those after the timeout."""
+    sup, port = metered
+    before = len(open_fds(sup.pid))
+    idle = [socket.create_connection(("127.0.0.1", port), timeout=10) for _ in range(100)]
+    try:
+        with RawClient(sup.monitor_path).negotiate() as client:
+            assert {s["unit"] for s in client.command("query-services")["return"]} == {
+                "web",
+                "lazy",
+            }
+        assert (
+            sup.wait_count("metrics_client_refused", 100 - MAX_CONNECTIONS) == 100 - MAX_CONNECTIONS
+        )
+        deadline = time.monotonic() + CONNECTION_TIMEOUT + 15
+        for conn in idle:
+            conn.settimeout(max(0.1, deadline - time.monotonic()))
+            assert conn.recv(100) == b""  # closed by the supervisor
+        assert sup.wait_count("metrics_client_timeout", MAX_CONNECTIONS) == MAX_CONNECTIONS
+        assert len(open_fds(sup.pid)) <= before
+    finally:
+        for conn in idle:
+            conn.close()
+
+
+@pytest.mark.parametrize(
+    ("request_bytes", "status"),
+    [
+        (b"NOT A REQUEST LINE\r\n\r\n", 400),
+        (b"GET /other HTTP/1.1\r\nHost: x\r\n\r\n", 404),
+        (b"POST /metrics HTTP/1.1\r\nHost: x\r\nContent-Length: 0\r\n\r\n", 405),
+        (b"GET /metrics HTTP/1.1\r\nHost: x\r\n" + b"X-Big: " + b"a" * 20000 + b"\r\n\r\n", 431),
+    ],
+)
+def test_bad_requests(
+    metered: tuple[SupervisorProcess, int], request_bytes: bytes, status: int
+) -> None:
+    _sup, port = metered
+    answer = raw_request(port, request_bytes)
+    assert answer.startswith(f"HTTP/1.1 {status} ".encode()), answer[:100]
+    assert b"Connection: close" in answer
+    scrape(port)  # and the endpoint still answers
+
+
+def test_bad_address_is_refused(
+    supervisor: Callable[..., SupervisorProcess], tmp_path: Any
+) -> None:
+    (tmp_path / "units").mkdir(exist_ok=True)
+    sup = supervisor(
+        {"web": WEB},
+        args=["--metrics", "127.0.0.1:notaport:x", str(tmp_path / "units")],
+        wait_ready=False,
+    )
+    assert sup.proc.wait(20) == 1
+    assert "--metrics" in "\n".join(sup.output)
