@@ -24,13 +24,14 @@ from dataclasses import dataclass
 from typing import Any
 
 import h11
-from prometheus_client.core import GaugeMetricFamily, Metric
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.exposition import CONTENT_TYPE_LATEST, generate_latest
 from prometheus_client.registry import Collector, CollectorRegistry
 
 from .binding import BoundSocket
 from .fdstore import owner_kind
 from .loop import ACCEPT_RETRY_DELAY, EventLoop, Timer
+from .runner import WorkerCounters
 from .service import ServiceState
 
 # Scrape connections at once: Prometheus keeps one per target, and a handful
@@ -55,6 +56,7 @@ class MetricsSource:
     services: Callable[[], Iterable[Mapping[str, Any]]]  # query-services' objects
     stored_owners: Callable[[], Iterable[str]]  # the owner of every stored fd
     monitor_clients: Callable[[], int]
+    counters: Callable[[], Iterable[tuple[str, WorkerCounters]]]  # (unit, its counters)
 
 
 class SupervisorCollector(Collector):
@@ -72,10 +74,9 @@ class SupervisorCollector(Collector):
             "1 for the service's current state, 0 for the others.",
             labels=["unit", "state"],
         )
-        # A counter by meaning, exposed with a counter's _total name; kept by
-        # the service (query-services' "restarts"), so it is read, not counted here.
-        restarts = GaugeMetricFamily(
-            "fdsupervisor_restarts_total",
+        # Kept by the service (query-services' "restarts"): read, not counted here.
+        restarts = CounterMetricFamily(
+            "fdsupervisor_restarts",
             "Automatic restarts of the service since it was loaded.",
             labels=["unit"],
         )
@@ -85,7 +86,18 @@ class SupervisorCollector(Collector):
             restarts.add_metric([unit], service["restarts"])
             for value in ServiceState:
                 state.add_metric([unit, value.value], 1 if service["state"] == value.value else 0)
-        restarts.type = "counter"  # the text format's TYPE line; the name keeps _total
+        starts = CounterMetricFamily(
+            "fdsupervisor_worker_starts", "Workers started for the unit.", labels=["unit"]
+        )
+        exits = CounterMetricFamily(
+            "fdsupervisor_worker_exits",
+            "Workers of the unit that exited, by why: stopped, success, failure, signal.",
+            labels=["unit", "reason"],
+        )
+        for unit, counters in self.source.counters():
+            starts.add_metric([unit], counters.starts)
+            for reason, count in sorted(counters.exits.items()):
+                exits.add_metric([unit, reason], count)
         stored = GaugeMetricFamily(
             "fdsupervisor_stored_fds", "Fds in the supervisor's store.", labels=["owner_kind"]
         )
@@ -98,7 +110,7 @@ class SupervisorCollector(Collector):
             "fdsupervisor_monitor_clients", "Clients connected to the QMP monitor."
         )
         clients.add_metric([], self.source.monitor_clients())
-        yield from (workers, state, restarts, stored, clients)
+        yield from (workers, state, restarts, starts, exits, stored, clients)
 
 
 def render(source: MetricsSource) -> bytes:

@@ -25,7 +25,7 @@ import math
 import os
 import signal
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import partial
 from typing import Any
 
@@ -93,6 +93,19 @@ class Timers:
         self._timers.clear()
 
 
+@dataclass(slots=True)
+class WorkerCounters:
+    """What ``--metrics`` counts for a unit (SPEC 11); kept across reloads, reset by an upgrade."""
+
+    starts: int = 0
+    # why workers exited: stopped (we asked), success (code 0), failure (a non-zero
+    # code), signal (killed by one we did not send)
+    exits: dict[str, int] = field(default_factory=dict)
+
+    def exited(self, reason: str) -> None:
+        self.exits[reason] = self.exits.get(reason, 0) + 1
+
+
 class UnitRunner:
     """One unit's service at run time: its workers, their timers, its sockets' intake."""
 
@@ -109,6 +122,7 @@ class UnitRunner:
         self._start_timers = Timers(ctx.loop)  # pid → READY=1 deadline
         self._watchdog_timers = Timers(ctx.loop)  # pid → next WATCHDOG=1 deadline
         self._restart_pending = False  # restart(): start again once every worker is gone
+        self.counters = WorkerCounters()
         self._intake = Intake(self, ctx.loop, ctx.store, ctx.shutting_down, ctx.emit)
 
     @property
@@ -360,6 +374,7 @@ class UnitRunner:
             )
         if spec.watchdog and math.isfinite(spec.watchdog):
             self._arm_watchdog(pid, spec.watchdog)
+        self.counters.starts += 1
         self.log.info("worker_started", instance=instance, pid=pid, fds=fds)
         self._ctx.emit(
             "SERVICE_STARTED", {"unit": self.unit.name, "instance": instance, "pid": pid}
@@ -383,6 +398,12 @@ class UnitRunner:
             timers.cancel(pid)
         decision = self.service.worker_exited(pid, status, self._loop.time())
         failed = not stopped and (status.code not in (None, 0) or status.signal is not None)
+        if stopped:
+            self.counters.exited("stopped")
+        elif status.signal is not None:
+            self.counters.exited("signal")
+        else:
+            self.counters.exited("success" if status.code == 0 else "failure")
         (self.log.warning if failed else self.log.info)(
             "worker_exited",
             pid=pid,

@@ -192,6 +192,7 @@ class Supervisor:
             services=self.describe_services,
             stored_owners=lambda: [entry.owner for entry in self.store],
             monitor_clients=lambda: len(self.monitor.clients) if self.monitor is not None else 0,
+            counters=lambda: [(name, runner.counters) for name, runner in self.runners.items()],
         )
         server = MetricsServer(bound, loop=self.loop, log=self.log, source=source)
         server.open()

@@ -162,3 +162,20 @@ def test_bad_address_is_refused(
     )
     assert sup.proc.wait(20) == 1
     assert "--metrics" in "\n".join(sup.output)
+
+
+def test_worker_starts_and_exits_are_counted(metered: tuple[SupervisorProcess, int]) -> None:
+    """service-restart: one more start, one exit counted as stopped; lazy has none yet."""
+    sup, port = metered
+    sup.wait_for("worker_started", unit="web")
+    before = scrape(port)
+    assert before[("fdsupervisor_worker_starts_total", (("unit", "web"),))] == 1
+    assert before[("fdsupervisor_worker_starts_total", (("unit", "lazy"),))] == 0
+    mark = sup.mark()
+    with RawClient(sup.monitor_path).negotiate() as client:
+        assert "error" not in client.command("service-restart", unit="web")
+    sup.wait_for("worker_started", unit="web", after=mark)
+    after = scrape(port)
+    assert after[("fdsupervisor_worker_starts_total", (("unit", "web"),))] == 2
+    stopped = (("reason", "stopped"), ("unit", "web"))
+    assert after[("fdsupervisor_worker_exits_total", stopped)] == 1
