@@ -30,6 +30,7 @@ from prometheus_client.registry import Collector, CollectorRegistry
 
 from .binding import BoundSocket
 from .fdstore import owner_kind
+from .log import RateLimitedLog
 from .loop import ACCEPT_RETRY_DELAY, EventLoop, Timer
 from .runner import WorkerCounters
 from .service import ServiceState
@@ -267,6 +268,9 @@ class MetricsServer:
         self.source = source
         self.connections: list[MetricsConnection] = []
         self._open = False
+        # Whoever can reach the port decides how often a connection is refused:
+        # those warnings go through the same rate limit as a stranger's notify noise.
+        self._refusals = RateLimitedLog(log, clock=loop.time)
 
     def open(self) -> None:
         self.bound.sock.setblocking(False)
@@ -290,7 +294,9 @@ class MetricsServer:
                 return
             raise
         if len(self.connections) >= MAX_CONNECTIONS:
-            self.log.info("metrics_client_refused", reason=f"{MAX_CONNECTIONS} connections open")
+            self._refusals.warning(
+                "metrics_client_refused", reason=f"{MAX_CONNECTIONS} connections open"
+            )
             conn.close()
             return
         conn.setblocking(False)
@@ -307,6 +313,7 @@ class MetricsServer:
             self.connections.remove(connection)
 
     def close(self) -> None:
+        self._refusals.flush(everything=True)  # how many refusals were not written
         for connection in list(self.connections):
             connection.close()
         if self._open:
