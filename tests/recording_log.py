@@ -18,6 +18,9 @@ class RecordingLog:
     def _record(self, level: str, event: str, fields: dict[str, Any]) -> None:
         self.lines.append((level, event, {**self.context, **fields}))
 
+    def debug(self, event: str, **fields: Any) -> None:
+        self._record("debug", event, fields)
+
     def info(self, event: str, **fields: Any) -> None:
         self._record("info", event, fields)
 

@@ -28,36 +28,9 @@ from fdsupervisor.loop import EventLoop
 from fdsupervisor.monitor import MonitorClient, MonitorServer
 from fdsupervisor.qmp import Execute, QmpConnection, command_not_found, error_reply, reply
 from tests.conftest import open_fds
+from tests.recording_log import RecordingLog
 
 PACKAGE = "fdsupervisor-test 0.0"
-
-
-class RecordingLog:
-    """The logger's interface, keeping (level, event, fields)."""
-
-    def __init__(self) -> None:
-        self.events: list[tuple[str, str, dict[str, Any]]] = []
-
-    def bind(self, **fields: Any) -> RecordingLog:
-        return self
-
-    def _record(self, level: str, event: str, fields: dict[str, Any]) -> None:
-        self.events.append((level, event, fields))
-
-    def debug(self, event: str, **fields: Any) -> None:
-        self._record("debug", event, fields)
-
-    def info(self, event: str, **fields: Any) -> None:
-        self._record("info", event, fields)
-
-    def warning(self, event: str, **fields: Any) -> None:
-        self._record("warning", event, fields)
-
-    def error(self, event: str, **fields: Any) -> None:
-        self._record("error", event, fields)
-
-    def named(self, event: str) -> list[dict[str, Any]]:
-        return [fields for _level, name, fields in self.events if name == event]
 
 
 class Executor:
@@ -233,7 +206,7 @@ def test_greeting_then_negotiation_then_commands(monitor: Monitor) -> None:
     assert client.read() == {"return": {"n": 1}, "id": "a"}
     assert client.read() == {"return": {}, "id": 2}
     assert len(monitor.server.clients) == 1
-    assert monitor.log.named("monitor_listening") == [{"path": str(monitor.server.path)}]
+    assert monitor.log.events("monitor_listening") == [{"path": str(monitor.server.path)}]
 
 
 @pytest.mark.parametrize(
@@ -314,7 +287,7 @@ def test_a_client_of_another_uid_is_closed_without_a_word(tmp_path: Path) -> Non
         client = refusing.connect()
         client.wait_hangup()
         assert client.buffer == b"" and client.fds == []
-        assert refusing.log.named("monitor_client_refused") == [
+        assert refusing.log.events("monitor_client_refused") == [
             {"uid": os.getuid(), "reason": "uid not allowed"}
         ]
         assert refusing.server.clients == []
