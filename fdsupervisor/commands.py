@@ -22,6 +22,7 @@ import os
 import socket
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Any, Literal, Protocol, TypeAlias, TypedDict
 
@@ -51,7 +52,7 @@ from .fdstore import (
     owner_unit,
     unit_owner,
 )
-from .monitor import MonitorClient
+from .monitor import DeferredReply, MonitorClient
 from .qmp import Arg, Execute, check_arguments, command_not_found, error_reply, reply
 from .units import SocketKind, SocketSpec, Unit
 
@@ -78,7 +79,8 @@ class Control(Protocol):
 
     def stop_service(self, name: str, /) -> None: ...
 
-    def restart_service(self, name: str, /) -> None: ...
+    def restart_service(self, name: str, done: Callable[[str | None], None], /) -> None:
+        """Restart the unit's workers; ``done`` gets None once it is over, or why it failed."""
 
     def reload(self) -> Mapping[str, Any]: ...
 
@@ -147,6 +149,7 @@ ServiceRow = TypedDict(
         "unit": str,
         "state": ServiceStateName,
         "pids": list[int],
+        "started": int,
         "restarts": int,
         "last-exit": ExitRow | None,
         "status": str | None,
@@ -170,6 +173,31 @@ def fd_event_data(entry: Entry) -> FdEventData:
     return {"fdname": entry.name, "owner": entry.owner}
 
 
+class Pending:
+    """A result that comes later: ``settle`` with None (``{}``) or the failure's text.
+
+    ``execute`` turns it into the monitor's :class:`~fdsupervisor.monitor.DeferredReply`.
+    """
+
+    __slots__ = ("_outcome", "_then")
+
+    def __init__(self) -> None:
+        self._outcome: tuple[str | None] | None = None
+        self._then: Callable[[str | None], None] | None = None
+
+    def settle(self, error: str | None) -> None:
+        if self._outcome is not None:
+            return
+        self._outcome = (error,)
+        if self._then is not None:
+            self._then(error)
+
+    def then(self, callback: Callable[[str | None], None]) -> None:
+        self._then = callback
+        if self._outcome is not None:
+            callback(self._outcome[0])
+
+
 @dataclass(frozen=True, slots=True)
 class FdReply:
     """A result whose reply carries ``fd`` (ours to close once sent)."""
@@ -188,6 +216,7 @@ Result: TypeAlias = (
     | ReloadResult
     | Mapping[str, Any]
     | FdReply
+    | Pending
 )
 Handler = Callable[[MonitorClient, dict[str, Any]], Result]
 
@@ -211,6 +240,13 @@ def command_error(command: str, exc: FdSupervisorError | OSError) -> CommandErro
     if isinstance(exc, FdSupervisorError):
         return CommandError(str(exc))
     return CommandError(f"{command}: {exc}")
+
+
+def _settled(request: Execute, deferred: DeferredReply, error: str | None) -> None:
+    empty: Empty = {}
+    deferred.resolve(
+        reply(request, empty) if error is None else error_reply(request, CommandError(error))
+    )
 
 
 class Commands:
@@ -254,8 +290,10 @@ class Commands:
             "upgrade": Command(self.upgrade),
         }
 
-    def execute(self, client: MonitorClient, request: Execute) -> tuple[bytes, list[int]]:
-        """Run one command; the reply line and any fds that must ride on it."""
+    def execute(
+        self, client: MonitorClient, request: Execute
+    ) -> tuple[bytes, list[int]] | DeferredReply:
+        """Run one command; the reply line and any fds that must ride on it, or a later reply."""
         command = self.table.get(request.command)
         reply_fds: list[int] = []
         try:
@@ -265,6 +303,10 @@ class Commands:
             result = command.handler(client, arguments)
         except (FdSupervisorError, OSError) as exc:
             return error_reply(request, command_error(request.command, exc)), []
+        if isinstance(result, Pending):
+            deferred = DeferredReply()
+            result.then(partial(_settled, request, deferred))
+            return deferred
         if isinstance(result, FdReply):
             reply_fds, result = [result.fd], result.value
         return reply(request, result), reply_fds
@@ -416,6 +458,7 @@ class Commands:
                 "unit": row["unit"],
                 "state": row["state"],
                 "pids": row["pids"],
+                "started": row["started"],
                 "restarts": row["restarts"],
                 "last-exit": row["last-exit"],
                 "status": row["status"],
@@ -431,9 +474,11 @@ class Commands:
         self.control.stop_service(args["unit"])
         return {}
 
-    def service_restart(self, client: MonitorClient, args: dict[str, Any]) -> Empty:
-        self.control.restart_service(args["unit"])
-        return {}
+    def service_restart(self, client: MonitorClient, args: dict[str, Any]) -> Pending:
+        """Answered once the new workers count as started, or with why they could not."""
+        pending = Pending()
+        self.control.restart_service(args["unit"], pending.settle)
+        return pending
 
     def reload(self, client: MonitorClient, args: dict[str, Any]) -> ReloadResult:
         result = self.control.reload()

@@ -39,7 +39,7 @@ from .binding import remove_stale_socket_file
 from .errors import BindError, CommandError
 from .fdpassing import SCM_MAX_FD, fds_from_ancillary, rights, rights_space
 from .loop import ACCEPT_RETRY_DELAY, EventLoop
-from .qmp import Closed, Execute, QmpConnection, Send, error_line, event
+from .qmp import Closed, Event, Execute, QmpConnection, Send, error_line, event
 from .units import SocketKind
 
 # At most 64 clients at once (SPEC 5): each costs an fd and a buffer, and a
@@ -104,6 +104,33 @@ def peer_uid(sock: socket.socket) -> int:
     return int(uid)
 
 
+class DeferredReply:
+    """A reply that comes later (``service-restart`` waits for its new workers).
+
+    The client reads and runs nothing more until it is resolved; a client gone
+    by then is simply not answered.
+    """
+
+    __slots__ = ("_callback", "_data")
+
+    def __init__(self) -> None:
+        self._callback: Callable[[bytes], None] | None = None
+        self._data: bytes | None = None
+
+    def resolve(self, data: bytes) -> None:
+        """The reply line; only the first call counts."""
+        if self._data is not None:
+            return
+        self._data = data
+        if self._callback is not None:
+            self._callback(data)
+
+    def on_resolved(self, callback: Callable[[bytes], None]) -> None:
+        self._callback = callback
+        if self._data is not None:
+            callback(self._data)
+
+
 class MonitorClient:
     """One connected client: its protocol state, held fds and pending output."""
 
@@ -123,6 +150,8 @@ class MonitorClient:
         self._refusing = False  # warned about a refused batch; quiet until one is accepted
         self._writing = False
         self._reading = True  # the server registers the reader on accept
+        self._backlog: deque[Event] = deque()  # read, not handled yet (a reply is deferred)
+        self._waiting: DeferredReply | None = None
 
     # -- fds --------------------------------------------------------------------
 
@@ -207,26 +236,50 @@ class MonitorClient:
         if flags & socket.MSG_CTRUNC:
             # The kernel dropped fds it could not install (we are out of fds).
             self.lost_fds = "the supervisor is out of file descriptors"
+        self._backlog.extend(self.qmp.receive_data(data))
+        self._dispatch()
+
+    def _dispatch(self) -> None:
+        """Handle the events read so far, in order, up to a command whose reply comes later.
+
+        As QEMU suspends a monitor while a coroutine command runs
+        (``monitor_suspend()``), nothing more is read or run until that reply
+        is sent: replies stay in the order of the commands.
+        """
         # Replies and events made while handling one read leave in one write.
         self._batching = True
-        ended = not data
+        ended = False
         try:
-            for event in self.qmp.receive_data(data):
+            while self._backlog and self._waiting is None and not self.closed:
+                event = self._backlog.popleft()
                 if isinstance(event, Send):
                     self.send(event.data)
                 elif isinstance(event, Execute):
-                    self.send(*self.server.execute(self, event))
+                    result = self.server.execute(self, event)
+                    if isinstance(result, DeferredReply):
+                        self._waiting = result
+                        result.on_resolved(self._resolved)
+                    else:
+                        self.send(*result)
                 elif isinstance(event, Closed):
                     ended = True
                     break
-                if self.closed:
-                    return
         finally:
             self._batching = False
-        if not self.closed:
-            self._flush()  # a last error reply still goes out before we hang up
+        if self.closed:
+            return
+        self._flush()  # a last error reply still goes out before we hang up
         if ended:
             self.close()
+
+    def _resolved(self, data: bytes) -> None:
+        """The reply a command deferred: sent, then the commands read meanwhile run."""
+        if self.closed:
+            return
+        self._waiting = None
+        self.send(data)
+        if not self._batching:  # else the dispatch that deferred it goes on by itself
+            self._dispatch()
 
     def send(self, data: bytes, fds: list[int] | None = None) -> None:
         if self.closed:
@@ -288,7 +341,7 @@ class MonitorClient:
                 loop.add_writer(fd, self._flush)
             else:
                 loop.remove_writer(fd)
-        reading = self.pending <= MAX_PENDING_OUTPUT
+        reading = self.pending <= MAX_PENDING_OUTPUT and self._waiting is None
         if reading != self._reading:
             self._reading = reading
             if reading:
@@ -312,7 +365,7 @@ class MonitorClient:
         self.server.forget(self)
 
 
-Executor = Callable[[MonitorClient, Execute], tuple[bytes, list[int]]]
+Executor = Callable[[MonitorClient, Execute], "tuple[bytes, list[int]] | DeferredReply"]
 
 
 class MonitorServer:

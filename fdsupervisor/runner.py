@@ -36,7 +36,8 @@ from .errors import FdSupervisorError, SpawnError, ValueProblem
 from .fdstore import Entry, FdStore, RawFd, service_owner, unit_owner
 from .loop import EventLoop, Timer
 from .notify import NotifyMessage
-from .service import ExitStatus, Failed, Restart, Service, ServiceState, Worker
+from .rolling import RollingRestart
+from .service import ExitStatus, Failed, ReplacementFailed, Restart, Service, ServiceState, Worker
 from .spawn import PassedFd, prepare_worker, start_worker, worker_fds
 from .units import Activation, Unit
 from .upgrade import WorkerItem
@@ -122,6 +123,7 @@ class UnitRunner:
         self._start_timers = Timers(ctx.loop)  # pid → READY=1 deadline
         self._watchdog_timers = Timers(ctx.loop)  # pid → next WATCHDOG=1 deadline
         self._restart_pending = False  # restart(): start again once every worker is gone
+        self._rolling: RollingRestart | None = None  # restart(): one worker at a time
         self.counters = WorkerCounters()
         self._intake = Intake(self, ctx.loop, ctx.store, ctx.shutting_down, ctx.emit)
 
@@ -159,6 +161,7 @@ class UnitRunner:
 
     def stop(self) -> None:
         """Stop every worker: its stop signal, then SIGKILL after stop-timeout."""
+        self._cancel_rolling("the service was stopped")
         self.cancel_restarts()
         self.suspend_intake()
         spec = self.unit.service
@@ -169,16 +172,77 @@ class UnitRunner:
             self._kill_timers.call_later(pid, spec.stop_timeout, partial(self._kill_timeout, pid))
         self.log.info("service_stopping", pids=self.service.pids)
 
-    def restart(self) -> None:
-        """Stop the workers, then start new ones; the sockets stay bound throughout."""
-        if not self.service.workers:
+    def restart(self, done: Callable[[str | None], None] | None = None) -> None:
+        """Replace the workers one at a time (rolling.py), or with ``overlap: false`` stop
+        them all and start new ones; the sockets stay bound throughout.
+
+        ``done`` gets None once the restart is over (a stop-then-start: at once), or
+        why it failed. FdSupervisorError if a rolling restart is still under way.
+        """
+        report = done or _no_report
+        spec, service = self.unit.service, self.service
+        if self._rolling is not None:
+            raise FdSupervisorError(
+                f"unit '{self.unit.name}' is being restarted already "
+                f"(new worker {self._rolling.candidate} is not ready yet)"
+            )
+        if not service.workers:
             self.start(manual=True)
+            report(None)
             return
-        self._restart_pending = True
-        self.stop()
+        up = service.state in (ServiceState.RUNNING, ServiceState.STARTING)
+        if not spec.overlap or spec.accept or not up:
+            self._restart_pending = True
+            self.stop()
+            report(None)
+            return
+        self.cancel_restarts()  # due ones start as new workers when their turn comes
+        self._rolling = RollingRestart(self, spec.notify, partial(self._rolled, report))
+        self.log.info("service_restarting", pids=service.pids, rolling=True)
+        self._rolling.advance()
+
+    def _rolled(self, done: Callable[[str | None], None], error: str | None) -> None:
+        self._rolling = None
+        if error is None:
+            self.log.info("service_restarted", pids=self.service.pids)
+        else:
+            self.log.error(
+                "service_restart_failed", reason=error, note="the old workers keep running"
+            )
+            self._ctx.emit("SERVICE_RESTART_FAILED", {"unit": self.unit.name, "reason": error})
+        done(error)
+
+    def _cancel_rolling(self, reason: str) -> None:
+        if self._rolling is not None:
+            self._rolling.cancel(reason)
+
+    # -- what a rolling restart asks of the runner (rolling.RollingHost) --------------
+
+    def spawn_replacement(self, instance: int, replaces: int) -> int:
+        """Start a new worker for ``instance`` beside worker ``replaces``; its pid."""
+        passed = worker_fds(self._store, self.unit)
+        pid, pidfd = self._start_process(instance, passed)
+        self._track(instance, pid, pidfd, len(passed), replaces=replaces)
+        return pid
+
+    def stop_worker(self, pid: int) -> None:
+        """One worker's stop signal, then SIGKILL after stop-timeout."""
+        spec = self.unit.service
+        if pid in self._kill_timers:
+            return
+        self._signal(pid, spec.stop_signal)
+        self._kill_timers.call_later(pid, spec.stop_timeout, partial(self._kill_timeout, pid))
+        self.log.info("worker_stopping", pid=pid, reason="replaced")
+
+    def spawn_missing(self) -> None:
+        """Start the instances without a worker (a reload raised ``instances``)."""
+        for instance in self.service.instances_to_start():
+            if instance not in self._restart_timers:
+                self._spawn_instance(instance)
 
     def fail(self, reason: str) -> None:
         """Fail the service: its workers get their stop signal, its sockets stay bound."""
+        self._cancel_rolling(f"the service failed: {reason}")
         self.cancel_restarts()
         for pid in self.service.request_stop():
             self._signal(pid, self.unit.service.stop_signal)
@@ -362,11 +426,13 @@ class UnitRunner:
             cgroups.started(started.pid, cgroup)
         return started.pid, started.pidfd
 
-    def _track(self, instance: int, pid: int, pidfd: int, fds: int) -> None:
+    def _track(
+        self, instance: int, pid: int, pidfd: int, fds: int, *, replaces: int | None = None
+    ) -> None:
         """A worker exists: watch its pidfd and tell everyone."""
         self._pidfds[pid] = pidfd
         self._loop.add_reader(pidfd, partial(self._reap, pid))
-        self.service.worker_started(instance, pid, self._loop.time())
+        self.service.worker_started(instance, pid, self._loop.time(), replaces=replaces)
         spec = self.unit.service
         if spec.notify and math.isfinite(spec.start_timeout) and spec.start_timeout > 0:
             self._start_timers.call_later(
@@ -411,7 +477,9 @@ class UnitRunner:
             restart_in=decision.delay if isinstance(decision, Restart) else None,
         )
         self._ctx.emit("SERVICE_EXITED", {"unit": self.unit.name, "pid": pid, **status.as_dict()})
-        idle = not self.service.workers
+        if isinstance(decision, ReplacementFailed) and self._rolling is not None:
+            self._rolling.failed(decision.reason)
+        idle = not self.service.pids
         if self._restart_pending and idle:
             self._restart_pending = False
             if not self._ctx.shutting_down():
@@ -500,6 +568,8 @@ class UnitRunner:
             if service.worker_ready(pid):
                 self.log.info("service_ready", pid=pid)
                 self._ctx.emit("SERVICE_READY", {"unit": self.unit.name, "pid": pid})
+            if self._rolling is not None:
+                self._rolling.worker_ready(pid)
         if message.stopping:
             self.log.info("worker_stopping", pid=pid)
         if message.reloading:
@@ -597,6 +667,10 @@ class UnitRunner:
             self._kill_timers.call_later(
                 pid, self.unit.service.stop_timeout, partial(self._kill_timeout, pid)
             )
+
+
+def _no_report(error: str | None) -> None:
+    """``restart()`` with no one to tell: the runner logs the outcome itself."""
 
 
 def signal_group(

@@ -63,6 +63,7 @@ Every change of state is one row of :data:`TRANSITIONS`, applied by
     RESTART_SCHEDULED   !            last:starting !            last:starting
     START_LIMIT_HIT     !            failed        !            failed
     SPAWN_RETRY         =            =             !            =
+    REPLACEMENT_FAILED  !            workers       !            =
     STOP_REQUESTED      stopping     stopping      stopping     stopping
     FAILED              failed       failed        failed       failed
 
@@ -85,6 +86,13 @@ Every change of state is one row of :data:`TRANSITIONS`, applied by
 - ``saved``: the state the old program handed over (an upgrade).
 - STOP_REQUESTED goes to stopping, and on to inactive at once (ALL_STOPPED)
   when there is no worker to wait for.
+- A rolling restart (rolling.py) moves an instance's old worker to
+  ``outgoing`` while its new one starts (``begin_replacement``); the new one
+  carries ``replaces`` until it counts as started (``replacement_started``
+  stops the old one). If it exits first, REPLACEMENT_FAILED puts the old one
+  back as the instance's worker and the decision is a
+  :class:`ReplacementFailed`, never a restart; an outgoing worker's own exit
+  is WORKER_STOPPED, as its replacement is on its way.
 - Every way into failed records why in ``failure``; a worker that ``restart:
   no`` leaves failed gives its exit (``exited with code 3 (restart: no)``).
 """
@@ -162,6 +170,7 @@ class Worker:
     stopping: bool = False
     ready: bool = False  # notify: said READY=1
     failure: str | None = None  # killed by us for a reason (start timeout, watchdog)
+    replaces: int | None = None  # a rolling restart's new worker: the old one's pid, until started
 
 
 @dataclass(frozen=True, slots=True)
@@ -178,7 +187,15 @@ class Failed:
     reason: str
 
 
-Decision = Restart | Failed | None
+@dataclass(frozen=True, slots=True)
+class ReplacementFailed:
+    """A rolling restart's new worker exited before it counted as started; the old one stays."""
+
+    instance: int
+    reason: str
+
+
+Decision = Restart | Failed | ReplacementFailed | None
 
 
 def wants_restart(policy: RestartPolicy, status: ExitStatus, forced_failure: bool = False) -> bool:
@@ -243,6 +260,8 @@ class ServiceEvent(enum.Enum):
     """A worker exited and starting it again would exceed the start limit."""
     SPAWN_RETRY = "spawn-retry"
     """No worker could be created (out of fds, processes, memory): tried again later."""
+    REPLACEMENT_FAILED = "replacement-failed"
+    """A rolling restart's new worker exited before it counted as started: the old one is back."""
     STOP_REQUESTED = "stop-requested"
     """A stop was asked (``request_stop``)."""
     FAILED = "failed"
@@ -278,7 +297,7 @@ def _activated(service: Service) -> ServiceState:
 
 def _by_workers(service: Service) -> ServiceState:
     """What the workers make of the service: running once every one is ready."""
-    workers = service.workers.values()
+    workers = [*service.workers.values(), *service.outgoing.values()]
     if service.spec.accept:
         return ServiceState.RUNNING if workers else ServiceState.LISTENING
     if not workers:
@@ -290,7 +309,7 @@ def _when_last(state: ServiceState) -> Guard:
     """``state`` once no worker is left; unchanged while another instance still runs."""
 
     def guard(service: Service) -> ServiceState:
-        return service.state if service.workers else state
+        return service.state if service.workers or service.outgoing else state
 
     guard.__name__ = guard.__qualname__ = f"last:{state.value}"
     return guard
@@ -320,6 +339,7 @@ _UP: Final[Mapping[ServiceEvent, Target]] = MappingProxyType(
         _E.RESTART_SCHEDULED: _LAST_STARTING,
         _E.START_LIMIT_HIT: _S.FAILED,
         _E.SPAWN_RETRY: STAY,
+        _E.REPLACEMENT_FAILED: _by_workers,
         _E.STOP_REQUESTED: _S.STOPPING,
         _E.FAILED: _S.FAILED,
     }
@@ -378,6 +398,7 @@ TRANSITIONS: Final[Mapping[ServiceState, Mapping[ServiceEvent, Target]]] = Mappi
                 _E.RESTART_SCHEDULED: _LAST_STARTING,
                 _E.START_LIMIT_HIT: _S.FAILED,
                 _E.SPAWN_RETRY: STAY,
+                _E.REPLACEMENT_FAILED: STAY,
                 _E.STOP_REQUESTED: _S.STOPPING,
                 _E.FAILED: _S.FAILED,
             }
@@ -401,7 +422,10 @@ class Service:
         self.name = name
         self.spec = spec
         self._state = ServiceState.INACTIVE
-        self.workers: dict[int, Worker] = {}
+        self.workers: dict[int, Worker] = {}  # instance → its worker
+        # pid → an old worker a rolling restart is replacing: it serves until its
+        # replacement counts as started, then gets its stop signal
+        self.outgoing: dict[int, Worker] = {}
         self.restarts = 0
         self.last_exit: ExitStatus | None = None
         self.status: str | None = None
@@ -449,7 +473,38 @@ class Service:
 
     @property
     def pids(self) -> list[int]:
-        return sorted(w.pid for w in self.workers.values())
+        return sorted(w.pid for w in (*self.workers.values(), *self.outgoing.values()))
+
+    @property
+    def started(self) -> int:
+        """Workers that count as started (READY=1 with notify) and were not asked to stop."""
+        live = (*self.workers.values(), *self.outgoing.values())
+        return sum(1 for w in live if w.ready and not w.stopping)
+
+    def begin_replacement(self, instance: int) -> Worker | None:
+        """A rolling restart replaces ``instance``: its worker serves on as an outgoing one."""
+        old = self.workers.pop(instance, None)
+        if old is not None:
+            self.outgoing[old.pid] = old
+        return old
+
+    def abort_replacement(self, instance: int) -> None:
+        """No new worker could be made for ``instance``: its old one is its worker again."""
+        old = next((w for w in self.outgoing.values() if w.instance == instance), None)
+        if old is not None and instance not in self.workers:
+            del self.outgoing[old.pid]
+            self.workers[instance] = old
+
+    def replacement_started(self, pid: int) -> Worker | None:
+        """The new worker ``pid`` counts as started: the old one it replaces, now stopping."""
+        worker = self.worker_by_pid(pid)
+        if worker is None or worker.replaces is None:
+            return None
+        old = self.outgoing.get(worker.replaces)
+        worker.replaces = None
+        if old is not None:
+            old.stopping = True
+        return old
 
     def instances_to_start(self) -> list[int]:
         """The instances a (re)start of the whole service must spawn."""
@@ -513,8 +568,10 @@ class Service:
         self.workers[instance] = worker
         return worker
 
-    def worker_started(self, instance: int, pid: int, now: float) -> Worker:
-        worker = Worker(instance, pid, now, ready=not self.spec.notify)
+    def worker_started(
+        self, instance: int, pid: int, now: float, *, replaces: int | None = None
+    ) -> Worker:
+        worker = Worker(instance, pid, now, ready=not self.spec.notify, replaces=replaces)
         self.workers[instance] = worker
         self._resource_failures.pop(instance, None)
         self._apply(ServiceEvent.WORKER_STARTED)
@@ -531,6 +588,9 @@ class Service:
         return before is not ServiceState.RUNNING and after is ServiceState.RUNNING
 
     def worker_by_pid(self, pid: int) -> Worker | None:
+        found = self.outgoing.get(pid)
+        if found is not None:
+            return found
         return next((w for w in self.workers.values() if w.pid == pid), None)
 
     def next_instance(self) -> int:
@@ -550,13 +610,25 @@ class Service:
         worker = self.worker_by_pid(pid)
         if worker is None:
             return None
-        del self.workers[worker.instance]
         self.last_exit = status
+        if self.outgoing.pop(pid, None) is None:
+            del self.workers[worker.instance]
+        elif not worker.stopping:
+            # An old worker that died while being replaced: its replacement is on its
+            # way, so it is not restarted (and the restart stands or fails by it).
+            worker.stopping = True
         if worker.stopping or self._state in (ServiceState.STOPPING, ServiceState.INACTIVE):
             self._apply(ServiceEvent.WORKER_STOPPED)
-            if not self.workers:
+            if not self.workers and not self.outgoing:
                 self._apply(ServiceEvent.ALL_STOPPED)
             return None
+        if worker.replaces is not None:
+            old = self.outgoing.pop(worker.replaces, None)
+            if old is not None and not old.stopping:
+                self.workers[worker.instance] = old
+            self._apply(ServiceEvent.REPLACEMENT_FAILED)
+            cause = worker.failure or f"exited with {status}"
+            return ReplacementFailed(worker.instance, f"new worker {pid} {cause}")
         if self.spec.accept:
             # One instance per connection: its connection is gone, nothing to restart.
             self._apply(ServiceEvent.CONNECTION_ENDED)
@@ -619,10 +691,11 @@ class Service:
 
     def request_stop(self) -> list[int]:
         """Mark every worker as stopping; returns the pids to signal."""
-        for worker in self.workers.values():
+        for worker in (*self.workers.values(), *self.outgoing.values()):
             worker.stopping = True
+            worker.replaces = None  # a stop ends a rolling restart: nothing is replaced
         self._apply(ServiceEvent.STOP_REQUESTED)
-        if not self.workers:
+        if not self.workers and not self.outgoing:
             self._apply(ServiceEvent.ALL_STOPPED)
         return self.pids
 
@@ -632,6 +705,7 @@ class Service:
             "unit": self.name,
             "state": self._state.value,
             "pids": self.pids,
+            "started": self.started,
             "restarts": self.restarts,
             "last-exit": self.last_exit.as_dict() if self.last_exit else None,
             "status": self.status,

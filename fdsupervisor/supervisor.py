@@ -326,9 +326,9 @@ class Supervisor:
     def stop_service(self, unit_name: str) -> None:
         self.runner(unit_name).stop()
 
-    def restart_service(self, unit_name: str) -> None:
-        """Stop the workers, then start new ones; the sockets stay bound throughout."""
-        self.runner(unit_name).restart()
+    def restart_service(self, unit_name: str, done: Callable[[str | None], None]) -> None:
+        """Replace the workers (one at a time unless ``overlap: false``); sockets stay bound."""
+        self.runner(unit_name).restart(done)
 
     def _unit_idle(self, runner: UnitRunner) -> bool:
         """A unit has no workers any more: a reload that waited for it may go on."""
@@ -383,7 +383,7 @@ class Supervisor:
         return self.runner(name).service
 
     def has_workers(self, name: str) -> bool:
-        return bool(self.runner(name).service.workers)
+        return bool(self.runner(name).service.pids)
 
     def suspend_intake(self, name: str) -> None:
         self.runner(name).suspend_intake()

@@ -160,6 +160,9 @@ class ServiceSpec:
     stop_timeout: float = 10.0
     notify: bool = False
     start_timeout: float = 90.0
+    # A restart or a reload starts each new worker before it stops an old one
+    # (SPEC 8); False: stop them all, then start (systemd's only way).
+    overlap: bool = True
     watchdog: float = 0.0
     fd_store_max: int = 0
     # Where the worker's stdout and stderr go, as systemd's StandardOutput= /
@@ -413,6 +416,7 @@ _SERVICE_KEYS: Final = (
     "stop-timeout",
     "notify",
     "start-timeout",
+    "overlap",
     "watchdog",
     "fd-store-max",
     "stdout",
@@ -1025,6 +1029,7 @@ class _UnitParser(_UnitReader):
             stop_timeout=self._field(entries, "stop-timeout", path, self._long_duration, 10.0),
             notify=self._field(entries, "notify", path, self.boolean, False),
             start_timeout=self._field(entries, "start-timeout", path, self._long_duration, 90.0),
+            overlap=self._field(entries, "overlap", path, self.boolean, True),
             watchdog=self._field(entries, "watchdog", path, self.duration, 0.0),
             fd_store_max=self._field(entries, "fd-store-max", path, self.integer, 0),
             stdout=self._field(entries, "stdout", path, self._output, "inherit"),

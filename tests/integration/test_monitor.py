@@ -175,7 +175,15 @@ def test_legacy_sync_client(supervisor) -> None:
         sock.close()
     assert services[0]["unit"] == "web"
     assert services[0]["state"] == "running"
-    assert set(services[0]) == {"unit", "state", "pids", "restarts", "last-exit", "status"}
+    assert set(services[0]) == {
+        "unit",
+        "state",
+        "pids",
+        "started",
+        "restarts",
+        "last-exit",
+        "status",
+    }
 
 
 def test_fd_retrieve_returns_the_same_socket(supervisor) -> None:

@@ -119,8 +119,26 @@ def test_a_worker_is_started_reaped_and_its_idle_unit_reported(harness: Harness)
     assert exited["unit"] == "web" and exited["status"] == "code 0"
 
 
-def test_restart_starts_again_once_the_old_worker_is_gone(harness: Harness) -> None:
+def test_restart_starts_the_new_worker_before_the_old_one_stops(harness: Harness) -> None:
     runner = harness.runner(exec_python("import time; time.sleep(60)"))
+    runner.start()
+    (old,) = runner.service.pids
+    outcome: list[str | None] = []
+    runner.restart(outcome.append)
+    (_, started) = harness.named("SERVICE_STARTED")
+    assert outcome == [None], "without notify a new worker counts as started at its spawn"
+    assert runner.service.pids == sorted([old, started["pid"]]) and runner.service.started == 1
+    assert harness.named("SERVICE_EXITED") == []
+    harness.run_until(lambda: bool(harness.named("SERVICE_EXITED")))
+    (exited,) = harness.named("SERVICE_EXITED")
+    assert exited["pid"] == old and runner.service.pids == [started["pid"]]
+    assert runner.service.state is ServiceState.RUNNING and harness.idle == []
+    runner.stop()
+    harness.run_until(lambda: runner.live_workers() == 0)
+
+
+def test_restart_starts_again_once_the_old_worker_is_gone(harness: Harness) -> None:
+    runner = harness.runner(exec_python("import time; time.sleep(60)") + "\noverlap: false")
     runner.start()
     (old,) = runner.service.pids
     runner.restart()

@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 import os
 import socket
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -20,6 +20,7 @@ from fdsupervisor.binding import BoundSocket
 from fdsupervisor.commands import Commands, Control, fd_event_data
 from fdsupervisor.errors import FdSupervisorError
 from fdsupervisor.fdstore import MONITOR_OWNER, Entry, FdStore, RawFd, unit_owner
+from fdsupervisor.monitor import DeferredReply
 from fdsupervisor.qmp import Execute
 from fdsupervisor.units import ServiceSpec, Unit
 
@@ -33,6 +34,7 @@ class FakeControl:
         self._base_dir = base_dir
         self.units = {"web": Unit("web", base_dir / "web.yaml", base_dir, (), ServiceSpec(("x",)))}
         self.calls: list[tuple[str, Any]] = []
+        self.restarts: list[Callable[[str | None], None]] = []
 
     def _changed(self, event: str, entry: Entry) -> None:
         self.events.append((event, dict(fd_event_data(entry))))
@@ -56,6 +58,7 @@ class FakeControl:
                 "unit": "web",
                 "state": "running",
                 "pids": [42],
+                "started": 1,
                 "restarts": 1,
                 "last-exit": {"signal": 9},
                 "status": None,
@@ -68,8 +71,10 @@ class FakeControl:
     def stop_service(self, name: str, /) -> None:
         self.calls.append(("stop", name))
 
-    def restart_service(self, name: str, /) -> None:
-        raise FdSupervisorError(f"unit '{name}' not found")
+    def restart_service(self, name: str, done: Callable[[str | None], None], /) -> None:
+        if name not in self.units:
+            raise FdSupervisorError(f"unit '{name}' not found")
+        self.restarts.append(done)
 
     def reload(self) -> Mapping[str, Any]:
         return {"summary": "1 unit unchanged", "waiting-for": []}
@@ -112,7 +117,9 @@ def control(tmp_path: Path) -> Iterator[FakeControl]:
 def run(
     commands: Commands, client: FakeClient, command: str, **arguments: Any
 ) -> tuple[dict[str, Any], list[int]]:
-    line, fds = commands.execute(client, Execute(command, arguments))  # type: ignore[arg-type]
+    result = commands.execute(client, Execute(command, arguments))  # type: ignore[arg-type]
+    assert not isinstance(result, DeferredReply)
+    line, fds = result
     assert line.endswith(b"\r\n")
     return json.loads(line), fds
 
@@ -224,6 +231,7 @@ def test_typed_results(control: FakeControl) -> None:
                 "unit": "web",
                 "state": "running",
                 "pids": [42],
+                "started": 1,
                 "restarts": 1,
                 "last-exit": {"signal": 9},
                 "status": None,
@@ -251,3 +259,27 @@ def test_service_commands_and_the_one_error_mapping(control: FakeControl) -> Non
     assert run(commands, client, "nope")[0] == {
         "error": {"class": "CommandNotFound", "desc": "The command nope has not been found"}
     }
+
+
+def test_service_restart_answers_once_the_restart_is_over(control: FakeControl) -> None:
+    """A rolling restart takes as long as its new workers' start: the reply waits for it."""
+    commands, client = Commands(control), FakeClient()
+    replies: list[dict[str, Any]] = []
+    for request_id in (1, 2):
+        deferred = commands.execute(
+            client,  # type: ignore[arg-type]
+            Execute("service-restart", {"unit": "web"}, id=request_id, has_id=True),
+        )
+        assert isinstance(deferred, DeferredReply)
+        deferred.on_resolved(lambda line: replies.append(json.loads(line)))
+    assert replies == [] and len(control.restarts) == 2
+    control.restarts[0](None)
+    control.restarts[1]("new worker 7 start timeout: no READY=1")
+    control.restarts[1](None)  # told once: the first outcome stands
+    assert replies == [
+        {"return": {}, "id": 1},
+        {
+            "error": {"class": "GenericError", "desc": "new worker 7 start timeout: no READY=1"},
+            "id": 2,
+        },
+    ]

@@ -170,6 +170,7 @@ def test_describe_has_the_spec_shape() -> None:
         "unit": "web",
         "state": "starting",
         "pids": [],
+        "started": 0,
         "restarts": 1,
         "last-exit": {"signal": 9},
         "status": None,

@@ -10,6 +10,7 @@ every step.
 from __future__ import annotations
 
 import ast
+import errno
 import inspect
 import itertools
 import signal
@@ -21,12 +22,14 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from fdsupervisor import service as service_module
+from fdsupervisor.rolling import RollingRestart
 from fdsupervisor.service import (
     SAVED,
     STAY,
     TRANSITIONS,
     ExitStatus,
     Failed,
+    ReplacementFailed,
     Restart,
     Service,
     ServiceEvent,
@@ -101,6 +104,7 @@ def test_what_cannot_happen_is_exactly_what_the_public_api_never_fires() -> None
         E.WORKER_FAILED,
         E.RESTART_SCHEDULED,
         E.START_LIMIT_HIT,
+        E.REPLACEMENT_FAILED,
     }
     assert impossible == (
         {(s, E.RESTORED) for s in ServiceState if s is not S.INACTIVE}
@@ -229,6 +233,7 @@ def test_restore_carries_on_where_the_old_program_was() -> None:
         "unit": "web",
         "state": "running",
         "pids": [42],
+        "started": 1,
         "restarts": 3,
         "last-exit": {"code": 1},
         "status": "serving",
@@ -284,6 +289,8 @@ class FakeSupervisor:
     watching: bool = False
     accepting: bool = False
     restart_pending: bool = False
+    rolling: RollingRestart | None = None
+    outcomes: list[str | None] = field(default_factory=list)
 
     @property
     def spec(self) -> ServiceSpec:
@@ -326,18 +333,51 @@ class FakeSupervisor:
                 self.fail(decision.reason)
 
     def stop(self) -> None:
+        if self.rolling is not None:
+            self.rolling.cancel("stopped")
         self.due.clear()
         self.watching = self.accepting = False
         self.service.request_stop()
 
     def restart(self) -> None:
+        if self.rolling is not None:
+            return  # refused: one is under way
         if not self.service.workers:
             self.start(manual=True)
             return
-        self.restart_pending = True
-        self.stop()
+        up = self.service.state in (S.RUNNING, S.STARTING)
+        if not self.spec.overlap or self.spec.accept or not up:
+            self.restart_pending = True
+            self.stop()
+            return
+        self.due.clear()
+        self.rolling = RollingRestart(self, self.spec.notify, self._rolled)
+        self.rolling.advance()
+
+    def _rolled(self, error: str | None) -> None:
+        self.rolling = None
+        self.outcomes.append(error)
+
+    # rolling.RollingHost
+    def spawn_replacement(self, instance: int, replaces: int) -> int:
+        if self.draw(st.sampled_from(["ok", "ok", "out of fds"])) != "ok":
+            raise OSError(errno.EMFILE, "Too many open files")
+        pid = next(self.pids)
+        self.service.worker_started(instance, pid, self.now, replaces=replaces)
+        return pid
+
+    def stop_worker(self, pid: int) -> None:
+        worker = self.service.worker_by_pid(pid)
+        assert worker is not None and worker.stopping, "only a worker marked stopping is signalled"
+
+    def spawn_missing(self) -> None:
+        for instance in self.service.instances_to_start():
+            if instance not in self.due:
+                self.spawn(instance)
 
     def fail(self, reason: str) -> None:
+        if self.rolling is not None:
+            self.rolling.cancel("failed")
         self.due.clear()
         self.service.request_stop()
         self.service.mark_failed(reason)
@@ -362,8 +402,11 @@ class FakeSupervisor:
         waiting = [w for w in self.service.workers.values() if not w.ready]
         if waiting:
             before = self.service.state
-            became_running = self.service.worker_ready(waiting[index % len(waiting)].pid)
+            pid = waiting[index % len(waiting)].pid
+            became_running = self.service.worker_ready(pid)
             assert became_running == (before is not S.RUNNING and self.service.state is S.RUNNING)
+            if self.rolling is not None:
+                self.rolling.worker_ready(pid)
 
     def kill_for(self, index: int) -> None:
         """A start timeout or the watchdog: the worker is killed; its exit is a failure."""
@@ -377,7 +420,10 @@ class FakeSupervisor:
             return
         self.now += after
         decision = self.service.worker_exited(pids[index % len(pids)], status, self.now)
-        if self.restart_pending and not self.service.workers:
+        if isinstance(decision, ReplacementFailed):
+            assert self.rolling is not None, "only a rolling restart's new worker fails so"
+            self.rolling.failed(decision.reason)
+        if self.restart_pending and not self.service.pids:
             self.restart_pending = False
             self.start(manual=True)
             return
@@ -415,6 +461,7 @@ class FakeSupervisor:
         self.service = new
         self.due.clear()
         self.watching = self.accepting = self.restart_pending = False
+        self.rolling = None
         state = new.state
         if self.spec.accept:
             if state not in (S.INACTIVE, S.FAILED):
@@ -437,6 +484,7 @@ def specs(draw: st.DrawFn) -> ServiceSpec:
         instances=1 if accept else draw(st.integers(1, 3)),
         max_connections=draw(st.integers(1, 3)),
         notify=draw(st.booleans()),
+        overlap=draw(st.booleans()),
         restart=draw(st.sampled_from(RestartPolicy)),
         restart_delay=draw(st.sampled_from([0.0, 0.1, 2.0])),
         restart_delay_max=draw(st.sampled_from([0.5, 30.0])),
@@ -465,7 +513,8 @@ ACTIONS = [
 def check(fake: FakeSupervisor, restarts: int, connections: int) -> None:
     """What must hold after every step of the supervisor's use."""
     service, spec = fake.service, fake.spec
-    state, workers = service.state, list(service.workers.values())
+    state = service.state
+    workers = [*service.workers.values(), *service.outgoing.values()]
     if state is S.FAILED:
         assert service.failure, "a failed service says why"
     if state is S.INACTIVE:
@@ -481,7 +530,14 @@ def check(fake: FakeSupervisor, restarts: int, connections: int) -> None:
         assert state is not S.STARTING
     if not spec.notify:
         assert all(w.ready for w in workers)
-    assert len(workers) <= (spec.max_connections if spec.accept else spec.instances)
+    current = service.workers.values()
+    assert len(current) <= (spec.max_connections if spec.accept else spec.instances)
+    assert all(w.instance == i for i, w in service.workers.items())
+    replacing = [w for w in service.outgoing.values() if not w.stopping]
+    assert len(replacing) <= 1, "one instance at a time is being replaced"
+    if fake.rolling is None:
+        assert all(w.replaces is None for w in current), "no new worker waits without a restart"
+    assert service.started == sum(1 for w in workers if w.ready and not w.stopping)
     assert service.restarts >= restarts and service.connections >= connections
     assert service.describe()["state"] == state.value
     assert service.pids == sorted(w.pid for w in workers)
