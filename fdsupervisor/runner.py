@@ -118,6 +118,9 @@ class UnitRunner:
         self._loop = ctx.loop
         self._store = ctx.store
         self._pidfds: dict[int, int] = {}  # pid → pidfd of every live worker
+        # pid → the store fds it was given at spawn, as (fd, inode): what socket-del asks.
+        # A worker adopted after an upgrade is missing: it may hold any of the unit's.
+        self._held: dict[int, frozenset[tuple[int, int]]] = {}
         self._restart_timers = Timers(ctx.loop)  # instance → its restart is due
         self._kill_timers = Timers(ctx.loop)  # pid → SIGKILL once stop-timeout passed
         self._start_timers = Timers(ctx.loop)  # pid → READY=1 deadline
@@ -222,6 +225,7 @@ class UnitRunner:
         """Start a new worker for ``instance`` beside worker ``replaces``; its pid."""
         passed = worker_fds(self._store, self.unit)
         pid, pidfd = self._start_process(instance, passed)
+        self._held[pid] = _held_keys(passed)
         self._track(instance, pid, pidfd, len(passed), replaces=replaces)
         return pid
 
@@ -290,6 +294,16 @@ class UnitRunner:
         """One of the unit's sockets is about to be closed: no longer watched."""
         self._intake.socket_removed(entry.fd)
 
+    def holders(self, entry: Entry) -> list[int]:
+        """The live workers that were given ``entry``'s fd (SPEC 5's socket-del).
+
+        A worker started before a socket was added does not hold it; one whose
+        spawn was not recorded (adopted at an upgrade) counts as holding it.
+        """
+        held = _held_key(entry.fd)
+        pids = self.service.pids
+        return [pid for pid in pids if pid not in self._held or held in self._held[pid]]
+
     def live_workers(self) -> int:
         """How many workers are still to be reaped."""
         return len(self._pidfds)
@@ -341,6 +355,7 @@ class UnitRunner:
         except OSError as exc:  # out of fds, processes or memory: may pass, so retry
             self._retry_spawn(instance, exc)
             return
+        self._held[pid] = _held_keys(passed)
         self._track(instance, pid, pidfd, len(passed))
 
     def start_worker(
@@ -362,6 +377,7 @@ class UnitRunner:
         except (SpawnError, OSError) as exc:
             self.log.error("worker_start_failed", instance=instance, error=str(exc))
             return False
+        self._held[pid] = frozenset()  # a connection's worker: never a listening socket
         self._track(instance, pid, pidfd, len(passed))
         return True
 
@@ -450,6 +466,7 @@ class UnitRunner:
 
     def _reap(self, pid: int) -> None:
         pidfd = self._pidfds.pop(pid)
+        self._held.pop(pid, None)
         self._loop.remove_reader(pidfd)
         os.close(pidfd)
         self._left_behind(pid)  # first: who left the group is told by its group id
@@ -667,6 +684,15 @@ class UnitRunner:
             self._kill_timers.call_later(
                 pid, self.unit.service.stop_timeout, partial(self._kill_timeout, pid)
             )
+
+
+def _held_key(fd: int) -> tuple[int, int]:
+    """An fd of the store as a worker's spawn saw it: the number alone may be reused."""
+    return fd, os.fstat(fd).st_ino
+
+
+def _held_keys(passed: Sequence[PassedFd]) -> frozenset[tuple[int, int]]:
+    return frozenset(_held_key(p.fd) for p in passed)
 
 
 def _no_report(error: str | None) -> None:

@@ -488,10 +488,11 @@ class Supervisor:
         unit = owner_unit(entry.owner)
         if unit is not None:
             runner = self.runners[unit]
-            if runner.service.workers:
-                pids = ", ".join(str(p) for p in runner.service.pids)
+            holders = runner.holders(entry)  # a worker started before socket-add does not
+            if holders:
+                pids = ", ".join(str(p) for p in holders)
                 raise FdSupervisorError(
-                    f"socket '{socket_id}' is in use by unit '{unit}' (running pids {pids}); "
+                    f"socket '{socket_id}' is in use by unit '{unit}' (held by running pids {pids}); "
                     "stop the service first"
                 )
             runner.on_socket_removed(entry)

@@ -273,6 +273,27 @@ def test_socket_add_bind_and_del(supervisor) -> None:
         assert ids == ["http"]
 
 
+def test_socket_del_refuses_only_what_a_running_worker_holds(supervisor) -> None:
+    """SPEC 5: a worker started before socket-add never got the socket, so it may go."""
+    sup = supervisor({"web": WEB})
+    first = sup.wait_for("worker_started", unit="web")["pid"]
+    inet = {"type": "inet", "host": "127.0.0.1", "port": "0"}
+    with RawClient(sup.monitor_path).negotiate() as client:
+        assert client.command("socket-add", id="late", addr=inet, unit="web") == {"return": {}}
+        assert client.command("socket-del", id="late") == {"return": {}}
+        assert client.command("socket-add", id="late", addr=inet, unit="web") == {"return": {}}
+        mark = sup.mark()
+        assert client.command("service-restart", unit="web") == {"return": {}}
+        second = sup.wait_for("worker_started", after=mark, unit="web")["pid"]
+        sup.wait_for("worker_exited", pid=first)
+        refused = client.command("socket-del", id="late")["error"]["desc"]
+        assert refused == (
+            f"socket 'late' is in use by unit 'web' (held by running pids {second}); "
+            "stop the service first"
+        )
+        assert "late" in [s["id"] for s in client.command("query-sockets")["return"]]
+
+
 def test_service_commands_and_events(supervisor) -> None:
     sup = supervisor({"web": WEB})
     first = sup.wait_for("worker_started")
