@@ -93,6 +93,14 @@ The rules:
   (``LISTEN_FDS``). A unit only in the new units is **started** (as its
   activation says), one only in the old ones is **stopped**. A renamed unit
   is one stopped and one started; its sockets move.
+- A restarted unit whose fd layout is unchanged (only its service changed)
+  and whose old and new service both have ``overlap: true`` and no
+  ``accept`` is **rolled** (``roll_units``, a part of ``restart_units``):
+  its workers are replaced one at a time (rolling.py, SPEC 8) instead of
+  stopped first, if it is running when the plan is carried out; otherwise,
+  and for the other restarted units, stop-then-start. A new layout cannot
+  roll: the new sockets may have to wait for the old ones to close
+  (``close_first``), and every socket of a unit reaches its workers together.
 
 Carrying a plan out (the supervisor's job). A socket is unbound only when
 its last fd is closed, and every running worker holds copies of its unit's
@@ -103,7 +111,8 @@ sockets, so:
    ``rebind_sockets``) that is not in ``bind_after_close``. A failure here
    closes what was just bound, and nothing has changed.
 3. Relisten; move (the fd is re-owned, never closed).
-4. Stop the workers of ``stop_units`` and ``restart_units``. Once the
+4. Start rolling ``roll_units`` (with the new definition, on the kept fds); stop
+   the workers of ``stop_units`` and the other ``restart_units``. Once the
    workers holding a ``close_first`` socket have exited, close it and bind
    the ``bind_after_close`` sockets.
 5. Close the other old sockets (``close_sockets``, the old side of
@@ -169,6 +178,9 @@ class ReloadPlan:
     """Units whose service or fd layout changed: their workers must get the new layout."""
     unchanged_units: tuple[str, ...] = ()
     """Workers keep running untouched."""
+    roll_units: tuple[str, ...] = ()
+    """Of ``restart_units``: only the service changed, both sides overlap, no accept mode:
+    workers replaced one at a time, if the service runs."""
     adopt_sockets: tuple[SocketKey, ...] = ()
     """Sockets added at run time that the unit file now declares, bound the same way:
     each is also in ``keep_sockets`` or ``relisten_sockets``; its spec becomes the declared one."""
@@ -419,12 +431,22 @@ def _service_identity(service: ServiceSpec) -> ServiceSpec:
     return replace(service, environment=tuple(sorted(dict(service.environment).items())))
 
 
-def _unit_unchanged(old: Unit, new: Unit, kept: Collection[SocketKey]) -> bool:
-    return (
-        _service_identity(old.service) == _service_identity(new.service)
-        and old.socket_names == new.socket_names
-        and all((new.name, name) in kept for name in new.socket_names)
+def _layout_unchanged(old: Unit, new: Unit, kept: Collection[SocketKey]) -> bool:
+    return old.socket_names == new.socket_names and all(
+        (new.name, name) in kept for name in new.socket_names
     )
+
+
+def _unit_unchanged(old: Unit, new: Unit, kept: Collection[SocketKey]) -> bool:
+    return _service_identity(old.service) == _service_identity(new.service) and _layout_unchanged(
+        old, new, kept
+    )
+
+
+def _rolls(old: Unit, new: Unit, kept: Collection[SocketKey]) -> bool:
+    """A restarted unit whose workers can be replaced one at a time (module docstring)."""
+    services = (old.service, new.service)
+    return _layout_unchanged(old, new, kept) and all(s.overlap and not s.accept for s in services)
 
 
 @dataclass(frozen=True, slots=True)
@@ -433,12 +455,13 @@ class _UnitGroups:
     stop: tuple[str, ...]
     restart: tuple[str, ...]
     unchanged: tuple[str, ...]
+    roll: tuple[str, ...]
 
 
 def _group_units(
     old: Mapping[str, Unit], new: Mapping[str, Unit], kept: Collection[SocketKey]
 ) -> _UnitGroups:
-    start, restart, unchanged = [], [], []
+    start, restart, unchanged, roll = [], [], [], []
     for name, unit in new.items():
         previous = old.get(name)
         if previous is None:
@@ -447,8 +470,10 @@ def _group_units(
             unchanged.append(name)
         else:
             restart.append(name)
+            if _rolls(previous, unit, kept):
+                roll.append(name)
     stop = [name for name in old if name not in new]
-    return _UnitGroups(tuple(start), tuple(stop), tuple(restart), tuple(unchanged))
+    return _UnitGroups(tuple(start), tuple(stop), tuple(restart), tuple(unchanged), tuple(roll))
 
 
 # --------------------------------------------------------------------------- public
@@ -507,6 +532,7 @@ def plan_reload(
         stop_units=units.stop,
         restart_units=units.restart,
         unchanged_units=units.unchanged,
+        roll_units=units.roll,
         adopt_sockets=tuple(k for k in new_sockets if k in declared_added and k in kept),
         problems=tuple(_problems(match, old_sockets, new_sockets)),
     )

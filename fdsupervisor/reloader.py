@@ -18,8 +18,9 @@ no workers left (:meth:`Reloader.unit_idle`).
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -56,6 +57,10 @@ class ReloadHost(Protocol):
 
     def stop_service(self, name: str) -> None: ...
 
+    def roll_service(self, unit: Unit, done: Callable[[str | None], None]) -> bool:
+        """Replace the running unit's workers one at a time with ``unit``'s (rolling.py);
+        ``done`` gets None or why it failed. False: it does not run, nothing was done."""
+
     def suspend_intake(self, name: str) -> None:
         """Stop watching the unit's sockets for traffic and accepting on them (moves)."""
 
@@ -87,6 +92,7 @@ class PendingReload:
     units: Mapping[str, Unit]
     fresh: dict[SocketKey, BoundSocket]
     waiting_units: set[str]
+    rolled: set[str]  # restarted units whose workers are being replaced one at a time
 
 
 class Reloader:
@@ -156,15 +162,33 @@ class Reloader:
         host.notifier.reloading()
         self.log.info("reloading", plan=plan.summary())
         self._apply_now(plan, new_by_name)
-        stopping = {*plan.stop_units, *plan.restart_units}
+        rolled = {
+            name
+            for name in plan.roll_units
+            if host.roll_service(new_by_name[name], partial(self._rolled, name))
+        }
+        stopping = {*plan.stop_units, *plan.restart_units} - rolled
         for name in stopping:
             host.stop_service(name)
         self._pending = PendingReload(
-            plan, new_by_name, fresh, {n for n in stopping if host.has_workers(n)}
+            plan, new_by_name, fresh, {n for n in stopping if host.has_workers(n)}, rolled
         )
         if not self._pending.waiting_units:
             self.finish()
         return {"summary": plan.summary(), "waiting-for": sorted(stopping)}
+
+    def _rolled(self, name: str, error: str | None) -> None:
+        """A unit's rolling replacement is over: a failure is reported as a reload's."""
+        if error is None:
+            self.log.info("reload_rolled", unit=name)
+            return
+        self.log.error(
+            "reload_failed",
+            unit=name,
+            error=error,
+            note="its old workers keep running; its new definition applies at its next start",
+        )
+        self.host.notifier.status(f"reload failed: unit {name}: {error}")
 
     def _added_sockets(self) -> dict[SocketKey, SocketSpec]:
         """Sockets added to units at run time (socket-add), which no unit file declares."""
@@ -259,6 +283,8 @@ class Reloader:
                 host.drop_stored(entry.owner, entry.name, "its unit was removed by reload")
         running = set(host.unit_names())
         for name in (*plan.restart_units, *plan.start_units):
+            if name in pending.rolled:
+                continue  # its runner has the new unit already, and its workers are rolling
             unit = units[name]
             if name in running:
                 host.replace_unit(unit, Service(name, unit.service))

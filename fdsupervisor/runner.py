@@ -204,6 +204,22 @@ class UnitRunner:
         self.log.info("service_restarting", pids=service.pids, rolling=True)
         self._rolling.advance()
 
+    def roll(self, unit: Unit, done: Callable[[str | None], None]) -> bool:
+        """A reload's new definition, its workers replaced one at a time; False: not running.
+
+        The unit's fd layout is the same (reload.py's ``roll_units``), so the
+        new workers get the same fds; the service's state machine carries on
+        with the new spec.
+        """
+        service = self.service
+        up = service.state in (ServiceState.RUNNING, ServiceState.STARTING)
+        if self._rolling is not None or not service.workers or not up:
+            return False
+        self.replace_unit(unit)
+        service.respec(unit.service)
+        self.restart(done)
+        return True
+
     def _rolled(self, done: Callable[[str | None], None], error: str | None) -> None:
         self._rolling = None
         if error is None:

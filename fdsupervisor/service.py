@@ -439,6 +439,11 @@ class Service:
     def state(self) -> ServiceState:
         return self._state
 
+    def respec(self, spec: ServiceSpec) -> None:
+        """A reload changed the service and rolls its workers: the next ones follow ``spec``."""
+        self.spec = spec
+        self._limit = StartLimit(spec.start_limit_burst, spec.start_limit_interval)
+
     def _apply(
         self,
         event: ServiceEvent,

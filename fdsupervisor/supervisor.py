@@ -385,6 +385,9 @@ class Supervisor:
     def has_workers(self, name: str) -> bool:
         return bool(self.runner(name).service.pids)
 
+    def roll_service(self, unit: Unit, done: Callable[[str | None], None]) -> bool:
+        return self.runner(unit.name).roll(unit, done)
+
     def suspend_intake(self, name: str) -> None:
         self.runner(name).suspend_intake()
 

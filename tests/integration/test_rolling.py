@@ -201,3 +201,30 @@ def test_a_second_restart_while_one_runs_is_refused(supervisor: Any, tmp_path: P
     assert first.reply() == {"return": {}, "id": 1}
     queried = first.reply()
     assert queried["id"] == 2 and queried["return"][0]["started"] == 3
+
+
+def test_a_reload_that_changes_the_service_rolls_too(supervisor: Any, tmp_path: Path) -> None:
+    sup = start(supervisor, tmp_path)
+    monitor = RawClient(sup.monitor_path).negotiate()
+    before = set(all_started(monitor)["pids"])
+    (tmp_path / "units" / "web.yaml").write_text(unit(tmp_path / "mode", tag="v2"))
+    load = Load(sup.port("http"))
+    samples = []
+    try:
+        reply = monitor.command("reload")
+        deadline = time.monotonic() + 20
+        while time.monotonic() < deadline:
+            row = service(monitor)
+            samples.append(row["started"])
+            if row["started"] == 3 and not set(row["pids"]) & before:
+                break
+    finally:
+        load.stop()
+    assert reply["return"]["waiting-for"] == [], "nothing stopped first"
+    assert min(samples) >= 3, samples
+    assert sup.count("worker_stopping", unit="web", reason="replaced") == 3
+    sup.wait_for("reload_rolled", unit="web")
+    assert load.refused == 0 and load.failed == []
+    assert request(sup.port("http")).split()[1] == "v2"
+    tags = {answer.split()[1] for answer in load.answers}
+    assert tags <= {"v1", "v2"} and "v1" in tags

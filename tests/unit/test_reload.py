@@ -123,6 +123,26 @@ def test_an_environment_change_restarts_that_unit_only() -> None:
     assert ("api", "api") in plan.keep_sockets
     assert not (plan.rebind_sockets or plan.bind_sockets or plan.close_sockets)
     assert not plan.nothing_to_do
+    assert plan.roll_units == ("api",), "only the service changed: replaced one at a time"
+
+
+def test_only_a_service_change_with_overlap_on_both_sides_rolls() -> None:
+    sockets: Sockets = {"api": "127.0.0.1:9000"}
+    env = {"environment": {"A": "2"}}
+    no_overlap = unit("api", sockets, {**API_SERVICE, "overlap": False})
+    assert plan_reload([API], [unit("api", sockets, {**env, "overlap": False})]).roll_units == ()
+    assert plan_reload([no_overlap], [unit("api", sockets, env)]).roll_units == ()
+    moved = plan_reload([API], [unit("api", {"api": "127.0.0.1:9001"}, env)])
+    assert moved.restart_units == ("api",) and moved.roll_units == (), "a new layout stops first"
+    added = plan_reload([API], [unit("api", {**sockets, "more": "127.0.0.1:9002"}, env)])
+    assert added.restart_units == ("api",) and added.roll_units == ()
+    accept = {"accept": True}
+    assert (
+        plan_reload(
+            [unit("api", sockets, accept)], [unit("api", sockets, {**accept, **env})]
+        ).roll_units
+        == ()
+    )
 
 
 @pytest.mark.parametrize(

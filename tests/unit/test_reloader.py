@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import os
 import textwrap
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -45,6 +45,8 @@ class Host:
         self.loop = EventLoop()
         self.units = {u.name: u for u in units}
         self.with_workers: set[str] = set()
+        self.running: set[str] = set()  # roll_service finds these running
+        self.rolls: dict[str, Callable[[str | None], None]] = {}
         self.calls: list[tuple[Any, ...]] = []
         for unit in units:
             for spec in unit.sockets:
@@ -68,6 +70,14 @@ class Host:
 
     def stop_service(self, name: str) -> None:
         self.calls.append(("stop", name))
+
+    def roll_service(self, unit: Unit, done: Callable[[str | None], None]) -> bool:
+        if unit.name not in self.running:
+            return False
+        self.units[unit.name] = unit
+        self.rolls[unit.name] = done
+        self.calls.append(("roll", unit.name))
+        return True
 
     def suspend_intake(self, name: str) -> None:
         self.calls.append(("suspend", name))
@@ -154,6 +164,22 @@ def test_a_changed_service_waits_for_its_workers_then_starts_afresh(
     assert host.fd("web", "http") == before, "the socket was kept: same fd"
     assert not reload.in_progress and host.sent[-1] == "READY=1"
     assert log.events[-1] == "reloaded"
+
+
+def test_a_changed_service_that_runs_is_rolled_not_stopped(host: Host, units_dir: Path) -> None:
+    before = host.fd("web", "http")
+    (units_dir / "web.yaml").write_text(unit_text(env="2"))
+    host.with_workers.add("web")
+    host.running.add("web")
+    reload, log = reloader(host, units_dir)
+    answer = reload.reload()
+    assert answer["waiting-for"] == [] and not reload.in_progress
+    assert host.calls == [("roll", "web"), ("sync",)], "no stop, no fresh service"
+    assert dict(host.unit("web").service.environment)["V"] == "2"
+    assert host.fd("web", "http") == before and host.sent == ["RELOADING=1", "READY=1"]
+    host.rolls["web"]("new worker 7 start timeout: no READY=1")
+    assert log.events[-1] == "reload_failed"
+    assert host.sent[-1] == "STATUS=reload failed: unit web: new worker 7 start timeout: no READY=1"
 
 
 def test_an_invalid_unit_file_changes_nothing(host: Host, units_dir: Path) -> None:
