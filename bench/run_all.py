@@ -19,7 +19,14 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
-BENCHMARKS = ["getfd.py", "activation.py", "accept_rate.py", "restart_gap.py", "scale.py"]
+BENCHMARKS = [
+    "getfd.py",
+    "activation.py",
+    "accept_rate.py",
+    "restart_gap.py",
+    "rolling_restart.py",
+    "scale.py",
+]
 
 
 def run(name: str) -> tuple[int, str]:
