@@ -197,7 +197,7 @@ def _run_command(connection: MonitorConnection, args: argparse.Namespace) -> int
         print(
             table(
                 connection.execute("query-services"),
-                ["unit", "state", "pids", "restarts", "last-exit", "status"],
+                ["unit", "state", "pids", "started", "restarts", "last-exit", "status"],
             )
         )
         print()
@@ -221,6 +221,10 @@ def _run_command(connection: MonitorConnection, args: argparse.Namespace) -> int
     elif command == "closefd":
         connection.execute("closefd", {"fdname": args.fdname})
     elif command.startswith("service-"):
+        if command == "service-restart":
+            # answered once every new worker is started: each start is bounded by the
+            # unit's start-timeout, which may be longer than the usual wait
+            connection.sock.settimeout(None)
         connection.execute(command, {"unit": args.unit})
     elif command == "reload":
         print(json.dumps(connection.execute("reload")))

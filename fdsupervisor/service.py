@@ -486,6 +486,11 @@ class Service:
         live = (*self.workers.values(), *self.outgoing.values())
         return sum(1 for w in live if w.ready and not w.stopping)
 
+    @property
+    def replacing(self) -> bool:
+        """Whether a rolling restart has an old worker or a new one not started yet."""
+        return bool(self.outgoing) or any(w.replaces is not None for w in self.workers.values())
+
     def begin_replacement(self, instance: int) -> Worker | None:
         """A rolling restart replaces ``instance``: its worker serves on as an outgoing one."""
         old = self.workers.pop(instance, None)

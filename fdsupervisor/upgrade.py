@@ -415,6 +415,10 @@ class Upgrader:
         host = self.host
         if host.reload_in_progress or host.shutting_down:
             raise self._refused("a reload or a shutdown is in progress")
+        rolling = [name for name in host.unit_names() if host.service(name).replacing]
+        if rolling:
+            # two workers of one instance cannot cross: the handover keeps one per instance
+            raise self._refused(f"a rolling restart is in progress ({', '.join(rolling)})")
         if not self.exec_argv:
             raise self._refused("this supervisor does not know its own command line")
         host.notifier.ping()  # the check below blocks the loop: a watchdog deadline must not pass

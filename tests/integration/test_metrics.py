@@ -176,6 +176,7 @@ def test_worker_starts_and_exits_are_counted(metered: tuple[SupervisorProcess, i
     with RawClient(sup.monitor_path).negotiate() as client:
         assert "error" not in client.command("service-restart", unit="web")
     sup.wait_for("worker_started", unit="web", after=mark)
+    sup.wait_for("worker_exited", unit="web", after=mark)  # rolling: the old one stops after
     after = scrape(port)
     assert after[("fdsupervisor_worker_starts_total", (("unit", "web"),))] == 2
     stopped = (("reason", "stopped"), ("unit", "web"))

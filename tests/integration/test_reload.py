@@ -150,6 +150,8 @@ def test_fd_count_is_stable_over_20_reloads(supervisor, tmp_path: Path) -> None:
         mark = sup.mark()
         os.kill(sup.pid, signal.SIGHUP)
         sup.wait_for("reloaded", after=mark)
+        # a changed service rolls: its old worker stops once the new one started
+        sup.wait_for("worker_exited", unit="web", after=mark)
     assert report_from("127.0.0.1", port)["env"]["APP_VERSION"] == "19"
     assert open_fds(sup.pid) == baseline
 

@@ -29,7 +29,7 @@ def unit(mode_file: Path, *extra: str, tag: str = "v1") -> str:
         '  http: {listen: "127.0.0.1:0", backlog: 512}',
         "service:",
         f"  exec: [{PYTHON}, {WORKER}]",
-        f"  environment: {{MODE_FILE: {str(mode_file)!r}, TAG: {tag}}}",
+        f"  environment: {{MODE_FILE: {str(mode_file)!r}, TAG: {tag}, INSTANCE: '{{instance}}'}}",
         "  instances: 3",
         "  notify: true",
         "  stop-timeout: 5s",
@@ -148,6 +148,12 @@ def test_a_rolling_restart_under_load_loses_nothing(supervisor: Any, tmp_path: P
     served = {int(answer.split()[0]) for answer in load.answers}
     assert served & set(before["pids"]) and served & set(after), "both generations served"
     assert sup.count("worker_stopping", unit="web", reason="replaced") == 3
+    # the new workers are the same instances, with the same {instance} in their environment
+    started = {e["pid"]: e["instance"] for e in sup.events if e.get("event") == "worker_started"}
+    assert sorted(started[pid] for pid in after) == [0, 1, 2]
+    for answer in load.answers:
+        pid, _tag, instance = answer.split()
+        assert int(instance) == started[int(pid)]
 
 
 def test_overlap_false_stops_first_and_shows_the_gap(supervisor: Any, tmp_path: Path) -> None:

@@ -113,6 +113,17 @@ def test_no_upgrade_during_a_reload_or_a_shutdown(host: Host, busy: str) -> None
     assert log.events[0][0] == "upgrade_failed"
 
 
+def test_no_upgrade_during_a_rolling_restart(host: Host) -> None:
+    service = host.service("web")
+    service.request_start(0.0, manual=True)
+    old = service.worker_started(0, 41, 0.0)
+    service.begin_replacement(0)
+    service.worker_started(0, 42, 0.1, replaces=old.pid)
+    upgrade, _ = upgrader(host)
+    with pytest.raises(FdSupervisorError, match=r"a rolling restart is in progress \(web\)"):
+        upgrade.upgrade()
+
+
 def test_no_upgrade_without_its_own_command_line(host: Host) -> None:
     upgrade, _ = upgrader(host, argv=())
     with pytest.raises(FdSupervisorError, match="does not know its own command line"):

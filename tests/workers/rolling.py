@@ -4,7 +4,7 @@ It reads its mode from the file named by ``$MODE_FILE`` at start (so that the
 next workers of the same unit may behave otherwise): a number of seconds to
 take before ``READY=1`` (its own start-up time, not test synchronisation), or
 ``never`` (it never gets ready and serves nothing). Then it answers each
-connection on fd 3 with ``PID TAG\\n`` (``$TAG`` from the unit's environment),
+connection on fd 3 with ``PID TAG INSTANCE\\n`` (both from the unit's environment),
 one connection at a time, and on SIGTERM finishes the one it has and exits 0;
 the connections still queued are the other workers' to take (one listening
 socket, one accept queue).
@@ -31,7 +31,7 @@ time.sleep(float(mode))
 daemon.notify("READY=1")
 listener = socket.socket(fileno=3)
 listener.setblocking(False)
-answer = f"{os.getpid()} {os.environ.get('TAG', '')}\n".encode()
+answer = f"{os.getpid()} {os.environ.get('TAG', '')} {os.environ.get('INSTANCE', '')}\n".encode()
 selector = selectors.DefaultSelector()
 selector.register(listener, selectors.EVENT_READ)
 selector.register(wake_read, selectors.EVENT_READ)
