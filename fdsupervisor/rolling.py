@@ -23,7 +23,7 @@ spawns and signals.
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Protocol
+from typing import Any, Protocol
 
 from .errors import FdSupervisorError
 from .service import Service
@@ -34,6 +34,9 @@ class RollingHost(Protocol):
 
     @property
     def service(self) -> Service: ...
+
+    @property
+    def unit_name(self) -> str: ...
 
     def spawn_replacement(self, instance: int, replaces: int) -> int:
         """Start a new worker for ``instance``; its pid. Raises FdSupervisorError or OSError."""
@@ -46,14 +49,35 @@ class RollingHost(Protocol):
 
 
 class RollingRestart:
-    """One rolling restart under way; ``done`` gets None at the end, or why it failed."""
+    """One rolling restart; ``done`` gets None at the end, or why it failed (logged and
+    emitted as ``SERVICE_RESTART_FAILED`` here)."""
 
-    def __init__(self, host: RollingHost, notify: bool, done: Callable[[str | None], None]) -> None:
+    def __init__(
+        self,
+        host: RollingHost,
+        done: Callable[[str | None], None],
+        *,
+        log: Any,
+        emit: Callable[[str, dict[str, Any]], None],
+    ) -> None:
         self._host = host
-        self._notify = notify
-        self._done = done
+        self._notify = host.service.spec.notify
+        self._done: Callable[[str | None], None] | None = done
+        self._log, self._emit = log, emit
         self._queue = sorted(host.service.workers)
         self.candidate: int | None = None  # the new worker that does not count as started yet
+        log.info("service_restarting", pids=host.service.pids, rolling=True)
+
+    @property
+    def finished(self) -> bool:
+        return self._done is None
+
+    def busy(self) -> FdSupervisorError:
+        """The error for a second restart while this one runs."""
+        return FdSupervisorError(
+            f"unit '{self._host.unit_name}' is being restarted already "
+            f"(new worker {self.candidate} is not ready yet)"
+        )
 
     def advance(self) -> None:
         """Replace the next instance, or finish; without notify, all at once in turn."""
@@ -110,9 +134,14 @@ class RollingRestart:
         self._finish(reason)
 
     def _finish(self, error: str | None) -> None:
-        done, self._done = self._done, _ignore
+        done, self._done = self._done, None
+        if done is None:
+            return  # told once
+        if error is None:
+            self._log.info("service_restarted", pids=self._host.service.pids)
+        else:
+            self._log.error(
+                "service_restart_failed", reason=error, note="the old workers keep running"
+            )
+            self._emit("SERVICE_RESTART_FAILED", {"unit": self._host.unit_name, "reason": error})
         done(error)
-
-
-def _ignore(error: str | None) -> None:
-    """A finished restart's ``done``: it is told only once."""

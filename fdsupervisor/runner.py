@@ -118,9 +118,7 @@ class UnitRunner:
         self._loop = ctx.loop
         self._store = ctx.store
         self._pidfds: dict[int, int] = {}  # pid → pidfd of every live worker
-        # pid → the store fds it was given at spawn, as (fd, inode): what socket-del asks.
-        # A worker adopted after an upgrade is missing: it may hold any of the unit's.
-        self._held: dict[int, frozenset[tuple[int, int]]] = {}
+        self._held = HeldFds()
         self._restart_timers = Timers(ctx.loop)  # instance → its restart is due
         self._kill_timers = Timers(ctx.loop)  # pid → SIGKILL once stop-timeout passed
         self._start_timers = Timers(ctx.loop)  # pid → READY=1 deadline
@@ -129,6 +127,10 @@ class UnitRunner:
         self._rolling: RollingRestart | None = None  # restart(): one worker at a time
         self.counters = WorkerCounters()
         self._intake = Intake(self, ctx.loop, ctx.store, ctx.shutting_down, ctx.emit)
+
+    @property
+    def unit_name(self) -> str:
+        return self.unit.name
 
     @property
     def owner(self) -> str:
@@ -167,28 +169,17 @@ class UnitRunner:
         self._cancel_rolling("the service was stopped")
         self.cancel_restarts()
         self.suspend_intake()
-        spec = self.unit.service
         for pid in self.service.request_stop():
-            if pid in self._kill_timers:
-                continue
-            self._signal(pid, spec.stop_signal)
-            self._kill_timers.call_later(pid, spec.stop_timeout, partial(self._kill_timeout, pid))
+            self._stop_pid(pid)
         self.log.info("service_stopping", pids=self.service.pids)
 
     def restart(self, done: Callable[[str | None], None] | None = None) -> None:
-        """Replace the workers one at a time (rolling.py), or with ``overlap: false`` stop
-        them all and start new ones; the sockets stay bound throughout.
-
-        ``done`` gets None once the restart is over (a stop-then-start: at once), or
-        why it failed. FdSupervisorError if a rolling restart is still under way.
-        """
+        """One worker at a time (rolling.py), or with ``overlap: false`` stop all, then start;
+        the sockets stay bound. ``done``: None once over (stop-then-start: at once), or why not."""
         report = done or _no_report
         spec, service = self.unit.service, self.service
-        if self._rolling is not None:
-            raise FdSupervisorError(
-                f"unit '{self.unit.name}' is being restarted already "
-                f"(new worker {self._rolling.candidate} is not ready yet)"
-            )
+        if self._rolling is not None and not self._rolling.finished:
+            raise self._rolling.busy()
         if not service.workers:
             self.start(manual=True)
             report(None)
@@ -200,39 +191,24 @@ class UnitRunner:
             report(None)
             return
         self.cancel_restarts()  # due ones start as new workers when their turn comes
-        self._rolling = RollingRestart(self, spec.notify, partial(self._rolled, report))
-        self.log.info("service_restarting", pids=service.pids, rolling=True)
+        self._rolling = RollingRestart(self, report, log=self.log, emit=self._ctx.emit)
         self._rolling.advance()
 
     def roll(self, unit: Unit, done: Callable[[str | None], None]) -> bool:
-        """A reload's new definition, its workers replaced one at a time; False: not running.
-
-        The unit's fd layout is the same (reload.py's ``roll_units``), so the
-        new workers get the same fds; the service's state machine carries on
-        with the new spec.
-        """
+        """A reload's new definition (same fd layout: reload.py's ``roll_units``), the workers
+        replaced one at a time by the same state machine; False: not running, nothing done."""
         service = self.service
         up = service.state in (ServiceState.RUNNING, ServiceState.STARTING)
-        if self._rolling is not None or not service.workers or not up:
+        busy = self._rolling is not None and not self._rolling.finished
+        if busy or not service.workers or not up:
             return False
         self.replace_unit(unit)
         service.respec(unit.service)
         self.restart(done)
         return True
 
-    def _rolled(self, done: Callable[[str | None], None], error: str | None) -> None:
-        self._rolling = None
-        if error is None:
-            self.log.info("service_restarted", pids=self.service.pids)
-        else:
-            self.log.error(
-                "service_restart_failed", reason=error, note="the old workers keep running"
-            )
-            self._ctx.emit("SERVICE_RESTART_FAILED", {"unit": self.unit.name, "reason": error})
-        done(error)
-
     def _cancel_rolling(self, reason: str) -> None:
-        if self._rolling is not None:
+        if self._rolling is not None and not self._rolling.finished:
             self._rolling.cancel(reason)
 
     # -- what a rolling restart asks of the runner (rolling.RollingHost) --------------
@@ -241,24 +217,24 @@ class UnitRunner:
         """Start a new worker for ``instance`` beside worker ``replaces``; its pid."""
         passed = worker_fds(self._store, self.unit)
         pid, pidfd = self._start_process(instance, passed)
-        self._held[pid] = _held_keys(passed)
-        self._track(instance, pid, pidfd, len(passed), replaces=replaces)
+        self._track(instance, pid, pidfd, passed, replaces=replaces)
         return pid
 
     def stop_worker(self, pid: int) -> None:
-        """One worker's stop signal, then SIGKILL after stop-timeout."""
-        spec = self.unit.service
-        if pid in self._kill_timers:
-            return
-        self._signal(pid, spec.stop_signal)
-        self._kill_timers.call_later(pid, spec.stop_timeout, partial(self._kill_timeout, pid))
+        self._stop_pid(pid)
         self.log.info("worker_stopping", pid=pid, reason="replaced")
 
     def spawn_missing(self) -> None:
-        """Start the instances without a worker (a reload raised ``instances``)."""
         for instance in self.service.instances_to_start():
             if instance not in self._restart_timers:
                 self._spawn_instance(instance)
+
+    def _stop_pid(self, pid: int) -> None:
+        """One worker's stop signal, then SIGKILL after stop-timeout (an earlier one stands)."""
+        if pid not in self._kill_timers:
+            spec = self.unit.service
+            self._signal(pid, spec.stop_signal)
+            self._kill_timers.call_later(pid, spec.stop_timeout, partial(self._kill_timeout, pid))
 
     def fail(self, reason: str) -> None:
         """Fail the service: its workers get their stop signal, its sockets stay bound."""
@@ -311,14 +287,8 @@ class UnitRunner:
         self._intake.socket_removed(entry.fd)
 
     def holders(self, entry: Entry) -> list[int]:
-        """The live workers that were given ``entry``'s fd (SPEC 5's socket-del).
-
-        A worker started before a socket was added does not hold it; one whose
-        spawn was not recorded (adopted at an upgrade) counts as holding it.
-        """
-        held = _held_key(entry.fd)
-        pids = self.service.pids
-        return [pid for pid in pids if pid not in self._held or held in self._held[pid]]
+        """The live workers that were given ``entry``'s fd (SPEC 5's socket-del)."""
+        return self._held.holders(entry.fd, self.service.pids)
 
     def live_workers(self) -> int:
         """How many workers are still to be reaped."""
@@ -371,8 +341,7 @@ class UnitRunner:
         except OSError as exc:  # out of fds, processes or memory: may pass, so retry
             self._retry_spawn(instance, exc)
             return
-        self._held[pid] = _held_keys(passed)
-        self._track(instance, pid, pidfd, len(passed))
+        self._track(instance, pid, pidfd, passed)
 
     def start_worker(
         self,
@@ -393,8 +362,7 @@ class UnitRunner:
         except (SpawnError, OSError) as exc:
             self.log.error("worker_start_failed", instance=instance, error=str(exc))
             return False
-        self._held[pid] = frozenset()  # a connection's worker: never a listening socket
-        self._track(instance, pid, pidfd, len(passed))
+        self._track(instance, pid, pidfd, passed)
         return True
 
     def _retry_spawn(self, instance: int, exc: Exception) -> None:
@@ -421,48 +389,22 @@ class UnitRunner:
         extra_env: Mapping[str, str] | None = None,
         stdio_fd: int | None = None,
     ) -> tuple[int, int]:
-        """Plan and start one worker in its cgroup: its pid and pidfd. Raises SpawnError or OSError.
-
-        Not per connection in accept mode: a connection worker never holds the
-        listening sockets, and a fresh cgroup holds the loop some 0.4 ms per
-        start, half the accept rate (docs/security.md).
-        """
-        cgroups = self._ctx.cgroups()
-        cgroup = None
-        if cgroups is not None and not self.unit.service.accept:
-            try:
-                cgroup = cgroups.prepare(self.unit.name, instance)
-            except OSError as exc:  # as systemd's EXIT_CGROUP: the start fails
-                program = self.unit.service.exec[0]
-                raise SpawnError(
-                    f"cannot start {program!r}: cgroup: {exc.strerror}", exc.errno
-                ) from None
-        try:
-            plan = prepare_worker(
-                self.unit,
-                passed,
-                instance,
-                self._ctx.environ,
-                notify_socket=self._ctx.notify_address(),
-                extra_env=extra_env,
-                stdio_fd=stdio_fd,
-                cgroup_fd=cgroup.fd if cgroup is not None else None,
-                log=self.log,
-            )
-            started = start_worker(plan)
-        except BaseException:
-            if cgroup is not None and cgroups is not None:
-                cgroups.discard(cgroup)
-            raise
-        if cgroup is not None and cgroups is not None:
-            cgroups.started(started.pid, cgroup)
-        return started.pid, started.pidfd
+        return start_process(
+            self.unit, instance, passed, self._ctx, self.log, extra_env=extra_env, stdio_fd=stdio_fd
+        )
 
     def _track(
-        self, instance: int, pid: int, pidfd: int, fds: int, *, replaces: int | None = None
+        self,
+        instance: int,
+        pid: int,
+        pidfd: int,
+        passed: Sequence[PassedFd],
+        *,
+        replaces: int | None = None,
     ) -> None:
         """A worker exists: watch its pidfd and tell everyone."""
         self._pidfds[pid] = pidfd
+        self._held.record(pid, passed)
         self._loop.add_reader(pidfd, partial(self._reap, pid))
         self.service.worker_started(instance, pid, self._loop.time(), replaces=replaces)
         spec = self.unit.service
@@ -473,7 +415,7 @@ class UnitRunner:
         if spec.watchdog and math.isfinite(spec.watchdog):
             self._arm_watchdog(pid, spec.watchdog)
         self.counters.starts += 1
-        self.log.info("worker_started", instance=instance, pid=pid, fds=fds)
+        self.log.info("worker_started", instance=instance, pid=pid, fds=len(passed))
         self._ctx.emit(
             "SERVICE_STARTED", {"unit": self.unit.name, "instance": instance, "pid": pid}
         )
@@ -482,10 +424,13 @@ class UnitRunner:
 
     def _reap(self, pid: int) -> None:
         pidfd = self._pidfds.pop(pid)
-        self._held.pop(pid, None)
+        self._held.forget(pid)
         self._loop.remove_reader(pidfd)
         os.close(pidfd)
-        self._left_behind(pid)  # first: who left the group is told by its group id
+        # first: who left the group is told by its group id
+        end_left_behind(
+            pid, self.unit, self._store, self._ctx.cgroups(), self.service.pids, self.log
+        )
         # The leader is a zombie until waitpid, so its pid (= the group id)
         # cannot be reused yet: kill what is left of its group now, as
         # systemd kills the rest of a service's cgroup when its main process exits.
@@ -530,45 +475,6 @@ class UnitRunner:
             self._intake.watch()
         self._intake.worker_exited()
 
-    def _left_behind(self, pid: int) -> None:
-        """Worker ``pid`` is gone: end what it left in its cgroup, or at least name it.
-
-        With cgroups, the rest of the worker's cgroup is killed (systemd's
-        KillMode=control-group). Without, a process that left the worker's
-        process group (setsid() and a double fork) cannot be told from any
-        other; the one sign is that it still holds one of the unit's sockets.
-        """
-        cgroups = self._ctx.cgroups()
-        if cgroups is not None:
-            for escaped in cgroups.release(pid):
-                self.log.warning(
-                    "escaped_process",
-                    pid=escaped,
-                    worker=pid,
-                    action="killed with the worker's cgroup",
-                )
-            return
-        if self.unit.service.accept:
-            return  # connection workers never get the listening sockets
-        inodes = {}
-        for entry in self._store.owned_by(self.owner):
-            with contextlib.suppress(OSError):
-                inodes[os.fstat(entry.fd).st_ino] = entry.name
-        live = set(self.service.pids)
-        for holder, sockets in socket_holders(inodes, skip=(os.getpid(), *live)).items():
-            with contextlib.suppress(OSError):
-                group = os.getpgid(holder)
-                # the exited worker's group (killed next) and live workers' groups did not escape
-                if group == pid or group in live:
-                    continue
-            self.log.warning(
-                "escaped_process",
-                pid=holder,
-                worker=pid,
-                sockets=sockets,
-                action="left running: no cgroup to stop it with (docs/security.md)",
-            )
-
     def _restart_due(self, instance: int) -> None:
         self._restart_timers.fired(instance)
         if self._ctx.shutting_down() or self.service.state in (
@@ -601,7 +507,7 @@ class UnitRunner:
             if service.worker_ready(pid):
                 self.log.info("service_ready", pid=pid)
                 self._ctx.emit("SERVICE_READY", {"unit": self.unit.name, "pid": pid})
-            if self._rolling is not None:
+            if self._rolling is not None and not self._rolling.finished:
                 self._rolling.worker_ready(pid)
         if message.stopping:
             self.log.info("worker_stopping", pid=pid)
@@ -707,8 +613,122 @@ def _held_key(fd: int) -> tuple[int, int]:
     return fd, os.fstat(fd).st_ino
 
 
-def _held_keys(passed: Sequence[PassedFd]) -> frozenset[tuple[int, int]]:
-    return frozenset(_held_key(p.fd) for p in passed)
+class HeldFds:
+    """Which store fds each live worker was given at its spawn, for SPEC 5's socket-del.
+
+    Kept as (fd, inode): an fd number alone may be a socket added after the
+    first one was closed. A worker adopted at an upgrade has no record and
+    counts as holding every fd, as it may.
+    """
+
+    __slots__ = ("_held",)
+
+    def __init__(self) -> None:
+        self._held: dict[int, frozenset[tuple[int, int]]] = {}
+
+    def record(self, pid: int, passed: Sequence[PassedFd]) -> None:
+        self._held[pid] = frozenset(_held_key(p.fd) for p in passed)
+
+    def forget(self, pid: int) -> None:
+        self._held.pop(pid, None)
+
+    def holders(self, fd: int, pids: Sequence[int]) -> list[int]:
+        key = _held_key(fd)
+        return [pid for pid in pids if pid not in self._held or key in self._held[pid]]
+
+
+def start_process(
+    unit: Unit,
+    instance: int,
+    passed: Sequence[PassedFd],
+    ctx: RunnerContext,
+    log: Any,
+    *,
+    extra_env: Mapping[str, str] | None = None,
+    stdio_fd: int | None = None,
+) -> tuple[int, int]:
+    """Plan and start one worker in its cgroup: its pid and pidfd. Raises SpawnError or OSError.
+
+    Not per connection in accept mode: a connection worker never holds the
+    listening sockets, and a fresh cgroup holds the loop some 0.4 ms per
+    start, half the accept rate (docs/security.md).
+    """
+    cgroups = ctx.cgroups()
+    cgroup = None
+    if cgroups is not None and not unit.service.accept:
+        try:
+            cgroup = cgroups.prepare(unit.name, instance)
+        except OSError as exc:  # as systemd's EXIT_CGROUP: the start fails
+            program = unit.service.exec[0]
+            raise SpawnError(
+                f"cannot start {program!r}: cgroup: {exc.strerror}", exc.errno
+            ) from None
+    try:
+        plan = prepare_worker(
+            unit,
+            passed,
+            instance,
+            ctx.environ,
+            notify_socket=ctx.notify_address(),
+            extra_env=extra_env,
+            stdio_fd=stdio_fd,
+            cgroup_fd=cgroup.fd if cgroup is not None else None,
+            log=log,
+        )
+        started = start_worker(plan)
+    except BaseException:
+        if cgroup is not None and cgroups is not None:
+            cgroups.discard(cgroup)
+        raise
+    if cgroup is not None and cgroups is not None:
+        cgroups.started(started.pid, cgroup)
+    return started.pid, started.pidfd
+
+
+def end_left_behind(
+    pid: int,
+    unit: Unit,
+    store: FdStore,
+    cgroups: WorkerCgroups | None,
+    live_pids: Sequence[int],
+    log: Any,
+) -> None:
+    """Worker ``pid`` is gone: end what it left in its cgroup, or at least name it.
+
+    With cgroups, the rest of the worker's cgroup is killed (systemd's
+    KillMode=control-group). Without, a process that left the worker's
+    process group (setsid() and a double fork) cannot be told from any
+    other; the one sign is that it still holds one of the unit's sockets.
+    """
+    if cgroups is not None:
+        for escaped in cgroups.release(pid):
+            log.warning(
+                "escaped_process",
+                pid=escaped,
+                worker=pid,
+                action="killed with the worker's cgroup",
+            )
+        return
+    if unit.service.accept:
+        return  # connection workers never get the listening sockets
+    inodes = {}
+    for entry in store.owned_by(unit_owner(unit.name)):
+        with contextlib.suppress(OSError):
+            inodes[os.fstat(entry.fd).st_ino] = entry.name
+    live = set(live_pids)
+    for holder, sockets in socket_holders(inodes, skip=(os.getpid(), *live)).items():
+        with contextlib.suppress(OSError):
+            group = os.getpgid(holder)
+            # the exited worker's group (killed next) and live workers' groups did not escape
+            if group == pid or group in live:
+                continue
+        log.warning(
+            "escaped_process",
+            pid=holder,
+            worker=pid,
+            sockets=sockets,
+            action="left running: no cgroup to stop it with (docs/security.md)",
+        )
 
 
 def _no_report(error: str | None) -> None:

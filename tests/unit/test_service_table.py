@@ -277,6 +277,13 @@ STATUSES = [
 ]
 
 
+class _Quiet:
+    def info(self, event: str, **fields: object) -> None:
+        pass
+
+    error = info
+
+
 @dataclass
 class FakeSupervisor:
     """Calls a Service as supervisor.py does; each method is one of its callbacks."""
@@ -351,7 +358,7 @@ class FakeSupervisor:
             self.stop()
             return
         self.due.clear()
-        self.rolling = RollingRestart(self, self.spec.notify, self._rolled)
+        self.rolling = RollingRestart(self, self._rolled, log=_Quiet(), emit=lambda e, d: None)
         self.rolling.advance()
 
     def _rolled(self, error: str | None) -> None:
@@ -359,6 +366,8 @@ class FakeSupervisor:
         self.outcomes.append(error)
 
     # rolling.RollingHost
+    unit_name = "web"
+
     def spawn_replacement(self, instance: int, replaces: int) -> int:
         if self.draw(st.sampled_from(["ok", "ok", "out of fds"])) != "ok":
             raise OSError(errno.EMFILE, "Too many open files")
