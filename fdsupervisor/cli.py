@@ -523,6 +523,8 @@ def _describe_unit(unit: Unit) -> str:
         parts.append("accept")
     if service.instances > 1:
         parts.append(f"instances={service.instances}")
+    if not service.overlap:
+        parts.append("overlap=false")  # restarts stop first (SPEC 8)
     parts.append(f"restart={service.restart.value}")
     parts.append("exec=" + " ".join(service.exec))
     return " ".join(str(p) for p in parts)

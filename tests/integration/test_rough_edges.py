@@ -43,6 +43,19 @@ def test_check_refuses_addresses_that_cannot_resolve(tmp_path: Path) -> None:
     assert f"{unit}:5:13: sockets.b.listen: address resolution failed" in result.stderr
 
 
+def test_check_names_overlap_false_and_refuses_a_bad_one(tmp_path: Path) -> None:
+    unit = tmp_path / "r.yaml"
+    unit.write_text(
+        'sockets:\n  a: {listen: "127.0.0.1:0"}\nservice:\n  exec: [true]\n  overlap: false\n'
+    )
+    result = run_fdsupervisor("check", str(unit))
+    assert result.returncode == 0 and " overlap=false " in result.stdout
+    unit.write_text(unit.read_text().replace("overlap: false", "overlap: sometimes"))
+    result = run_fdsupervisor("check", str(unit))
+    assert result.returncode == 1
+    assert f"{unit}:5:12: service.overlap: expected a boolean" in result.stderr
+
+
 def test_a_start_up_bind_error_names_unit_file_and_key(tmp_path: Path) -> None:
     taken = socket.create_server(("127.0.0.1", 0))
     port = taken.getsockname()[1]

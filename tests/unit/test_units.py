@@ -780,6 +780,8 @@ def test_stop_signal_errors(value: str) -> None:
         ("activation: on-demand\n", "activation", Activation.ON_DEMAND),
         ("clear-environment: yes\n", "clear_environment", True),
         ("notify: on\n", "notify", True),
+        ("notify: on\n", "overlap", True),  # the default: rolling restarts
+        ("overlap: false\n", "overlap", False),
         ("working-directory: ../app\n", "working_directory", "/srv/units/../app"),
         (
             "exec: app --flag 'two words' \"{fd:http}\"\n",
@@ -861,6 +863,7 @@ def test_service_values(lines: str, attribute: str, value: object) -> None:
         ),
         ("activation: lazy\n", "service.activation: expected one of eager, on-demand, got 'lazy'"),
         ("notify: 'yes'\n", "service.notify: expected a boolean (true or false), got 'yes'"),
+        ("overlap: 2\n", "service.overlap: expected a boolean (true or false), got '2'"),
         ("user: ''\n", "service.user: must not be empty"),
         ("group: ~\n", "service.group: expected a string, got null"),
         ("working-directory: ''\n", "service.working-directory: must not be empty"),
