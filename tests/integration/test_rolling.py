@@ -191,6 +191,19 @@ def test_a_new_worker_that_never_gets_ready_fails_the_restart(
     assert int(answer.split()[0]) in before["pids"], "an old worker answers"
 
 
+def test_a_new_worker_that_exits_fails_the_restart(supervisor: Any, tmp_path: Path) -> None:
+    sup = start(supervisor, tmp_path)
+    monitor = RawClient(sup.monitor_path).negotiate()
+    before = all_started(monitor)
+    (tmp_path / "mode").write_text("exit")
+    reply = monitor.command("service-restart", unit="web")
+    assert reply["error"]["desc"].endswith("exited with code 3")
+    row = service(monitor)
+    assert sorted(row["pids"]) == sorted(before["pids"]) and row["started"] == 3
+    assert sup.count("worker_started", unit="web") == 4, "one new worker, then it stopped"
+    assert int(request(sup.port("http")).split()[0]) in before["pids"]
+
+
 def test_a_second_restart_while_one_runs_is_refused(supervisor: Any, tmp_path: Path) -> None:
     sup = start(supervisor, tmp_path)
     first, second = RawClient(sup.monitor_path).negotiate(), RawClient(sup.monitor_path)

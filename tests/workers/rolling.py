@@ -2,12 +2,12 @@
 
 It reads its mode from the file named by ``$MODE_FILE`` at start (so that the
 next workers of the same unit may behave otherwise): a number of seconds to
-take before ``READY=1`` (its own start-up time, not test synchronisation), or
-``never`` (it never gets ready and serves nothing). Then it answers each
-connection on fd 3 with ``PID TAG INSTANCE\\n`` (both from the unit's environment),
-one connection at a time, and on SIGTERM finishes the one it has and exits 0;
-the connections still queued are the other workers' to take (one listening
-socket, one accept queue).
+take before ``READY=1`` (its own start-up time, not test synchronisation),
+``never`` (it never gets ready and serves nothing) or ``exit`` (it exits 3 at
+once). Then it answers each connection on fd 3 with ``PID TAG INSTANCE\\n``
+(both from the unit's environment), one connection at a time, and on SIGTERM
+finishes the one it has and exits 0; the connections still queued are the
+other workers' to take (one listening socket, one accept queue).
 """
 
 import os
@@ -24,6 +24,8 @@ wake_read, wake_write = os.pipe()
 os.set_blocking(wake_write, False)
 signal.set_wakeup_fd(wake_write)
 signal.signal(signal.SIGTERM, lambda signum, frame: None)
+if mode == "exit":
+    raise SystemExit(3)  # a start that fails at once (a bad configuration, say)
 if mode == "never":
     os.read(wake_read, 1)  # until SIGTERM
     raise SystemExit(0)
