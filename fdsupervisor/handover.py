@@ -200,7 +200,7 @@ class Handover:
                     os.waitpid(pid, 0)
         host.release_workers()
         for entry in store:
-            fd, resource = entry.fd, store.take(entry.owner, entry.name)
+            fd, resource = entry.fd, store.take_entry(entry)
             if fd in handed_fds and isinstance(resource, BoundSocket):
                 resource.sock.close()  # the original still serves its file
             else:

@@ -33,6 +33,7 @@ from .activation import Intake
 from .addresses import check_name, timer_seconds
 from .cgroups import WorkerCgroups, socket_holders
 from .errors import FdSupervisorError, SpawnError, ValueProblem
+from .fdpassing import same_file
 from .fdstore import Entry, FdStore, RawFd, service_owner, unit_owner
 from .loop import EventLoop, Timer
 from .notify import NotifyMessage
@@ -530,8 +531,11 @@ class UnitRunner:
     def _store_fds(self, message: NotifyMessage, fds: list[int]) -> None:
         """FDSTORE=1: keep the fds under the service, up to fd-store-max.
 
-        One fd per name: a second FDSTORE=1 with the same FDNAME replaces the
-        first (as getfd does), where systemd would keep both.
+        As systemd keeps them (``service_add_fd_store()``): every fd of the
+        message under its ``FDNAME``, beside any stored under that name
+        before; an fd the store holds already (the same open file, under any
+        name: a worker storing again what it was handed) is not kept twice.
+        ``fd-store-max`` counts fds, as ``FileDescriptorStoreMax=`` does.
         """
         owner = service_owner(self.unit.name)
         name = message.fd_name or "stored"
@@ -543,35 +547,39 @@ class UnitRunner:
                 os.close(fd)
             self.log.warning("fd_store_refused", fdname=name, error=exc.message)
             return
-        first, extra = fds[0], fds[1:]
-        for fd in extra:
-            os.close(fd)
-        if extra:
-            self.log.warning("fd_store_extra_closed", fdname=name, count=len(extra))
         limit = self.unit.service.fd_store_max
-        replacing = self._store.get(owner, name) is not None
-        if not replacing and len(self._store.owned_by(owner)) >= limit:
-            os.close(first)
-            self.log.warning("fd_store_full", fdname=name, fd_store_max=limit)
-            return
-        if replacing:
-            self.drop_stored(name, "replaced")
-        try:
-            self._store.add(owner, name, RawFd(first))
-        except FdSupervisorError as exc:
-            self.log.warning("fd_store_refused", fdname=name, error=str(exc))
-            return
-        if message.fd_poll:
-            self._store.watch_hangup(owner, name)  # not pollable (a file): kept until removed
-        self.log.info("fd_stored", fdname=name, fd=first)
+        for index, fd in enumerate(fds):
+            stored = self._store.owned_by(owner)
+            if any(same_file(fd, entry.fd) for entry in stored):
+                os.close(fd)
+                self.log.debug("fd_store_duplicate", fdname=name)
+                continue
+            if len(stored) >= limit:
+                for rest in fds[index:]:
+                    os.close(rest)
+                self.log.warning(
+                    "fd_store_full", fdname=name, fd_store_max=limit, closed=len(fds) - index
+                )
+                return
+            try:
+                self._store.add(owner, name, RawFd(fd))
+            except FdSupervisorError as exc:  # add() closed it
+                for rest in fds[index + 1 :]:
+                    os.close(rest)
+                self.log.warning("fd_store_refused", fdname=name, error=str(exc))
+                return
+            if message.fd_poll:
+                self._store.watch_hangup(owner, name)  # not pollable (a file): kept until removed
+            self.log.info("fd_stored", fdname=name, fd=fd)
 
     def drop_stored(self, name: str, reason: str) -> None:
-        """Close the fd the unit's workers stored as ``name``, if there is one."""
+        """Close every fd the unit's workers stored as ``name``, if there is one."""
         owner = service_owner(self.unit.name)
-        if self._store.get(owner, name) is None:
+        count = len(self._store.named(owner, name))
+        if not count:
             return
         self._store.close(owner, name)
-        self.log.info("fd_store_removed", owner=owner, fdname=name, reason=reason)
+        self.log.info("fd_store_removed", owner=owner, fdname=name, reason=reason, fds=count)
 
     def _start_timed_out(self, pid: int) -> None:
         self._start_timers.fired(pid)

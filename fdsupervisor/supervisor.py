@@ -502,8 +502,16 @@ class Supervisor:
 
     def _on_hangups(self) -> None:
         """Stored fds that hung up (FDPOLL) are dropped, as systemd drops them."""
-        for owner, name in self.store.hung_up():
-            self.drop_stored(owner, name, "hung up (FDPOLL)")
+        for entry in self.store.hung_up():
+            if entry in self.store.named(entry.owner, entry.name):
+                # just that fd: others of its name stay (systemd's on_fd_store_io())
+                self.store.close_entry(entry)
+                self.log.info(
+                    "fd_store_removed",
+                    owner=entry.owner,
+                    fdname=entry.name,
+                    reason="hung up (FDPOLL)",
+                )
 
     # -- signals and shutdown ---------------------------------------------------------
 

@@ -122,3 +122,33 @@ def test_fd_store_max_zero_refuses(supervisor) -> None:
     sup = supervisor({"nostore": unit("store")})
     full = sup.wait_for("fd_store_full", unit="nostore")
     assert full["fd_store_max"] == 0
+
+
+def test_several_fds_under_one_name_all_come_back_each_named(supervisor) -> None:
+    """As systemd keeps them: two fds stored as ``pair`` (and a duplicate of one, kept once)."""
+    sup = supervisor({"twins": unit("store-two", "          fd-store-max: 4")})
+    first = info_line(sup)
+    assert sup.wait_count("fd_stored", 2, unit="twins", fdname="pair") == 2
+    mark, out = sup.mark(), sup.output_mark()
+    os.kill(int(first["pid"]), signal.SIGKILL)
+    sup.wait_for("worker_started", after=mark)
+    second = info_line(sup, after=out)
+    assert second["names"] == "http:pair:pair"
+    assert [inode for name, inode in second["named_inodes"] if name == "pair"] == first[
+        "stored_inodes"
+    ], "both fds came back, in the order stored"
+    assert sup.count("fd_stored", unit="twins") == 2, "the duplicate was not kept"
+    with RawClient(sup.monitor_path).negotiate() as client:
+        rows = [f for f in client.command("query-fds")["return"] if f["owner"] == "service:twins"]
+    assert [(row["fdname"], row["inode"]) for row in rows] == [
+        ("pair", inode) for inode in first["stored_inodes"]
+    ]
+
+
+def test_fd_store_remove_drops_every_fd_of_the_name(supervisor) -> None:
+    sup = supervisor({"twins": unit("store-two-then-remove", "          fd-store-max: 4")})
+    removed = sup.wait_for("fd_store_removed", owner="service:twins")
+    assert removed["reason"] == "FDSTOREREMOVE=1" and removed["fds"] == 2
+    with RawClient(sup.monitor_path).negotiate() as client:
+        owners = [f["owner"] for f in client.command("query-fds")["return"]]
+    assert "service:twins" not in owners
