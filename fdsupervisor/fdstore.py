@@ -191,14 +191,23 @@ class FdStore:
     def owned_by(self, owner: str) -> list[Entry]:
         return [e for e in self._entries.values() if e.owner == owner]
 
-    def add(self, owner: str, name: str, resource: Resource, *, replace: bool = False) -> None:
+    def add(
+        self,
+        owner: str,
+        name: str,
+        resource: Resource,
+        *,
+        replace: bool = False,
+        watch: bool = False,
+    ) -> None:
         """Store ``resource``; on any refusal the resource is closed, never leaked.
 
         With ``replace``, an existing entry of the same owner and name is
         closed and replaced (``getfd`` semantics, as in QEMU's monitor; in a
         service's store every fd of the name). Without it, in a service's
         store, the fd is added beside those of the same name, as systemd
-        keeps them.
+        keeps them. ``watch``: watched for hang-ups (:meth:`watch_hangup`) from
+        before ``FD_STORED`` is heard.
         """
         try:
             kind = owner_kind(owner)
@@ -218,6 +227,8 @@ class FdStore:
         for old in olds:
             self._unwatch(old)
             old.resource.close()
+        if watch:
+            self._watch(entry)
         self._changed(FD_STORED, entry)
 
     def _pop(self, entry: Entry) -> Entry:
@@ -307,6 +318,10 @@ class FdStore:
     def watches_hangup(self, owner: str, name: str) -> bool:
         entries = self.named(owner, name)
         return bool(entries) and all(self._watched.get(e.fd) is e for e in entries)
+
+    def watches(self, entry: Entry) -> bool:
+        """Whether this very entry is watched for hang-ups."""
+        return self._watched.get(entry.fd) is entry
 
     def hung_up(self) -> list[Entry]:
         """Every watched entry that hung up, no longer watched.

@@ -562,14 +562,13 @@ class UnitRunner:
                 )
                 return
             try:
-                self._store.add(owner, name, RawFd(fd))
+                # FDPOLL: watched for hang-ups (a file cannot be: kept until removed)
+                self._store.add(owner, name, RawFd(fd), watch=message.fd_poll)
             except FdSupervisorError as exc:  # add() closed it
                 for rest in fds[index + 1 :]:
                     os.close(rest)
                 self.log.warning("fd_store_refused", fdname=name, error=str(exc))
                 return
-            if message.fd_poll:
-                self._store.watch_hangup(owner, name)  # not pollable (a file): kept until removed
             self.log.info("fd_stored", fdname=name, fd=fd)
 
     def drop_stored(self, name: str, reason: str) -> None:
