@@ -222,7 +222,8 @@ class FdStore:
             raise
         slot = 1 + max((e.slot for e in self.named(owner, name)), default=-1) if beside else 0
         for old in olds:
-            del self._entries[(old.owner, old.name, old.slot)]
+            if old.slot != slot:  # slot 0 is replaced in place: the entry keeps its position
+                del self._entries[(old.owner, old.name, old.slot)]
         entry = self._entries[(owner, name, slot)] = Entry(owner, name, resource, slot)
         for old in olds:
             self._unwatch(old)

@@ -39,7 +39,7 @@ from .loop import EventLoop, Timer
 from .notify import NotifyMessage
 from .service import ExitStatus, Failed, Restart, Service, ServiceState, Worker
 from .spawn import PassedFd, prepare_worker, start_worker, worker_fds
-from .units import Activation, Unit
+from .units import Activation, FdStorePreserve, Unit
 from .upgrade import WorkerItem
 
 
@@ -169,6 +169,8 @@ class UnitRunner:
             self._signal(pid, spec.stop_signal)
             self._kill_timers.call_later(pid, spec.stop_timeout, partial(self._kill_timeout, pid))
         self.log.info("service_stopping", pids=self.service.pids)
+        if not self.service.workers:  # stopped already: nothing to reap
+            self._release_stored(restarting=False)
 
     def restart(self) -> None:
         """Stop the workers, then start new ones; the sockets stay bound throughout."""
@@ -190,6 +192,8 @@ class UnitRunner:
             note="its sockets stay bound; service-start clears the failure",
         )
         self._ctx.emit("SERVICE_FAILED", {"unit": self.unit.name, "reason": reason})
+        if not self.service.workers:
+            self._release_stored(restarting=False)
 
     def cancel_restarts(self) -> None:
         """Forget every restart that is due later."""
@@ -413,13 +417,17 @@ class UnitRunner:
         )
         self._ctx.emit("SERVICE_EXITED", {"unit": self.unit.name, "pid": pid, **status.as_dict()})
         idle = not self.service.workers
+        if idle and self.unit.service.fd_store_preserve is FdStorePreserve.NO:
+            self._release_stored(restarting=True)  # whatever comes next
         if self._restart_pending and idle:
             self._restart_pending = False
             if not self._ctx.shutting_down():
                 self.start(manual=True)
             return
         if idle and self._ctx.on_idle(self):
-            return
+            return  # a reload restarts the unit (its fds kept) or removes it (and them)
+        if idle:
+            self._release_stored(restarting=isinstance(decision, Restart))
         if isinstance(decision, Restart):
             self._restart_timers.call_at(
                 decision.instance, decision.at, partial(self._restart_due, decision.instance)
@@ -570,6 +578,29 @@ class UnitRunner:
                 self.log.warning("fd_store_refused", fdname=name, error=str(exc))
                 return
             self.log.info("fd_stored", fdname=name, fd=fd)
+
+    def _release_stored(self, *, restarting: bool) -> None:
+        """The service has no worker left: release its stored fds if ``fd-store-preserve`` says so.
+
+        systemd's FileDescriptorStorePreserve= (service.c): ``no`` releases
+        them whenever the service goes dead (``service_enter_dead()``), an
+        automatic restart or a restart job included; ``restart`` (the
+        default) once it is inactive or failed with no restart to come
+        (``service_release_resources()``); ``yes`` keeps them as long as the
+        unit exists. A supervisor shutting down keeps them all: they go to
+        systemd's fd store for its next run (SPEC 8).
+        """
+        preserve = self.unit.service.fd_store_preserve
+        if self._ctx.shutting_down() or preserve is FdStorePreserve.YES:
+            return
+        if restarting and preserve is FdStorePreserve.RESTART:
+            return
+        owner = service_owner(self.unit.name)
+        count = self._store.close_owner(owner)
+        if count:
+            self.log.info(
+                "fd_store_released", owner=owner, fds=count, fd_store_preserve=preserve.value
+            )
 
     def drop_stored(self, name: str, reason: str) -> None:
         """Close every fd the unit's workers stored as ``name``, if there is one."""
