@@ -422,12 +422,6 @@ class Supervisor:
     def reload_in_progress(self) -> bool:
         return self.reloader.in_progress
 
-    def watches_hangup(self, owner: str, name: str) -> bool:
-        return self.store.watches_hangup(owner, name)
-
-    def watch_hangup(self, owner: str, name: str) -> None:
-        self.store.watch_hangup(owner, name)
-
     @property
     def notify_socket(self) -> NotifySocket | None:
         return self.notifications.socket
