@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import socket
+import tempfile
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
@@ -448,3 +449,92 @@ def test_restore_puts_every_entry_back_and_drops_what_cannot_be(
         assert inherited.unclaimed() == [], "every handed fd was claimed or closed"
     finally:
         store.close_all()
+
+
+class Manager:
+    """systemd's fd store as a model: FDNAME → the files it holds, one copy of each file."""
+
+    enabled = True
+    fd_store_max = None
+    last_error = None
+
+    def __init__(self) -> None:
+        self.held: list[tuple[str, tuple[int, int]]] = []
+
+    def store_fds(self, named: Sequence[tuple[str, int]], *, replace: bool = True) -> bool:
+        if replace:
+            for name in {name for name, _ in named}:
+                self.remove_fds(name)
+        for name, fd in named:
+            identity = (os.fstat(fd).st_dev, os.fstat(fd).st_ino)
+            if all(held != identity for _, held in self.held):  # same_fd(): kept once
+                self.held.append((name, identity))
+        return True
+
+    def remove_fds(self, name: str) -> bool:
+        self.held = [(n, identity) for n, identity in self.held if n != name]
+        return True
+
+    def barrier(self, timeout: float = 5.0) -> bool:
+        return True
+
+
+OPS = st.lists(
+    st.tuples(
+        st.sampled_from(["store", "store-unpolled", "getfd", "close-one", "close-name", "closefd"]),
+        st.sampled_from(["a", "b"]),
+    ),
+    max_size=12,
+)
+
+
+@given(ops=OPS)
+def test_after_every_change_systemd_holds_exactly_the_store(ops: list[tuple[str, str]]) -> None:
+    """Whatever the order of changes, each message leaves systemd's store as ours is.
+
+    So a crash between two changes restores exactly what was stored.
+    """
+    with tempfile.TemporaryDirectory() as directory:
+        base = Path(directory)
+        web = unit(WEB.replace("exec: [/bin/true]", "exec: [/bin/true]\n  fd-store-max: 9"), base)
+        store = FdStore()
+        bind_all(store, web)
+        manager = Manager()
+        systemd_store = SystemdFdStore(manager, SystemdSockets(), store, log=Log())
+        store.on_change = lambda event, entry: systemd_store.changed([web])
+        systemd_store.sync([web])
+        peers = []
+        try:
+            for op, name in ops:
+                if op in ("store", "store-unpolled", "getfd"):
+                    mine, peer = socket.socketpair()
+                    peers.append(peer)
+                    owner = "monitor" if op == "getfd" else "service:web"
+                    store.add(
+                        owner,
+                        name,
+                        RawFd(mine.detach()),
+                        replace=op == "getfd",
+                        watch=op == "store",
+                    )
+                elif op == "close-one" and store.named("service:web", name):
+                    store.close_entry(store.named("service:web", name)[0])
+                elif op == "close-name" and store.named("service:web", name):
+                    store.close("service:web", name)
+                elif op == "closefd" and store.get("monitor", name) is not None:
+                    store.close("monitor", name)
+                expected = []
+                for entry in store:
+                    info = os.fstat(entry.fd)
+                    if entry.owner == "monitor":
+                        fdname = f"/={entry.name}"
+                    elif entry.owner == "service:web":
+                        fdname = f"web/{'=' if store.watches(entry) else '~'}{entry.name}"
+                    else:
+                        fdname = f"web/{entry.name}"
+                    expected.append((fdname, (info.st_dev, info.st_ino)))
+                assert sorted(manager.held) == sorted(expected)
+        finally:
+            store.close_all()
+            for peer in peers:
+                peer.close()
