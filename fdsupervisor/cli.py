@@ -32,7 +32,7 @@ from .monitor import default_monitor_path
 from .spawn import load_units_resolved
 from .supervisor import HANDLED_SIGNALS, Supervisor
 from .systemd import SystemdNotifier, SystemdSockets
-from .units import Unit, load_unit_text, load_units, unit_from_command_line
+from .units import FdStorePreserve, Unit, load_unit_text, load_units, unit_from_command_line
 from .upgrade import (
     CommandLineUnit,
     HandoverState,
@@ -526,6 +526,9 @@ def _describe_unit(unit: Unit) -> str:
     if not service.overlap:
         parts.append("overlap=false")  # restarts stop first (SPEC 8)
     parts.append(f"restart={service.restart.value}")
+    if service.fd_store_max or service.fd_store_preserve is not FdStorePreserve.RESTART:
+        parts.append(f"fd-store-max={service.fd_store_max}")
+        parts.append(f"fd-store-preserve={service.fd_store_preserve.value}")
     parts.append("exec=" + " ".join(service.exec))
     return " ".join(str(p) for p in parts)
 

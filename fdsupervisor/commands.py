@@ -114,7 +114,12 @@ class CommandInfo(TypedDict):
 
 
 class FdRow(TypedDict):
-    """One row of ``query-fds``; ``owner`` is ``unit:NAME``, ``service:NAME`` or ``monitor``."""
+    """One row of ``query-fds``; ``owner`` is ``unit:NAME``, ``service:NAME`` or ``monitor``.
+
+    ``inode``: the fd's inode number, which tells the same socket or file
+    apart from a new one (after a restart, say). A name may have several
+    rows in a service's store (several fds stored under one ``FDNAME``).
+    """
 
     fdname: str
     owner: str
@@ -122,6 +127,7 @@ class FdRow(TypedDict):
     kind: Kind
     listening: bool
     address: str
+    inode: int
 
 
 class SocketRow(TypedDict):
@@ -356,6 +362,7 @@ class Commands:
                     "kind": info.kind,
                     "listening": info.listening,
                     "address": info.address,
+                    "inode": os.fstat(entry.fd).st_ino,
                 }
             )
         return result

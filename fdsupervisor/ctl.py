@@ -206,7 +206,7 @@ def _run_command(connection: MonitorConnection, args: argparse.Namespace) -> int
         print(
             table(
                 connection.execute("query-fds"),
-                ["owner", "fdname", "family", "kind", "listening", "address"],
+                ["owner", "fdname", "family", "kind", "listening", "address", "inode"],
             )
         )
     elif command == "getfd":

@@ -26,6 +26,7 @@ from .errors import ConfigError, ConfigErrors, Location, ValueProblem
 from .fdpassing import LISTEN_FDS_START
 from .units import (
     Activation,
+    FdStorePreserve,
     RestartPolicy,
     ServiceSpec,
     SocketKind,
@@ -183,6 +184,8 @@ def _service_text(unit: Unit, marks: _Marks, sockets: Sequence[str]) -> str:
         lines.append(f"WatchdogSec={_duration(service.watchdog)}")
     if service.fd_store_max:
         lines.append(f"FileDescriptorStoreMax={service.fd_store_max}")
+    if service.fd_store_preserve is not FdStorePreserve.RESTART:  # systemd's default otherwise
+        lines.append(f"FileDescriptorStorePreserve={service.fd_store_preserve.value}")
     if service.user is not None:
         lines.append(f"User={service.user}")
     if service.group is not None:

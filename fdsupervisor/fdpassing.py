@@ -6,13 +6,16 @@ starts the supervisor the same way and keeps fds for it (systemd.py), and
 the processes that send fds over Unix sockets with ``SCM_RIGHTS``: workers'
 ``FDSTORE=1`` (notify.py), monitor clients (monitor.py) and our own client
 (ctl.py). Each fact of that protocol is stated here once, with where it comes
-from; nothing here touches a socket.
+from; nothing here touches a socket (:func:`same_file` only looks at two fds).
 """
 
 from __future__ import annotations
 
 import array
+import fcntl
+import os
 import socket
+import stat
 from collections.abc import Iterable, Mapping
 from typing import Final
 
@@ -100,3 +103,28 @@ def fds_from_ancillary(ancillary: Iterable[tuple[int, int, bytes]]) -> list[int]
             received.frombytes(data[: len(data) - len(data) % FD_SIZE])
             fds.extend(received)
     return fds
+
+
+def same_file(a: int, b: int) -> bool:
+    """Whether fds ``a`` and ``b`` are one open file description (a duplicate of each other).
+
+    systemd's fd store keeps one copy of each: ``service_add_fd_store()``
+    suppresses a duplicate with ``same_fd()`` (src/basic/fd-util.c), whose
+    last resort this is: the same inode, the same flags, and a flip of
+    ``O_NONBLOCK`` on one that the other sees. A socket needs no flip: its
+    inode cannot be opened again (``open()`` of ``/proc/self/fd/N`` fails with
+    ``ENXIO``), so one socket inode is one description.
+    """
+    first, second = os.fstat(a), os.fstat(b)
+    if (first.st_dev, first.st_ino) != (second.st_dev, second.st_ino):
+        return False
+    if stat.S_ISSOCK(first.st_mode):
+        return True
+    flags = fcntl.fcntl(a, fcntl.F_GETFL)
+    if flags != fcntl.fcntl(b, fcntl.F_GETFL):
+        return False
+    fcntl.fcntl(a, fcntl.F_SETFL, flags ^ os.O_NONBLOCK)
+    try:
+        return fcntl.fcntl(b, fcntl.F_GETFL) != flags
+    finally:
+        fcntl.fcntl(a, fcntl.F_SETFL, flags)

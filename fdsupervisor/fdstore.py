@@ -4,7 +4,11 @@ Fourth step of the flow. Every listening socket of a unit, every fd a
 monitor client hands in with ``getfd`` and every fd a worker keeps with
 ``FDSTORE=1`` lives here under an owner and a name. Names are unique per
 owner: ``unit:web`` may have ``http`` while ``unit:api`` has one too, and
-the monitor's own names (``getfd``) are the owner ``monitor``.
+the monitor's own names (``getfd``) are the owner ``monitor``. The one
+exception is a service's store (``service:NAME``): there, as in systemd's
+fd store, several fds may share one ``FDNAME`` (each is an entry of its
+own, in the order stored), and removing the name removes all of them
+(``FDSTOREREMOVE=1``, sd_notify(3)).
 
 An entry holds a *resource*: anything with ``fileno()`` and ``close()``
 (a bound socket, or a :class:`RawFd`). Whoever takes a resource out of the
@@ -111,13 +115,17 @@ class StoreError(FdSupervisorError):
     pass
 
 
-@dataclass(slots=True)
+@dataclass(slots=True, eq=False)
 class Entry:
-    """One stored fd: ``resource`` may be replaced in place (a reload's new spec)."""
+    """One stored fd: ``resource`` may be replaced in place (a reload's new spec).
+
+    ``slot`` tells apart the fds of one name in a service's store (0 elsewhere).
+    """
 
     owner: str
     name: str
     resource: Resource
+    slot: int = 0
 
     @property
     def fd(self) -> int:
@@ -147,11 +155,11 @@ class FdStore:
     def __init__(self, limit: int = 1024, on_change: OnChange | None = None) -> None:
         self.limit = limit
         self.on_change = on_change
-        self._entries: dict[tuple[str, str], Entry] = {}
+        self._entries: dict[tuple[str, str, int], Entry] = {}  # (owner, name, slot) → entry
         # Made on first use and closed by close_all(): a store that watches
         # nothing holds no epoll fd.
         self._hangups: select.epoll | None = None
-        self._watched: dict[int, tuple[str, str]] = {}  # fd → (owner, name)
+        self._watched: dict[int, Entry] = {}  # fd → its entry
 
     def _changed(self, event: StoreEvent, entry: Entry) -> None:
         if self.on_change is not None and owner_kind(entry.owner) != "unit":
@@ -164,65 +172,102 @@ class FdStore:
         return iter(list(self._entries.values()))
 
     def __contains__(self, key: tuple[str, str]) -> bool:
-        return key in self._entries
+        return self.get(*key) is not None
 
     def counted(self) -> int:
         return sum(1 for e in self._entries.values() if owner_kind(e.owner) != "unit")
 
     def get(self, owner: str, name: str) -> Entry | None:
-        return self._entries.get((owner, name))
+        """The entry ``owner`` keeps as ``name`` (of several in a service's store: the first)."""
+        entry = self._entries.get((owner, name, 0))
+        if entry is not None or owner_kind(owner) != "service":
+            return entry
+        return next(iter(self.named(owner, name)), None)
+
+    def named(self, owner: str, name: str) -> list[Entry]:
+        """Every entry ``owner`` keeps as ``name``, in the order stored."""
+        return [e for e in self._entries.values() if e.owner == owner and e.name == name]
 
     def owned_by(self, owner: str) -> list[Entry]:
         return [e for e in self._entries.values() if e.owner == owner]
 
-    def add(self, owner: str, name: str, resource: Resource, *, replace: bool = False) -> None:
+    def add(
+        self,
+        owner: str,
+        name: str,
+        resource: Resource,
+        *,
+        replace: bool = False,
+        watch: bool = False,
+    ) -> None:
         """Store ``resource``; on any refusal the resource is closed, never leaked.
 
         With ``replace``, an existing entry of the same owner and name is
-        closed and replaced (``getfd`` semantics, as in QEMU's monitor).
+        closed and replaced (``getfd`` semantics, as in QEMU's monitor; in a
+        service's store every fd of the name). Without it, in a service's
+        store, the fd is added beside those of the same name, as systemd
+        keeps them. ``watch``: watched for hang-ups (:meth:`watch_hangup`) from
+        before ``FD_STORED`` is heard.
         """
-        key = (owner, name)
-        old = self._entries.get(key)
         try:
-            counted = owner_kind(owner) != "unit"
-            if old is not None and not replace:
+            kind = owner_kind(owner)
+            beside = kind == "service" and not replace
+            olds = [] if beside else self.named(owner, name)
+            if olds and not replace:
                 raise StoreError(f"an fd named '{name}' already exists for {owner}")
-            if old is None and counted and self.counted() >= self.limit:
+            if not olds and kind != "unit" and self.counted() >= self.limit:
                 raise StoreError(f"the fd store is full ({self.limit} fds); close some first")
         except StoreError:
             resource.close()
             raise
-        entry = self._entries[key] = Entry(owner, name, resource)
-        if old is not None:
+        slot = 1 + max((e.slot for e in self.named(owner, name)), default=-1) if beside else 0
+        for old in olds:
+            if old.slot != slot:  # slot 0 is replaced in place: the entry keeps its position
+                del self._entries[(old.owner, old.name, old.slot)]
+        entry = self._entries[(owner, name, slot)] = Entry(owner, name, resource, slot)
+        for old in olds:
             self._unwatch(old)
             old.resource.close()
+        if watch:
+            self._watch(entry)
         self._changed(FD_STORED, entry)
 
-    def _pop(self, owner: str, name: str) -> Entry:
-        entry = self._entries.pop((owner, name), None)
+    def _pop(self, entry: Entry) -> Entry:
+        del self._entries[(entry.owner, entry.name, entry.slot)]
+        self._unwatch(entry)
+        return entry
+
+    def _found(self, owner: str, name: str) -> Entry:
+        entry = self.get(owner, name)
         if entry is None:
             raise StoreError(f"File descriptor named '{name}' not found")
-        self._unwatch(entry)
         return entry
 
     def take(self, owner: str, name: str) -> Resource:
         """Remove an entry without closing it; the caller owns the resource."""
-        entry = self._pop(owner, name)
+        return self.take_entry(self._found(owner, name))
+
+    def take_entry(self, entry: Entry) -> Resource:
+        """Remove this very entry without closing it; the caller owns the resource."""
+        self._pop(entry)
         self._changed(FD_CLOSED, entry)
         return entry.resource
 
     def close(self, owner: str, name: str) -> None:
-        entry = self._pop(owner, name)
+        """Close the entry ``name`` of ``owner`` (in a service's store: every fd of the name)."""
+        for entry in self.named(owner, name) or [self._found(owner, name)]:
+            self.close_entry(entry)
+
+    def close_entry(self, entry: Entry) -> None:
+        """Close this very entry (one fd of a name that has several)."""
+        self._pop(entry)
         entry.resource.close()
         self._changed(FD_CLOSED, entry)
 
     def close_owner(self, owner: str) -> int:
         entries = self.owned_by(owner)
         for entry in entries:
-            del self._entries[(entry.owner, entry.name)]
-            self._unwatch(entry)
-            entry.resource.close()
-            self._changed(FD_CLOSED, entry)
+            self.close_entry(entry)
         return len(entries)
 
     def close_all(self) -> None:
@@ -248,10 +293,17 @@ class FdStore:
 
         A regular file cannot be polled (``EPERM``): it stays stored, unwatched,
         until it is removed. The watch ends when the entry is closed or taken.
+        Of a name with several fds, each is watched (and dropped) on its own.
         """
-        entry = self._entries.get((owner, name))
-        if entry is None:
+        entries = self.named(owner, name)
+        if not entries:
             raise StoreError(f"File descriptor named '{name}' not found")
+        pollable = True
+        for entry in entries:
+            pollable = self._watch(entry) and pollable
+        return pollable
+
+    def _watch(self, entry: Entry) -> bool:
         fd = entry.fd
         if fd in self._watched:
             return True
@@ -261,15 +313,19 @@ class FdStore:
             self._hangups.register(fd, 0)
         except OSError:
             return False
-        self._watched[fd] = (owner, name)
+        self._watched[fd] = entry
         return True
 
     def watches_hangup(self, owner: str, name: str) -> bool:
-        entry = self._entries.get((owner, name))
-        return entry is not None and self._watched.get(entry.fd) == (owner, name)
+        entries = self.named(owner, name)
+        return bool(entries) and all(self._watched.get(e.fd) is e for e in entries)
 
-    def hung_up(self) -> list[tuple[str, str]]:
-        """The (owner, name) of every watched entry that hung up, no longer watched.
+    def watches(self, entry: Entry) -> bool:
+        """Whether this very entry is watched for hang-ups."""
+        return self._watched.get(entry.fd) is entry
+
+    def hung_up(self) -> list[Entry]:
+        """Every watched entry that hung up, no longer watched.
 
         Level-triggered: an entry reported here would be reported again at
         every poll until closed, so it is unwatched now; closing it is the
@@ -277,20 +333,20 @@ class FdStore:
         """
         if self._hangups is None:
             return []
-        keys = []
+        entries = []
         for fd, _events in self._hangups.poll(0):
-            key = self._watched.pop(fd, None)
+            entry = self._watched.pop(fd, None)
             with contextlib.suppress(OSError):
                 self._hangups.unregister(fd)
-            if key is not None:
-                keys.append(key)
-        return keys
+            if entry is not None:
+                entries.append(entry)
+        return entries
 
     def _unwatch(self, entry: Entry) -> None:
         # Before the fd is closed: epoll would keep watching the open file
         # description for as long as a duplicate of it (a worker's) lives.
         fd = entry.resource.fileno()
-        if self._watched.get(fd) == (entry.owner, entry.name):
+        if self._watched.get(fd) is entry:
             del self._watched[fd]
             assert self._hangups is not None
             with contextlib.suppress(OSError):

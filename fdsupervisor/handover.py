@@ -61,9 +61,6 @@ class HandoverHost(Protocol):
 
     def service(self, name: str) -> Service: ...
 
-    def watch_hangup(self, owner: str, name: str) -> None:
-        """Poll the stored fd ``(owner, name)`` for POLLHUP (FDPOLL), as the old program did."""
-
     def sync_systemd_store(self) -> None: ...
 
     def signal_group(self, pid: int, signum: int) -> None:
@@ -111,9 +108,8 @@ class Handover:
             os.set_inheritable(item.fd, False)
             unit = owner_unit(item.owner)
             if not item.socket:
-                store.add(item.owner, item.name, RawFd(item.fd))
-                if item.watch_hangup:
-                    host.watch_hangup(item.owner, item.name)
+                # polled for POLLHUP (FDPOLL) if the old program polled it
+                store.add(item.owner, item.name, RawFd(item.fd), watch=item.watch_hangup)
                 continue
             sock = socket.socket(fileno=item.fd)
             spec = wanted.pop((unit, item.name), None) if unit is not None else None
@@ -200,7 +196,7 @@ class Handover:
                     os.waitpid(pid, 0)
         host.release_workers()
         for entry in store:
-            fd, resource = entry.fd, store.take(entry.owner, entry.name)
+            fd, resource = entry.fd, store.take_entry(entry)
             if fd in handed_fds and isinstance(resource, BoundSocket):
                 resource.sock.close()  # the original still serves its file
             else:

@@ -277,8 +277,8 @@ class Reloader:
             store.close_owner(unit_owner(name))
             # What its workers stored (FDSTORE=1) would otherwise stay for good, out of
             # reach of every command and counted against --max-stored-fds. systemd
-            # likewise empties a service's fd store once it has stopped for good
-            # (FileDescriptorStorePreserve=no, its default).
+            # likewise empties a service's fd store once its unit is unloaded, whatever
+            # its FileDescriptorStorePreserve= (fd-store-preserve) says.
             for entry in store.owned_by(service_owner(name)):
                 host.drop_stored(entry.owner, entry.name, "its unit was removed by reload")
         running = set(host.unit_names())

@@ -33,13 +33,14 @@ from .activation import Intake
 from .addresses import check_name, timer_seconds
 from .cgroups import WorkerCgroups, socket_holders
 from .errors import FdSupervisorError, SpawnError, ValueProblem
+from .fdpassing import same_file
 from .fdstore import Entry, FdStore, RawFd, service_owner, unit_owner
 from .loop import EventLoop, Timer
 from .notify import NotifyMessage
 from .rolling import RollingRestart
 from .service import ExitStatus, Failed, ReplacementFailed, Restart, Service, ServiceState, Worker
 from .spawn import PassedFd, prepare_worker, start_worker, worker_fds
-from .units import Activation, Unit
+from .units import Activation, FdStorePreserve, Unit
 from .upgrade import WorkerItem
 
 
@@ -172,6 +173,8 @@ class UnitRunner:
         for pid in self.service.request_stop():
             self._stop_pid(pid)
         self.log.info("service_stopping", pids=self.service.pids)
+        if not self.service.pids:  # stopped already: nothing to reap
+            self._release_stored(restarting=False)
 
     def restart(self, done: Callable[[str | None], None] | None = None) -> None:
         """One worker at a time (rolling.py), or with ``overlap: false`` stop all, then start;
@@ -249,6 +252,8 @@ class UnitRunner:
             note="its sockets stay bound; service-start clears the failure",
         )
         self._ctx.emit("SERVICE_FAILED", {"unit": self.unit.name, "reason": reason})
+        if not self.service.workers:
+            self._release_stored(restarting=False)
 
     def cancel_restarts(self) -> None:
         """Forget every restart that is due later."""
@@ -458,13 +463,17 @@ class UnitRunner:
         if isinstance(decision, ReplacementFailed) and self._rolling is not None:
             self._rolling.failed(decision.reason)
         idle = not self.service.pids
+        if idle and self.unit.service.fd_store_preserve is FdStorePreserve.NO:
+            self._release_stored(restarting=True)  # whatever comes next
         if self._restart_pending and idle:
             self._restart_pending = False
             if not self._ctx.shutting_down():
                 self.start(manual=True)
             return
         if idle and self._ctx.on_idle(self):
-            return
+            return  # a reload restarts the unit (its fds kept) or removes it (and them)
+        if idle:
+            self._release_stored(restarting=isinstance(decision, Restart))
         if isinstance(decision, Restart):
             self._restart_timers.call_at(
                 decision.instance, decision.at, partial(self._restart_due, decision.instance)
@@ -539,8 +548,11 @@ class UnitRunner:
     def _store_fds(self, message: NotifyMessage, fds: list[int]) -> None:
         """FDSTORE=1: keep the fds under the service, up to fd-store-max.
 
-        One fd per name: a second FDSTORE=1 with the same FDNAME replaces the
-        first (as getfd does), where systemd would keep both.
+        As systemd keeps them (``service_add_fd_store()``): every fd of the
+        message under its ``FDNAME``, beside any stored under that name
+        before; an fd the store holds already (the same open file, under any
+        name: a worker storing again what it was handed) is not kept twice.
+        ``fd-store-max`` counts fds, as ``FileDescriptorStoreMax=`` does.
         """
         owner = service_owner(self.unit.name)
         name = message.fd_name or "stored"
@@ -552,35 +564,61 @@ class UnitRunner:
                 os.close(fd)
             self.log.warning("fd_store_refused", fdname=name, error=exc.message)
             return
-        first, extra = fds[0], fds[1:]
-        for fd in extra:
-            os.close(fd)
-        if extra:
-            self.log.warning("fd_store_extra_closed", fdname=name, count=len(extra))
         limit = self.unit.service.fd_store_max
-        replacing = self._store.get(owner, name) is not None
-        if not replacing and len(self._store.owned_by(owner)) >= limit:
-            os.close(first)
-            self.log.warning("fd_store_full", fdname=name, fd_store_max=limit)
+        for index, fd in enumerate(fds):
+            stored = self._store.owned_by(owner)
+            if any(same_file(fd, entry.fd) for entry in stored):
+                os.close(fd)
+                self.log.debug("fd_store_duplicate", fdname=name)
+                continue
+            if len(stored) >= limit:
+                for rest in fds[index:]:
+                    os.close(rest)
+                self.log.warning(
+                    "fd_store_full", fdname=name, fd_store_max=limit, closed=len(fds) - index
+                )
+                return
+            try:
+                # FDPOLL: watched for hang-ups (a file cannot be: kept until removed)
+                self._store.add(owner, name, RawFd(fd), watch=message.fd_poll)
+            except FdSupervisorError as exc:  # add() closed it
+                for rest in fds[index + 1 :]:
+                    os.close(rest)
+                self.log.warning("fd_store_refused", fdname=name, error=str(exc))
+                return
+            self.log.info("fd_stored", fdname=name, fd=fd)
+
+    def _release_stored(self, *, restarting: bool) -> None:
+        """The service has no worker left: release its stored fds if ``fd-store-preserve`` says so.
+
+        systemd's FileDescriptorStorePreserve= (service.c): ``no`` releases
+        them whenever the service goes dead (``service_enter_dead()``), an
+        automatic restart or a restart job included; ``restart`` (the
+        default) once it is inactive or failed with no restart to come
+        (``service_release_resources()``); ``yes`` keeps them as long as the
+        unit exists. A supervisor shutting down keeps them all: they go to
+        systemd's fd store for its next run (SPEC 8).
+        """
+        preserve = self.unit.service.fd_store_preserve
+        if self._ctx.shutting_down() or preserve is FdStorePreserve.YES:
             return
-        if replacing:
-            self.drop_stored(name, "replaced")
-        try:
-            self._store.add(owner, name, RawFd(first))
-        except FdSupervisorError as exc:
-            self.log.warning("fd_store_refused", fdname=name, error=str(exc))
+        if restarting and preserve is FdStorePreserve.RESTART:
             return
-        if message.fd_poll:
-            self._store.watch_hangup(owner, name)  # not pollable (a file): kept until removed
-        self.log.info("fd_stored", fdname=name, fd=first)
+        owner = service_owner(self.unit.name)
+        count = self._store.close_owner(owner)
+        if count:
+            self.log.info(
+                "fd_store_released", owner=owner, fds=count, fd_store_preserve=preserve.value
+            )
 
     def drop_stored(self, name: str, reason: str) -> None:
-        """Close the fd the unit's workers stored as ``name``, if there is one."""
+        """Close every fd the unit's workers stored as ``name``, if there is one."""
         owner = service_owner(self.unit.name)
-        if self._store.get(owner, name) is None:
+        count = len(self._store.named(owner, name))
+        if not count:
             return
         self._store.close(owner, name)
-        self.log.info("fd_store_removed", owner=owner, fdname=name, reason=reason)
+        self.log.info("fd_store_removed", owner=owner, fdname=name, reason=reason, fds=count)
 
     def _start_timed_out(self, pid: int) -> None:
         self._start_timers.fired(pid)

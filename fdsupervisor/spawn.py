@@ -232,7 +232,10 @@ def worker_fds(store: FdStore, unit: Unit) -> list[PassedFd]:
 
 def worker_fd_numbers(names: Sequence[str]) -> dict[str, int]:
     """FD name → the number the worker sees it at."""
-    return {name: LISTEN_FDS_START + i for i, name in enumerate(names)}
+    numbers: dict[str, int] = {}
+    for i, name in enumerate(names):
+        numbers.setdefault(name, LISTEN_FDS_START + i)  # of several fds of one name: the first
+    return numbers
 
 
 # --------------------------------------------------------------------------- resolve

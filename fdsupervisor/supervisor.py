@@ -31,7 +31,7 @@ from .binding import BoundSocket, InheritedFds, bind_socket, describe_socket
 from .cgroups import WorkerCgroups
 from .commands import Commands, fd_event_data
 from .errors import BindError, FdSupervisorError, Location
-from .fdstore import FdStore, owner_service, owner_unit, unit_owner
+from .fdstore import Entry, FdStore, StoreEvent, owner_service, owner_unit, unit_owner
 from .handover import Handover
 from .loop import EventLoop, Timer
 from .metrics import MetricsServer, MetricsSource
@@ -86,11 +86,9 @@ class Supervisor:
         self.environ = dict(environ)
         self.inherited = inherited
         self.loop = EventLoop()
-        # The store reports its own changes (FD_STORED / FD_CLOSED) to the listeners.
-        self.store = FdStore(
-            limit=max_stored_fds,
-            on_change=lambda event, entry: self.emit(event, dict(fd_event_data(entry))),
-        )
+        # The store reports its own changes (FD_STORED / FD_CLOSED) to the listeners,
+        # and to systemd's fd store, which keeps every entry (SPEC 8).
+        self.store = FdStore(limit=max_stored_fds, on_change=self._store_changed)
         self.notifier = notifier or SystemdNotifier({})
         self._systemd_sockets = systemd_sockets or SystemdSockets()
         self.systemd_store = SystemdFdStore(
@@ -140,6 +138,10 @@ class Supervisor:
         # A command-line unit (run --listen ... -- COMMAND) is the whole job.
         self._one_off = run_config is not None and run_config.command_line is not None
         self.exit_code = 0
+
+    def _store_changed(self, event: StoreEvent, entry: Entry) -> None:
+        self.emit(event, dict(fd_event_data(entry)))
+        self.systemd_store.changed(runner.unit for runner in self.runners.values())
 
     def socket_count(self) -> int:
         """Bound sockets in the store (not fds from getfd or FDSTORE=1)."""
@@ -204,6 +206,9 @@ class Supervisor:
     def bind_all(self) -> None:
         """Bind every socket of every unit, or none of them."""
         try:
+            # first what is not a unit-file socket: a dropped one frees its address
+            units = [runner.unit for runner in self.runners.values()]
+            self.systemd_store.restore(units, self.inherited)
             for runner in self.runners.values():
                 for spec in runner.unit.sockets:
                     bound = self.systemd_store.take_back(runner.unit, spec, self.inherited)
@@ -240,7 +245,7 @@ class Supervisor:
         self.sync_systemd_store()
 
     def sync_systemd_store(self) -> None:
-        """Make systemd's fd store hold exactly the unit-file sockets the supervisor holds."""
+        """Make systemd's fd store hold exactly what the supervisor's store holds."""
         self.systemd_store.sync(runner.unit for runner in self.runners.values())
 
     def _ping_watchdog(self, interval: float) -> None:
@@ -420,12 +425,6 @@ class Supervisor:
     def reload_in_progress(self) -> bool:
         return self.reloader.in_progress
 
-    def watches_hangup(self, owner: str, name: str) -> bool:
-        return self.store.watches_hangup(owner, name)
-
-    def watch_hangup(self, owner: str, name: str) -> None:
-        self.store.watch_hangup(owner, name)
-
     @property
     def notify_socket(self) -> NotifySocket | None:
         return self.notifications.socket
@@ -471,6 +470,7 @@ class Supervisor:
         entry = self.store.get(owner, bound.name)
         if unit is not None and entry is not None:
             self.runners[unit].on_socket_added(entry)
+        self.sync_systemd_store()
         self.emit("SOCKET_ADDED", {"id": bound.name, "unit": unit, "address": address})
 
     def remove_socket(self, socket_id: str, unit_name: str | None) -> None:
@@ -506,8 +506,16 @@ class Supervisor:
 
     def _on_hangups(self) -> None:
         """Stored fds that hung up (FDPOLL) are dropped, as systemd drops them."""
-        for owner, name in self.store.hung_up():
-            self.drop_stored(owner, name, "hung up (FDPOLL)")
+        for entry in self.store.hung_up():
+            if entry in self.store.named(entry.owner, entry.name):
+                # just that fd: others of its name stay (systemd's on_fd_store_io())
+                self.store.close_entry(entry)
+                self.log.info(
+                    "fd_store_removed",
+                    owner=entry.owner,
+                    fdname=entry.name,
+                    reason="hung up (FDPOLL)",
+                )
 
     # -- signals and shutdown ---------------------------------------------------------
 

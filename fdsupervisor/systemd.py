@@ -12,14 +12,17 @@ this module is its side of that relation, in four parts:
   (``LISTEN_FDS`` / ``LISTEN_PID`` / ``LISTEN_FDNAMES``): the sockets of a
   ``.socket`` unit, and whatever an earlier run of the supervisor kept in
   the fd store.
-- The fd store naming scheme: each bound unit socket is kept in systemd's
-  store as ``FDNAME=<unit>/<socket>`` (:func:`fd_store_name`), and
-  :func:`adoptable` finds those again after a restart;
+- The fd store naming scheme: every entry of the supervisor's store is
+  kept in systemd's under an ``FDNAME`` that says what it is
+  (:class:`KeptName`: ``web/http`` a unit-file socket, ``web/+extra`` a
+  socket added at run time, ``web/=state`` a worker's stored fd, ``/=vm0`` a
+  ``getfd`` fd); :func:`kept_name` reads one back, :func:`adoptable` finds
+  the unit-file sockets again after a restart and
   :func:`stored_socket_mismatch` says whether one still fits its unit.
 - :class:`SystemdFdStore` keeps that store in step with the supervisor's
-  own (:class:`~fdsupervisor.fdstore.FdStore`): it takes a unit socket back
-  at start, stores every unit-file socket after each change, and keeps
-  their socket files at shutdown (systemd holds the sockets for the next run).
+  own (:class:`~fdsupervisor.fdstore.FdStore`): it takes every entry back
+  at start, sends each change as it happens, and keeps the socket files of
+  kept sockets at shutdown (systemd holds the sockets for the next run).
 
 The protocol's facts (the first passed fd, valid fd names, the variables that
 never reach a worker) are fdpassing.py's.
@@ -42,7 +45,7 @@ import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Final, Protocol
+from typing import Any, Final, Literal, Protocol
 
 from systemd import daemon
 
@@ -56,7 +59,18 @@ from .addresses import (
 from .binding import BoundSocket, InheritedFds, adopt_socket
 from .errors import BindError
 from .fdpassing import FDNAME_MAX, LISTEN_FDS_START, SCM_MAX_FD, fdname_is_valid
-from .fdstore import FdStore, unit_owner
+from .fdstore import (
+    MONITOR_OWNER,
+    Entry,
+    FdStore,
+    RawFd,
+    StoreError,
+    owner_kind,
+    owner_service,
+    owner_unit,
+    service_owner,
+    unit_owner,
+)
 from .matching import bound_unix_name, port_range, resolved_address, unix_name, vsock_matches
 from .units import SocketKind, SocketSpec, Unit
 
@@ -555,6 +569,89 @@ def _label(host: str, port: int) -> str:
     return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
 
+# --------------------------------------------------------------------------- the whole store's names
+
+RUNTIME_MARK: Final = "+"
+"""Before a socket's name: a socket added at run time (``socket-add``), not one a unit file declares."""
+STORED_MARK: Final = "="
+"""Before a stored fd's name: a worker's ``FDSTORE=1`` fd (watched for hang-ups), or a ``getfd`` fd."""
+UNPOLLED_MARK: Final = "~"
+"""Before a worker's stored fd's name: stored with ``FDPOLL=0``, not watched for hang-ups."""
+
+KeptKind = Literal["declared", "runtime", "stored", "monitor-socket", "monitor-fd"]
+
+
+@dataclass(frozen=True, slots=True)
+class KeptName:
+    """What one ``FDNAME`` in systemd's fd store stands for (:func:`kept_name`).
+
+    ``unit`` is None for the monitor's own entries; ``watch``: a worker's
+    stored fd that is watched for hang-ups.
+    """
+
+    kind: KeptKind
+    unit: str | None
+    name: str
+    watch: bool = False
+
+    @property
+    def owner(self) -> str:
+        if self.unit is None:
+            return MONITOR_OWNER
+        return service_owner(self.unit) if self.kind == "stored" else unit_owner(self.unit)
+
+    @property
+    def fdname(self) -> str:
+        """The ``FDNAME=``: ``UNIT/NAME`` with the kind's mark before the name (docs/systemd.md)."""
+        mark = {
+            "declared": "",
+            "runtime": RUNTIME_MARK,
+            "stored": STORED_MARK if self.watch else UNPOLLED_MARK,
+            "monitor-socket": RUNTIME_MARK,
+            "monitor-fd": STORED_MARK,
+        }[self.kind]
+        return f"{self.unit or ''}{FD_STORE_SEPARATOR}{mark}{self.name}"
+
+    def describe(self) -> str:
+        """For a log line: ``socket web/admin added at run time``."""
+        what = {
+            "declared": "socket",
+            "runtime": "socket added at run time",
+            "stored": "fd stored by the workers of",
+            "monitor-socket": "socket added at run time",
+            "monitor-fd": "fd handed in with getfd",
+        }[self.kind]
+        return f"{what} {self.unit or 'monitor'}: {self.name}"
+
+
+def kept_name(fdname: str) -> KeptName | None:
+    """``FDNAME=`` → what it stands for; None for a name not made by :attr:`KeptName.fdname`.
+
+    Unit, socket and fd names match ``NAME_RE``, which allows none of the
+    marks first, so a name has one reading only: ``web/http`` (declared),
+    ``web/+extra`` (runtime), ``web/=state`` / ``web/~state`` (a worker's),
+    ``/+sock`` and ``/=fd`` (the monitor's).
+    """
+    unit, separator, rest = fdname.partition(FD_STORE_SEPARATOR)
+    if not separator or (unit and not NAME_RE.fullmatch(unit)):
+        return None
+    mark, name = (
+        (rest[:1], rest[1:])
+        if rest[:1] in (RUNTIME_MARK, STORED_MARK, UNPOLLED_MARK)
+        else ("", rest)
+    )
+    if not NAME_RE.fullmatch(name):
+        return None
+    if not unit:
+        kinds: dict[str, KeptKind] = {RUNTIME_MARK: "monitor-socket", STORED_MARK: "monitor-fd"}
+        return KeptName(kinds[mark], None, name) if mark in kinds else None
+    if mark == "":
+        return KeptName("declared", unit, name)
+    if mark == RUNTIME_MARK:
+        return KeptName("runtime", unit, name)
+    return KeptName("stored", unit, name, watch=mark == STORED_MARK)
+
+
 # --------------------------------------------------------------------------- keeping the store
 
 
@@ -578,20 +675,24 @@ class FdStoreMessages(Protocol):
 
 
 class SystemdFdStore:
-    """systemd's fd store kept in step with the supervisor's: every unit-file socket, by name.
+    """systemd's fd store kept in step with the supervisor's: every entry, by name (SPEC 8).
 
     A restart of the supervisor (``systemctl restart``, a crash) then keeps
-    its sockets: systemd hands them back in ``LISTEN_FDS``
-    (FILE_DESCRIPTOR_STORE.md), :meth:`take_back` adopts each one that still
-    fits its unit, and no connection is refused while the supervisor is
-    gone. Only sockets a unit file declares are kept: a ``{type: fd}``
-    socket comes again from whoever passed it, and a socket added at run
-    time is not in the unit files the next run reads. Without a manager
-    (``NOTIFY_SOCKET`` unset) nothing is sent and nothing is kept.
+    the whole store: systemd hands it back in ``LISTEN_FDS``
+    (FILE_DESCRIPTOR_STORE.md); :meth:`take_back` adopts each unit-file
+    socket that still fits its unit, :meth:`restore` everything else (sockets
+    added at run time, the fds workers stored, the monitor's), and no
+    connection is refused while the supervisor is gone. Each entry's
+    ``FDNAME`` says what it is (:class:`KeptName`, docs/systemd.md), so that
+    every message leaves systemd's store readable on its own: a crash
+    between two of them loses nothing but, at most, the one name being
+    changed. A ``{type: fd}`` socket is not kept: whoever passed it passes
+    it again. Without a manager (``NOTIFY_SOCKET`` unset) nothing is sent
+    and nothing is kept.
 
     ``handed`` is what systemd passed at start; ``store`` the supervisor's
-    own store, which this class reads and never changes but for the socket
-    files at shutdown (:meth:`keep_socket_files`).
+    own store, which this class fills at :meth:`restore` and otherwise only
+    reads but for the socket files at shutdown (:meth:`keep_socket_files`).
     """
 
     def __init__(
@@ -602,7 +703,12 @@ class SystemdFdStore:
         self._handed_back = adoptable(handed)  # (unit, socket) → fd
         self._store = store
         self._log = log
-        self._kept: dict[str, tuple[str, str]] = {}  # FDNAME in systemd's store → (unit, socket)
+        # FDNAME → the (st_dev, st_ino) of each fd systemd's store holds under it (as far
+        # as the last sync knows); empty until the first sync, which stores everything
+        self._kept: dict[str, list[tuple[int, int]]] = {}
+        self._synced = False
+        self._units: dict[str, Unit] = {}  # as the last sync saw them
+        self._not_kept: set[str] = set()  # names too long, warned about once
 
     @property
     def kept(self) -> frozenset[str]:
@@ -644,43 +750,189 @@ class SystemdFdStore:
             self._messages.barrier()  # systemd's copy is closed before we bind the address
         return None
 
+    def restore(self, units: Iterable[Unit], inherited: InheritedFds) -> None:
+        """Take back every handed entry that is not a unit-file socket; drop what cannot be.
+
+        Before the unit sockets are bound: sockets added at run time go back
+        to their unit (its next workers get them), fds its workers stored go
+        back to its service (watched for hang-ups again if they were), the
+        monitor's entries to the monitor. An entry of a unit that is gone, a
+        socket the unit file no longer declares, or a runtime socket whose
+        name the unit file now declares itself, is closed with a warning
+        naming it, and removed from systemd's store (then ``BARRIER=1``:
+        systemd's copy of a socket no longer holds its address when the
+        unit's sockets are bound).
+        """
+        by_name = {unit.name: unit for unit in units}
+        dropped: dict[str, None] = {}
+        for number, fdname in zip(self._handed.numbers, self._handed.names, strict=True):
+            kept = kept_name(fdname)
+            if kept is None:
+                continue  # not ours: a .socket unit's, claimed or closed as inherited
+            unit = by_name.get(kept.unit) if kept.unit is not None else None
+            if kept.unit is not None and unit is None:
+                reason: str | None = f"its unit {kept.unit} is gone"
+            elif kept.kind == "declared":
+                assert unit is not None
+                if kept.name in unit.socket_names:
+                    continue  # take_back()'s, as the unit binds its sockets
+                reason = f"unit {kept.unit} no longer declares socket {kept.name}"
+            elif kept.kind == "runtime" and unit is not None and kept.name in unit.socket_names:
+                reason = f"unit {kept.unit} now declares a socket {kept.name} itself"
+            else:
+                inherited.claim(number, kept.name)
+                reason = self._restore_one(kept, number, unit)
+                if reason is None:
+                    continue
+                number = -1  # closed already
+            if number >= 0:
+                inherited.claim(number, kept.name)
+                os.close(number)
+            self._log.warning(
+                "stored_entry_dropped",
+                fdname=fdname,
+                owner=kept.owner,
+                name=kept.name,
+                what=kept.describe(),
+                reason=reason,
+            )
+            dropped[fdname] = None
+        for fdname in dropped:
+            self._messages.remove_fds(fdname)
+        if dropped:
+            self._messages.barrier()
+
+    def _restore_one(self, kept: KeptName, number: int, unit: Unit | None) -> str | None:
+        """Store one handed entry again; why not (the fd closed by then), or None."""
+        resource: BoundSocket | RawFd
+        if kept.kind in ("runtime", "monitor-socket"):
+            try:
+                sock = socket.socket(fileno=number)
+            except OSError as error:
+                os.close(number)
+                return f"it is not a socket ({error.strerror})"
+            kind = _KINDS.get(sock.type)
+            if kind is None:
+                sock.close()
+                return f"it is a socket of type {int(sock.type)}"
+            spec = SocketSpec(name=kept.name, address=FdAddress(str(number)), kind=kind)
+            try:
+                resource = adopt_socket(sock, spec, fd_label=kept.fdname)
+            except BindError as exc:
+                sock.close()
+                return exc.message
+        else:
+            resource = RawFd(number)
+            if unit is not None and kept.kind == "stored":
+                limit = unit.service.fd_store_max
+                if len(self._store.owned_by(kept.owner)) >= limit:
+                    resource.close()
+                    return f"the unit's fd-store-max is {limit}"
+        try:
+            self._store.add(kept.owner, kept.name, resource, watch=kept.watch)
+        except StoreError as exc:  # add() closed it
+            return str(exc)
+        self._log.info(
+            "stored_entry_restored", owner=kept.owner, name=kept.name, fdname=kept.fdname, fd=number
+        )
+        return None
+
     def drop_unclaimed(self, closed: Iterable[int]) -> None:
         """Inherited fds no unit claimed were closed: systemd closes its copies too."""
         for name in self._handed.names_of(closed):
             self._messages.remove_fds(name)
 
+    def _kept_name_of(self, entry: Entry) -> KeptName | None:
+        """How ``entry`` is kept in systemd's store; None: it is not (a ``{type: fd}`` socket)."""
+        kind = owner_kind(entry.owner)
+        if kind == "monitor":
+            socket_kind: KeptKind = "monitor-socket"
+            return KeptName(
+                socket_kind if isinstance(entry.resource, BoundSocket) else "monitor-fd",
+                None,
+                entry.name,
+            )
+        if kind == "service":  # each fd with its own FDPOLL: a name may have both marks
+            watched = self._store.watches(entry)
+            return KeptName("stored", owner_service(entry.owner), entry.name, watch=watched)
+        unit_name = owner_unit(entry.owner)
+        assert unit_name is not None
+        unit = self._units.get(unit_name)
+        if unit is None:
+            return None  # a unit on its way out (a reload): its sockets go with it
+        spec = next((s for s in unit.sockets if s.name == entry.name), None)
+        if spec is None:
+            return KeptName("runtime", unit_name, entry.name)
+        if isinstance(spec.address, FdAddress):
+            return None  # passed again by whoever passed it (a .socket unit)
+        return KeptName("declared", unit_name, entry.name)
+
+    def changed(self, units: Iterable[Unit]) -> None:
+        """The store changed (``FD_STORED`` / ``FD_CLOSED``): sync, once syncing has begun.
+
+        Not before the first :meth:`sync` (the end of start-up, or of an
+        upgrade's take-over): what is restored then is in systemd's store already.
+        """
+        if self._synced:
+            self.sync(units)
+
     def sync(self, units: Iterable[Unit]) -> None:
-        """Make systemd's fd store hold exactly the unit-file sockets the supervisor holds."""
+        """Make systemd's fd store hold exactly what the supervisor's store holds.
+
+        Only what changed since the last sync is sent: a new name is stored,
+        fds added to a name are stored beside the others (systemd keeps them
+        all), and a name that lost an fd is removed and stored again (systemd
+        removes only whole names). The first sync stores everything without
+        removing first: systemd keeps one copy of an fd it holds already
+        (``same_fd()``), so a restart leaves nothing missing for a moment.
+        """
         if not self._messages.enabled:
             return  # not under systemd: nothing is kept, socket files go at shutdown
-        current: dict[str, tuple[str, str]] = {}
-        fds: dict[str, int] = {}
-        for unit in units:
-            for spec in unit.sockets:
-                if isinstance(spec.address, FdAddress):
-                    continue  # passed again by whoever passed it (a .socket unit)
-                entry = self._store.get(unit_owner(unit.name), spec.name)
-                if entry is None:
-                    continue
-                name = fd_store_name(unit.name, spec.name)
-                if name is None:
+        self._units = {unit.name: unit for unit in units}
+        wanted: dict[str, list[int]] = {}
+        for entry in self._store:
+            kept = self._kept_name_of(entry)
+            if kept is None:
+                continue
+            name = kept.fdname
+            if len(name) > FDNAME_MAX:
+                if name not in self._not_kept:
+                    self._not_kept.add(name)
                     self._log.warning(
-                        "socket_not_kept",
-                        unit=unit.name,
-                        socket=spec.name,
-                        reason="unit and socket name exceed 255 characters together",
+                        "fd_not_kept",
+                        owner=entry.owner,
+                        name=entry.name,
+                        reason="its fd store name would exceed 255 characters",
                     )
-                    continue
-                current[name] = (unit.name, spec.name)
-                fds[name] = entry.fd
-        for name in sorted(self._kept.keys() - current.keys()):
+                continue
+            wanted.setdefault(name, []).append(entry.fd)
+        now = {name: [_identity(fd) for fd in fds] for name, fds in wanted.items()}
+        for name in sorted(self._kept.keys() - wanted.keys()):
             self._messages.remove_fds(name)
         limit = self._messages.fd_store_max
-        if limit is not None and len(fds) > limit:
-            self._log.warning("fd_store_full", sockets=len(fds), file_descriptor_store_max=limit)
-        if fds and not self._messages.store_fds(sorted(fds.items())):
+        total = sum(len(fds) for fds in wanted.values())
+        if limit is not None and total > limit:
+            self._log.warning("fd_store_full", fds=total, file_descriptor_store_max=limit)
+        added: list[tuple[str, int]] = []  # beside what systemd holds under the name
+        replaced: list[tuple[str, int]] = []  # the name emptied first
+        for name in sorted(wanted):
+            before, fds = self._kept.get(name), wanted[name]
+            if before == now[name]:
+                continue
+            if before is None or set(before) <= set(now[name]):
+                new = zip(fds, now[name], strict=True)
+                added += [(name, fd) for fd, identity in new if identity not in (before or ())]
+            else:
+                replaced += [(name, fd) for fd in fds]
+        ok = True
+        if added:
+            ok = self._messages.store_fds(added, replace=False)
+        if replaced:
+            ok = self._messages.store_fds(replaced, replace=True) and ok
+        if not ok:
             self._log.warning("fd_store_failed", error=str(self._messages.last_error))
-        self._kept = current
+        self._kept = now
+        self._synced = True
 
     def keep_socket_files(self) -> None:
         """Sockets systemd keeps for the next start keep their files (RemoveOnStop=no).
@@ -688,9 +940,17 @@ class SystemdFdStore:
         Called at shutdown, before the store is closed: a socket file
         removed now would leave systemd holding a socket nobody can reach.
         """
-        for unit, socket_name in self._kept.values():
-            entry = self._store.get(unit_owner(unit), socket_name)
-            if entry is not None and isinstance(entry.resource, BoundSocket):
+        for entry in self._store:
+            if not isinstance(entry.resource, BoundSocket):
+                continue
+            kept = self._kept_name_of(entry)
+            if kept is not None and kept.fdname in self._kept:
                 entry.resource = dataclasses.replace(
                     entry.resource, created_path=None, created_inode=None
                 )
+
+
+def _identity(fd: int) -> tuple[int, int]:
+    """Which open file an fd is, as far as the store's bookkeeping needs: its device and inode."""
+    info = os.fstat(fd)
+    return info.st_dev, info.st_ino

@@ -136,6 +136,15 @@ class TriggerLimit:
     burst: int
 
 
+class FdStorePreserve(enum.StrEnum):
+    """``fd-store-preserve``: when a service's stored fds are released (systemd's
+    ``FileDescriptorStorePreserve=``, systemd.service(5))."""
+
+    NO = "no"  # whenever the service stops, even before an automatic restart
+    RESTART = "restart"  # when it stops for good: kept across restarts and crashes
+    YES = "yes"  # only when its unit goes (a reload that removes it)
+
+
 @dataclass(frozen=True, slots=True)
 class ServiceSpec:
     """The one service of a unit: what to run and how to supervise it."""
@@ -165,6 +174,7 @@ class ServiceSpec:
     overlap: bool = True
     watchdog: float = 0.0
     fd_store_max: int = 0
+    fd_store_preserve: FdStorePreserve = FdStorePreserve.RESTART
     # Where the worker's stdout and stderr go, as systemd's StandardOutput= /
     # StandardError=: "inherit" (the supervisor's own), "null", "journal",
     # "file:/abs/path" (written from the start) or "append:/abs/path".
@@ -419,6 +429,7 @@ _SERVICE_KEYS: Final = (
     "overlap",
     "watchdog",
     "fd-store-max",
+    "fd-store-preserve",
     "stdout",
     "stderr",
     "limits",
@@ -1032,6 +1043,13 @@ class _UnitParser(_UnitReader):
             overlap=self._field(entries, "overlap", path, self.boolean, True),
             watchdog=self._field(entries, "watchdog", path, self.duration, 0.0),
             fd_store_max=self._field(entries, "fd-store-max", path, self.integer, 0),
+            fd_store_preserve=self._field(
+                entries,
+                "fd-store-preserve",
+                path,
+                self._fd_store_preserve,
+                FdStorePreserve.RESTART,
+            ),
             stdout=self._field(entries, "stdout", path, self._output, "inherit"),
             stderr=self._field(entries, "stderr", path, self._output, "inherit"),
             limits=self._field(entries, "limits", path, self._limits, ()),
@@ -1049,6 +1067,12 @@ class _UnitParser(_UnitReader):
 
     def _activation(self, node: Node, path: KeyPath) -> str:
         return self.choice(node, path, Activation)
+
+    def _fd_store_preserve(self, node: Node, path: KeyPath) -> FdStorePreserve:
+        # systemd's exec_preserve_mode_from_string(): a boolean is no / yes.
+        if isinstance(node, ScalarNode) and node.tag == _BOOL:
+            return FdStorePreserve.YES if self.boolean(node, path) else FdStorePreserve.NO
+        return FdStorePreserve(self.choice(node, path, FdStorePreserve))
 
     def _limits(self, node: Node, path: KeyPath) -> tuple[ResourceLimit, ...]:
         limits = []

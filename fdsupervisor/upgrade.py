@@ -369,9 +369,6 @@ class UpgradeHost(Protocol):
 
     def service(self, name: str) -> Service: ...
 
-    def watches_hangup(self, owner: str, name: str) -> bool:
-        """Whether the stored fd ``(owner, name)`` is polled for POLLHUP (FDPOLL)."""
-
     def flush_notify_log(self) -> None:
         """Write the counts of rate-limited warnings now: they do not cross the exec."""
 
@@ -518,7 +515,8 @@ class Upgrader:
                         entry.name,
                         entry.fd,
                         False,
-                        watch_hangup=host.watches_hangup(entry.owner, entry.name),
+                        # each fd's own FDPOLL: one name may have fds of both
+                        watch_hangup=host.store.watches(entry),
                     )
                 )
         services = {name: _service_item(host.service(name)) for name in host.unit_names()}

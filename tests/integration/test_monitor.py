@@ -87,6 +87,7 @@ def test_getfd_query_fds_closefd_round_trip(supervisor) -> None:
     sup = supervisor({"web": WEB})
     sock = listening()
     port = sock.getsockname()[1]
+    inode = os.fstat(sock.fileno()).st_ino
 
     async def steps(client: QMPClient) -> Any:
         client.send_fd_scm(sock.fileno())
@@ -101,6 +102,7 @@ def test_getfd_query_fds_closefd_round_trip(supervisor) -> None:
     fds, after, missing = asyncio.run(qmp_session(sup.monitor_path, steps))
     sock.close()
     mine = [f for f in fds if f["owner"] == "monitor"]
+    assert mine[0].pop("inode") == inode
     assert mine == [
         {
             "fdname": "extra",

@@ -137,3 +137,14 @@ def test_ready_after_an_upgrade_counts_sockets_only(supervisor) -> None:
             client.reply()
     sup.wait_for("upgraded", after=mark)
     assert sup.wait_for("ready", after=mark)["sockets"] == 1
+
+
+def test_ctl_query_fds_shows_each_fds_inode(supervisor) -> None:
+    """The inode tells the same socket from a new one, after a restart say (docs/systemd.md)."""
+    sup = supervisor({"web": unit_text(f'listen: "127.0.0.1:{free_port()}"')})
+    with RawClient(sup.monitor_path).negotiate() as client:
+        [row] = client.command("query-fds")["return"]
+    result = run_fdsupervisor("ctl", "--monitor", str(sup.monitor_path), "query-fds")
+    assert result.returncode == 0, result.stderr
+    header, line = result.stdout.splitlines()
+    assert header.split()[-1] == "INODE" and line.split()[-1] == str(row["inode"])

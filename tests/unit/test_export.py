@@ -153,3 +153,20 @@ def test_files_are_replaced_whole(tmp_path: Path) -> None:
     write_files(tmp_path, export_unit(unit(EVERY_KEY)))  # type: ignore[arg-type]
     assert (tmp_path / "web.socket").stat().st_ino != before  # a rename, not a rewrite
     assert sorted(p.name for p in tmp_path.iterdir()) == ["web.service", "web.socket"]
+
+
+@pytest.mark.parametrize(
+    ("preserve", "line"),
+    [
+        ("no", "FileDescriptorStorePreserve=no"),
+        ("yes", "FileDescriptorStorePreserve=yes"),
+        ("restart", None),  # systemd's default: written as nothing
+    ],
+)
+def test_fd_store_preserve_is_file_descriptor_store_preserve(
+    preserve: str, line: str | None
+) -> None:
+    text = EVERY_KEY.replace("fd-store-max: 8", f"fd-store-max: 8\n  fd-store-preserve: {preserve}")
+    service = files(text)["web.service"].splitlines()
+    written = [x for x in service if x.startswith("FileDescriptorStorePreserve=")]
+    assert written == ([line] if line else [])

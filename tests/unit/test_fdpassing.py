@@ -5,6 +5,7 @@ from __future__ import annotations
 import array
 import os
 import socket
+from pathlib import Path
 
 import pytest
 from hypothesis import given
@@ -115,3 +116,26 @@ def test_one_parser_and_one_name_rule() -> None:
         assert module.fds_from_ancillary is fds_from_ancillary  # type: ignore[attr-defined]
     for module in (notify, systemd):
         assert module.fdname_is_valid is fdpassing.fdname_is_valid  # type: ignore[attr-defined]
+
+
+def test_same_file_tells_a_duplicate_from_another_open(tmp_path: Path) -> None:
+    """systemd's same_fd(): one open file description, not merely one inode."""
+    path = tmp_path / "f"
+    path.write_text("x")
+    first = os.open(path, os.O_RDONLY)
+    again = os.open(path, os.O_RDONLY)  # same inode, another description
+    duplicate = os.dup(first)
+    a, b = socket.socketpair()
+    try:
+        assert fdpassing.same_file(first, duplicate) and fdpassing.same_file(duplicate, first)
+        assert not fdpassing.same_file(first, again)
+        assert os.get_blocking(first) and os.get_blocking(again), "the flip is undone"
+        assert fdpassing.same_file(a.fileno(), a.fileno()) and not fdpassing.same_file(
+            a.fileno(), b.fileno()
+        )
+        assert not fdpassing.same_file(first, a.fileno())
+    finally:
+        for fd in (first, again, duplicate):
+            os.close(fd)
+        a.close()
+        b.close()

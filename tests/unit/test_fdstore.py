@@ -132,7 +132,7 @@ def test_a_watched_entry_that_hangs_up_is_reported_once() -> None:
     assert not readable(store.hangup_fileno()) and store.hung_up() == []
     peer.close()
     assert readable(store.hangup_fileno())
-    assert store.hung_up() == [("service:web", "conn")]
+    assert [(e.owner, e.name) for e in store.hung_up()] == [("service:web", "conn")]
     # unwatched, not closed: the caller closes it, and it is never reported again
     assert ("service:web", "conn") in store and not store.watches_hangup("service:web", "conn")
     assert not readable(store.hangup_fileno()) and store.hung_up() == []

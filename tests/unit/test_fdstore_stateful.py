@@ -95,7 +95,8 @@ class FdStoreMachine(RuleBasedStateMachine):
         super().__init__()
         self.limit = 4
         self.store = FdStore(limit=self.limit, on_change=self._heard)
-        self.model: dict[tuple[str, str], Tracked] = {}
+        # (owner, name) → its fds in the order stored: several only in a service's store
+        self.model: dict[tuple[str, str], list[Tracked]] = {}
         self.tracked: list[Tracked] = []
         self.heard: list[tuple[str, str, str]] = []
         self.expected: list[tuple[str, str, str]] = []
@@ -113,7 +114,7 @@ class FdStoreMachine(RuleBasedStateMachine):
         return item
 
     def _counted(self) -> int:
-        return sum(1 for owner, _ in self.model if not owner.startswith("unit:"))
+        return sum(len(v) for (owner, _), v in self.model.items() if not owner.startswith("unit:"))
 
     # -- rules --------------------------------------------------------------------------
 
@@ -121,9 +122,11 @@ class FdStoreMachine(RuleBasedStateMachine):
     def add(self, owner: str, name: str, flavour: str, replace: bool) -> None:
         item = self._new(flavour)
         key = (owner, name)
-        old = self.model.get(key)
-        refused = (old is not None and not replace) or (
-            old is None and not owner.startswith("unit:") and self._counted() >= self.limit
+        olds = self.model.get(key, [])
+        beside = owner.startswith("service:") and not replace
+        grows = beside or not olds
+        refused = (bool(olds) and not replace and not beside) or (
+            grows and not owner.startswith("unit:") and self._counted() >= self.limit
         )
         if refused:
             with pytest.raises(StoreError):
@@ -131,41 +134,49 @@ class FdStoreMachine(RuleBasedStateMachine):
             item.place = "closed"  # a refused resource is closed, never leaked
             return
         self.store.add(owner, name, item.resource, replace=replace)
-        if old is not None:
-            old.place = "closed"  # replaced: the old fd is closed
+        if beside:
+            self.model[key] = [*olds, item]
+        else:
+            for old in olds:
+                old.place = "closed"  # replaced: the old fds are closed
+            self.model[key] = [item]
         item.place = "stored"
-        self.model[key] = item
         self._expect("FD_STORED", owner, name)
 
     @rule(owner=OWNERS, name=NAMES)
     def take(self, owner: str, name: str) -> None:
-        item = self.model.pop((owner, name), None)
-        if item is None:
+        items = self.model.get((owner, name))
+        if not items:
             with pytest.raises(StoreError, match=f"File descriptor named '{name}' not found"):
                 self.store.take(owner, name)
             return
+        item = items.pop(0)
+        if not items:
+            del self.model[(owner, name)]
         assert self.store.take(owner, name) is item.resource
         item.place = "taken"
         self._expect("FD_CLOSED", owner, name)
 
     @rule(owner=OWNERS, name=NAMES)
     def close(self, owner: str, name: str) -> None:
-        item = self.model.pop((owner, name), None)
-        if item is None:
+        items = self.model.pop((owner, name), None)
+        if items is None:
             with pytest.raises(StoreError):
                 self.store.close(owner, name)
             return
-        self.store.close(owner, name)
-        item.place = "closed"
-        self._expect("FD_CLOSED", owner, name)
+        self.store.close(owner, name)  # every fd of the name
+        for item in items:
+            item.place = "closed"
+            self._expect("FD_CLOSED", owner, name)
 
     @rule(owner=OWNERS)
     def close_owner(self, owner: str) -> None:
         gone = [key for key in self.model if key[0] == owner]
-        assert self.store.close_owner(owner) == len(gone)
+        assert self.store.close_owner(owner) == sum(len(self.model[key]) for key in gone)
         for key in gone:
-            self.model.pop(key).place = "closed"
-            self._expect("FD_CLOSED", *key)
+            for item in self.model.pop(key):
+                item.place = "closed"
+                self._expect("FD_CLOSED", *key)
 
     @rule(limit=st.integers(min_value=0, max_value=6))
     def set_limit(self, limit: int) -> None:
@@ -188,15 +199,18 @@ class FdStoreMachine(RuleBasedStateMachine):
 
     @invariant()
     def sizes_match_the_model(self) -> None:
-        assert len(self.store) == len(self.model)
+        assert len(self.store) == sum(len(items) for items in self.model.values())
         assert self.store.counted() == self._counted()
         assert {(e.owner, e.name) for e in self.store} == set(self.model)
 
     @invariant()
     def stored_entries_are_the_very_resources(self) -> None:
-        for (owner, name), item in self.model.items():
+        for (owner, name), items in self.model.items():
             entry = self.store.get(owner, name)
-            assert entry is not None and entry.resource is item.resource
+            assert entry is not None and entry.resource is items[0].resource
+            assert [e.resource for e in self.store.named(owner, name)] == [
+                item.resource for item in items
+            ]
             assert (owner, name) in self.store
             os.fstat(entry.fd)  # a live fd
         for owner in ("unit:web", "unit:api", "monitor", "service:web"):

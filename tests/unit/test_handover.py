@@ -60,9 +60,6 @@ class Host:
     def service(self, name: str) -> Service:
         return self.services[name]
 
-    def watch_hangup(self, owner: str, name: str) -> None:
-        self.calls.append(("watch_hangup", owner, name))
-
     def sync_systemd_store(self) -> None:
         self.calls.append(("sync",))
 
@@ -175,8 +172,9 @@ def test_adopt_takes_over_what_the_units_have_and_binds_what_is_new(
     assert host.store.get("unit:web", "admin") is not None, "new in the unit files: bound"
     assert (tmp_path / "admin.sock").exists()
     assert host.store.get("unit:gone", "s") is None, "closed only once ready"
-    assert host.store.get("service:web", "state") is not None
-    assert host.calls == [("watch_hangup", "service:web", "state"), ("sync",)]
+    state_entry = host.store.get("service:web", "state")
+    assert state_entry is not None and host.store.watches(state_entry), "polled again"
+    assert host.calls == [("sync",)]
     assert log.events[-1] == ("handover_adopted", {"fds": 3, "services": 2})
     assert all(not os.get_inheritable(fd) for fd in state.fds)
     takeover.finish()

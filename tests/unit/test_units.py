@@ -18,6 +18,7 @@ from fdsupervisor.errors import ConfigError, ConfigErrors, Location
 from fdsupervisor.units import (
     MAX_UNIT_FILE_SIZE,
     Activation,
+    FdStorePreserve,
     RestartPolicy,
     ServiceSpec,
     SocketKind,
@@ -775,6 +776,11 @@ def test_stop_signal_errors(value: str) -> None:
         ("start-limit: {interval: 0}\n", "start_limit_interval", 0.0),
         ("start-limit: {burst: 1}\n", "start_limit_burst", 1),
         ("fd-store-max: 0\n", "fd_store_max", 0),
+        ("fd-store-preserve: no\n", "fd_store_preserve", FdStorePreserve.NO),
+        ("fd-store-preserve: restart\n", "fd_store_preserve", FdStorePreserve.RESTART),
+        ("fd-store-preserve: yes\n", "fd_store_preserve", FdStorePreserve.YES),
+        ("fd-store-preserve: false\n", "fd_store_preserve", FdStorePreserve.NO),
+        ("exec: [app]\n", "fd_store_preserve", FdStorePreserve.RESTART),  # systemd's default
         ("max-connections: 1\naccept: true\n", "max_connections", 1),
         ("instances: 3\n", "instances", 3),
         ("activation: on-demand\n", "activation", Activation.ON_DEMAND),
@@ -856,6 +862,10 @@ def test_service_values(lines: str, attribute: str, value: object) -> None:
             "service.start-limit.interval: must be a finite duration, not infinity",
         ),
         ("fd-store-max: -1\n", "service.fd-store-max: expected an integer of at least 0, got -1"),
+        (
+            "fd-store-preserve: always\n",
+            "service.fd-store-preserve: expected one of no, restart, yes, got 'always'",
+        ),
         ("instances: 0\n", "service.instances: expected an integer of at least 1, got 0"),
         (
             "max-connections: 0\naccept: true\n",

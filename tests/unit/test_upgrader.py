@@ -7,6 +7,7 @@ in tests/integration/test_upgrade.py through a real supervisor.
 from __future__ import annotations
 
 import os
+import socket
 import textwrap
 from collections.abc import Iterator
 from pathlib import Path
@@ -56,7 +57,6 @@ class Host:
         self.reload_in_progress = False
         self.units = {unit.name: unit}
         self.services = {unit.name: Service(unit.name, unit.service)}
-        self.watched: set[tuple[str, str]] = set()
 
     def unit_names(self) -> list[str]:
         return list(self.units)
@@ -66,9 +66,6 @@ class Host:
 
     def service(self, name: str) -> Service:
         return self.services[name]
-
-    def watches_hangup(self, owner: str, name: str) -> bool:
-        return (owner, name) in self.watched
 
     def flush_notify_log(self) -> None:
         pass
@@ -133,15 +130,16 @@ def test_no_upgrade_without_its_own_command_line(host: Host) -> None:
 def test_the_state_names_every_fd_and_worker(host: Host, tmp_path: Path) -> None:
     read_end, write_end = os.pipe()
     os.close(write_end)
-    host.store.add("service:web", "state", RawFd(read_end))
-    host.watched.add(("service:web", "state"))
+    host.store.add("service:web", "state", RawFd(read_end), watch=True)
+    quiet, quiet_peer = socket.socketpair()  # a second fd of the name, stored with FDPOLL=0
+    host.store.add("service:web", "state", RawFd(quiet.detach()))
     service = host.service("web")
     service.worker_started(0, 4242, 10.0)
     service.refresh_state()
     config = RunConfig(log_format="json", unit_paths=(str(tmp_path),))
     upgrade, _ = upgrader(host, config, ("run", str(tmp_path)))
     state = upgrade.handover_state()
-    http, admin, stored = state.store
+    http, admin, stored, second = state.store
     assert http == StoredItem("unit:web", "http", http.fd, True, kind="stream", backlog=128)
     assert admin.socket and admin.created_path == str(tmp_path / "admin.sock")
     assert admin.created_inode == (
@@ -149,6 +147,8 @@ def test_the_state_names_every_fd_and_worker(host: Host, tmp_path: Path) -> None
         os.stat(tmp_path / "admin.sock").st_ino,
     )
     assert stored == StoredItem("service:web", "state", read_end, False, watch_hangup=True)
+    assert second == StoredItem("service:web", "state", second.fd, False), "its own FDPOLL"
+    quiet_peer.close()
     item = state.services["web"]
     assert item.state == service.state.value != ServiceState.INACTIVE.value
     assert item.workers == (WorkerItem(0, 4242, 10.0, True),)  # no notify: ready at once

@@ -19,6 +19,7 @@ info = {
     "pid": os.getpid(),
     "names": os.environ.get("LISTEN_FDNAMES"),
     "inodes": {name: os.fstat(fd).st_ino for fd, name in fds.items()},
+    "named_inodes": [[name, os.fstat(fd).st_ino] for fd, name in sorted(fds.items())],
     "watchdog_usec": os.environ.get("WATCHDOG_USEC"),
     "watchdog_pid": os.environ.get("WATCHDOG_PID"),
     "notify_socket": os.environ.get("NOTIFY_SOCKET"),
@@ -44,6 +45,16 @@ elif MODE == "store-then-remove":
     daemon.notify("FDSTORE=1\nFDNAME=gone", fds=[pair[0].fileno()])
     daemon.notify("FDSTOREREMOVE=1\nFDNAME=gone")
     kept.extend(pair)
+elif MODE in ("store-two", "store-two-then-remove"):
+    if "pair" not in info["names"].split(":"):
+        # two fds under one name, in two messages, and the first again (kept once)
+        first, second = socket.socketpair()
+        daemon.notify("FDSTORE=1\nFDNAME=pair", fds=[first.fileno()])
+        daemon.notify("FDSTORE=1\nFDNAME=pair", fds=[second.fileno(), first.fileno()])
+        info["stored_inodes"] = [os.fstat(s.fileno()).st_ino for s in (first, second)]
+        kept.extend((first, second))
+    if MODE == "store-two-then-remove":
+        daemon.notify("FDSTOREREMOVE=1\nFDNAME=pair")
 elif MODE == "store-hangup":
     ours, theirs = socket.socketpair()
     daemon.notify("FDSTORE=1\nFDNAME=pair", fds=[ours.fileno()])
