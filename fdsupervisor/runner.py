@@ -15,7 +15,8 @@ timeouts, the start timeout, the watchdog). Its sockets bring work in
 through its :class:`~fdsupervisor.activation.Intake` (first traffic, or one
 worker per connection). It also gives sd_notify messages their meaning for
 the unit: ``READY=1``, ``STATUS=``, ``WATCHDOG=1``, and ``FDSTORE=1``, whose
-fds it keeps in the store under ``service:NAME`` for the unit's next workers.
+fds its :class:`~fdsupervisor.worker_store.WorkerFdStore` keeps for the unit's
+next workers.
 """
 
 from __future__ import annotations
@@ -30,11 +31,10 @@ from functools import partial
 from typing import Any
 
 from .activation import Intake
-from .addresses import check_name, timer_seconds
+from .addresses import timer_seconds
 from .cgroups import WorkerCgroups, socket_holders
-from .errors import FdSupervisorError, SpawnError, ValueProblem
-from .fdpassing import same_file
-from .fdstore import Entry, FdStore, RawFd, service_owner, unit_owner
+from .errors import SpawnError
+from .fdstore import Entry, FdStore, unit_owner
 from .loop import EventLoop, Timer
 from .notify import NotifyMessage
 from .rolling import RollingRestart
@@ -42,6 +42,7 @@ from .service import ExitStatus, Failed, ReplacementFailed, Restart, Service, Se
 from .spawn import PassedFd, prepare_worker, start_worker, worker_fds
 from .units import Activation, FdStorePreserve, Unit
 from .upgrade import WorkerItem
+from .worker_store import WorkerFdStore
 
 
 @dataclass(frozen=True, slots=True)
@@ -128,6 +129,7 @@ class UnitRunner:
         self._rolling: RollingRestart | None = None  # restart(): one worker at a time
         self.counters = WorkerCounters()
         self._intake = Intake(self, ctx.loop, ctx.store, ctx.shutting_down, ctx.emit)
+        self.stored = WorkerFdStore(ctx.store, unit.name, self.log, ctx.shutting_down)
 
     @property
     def unit_name(self) -> str:
@@ -174,7 +176,7 @@ class UnitRunner:
             self._stop_pid(pid)
         self.log.info("service_stopping", pids=self.service.pids)
         if not self.service.pids:  # stopped already: nothing to reap
-            self._release_stored(restarting=False)
+            self.stored.release(self.unit.service, restarting=False)
 
     def restart(self, done: Callable[[str | None], None] | None = None) -> None:
         """One worker at a time (rolling.py), or with ``overlap: false`` stop all, then start;
@@ -253,7 +255,7 @@ class UnitRunner:
         )
         self._ctx.emit("SERVICE_FAILED", {"unit": self.unit.name, "reason": reason})
         if not self.service.workers:
-            self._release_stored(restarting=False)
+            self.stored.release(self.unit.service, restarting=False)
 
     def cancel_restarts(self) -> None:
         """Forget every restart that is due later."""
@@ -464,7 +466,7 @@ class UnitRunner:
             self._rolling.failed(decision.reason)
         idle = not self.service.pids
         if idle and self.unit.service.fd_store_preserve is FdStorePreserve.NO:
-            self._release_stored(restarting=True)  # whatever comes next
+            self.stored.release(self.unit.service, restarting=True)  # whatever comes next
         if self._restart_pending and idle:
             self._restart_pending = False
             if not self._ctx.shutting_down():
@@ -473,7 +475,7 @@ class UnitRunner:
         if idle and self._ctx.on_idle(self):
             return  # a reload restarts the unit (its fds kept) or removes it (and them)
         if idle:
-            self._release_stored(restarting=isinstance(decision, Restart))
+            self.stored.release(self.unit.service, restarting=isinstance(decision, Restart))
         if isinstance(decision, Restart):
             self._restart_timers.call_at(
                 decision.instance, decision.at, partial(self._restart_due, decision.instance)
@@ -543,82 +545,11 @@ class UnitRunner:
         if message.fd_store_remove and message.fd_name is not None:
             self.drop_stored(message.fd_name, "FDSTOREREMOVE=1")
         if fds:
-            self._store_fds(message, fds)
-
-    def _store_fds(self, message: NotifyMessage, fds: list[int]) -> None:
-        """FDSTORE=1: keep the fds under the service, up to fd-store-max.
-
-        As systemd keeps them (``service_add_fd_store()``): every fd of the
-        message under its ``FDNAME``, beside any stored under that name
-        before; an fd the store holds already (the same open file, under any
-        name: a worker storing again what it was handed) is not kept twice.
-        ``fd-store-max`` counts fds, as ``FileDescriptorStoreMax=`` does.
-        """
-        owner = service_owner(self.unit.name)
-        name = message.fd_name or "stored"
-        try:
-            # stored fds reach the next worker in LISTEN_FDNAMES: the SPEC's name rule
-            check_name(name, "FDNAME")
-        except ValueProblem as exc:
-            for fd in fds:
-                os.close(fd)
-            self.log.warning("fd_store_refused", fdname=name, error=exc.message)
-            return
-        limit = self.unit.service.fd_store_max
-        for index, fd in enumerate(fds):
-            stored = self._store.owned_by(owner)
-            if any(same_file(fd, entry.fd) for entry in stored):
-                os.close(fd)
-                self.log.debug("fd_store_duplicate", fdname=name)
-                continue
-            if len(stored) >= limit:
-                for rest in fds[index:]:
-                    os.close(rest)
-                self.log.warning(
-                    "fd_store_full", fdname=name, fd_store_max=limit, closed=len(fds) - index
-                )
-                return
-            try:
-                # FDPOLL: watched for hang-ups (a file cannot be: kept until removed)
-                self._store.add(owner, name, RawFd(fd), watch=message.fd_poll)
-            except FdSupervisorError as exc:  # add() closed it
-                for rest in fds[index + 1 :]:
-                    os.close(rest)
-                self.log.warning("fd_store_refused", fdname=name, error=str(exc))
-                return
-            self.log.info("fd_stored", fdname=name, fd=fd)
-
-    def _release_stored(self, *, restarting: bool) -> None:
-        """The service has no worker left: release its stored fds if ``fd-store-preserve`` says so.
-
-        systemd's FileDescriptorStorePreserve= (service.c): ``no`` releases
-        them whenever the service goes dead (``service_enter_dead()``), an
-        automatic restart or a restart job included; ``restart`` (the
-        default) once it is inactive or failed with no restart to come
-        (``service_release_resources()``); ``yes`` keeps them as long as the
-        unit exists. A supervisor shutting down keeps them all: they go to
-        systemd's fd store for its next run (SPEC 8).
-        """
-        preserve = self.unit.service.fd_store_preserve
-        if self._ctx.shutting_down() or preserve is FdStorePreserve.YES:
-            return
-        if restarting and preserve is FdStorePreserve.RESTART:
-            return
-        owner = service_owner(self.unit.name)
-        count = self._store.close_owner(owner)
-        if count:
-            self.log.info(
-                "fd_store_released", owner=owner, fds=count, fd_store_preserve=preserve.value
-            )
+            self.stored.keep(self.unit.service, message, fds)
 
     def drop_stored(self, name: str, reason: str) -> None:
         """Close every fd the unit's workers stored as ``name``, if there is one."""
-        owner = service_owner(self.unit.name)
-        count = len(self._store.named(owner, name))
-        if not count:
-            return
-        self._store.close(owner, name)
-        self.log.info("fd_store_removed", owner=owner, fdname=name, reason=reason, fds=count)
+        self.stored.drop(name, reason)
 
     def _start_timed_out(self, pid: int) -> None:
         self._start_timers.fired(pid)

@@ -31,7 +31,7 @@ from .binding import BoundSocket, InheritedFds, bind_socket, describe_socket
 from .cgroups import WorkerCgroups
 from .commands import Commands, fd_event_data
 from .errors import BindError, FdSupervisorError, Location
-from .fdstore import Entry, FdStore, StoreEvent, owner_service, owner_unit, unit_owner
+from .fdstore import Entry, FdStore, StoreEvent, owner_service
 from .handover import Handover
 from .loop import EventLoop, Timer
 from .metrics import MetricsServer, MetricsSource
@@ -41,6 +41,7 @@ from .notify import NotifySocket
 from .reaper import OrphanReaper, set_child_subreaper, stop_namespace
 from .reloader import Reloader
 from .runner import RunnerContext, UnitRunner, signal_group
+from .runtime_sockets import RuntimeSockets
 from .service import Service
 from .signals import SignalWakeup
 from .systemd import SystemdFdStore, SystemdNotifier, SystemdSockets
@@ -110,6 +111,9 @@ class Supervisor:
             on_idle=self._unit_idle,
         )
         self.runners: dict[str, UnitRunner] = {u.name: self._new_runner(u) for u in units}
+        self.runtime_sockets = RuntimeSockets(
+            self.store, self.runners, log, self.emit, self.sync_systemd_store
+        )
         self.reloader = Reloader(self, unit_paths, log=log)
         self.upgrader = Upgrader(
             self,
@@ -455,54 +459,10 @@ class Supervisor:
     # -- sockets added and removed at run time (the monitor) ---------------------------
 
     def add_socket(self, owner: str, bound: BoundSocket) -> None:
-        """Store a socket bound at run time; a unit's next workers get it."""
-        self.store.add(owner, bound.name, bound)
-        unit = owner_unit(owner)
-        address = describe_socket(bound.fileno()).address
-        self.log.info(
-            "socket_bound",
-            unit=unit,
-            socket=bound.name,
-            address=address,
-            kind=bound.spec.kind.value,
-            fd=bound.fileno(),
-        )
-        entry = self.store.get(owner, bound.name)
-        if unit is not None and entry is not None:
-            self.runners[unit].on_socket_added(entry)
-        self.sync_systemd_store()
-        self.emit("SOCKET_ADDED", {"id": bound.name, "unit": unit, "address": address})
+        self.runtime_sockets.add(owner, bound)
 
     def remove_socket(self, socket_id: str, unit_name: str | None) -> None:
-        """Close a socket no running worker needs, or say who uses it."""
-        candidates = [
-            e
-            for e in self.store
-            if e.name == socket_id
-            and isinstance(e.resource, BoundSocket)
-            and (unit_name is None or e.owner == unit_owner(unit_name))
-        ]
-        if not candidates:
-            raise FdSupervisorError(f"socket '{socket_id}' not found")
-        if len(candidates) > 1:
-            owners = ", ".join(e.owner for e in candidates)
-            raise FdSupervisorError(f"socket '{socket_id}' is ambiguous ({owners}); give 'unit'")
-        entry = candidates[0]
-        unit = owner_unit(entry.owner)
-        if unit is not None:
-            runner = self.runners[unit]
-            holders = runner.holders(entry)  # a worker started before socket-add does not
-            if holders:
-                pids = ", ".join(str(p) for p in holders)
-                raise FdSupervisorError(
-                    f"socket '{socket_id}' is in use by unit '{unit}' (held by running pids {pids}); "
-                    "stop the service first"
-                )
-            runner.on_socket_removed(entry)
-        self.store.close(entry.owner, entry.name)
-        self.log.info("socket_removed", unit=unit, socket=socket_id)
-        self.sync_systemd_store()
-        self.emit("SOCKET_REMOVED", {"id": socket_id, "unit": unit})
+        self.runtime_sockets.remove(socket_id, unit_name)
 
     def _on_hangups(self) -> None:
         """Stored fds that hung up (FDPOLL) are dropped, as systemd drops them."""
