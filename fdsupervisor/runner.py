@@ -29,7 +29,7 @@ from dataclasses import dataclass, field
 from functools import partial
 from typing import Any
 
-from .activation import Intake
+from .activation import Intake, IntakeCounters
 from .addresses import check_name, timer_seconds
 from .cgroups import WorkerCgroups, socket_holders
 from .errors import FdSupervisorError, SpawnError, ValueProblem
@@ -124,6 +124,11 @@ class UnitRunner:
         self._restart_pending = False  # restart(): start again once every worker is gone
         self.counters = WorkerCounters()
         self._intake = Intake(self, ctx.loop, ctx.store, ctx.shutting_down, ctx.emit)
+
+    @property
+    def intake_counters(self) -> IntakeCounters:
+        """What the unit's intake counted (``--metrics``)."""
+        return self._intake.counters
 
     @property
     def owner(self) -> str:

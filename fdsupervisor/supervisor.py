@@ -34,7 +34,7 @@ from .errors import BindError, FdSupervisorError, Location
 from .fdstore import FdStore, owner_service, owner_unit, unit_owner
 from .handover import Handover
 from .loop import EventLoop, Timer
-from .metrics import MetricsServer, MetricsSource
+from .metrics import MetricsServer, MetricsSource, unit_intakes
 from .monitor import MonitorServer, event_line
 from .notifications import WorkerNotifications
 from .notify import NotifySocket
@@ -193,6 +193,7 @@ class Supervisor:
             stored_owners=lambda: [entry.owner for entry in self.store],
             monitor_clients=lambda: len(self.monitor.clients) if self.monitor is not None else 0,
             counters=lambda: [(name, runner.counters) for name, runner in self.runners.items()],
+            intakes=lambda: unit_intakes(self.runners),
         )
         server = MetricsServer(bound, loop=self.loop, log=self.log, source=source)
         server.open()

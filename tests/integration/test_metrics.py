@@ -8,6 +8,7 @@ scrape, the monitor) show that they harm nothing.
 
 from __future__ import annotations
 
+import json
 import socket
 import time
 import urllib.request
@@ -19,7 +20,14 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from fdsupervisor.log import LOG_RATE_BURST
 from fdsupervisor.metrics import CONNECTION_TIMEOUT, MAX_CONNECTIONS
-from tests.conftest import PYTHON, REPORT_WORKER, SupervisorProcess, open_fds
+from tests.conftest import (
+    PYTHON,
+    REPORT_WORKER,
+    SupervisorProcess,
+    open_fds,
+    read_until_eof,
+    report_from,
+)
 from tests.monitor_client import RawClient
 
 WEB = f"""
@@ -180,3 +188,56 @@ def test_worker_starts_and_exits_are_counted(metered: tuple[SupervisorProcess, i
     assert after[("fdsupervisor_worker_starts_total", (("unit", "web"),))] == 2
     stopped = (("reason", "stopped"), ("unit", "web"))
     assert after[("fdsupervisor_worker_exits_total", stopped)] == 1
+
+
+def test_activations_accepts_and_pauses_are_counted(
+    supervisor: Callable[..., SupervisorProcess], tmp_path: Any
+) -> None:
+    """7 connections at a trigger-limit of 3 per second: 7 accepted, paused twice; one
+    connection to an on-demand unit: one activation; an eager unit has none of either."""
+    reply = "import socket\nsocket.socket(fileno=3).sendall(b'served\\n')\n"
+    burst, total = 3, 7
+    accepting = f"""
+    sockets:
+      conn:
+        listen: "127.0.0.1:0"
+        trigger-limit: {{interval: 1s, burst: {burst}}}
+    service:
+      accept: true
+      exec: [{PYTHON}, -c, {json.dumps(reply)}]
+    """
+    (tmp_path / "units").mkdir(exist_ok=True)
+    sup = supervisor(
+        {"acc": accepting, "lazy": LAZY, "web": WEB},
+        args=["--metrics", "127.0.0.1:0", str(tmp_path / "units")],
+    )
+    port = int(str(sup.wait_for("metrics_listening")["address"]).rsplit(":", 1)[1])
+    accepted = ("fdsupervisor_connections_accepted_total", (("socket", "conn"), ("unit", "acc")))
+    paused = ("fdsupervisor_socket_paused_total", (("socket", "conn"), ("unit", "acc")))
+    before = scrape(port)
+    assert (before[accepted], before[paused]) == (0, 0)
+    assert before[("fdsupervisor_activations_total", (("unit", "lazy"),))] == 0
+
+    conns = [
+        socket.create_connection(("127.0.0.1", sup.port("conn", "acc")), timeout=15)
+        for _ in range(total)
+    ]
+    try:
+        assert [read_until_eof(conn) for conn in conns] == [b"served\n"] * total
+    finally:
+        for conn in conns:
+            conn.close()
+    sup.wait_count("socket_paused", 2, unit="acc")
+    report_from("127.0.0.1", sup.port("http", "lazy"))  # the first traffic starts lazy
+    after = scrape(port)
+    assert (after[accepted], after[paused]) == (total, 2)
+    assert after[("fdsupervisor_activations_total", (("unit", "lazy"),))] == 1
+    assert after[("fdsupervisor_activations_total", (("unit", "web"),))] == 0
+    assert after[("fdsupervisor_activations_total", (("unit", "acc"),))] == 0
+    assert after[("fdsupervisor_socket_paused_total", (("socket", "http"), ("unit", "web")))] == 0
+    # accept-mode sockets only: web's and lazy's workers take their connections themselves
+    assert not [
+        labels
+        for (name, labels), _ in after.items()
+        if name == "fdsupervisor_connections_accepted_total" and dict(labels)["unit"] != "acc"
+    ]
