@@ -365,11 +365,23 @@ class MetricsServer:
         if connection in self.connections:
             self.connections.remove(connection)
 
-    def close(self) -> None:
-        self._refusals.flush(everything=True)  # how many refusals were not written
+    def close_connections(self) -> None:
+        """Close every scrape connection (an upgrade: they do not cross the exec)."""
         for connection in list(self.connections):
             connection.close()
+
+    def close(self) -> None:
+        self._refusals.flush(everything=True)  # how many refusals were not written
+        self._stop_listening()
+        self.bound.close()
+
+    def abandon(self) -> None:
+        """Close, but leave a handed-over socket's file: the original fd still serves it."""
+        self._stop_listening()
+        self.bound.sock.close()
+
+    def _stop_listening(self) -> None:
+        self.close_connections()
         if self._open:
             self._open = False
             self.loop.remove_reader(self.bound.fileno())
-        self.bound.close()

@@ -9,7 +9,10 @@ scrape, the monitor) show that they harm nothing.
 from __future__ import annotations
 
 import json
+import os
+import signal
 import socket
+import threading
 import time
 import urllib.request
 from collections.abc import Callable
@@ -28,6 +31,7 @@ from tests.conftest import (
     read_until_eof,
     report_from,
 )
+from tests.integration.test_upgrade import settled_fd_count, web_with_extra
 from tests.monitor_client import RawClient
 
 WEB = f"""
@@ -241,3 +245,63 @@ def test_activations_accepts_and_pauses_are_counted(
         for (name, labels), _ in after.items()
         if name == "fdsupervisor_connections_accepted_total" and dict(labels)["unit"] != "acc"
     ]
+
+
+def test_the_endpoint_survives_an_upgrade(metered: tuple[SupervisorProcess, int]) -> None:
+    """Its listening socket crosses the exec: the same port (it was :0), no scrape refused."""
+    sup, port = metered
+    sup.wait_for("worker_started", unit="web")
+    assert scrape(port)[("fdsupervisor_worker_starts_total", (("unit", "web"),))] == 1
+    outcome = {"ok": 0, "refused": 0, "other": 0}
+    stop = threading.Event()
+
+    def scrape_in_a_loop() -> None:
+        deadline = time.monotonic() + 30  # bounded
+        while not stop.is_set() and time.monotonic() < deadline:
+            try:
+                scrape(port)
+                outcome["ok"] += 1
+            except ConnectionRefusedError:
+                outcome["refused"] += 1
+            except OSError:
+                outcome["other"] += 1  # a scrape the exec cut short
+
+    scraper = threading.Thread(target=scrape_in_a_loop)
+    scraper.start()
+    try:
+        mark = sup.mark()
+        os.kill(sup.pid, signal.SIGUSR2)
+        sup.wait_for("upgraded", after=mark, timeout=30)
+        listening = sup.wait_for("metrics_listening", after=mark)
+    finally:
+        stop.set()
+        scraper.join(35)
+    assert listening["address"] == f"127.0.0.1:{port}"
+    assert outcome["refused"] == 0 and outcome["ok"] > 0, outcome
+    after = scrape(port)
+    # the new program's counters start again; the services' own state crossed
+    assert after[("fdsupervisor_worker_starts_total", (("unit", "web"),))] == 0
+    assert after[("fdsupervisor_workers", (("unit", "web"),))] == 1
+    assert sup.count("metrics_unavailable") == 0
+
+
+def test_the_endpoint_survives_an_upgrade_that_falls_back(
+    metered: tuple[SupervisorProcess, int], tmp_path: Any
+) -> None:
+    """A new program that fails (a new socket on a port in use) gives the old units back, and
+    the handed-over metrics socket with them."""
+    sup, port = metered
+    web_port = sup.port("http", "web")
+    fds_before = settled_fd_count(sup)
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        busy = taken.getsockname()[1]
+        (tmp_path / "units" / "web.yaml").write_text(web_with_extra(web_port, f"127.0.0.1:{busy}"))
+        mark = sup.mark()
+        os.kill(sup.pid, signal.SIGUSR2)
+        sup.wait_for("upgrade_rolled_back", after=mark, timeout=30)
+    assert sup.wait_for("metrics_listening", after=mark)["address"] == f"127.0.0.1:{port}"
+    assert scrape(port)[("fdsupervisor_workers", (("unit", "web"),))] == 1
+    assert sup.count("metrics_unavailable") == 0
+    assert settled_fd_count(sup) == fds_before, "the copies are closed, the originals serve"
