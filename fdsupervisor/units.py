@@ -195,6 +195,8 @@ class ResourceLimit:
     name: str  # nofile, nproc, ... (resolved to RLIMIT_* by spawn.py)
     soft: int
     hard: int
+    # where the value was written, for errors found against this host (spawn.limit_errors)
+    location: Location | None = field(default=None, compare=False, repr=False)
 
 
 # systemd's Limit*= names (systemd.exec(5), "Process Properties"), lower-case,
@@ -1067,7 +1069,7 @@ class _UnitParser(_UnitReader):
             raise self.error(
                 node, path, f"the soft limit must not be above the hard limit, got {text!r}"
             )
-        return ResourceLimit(name, soft, hard)
+        return ResourceLimit(name, soft, hard, self.location(node))
 
     def _limit_value(self, name: str, text: str, node: Node, path: KeyPath) -> int:
         unit = LIMIT_UNITS[name]
