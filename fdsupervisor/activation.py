@@ -318,12 +318,15 @@ class Intake:
 
     def _accept(self, bound: BoundSocket) -> None:
         limit = self._host.unit.service.max_connections
+        listener = bound.sock
+        if not isinstance(listener, socket.socket):
+            return  # a FIFO has no connections (accept: true refuses one at load)
         for _ in range(ACCEPT_BATCH):
             if len(self._host.service.workers) >= limit:
                 self._pause()
                 return
             try:
-                conn, peer = bound.sock.accept()
+                conn, peer = listener.accept()
             except (BlockingIOError, InterruptedError):
                 return
             except OSError as exc:

@@ -25,13 +25,12 @@ from __future__ import annotations
 import contextlib
 import os
 import signal
-import socket
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, Protocol
 
 from .addresses import FdAddress
-from .binding import BoundSocket, InheritedFds, bind_socket
+from .binding import BoundSocket, InheritedFds, bind_socket, wrap_listening_fd
 from .cgroups import WorkerCgroups
 from .fdstore import FdStore, RawFd, owner_unit, unit_owner
 from .loop import EventLoop
@@ -120,7 +119,7 @@ class Handover:
                 leftover = BoundSocket(
                     item.name,
                     _runtime_spec(item),
-                    socket.socket(fileno=item.fd),
+                    wrap_listening_fd(item.fd, item.kind),
                     Path(item.created_path) if item.created_path else None,
                     created_inode=item.created_inode,
                 )
@@ -247,7 +246,7 @@ def handed_socket(item: StoredItem, spec: SocketSpec) -> BoundSocket:
     return BoundSocket(
         item.name,
         spec,
-        socket.socket(fileno=item.fd),
+        wrap_listening_fd(item.fd, item.kind),
         Path(item.created_path) if item.created_path else None,
         adopted=True,
         created_inode=item.created_inode,

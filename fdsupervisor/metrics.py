@@ -331,8 +331,10 @@ class MetricsServer:
         self._open = True
 
     def _accept(self) -> None:
+        listener = self.bound.sock
+        assert isinstance(listener, socket.socket)  # bound from --metrics, never a FIFO
         try:
-            conn, _ = self.bound.sock.accept()
+            conn, _ = listener.accept()
         except (BlockingIOError, InterruptedError, ConnectionAbortedError):
             return
         except OSError as exc:

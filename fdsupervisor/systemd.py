@@ -49,6 +49,7 @@ from systemd import daemon
 from .addresses import (
     NAME_RE,
     FdAddress,
+    FifoAddress,
     InetAddress,
     UnixAddress,
     VsockAddress,
@@ -619,7 +620,7 @@ class SystemdFdStore:
         caller binds the address anew: ``BARRIER=1`` waits until the manager
         has closed its copy, which would otherwise hold the address.
         """
-        if isinstance(spec.address, FdAddress):
+        if isinstance(spec.address, FdAddress | FifoAddress):  # a FIFO is not kept (sync)
             return None
         fd = self._handed_back.pop((unit.name, spec.name), None)
         if fd is None:
@@ -657,8 +658,9 @@ class SystemdFdStore:
         fds: dict[str, int] = {}
         for unit in units:
             for spec in unit.sockets:
-                if isinstance(spec.address, FdAddress):
-                    continue  # passed again by whoever passed it (a .socket unit)
+                if isinstance(spec.address, FdAddress | FifoAddress):
+                    # passed again by whoever passed it (a .socket unit); a FIFO is made again
+                    continue
                 entry = self._store.get(unit_owner(unit.name), spec.name)
                 if entry is None:
                     continue
