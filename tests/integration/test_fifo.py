@@ -218,3 +218,21 @@ def test_socket_add_refuses_a_fifo(supervisor, tmp_path: Path) -> None:
         )
         assert client.command("query-version")["return"]
     assert not Path(path).exists()
+
+
+def test_a_reload_that_changes_the_mode_makes_the_fifo_again(supervisor, tmp_path: Path) -> None:
+    """The same path: the old FIFO is closed and removed first, then made with the new mode."""
+    path = tmp_path / "in.fifo"
+    sup = supervisor({"relay": relay_unit(path)})
+    sup.wait_for("worker_started", unit="relay")
+    (tmp_path / "units" / "relay.yaml").write_text(relay_unit(path).replace('"0620"', '"0600"'))
+    mark = sup.mark()
+    os.kill(sup.pid, signal.SIGHUP)
+    assert "1 close-first" in sup.wait_for("reloaded", after=mark)["plan"]
+    assert sup.count("reload_failed") == 0
+    info = os.lstat(path)
+    assert stat.S_ISFIFO(info.st_mode) and stat.S_IMODE(info.st_mode) == 0o600
+    sup.wait_for("worker_started", unit="relay", after=mark)
+    with open(path, "w") as writer:  # as root: the new worker reads the new FIFO
+        writer.write("after the reload\n")
+    assert relayed(tmp_path) == b"after the reload\n"
