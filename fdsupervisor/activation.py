@@ -31,6 +31,7 @@ import socket
 import struct
 from collections import Counter
 from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
 from functools import partial
 from typing import Any, Final, Protocol
 
@@ -99,6 +100,24 @@ class IntakeHost(Protocol):
     ) -> bool: ...
 
 
+@dataclass(slots=True)
+class IntakeCounters:
+    """What ``--metrics`` counts of a unit's intake (SPEC 11), where it happens.
+
+    Kept by the unit's runner, so across reloads; reset by an upgrade. Per
+    socket, by name: systemd's ``NAccepted`` / ``NRefused`` are per socket unit too.
+    """
+
+    activations: int = 0  # on-demand: traffic that had the service started
+    accepted: dict[str, int] = field(default_factory=dict)  # accept mode: given to a worker
+    paused: dict[str, int] = field(default_factory=dict)  # trigger-limit pauses
+    refused: int = 0  # past max-connections-per-source (logged as refused_total)
+
+    @staticmethod
+    def count(per_socket: dict[str, int], name: str) -> None:
+        per_socket[name] = per_socket.get(name, 0) + 1
+
+
 class TriggerWindow:
     """One socket's ``trigger-limit`` count: pure, of the times it is given.
 
@@ -150,7 +169,7 @@ class Intake:
         self._retry: Timer | None = None  # accept mode: out of fds, try again then
         # accept mode: each connection worker's source (max-connections-per-source)
         self._sources: dict[int, Source] = {}
-        self.refused_per_source = 0  # connections closed for their source, since start
+        self.counters = IntakeCounters()
         # a peer past its limit chooses how often we would warn: limited, as journald does
         self._refusals_log: RateLimitedLog | None = None
         self._refusals_flush: Timer | None = None
@@ -201,6 +220,7 @@ class Intake:
 
     def _traffic(self, name: str | None = None) -> None:
         self._host.start(manual=False)  # first: the log can wait
+        self.counters.activations += 1
         self._host.log.info("traffic", action="started service")
         bound = self._bound(name)
         if bound is not None:
@@ -226,6 +246,7 @@ class Intake:
         self._throttled[bound.name] = self._loop.call_at(
             until, partial(self._throttle_over, bound.name)
         )
+        IntakeCounters.count(self.counters.paused, bound.name)
         # once per pause, as systemd logs "Trigger limit hit, refusing further activation"
         self._host.log.warning(
             "socket_paused",
@@ -297,12 +318,15 @@ class Intake:
 
     def _accept(self, bound: BoundSocket) -> None:
         limit = self._host.unit.service.max_connections
+        listener = bound.sock
+        if not isinstance(listener, socket.socket):
+            return  # a FIFO has no connections (accept: true refuses one at load)
         for _ in range(ACCEPT_BATCH):
             if len(self._host.service.workers) >= limit:
                 self._pause()
                 return
             try:
-                conn, peer = bound.sock.accept()
+                conn, peer = listener.accept()
             except (BlockingIOError, InterruptedError):
                 return
             except OSError as exc:
@@ -332,15 +356,17 @@ class Intake:
         if limit is not None and key is not None and self._source_count(key) >= limit:
             # Closed at once, as systemd's MaxConnectionsPerSource= does
             # (socket_enter_running(): "Too many incoming connections")
-            self.refused_per_source += 1
+            self.counters.refused += 1
             self._refused(
                 socket=bound.name,
                 source=source,
                 reason="max-connections-per-source",
                 limit=limit,
-                refused_total=self.refused_per_source,
+                refused_total=self.counters.refused,
             )
             return
+        # as systemd's NAccepted: every connection not refused, handed on to a worker
+        IntakeCounters.count(self.counters.accepted, bound.name)
         instance = self._host.service.next_instance()
         started = self._host.start_worker(
             instance,

@@ -80,7 +80,18 @@ class FdAddress:
         return self.value.isascii() and self.value.isdecimal()
 
 
-SocketAddress = InetAddress | UnixAddress | VsockAddress | FdAddress
+@dataclass(frozen=True, slots=True)
+class FifoAddress:
+    """``{type: fifo, path: ...}``: a FIFO the supervisor creates (systemd's ``ListenFIFO=``).
+
+    Not a QAPI type: QEMU has none, and a FIFO is not a socket. Unit files and
+    ``--listen`` only (a ``kind: fifo`` socket), never a monitor command.
+    """
+
+    path: str
+
+
+SocketAddress = InetAddress | UnixAddress | VsockAddress | FdAddress | FifoAddress
 
 # --------------------------------------------------------------------------- names
 
@@ -123,7 +134,8 @@ def check_name(name: str, what: str) -> None:
 ADDRESS_FORMS: Final = (
     "HOST:PORT, [IPV6]:PORT, :PORT (optionally with ,to=PORT ,ipv4=on|off ,ipv6=on|off "
     ",keep-alive=on|off ,numeric=on), unix:PATH, @NAME (abstract unix socket), "
-    "vsock:CID:PORT, fd:STR, or a mapping with a 'type' of inet, unix, vsock or fd"
+    "vsock:CID:PORT, fd:STR, fifo:PATH, or a mapping with a 'type' of inet, unix, vsock, fd "
+    "or fifo"
 )
 
 # sun_path is 108 bytes on Linux (<sys/un.h>). A path socket needs its
@@ -290,6 +302,20 @@ def _unix(members: Mapping[str, object]) -> UnixAddress:
     return UnixAddress(path=path, abstract=abstract, tight=tight)
 
 
+def _fifo(members: Mapping[str, object], context: Context) -> FifoAddress:
+    if context is Context.MONITOR:
+        raise ValueProblem(
+            "a FIFO is declared in a unit file (kind: fifo), not added by a monitor command",
+            ("type",),
+        )
+    path = _text(_required(members, "path"), "path")
+    if not path:
+        raise ValueProblem("the FIFO path must not be empty", ("path",))
+    if "\0" in path:
+        raise ValueProblem("the FIFO path must not contain a NUL character", ("path",))
+    return FifoAddress(path)
+
+
 def check_unix_path(path: str, abstract: bool) -> None:
     """Raise unless ``path`` fits ``sun_path`` (see :data:`SUN_PATH_SIZE`).
 
@@ -366,6 +392,7 @@ _KEYS: Final[dict[str, tuple[str, ...]]] = {
     "unix": ("type", "path", "abstract", "tight"),
     "vsock": ("type", "cid", "port"),
     "fd": ("type", "str"),
+    "fifo": ("type", "path"),
 }
 
 
@@ -388,7 +415,8 @@ def _parse_members(members: Mapping[str, object], context: Context) -> SocketAdd
     kind = _required(members, "type")
     if not isinstance(kind, str) or kind not in _KEYS:
         raise ValueProblem(
-            f"unknown address type {describe(kind)}; expected inet, unix, vsock or fd", ("type",)
+            f"unknown address type {describe(kind)}; expected inet, unix, vsock, fd or fifo",
+            ("type",),
         )
     for key in members:
         if key not in _KEYS[kind]:
@@ -401,6 +429,8 @@ def _parse_members(members: Mapping[str, object], context: Context) -> SocketAdd
         return _unix(members)
     if kind == "vsock":
         return _vsock(members)
+    if kind == "fifo":
+        return _fifo(members, context)
     return _fd(members, context)
 
 
@@ -421,6 +451,8 @@ def _shorthand(text: str) -> dict[str, object]:
         return {"type": "unix", "path": text[5:]}
     if text.startswith("fd:"):
         return {"type": "fd", "str": text[3:]}
+    if text.startswith("fifo:"):
+        return {"type": "fifo", "path": text[5:]}
     if text.startswith("vsock:"):
         return _vsock_shorthand(text[6:])
     if text.startswith("tcp:"):
@@ -523,7 +555,7 @@ def parse_address(value: object, context: Context) -> SocketAddress:
 
 
 # Shorthand prefixes that socket_parse() tests before falling back to inet.
-_PREFIXES: Final = ("unix:", "fd:", "vsock:", "tcp:")
+_PREFIXES: Final = ("unix:", "fd:", "vsock:", "tcp:", "fifo:")
 
 
 def format_address(address: SocketAddress) -> str:
@@ -538,6 +570,8 @@ def format_address(address: SocketAddress) -> str:
         return f"@{address.path}" if address.abstract else f"unix:{address.path}"
     if isinstance(address, VsockAddress):
         return f"vsock:{address.cid}:{address.port}"
+    if isinstance(address, FifoAddress):
+        return f"fifo:{address.path}"
     return f"fd:{address.value}"
 
 

@@ -31,7 +31,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, assert_never
 
-from .addresses import FdAddress, InetAddress, UnixAddress, VsockAddress
+from .addresses import FdAddress, FifoAddress, InetAddress, UnixAddress, VsockAddress
 from .errors import BindError
 from .units import SocketKind, SocketSpec
 
@@ -161,13 +161,42 @@ class InheritedFds:
             )
 
 
+class FifoFile:
+    """The open end of a ``kind: fifo`` (a named pipe, not a socket): what a BoundSocket holds.
+
+    Only what the supervisor does with any listening fd: watch it, pass it on,
+    close it. Code that accepts or listens asks ``isinstance(sock, socket.socket)``.
+    """
+
+    __slots__ = ("_fd",)
+
+    def __init__(self, fd: int) -> None:
+        self._fd = fd
+
+    def fileno(self) -> int:
+        return self._fd
+
+    def setblocking(self, flag: bool) -> None:
+        os.set_blocking(self._fd, flag)
+
+    def close(self) -> None:
+        if self._fd >= 0:
+            fd, self._fd = self._fd, -1
+            os.close(fd)
+
+
+def wrap_listening_fd(fd: int, kind: SocketKind | str) -> socket.socket | FifoFile:
+    """A handed-over fd (an upgrade's) as its owner: a socket, or the FIFO of a ``kind: fifo``."""
+    return FifoFile(fd) if kind == SocketKind.FIFO else socket.socket(fileno=fd)
+
+
 @dataclass(frozen=True, slots=True)
 class BoundSocket:
-    """Owns exactly one socket, and the unix socket file the supervisor created for it."""
+    """Owns exactly one socket (or FIFO), and the file the supervisor created for it."""
 
     name: str
     spec: SocketSpec
-    sock: socket.socket
+    sock: socket.socket | FifoFile
     created_path: Path | None = None
     adopted: bool = False
     # (st_dev, st_ino) of created_path right after bind(): close() removes
@@ -209,6 +238,8 @@ def bind_socket(spec: SocketSpec, *, base_dir: Path, inherited: InheritedFds) ->
             return _bind_vsock(spec, address)
         case FdAddress():
             return _adopt_inherited(spec, address, inherited)
+        case FifoAddress():
+            return _make_fifo(spec, address, base_dir)
         case _:
             assert_never(address)
 
@@ -238,7 +269,7 @@ def describe_socket(fd: int) -> SocketInfo:
         # hands the fd back untouched.
         sock = socket.socket(fileno=fd)
     except (OSError, ValueError):
-        return SocketInfo("other", "other", listening=False, address="")
+        return SocketInfo("other", "other", listening=False, address=_fifo_address(fd))
     try:
         family = _FAMILY_NAMES.get(sock.family, "other")
         return SocketInfo(
@@ -624,7 +655,8 @@ def unlink_if_same(path: Path, inode: tuple[int, int]) -> bool:
         return True
     except OSError:
         return False
-    if not stat.S_ISSOCK(current.st_mode) or (current.st_dev, current.st_ino) != inode:
+    is_ours = stat.S_ISSOCK(current.st_mode) or stat.S_ISFIFO(current.st_mode)  # kind: fifo
+    if not is_ours or (current.st_dev, current.st_ino) != inode:
         return False
     try:
         os.unlink(path)
@@ -653,6 +685,93 @@ def _file_kind(mode: int) -> str:
         (stat.S_ISBLK, "a block device"),
     )
     return next((name for test, name in kinds if test(mode)), "an unknown kind of file")
+
+
+# --- fifo (kind: fifo) -------------------------------------------------------
+
+
+def _make_fifo(spec: SocketSpec, address: FifoAddress, base_dir: Path) -> BoundSocket:
+    """systemd's ``fifo_address_create()`` (ListenFIFO=): mkfifo, or reuse one that is ours.
+
+    An existing path is reused only if it is a FIFO (never followed: a symlink
+    is refused, as systemd's O_NOFOLLOW does) with the mode and owner this unit
+    gives it, as systemd checks (a FIFO left by an earlier run); anything else
+    is left alone. Opened O_RDWR|O_NONBLOCK, as systemd does: the open never
+    waits for a writer, and the FIFO never reports EOF (we are a writer too),
+    so a worker's read blocks until data comes instead of ending when one
+    client closes. Then blocking again, as the workers get every socket.
+    """
+    path = base_dir.absolute() / address.path
+    label = f"fifo:{path}"
+    uid, gid = _resolve_owner(spec)
+    mode = spec.mode if spec.mode is not None else DEFAULT_SOCKET_MODE
+    _make_parents(spec, path.parent)
+    created = True
+    try:
+        os.mkfifo(path, 0o600)  # the unit's mode is set below, on the open fd
+    except FileExistsError:
+        created = False
+    except OSError as error:
+        raise BindError(spec.name, f"cannot create {label}: {error}") from error
+    try:
+        before = os.lstat(path)
+    except OSError as error:
+        raise BindError(spec.name, f"cannot create {label}: {error}") from error
+    if not stat.S_ISFIFO(before.st_mode):
+        raise BindError(
+            spec.name,
+            f"cannot create {label}: {path} exists and is {_file_kind(before.st_mode)}, "
+            "not a FIFO; it is left alone: remove it or choose another path",
+        )
+    owner = (os.geteuid() if uid == -1 else uid, os.getegid() if gid == -1 else gid)
+    if not created and (
+        stat.S_IMODE(before.st_mode) != mode or (before.st_uid, before.st_gid) != owner
+    ):
+        raise BindError(
+            spec.name,
+            f"cannot create {label}: a FIFO with mode {stat.S_IMODE(before.st_mode):04o} and "
+            f"owner {before.st_uid}:{before.st_gid} is there, not {mode:04o} "
+            f"{owner[0]}:{owner[1]}; it is left alone (someone else's?)",
+        )
+    flags = os.O_RDWR | os.O_NONBLOCK | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NOCTTY
+    try:
+        fd = os.open(path, flags)
+    except OSError as error:
+        if created:
+            unlink_if_same(path, (before.st_dev, before.st_ino))
+        raise BindError(spec.name, f"cannot open {label}: {error}") from error
+    fifo = FifoFile(fd)
+    try:
+        info = os.fstat(fd)
+        if (info.st_dev, info.st_ino) != (before.st_dev, before.st_ino):
+            raise BindError(spec.name, f"cannot open {label}: {path} changed while it was opened")
+        if created:
+            os.fchmod(fd, mode)  # a FIFO's fd is its inode: no path to swap meanwhile
+            if (uid, gid) != (-1, -1):
+                os.fchown(fd, uid, gid)
+        fifo.setblocking(True)
+    except OSError as error:
+        fifo.close()
+        if created:
+            unlink_if_same(path, (before.st_dev, before.st_ino))
+        raise BindError(spec.name, f"cannot set mode or owner of {label}: {error}") from error
+    except BaseException:
+        fifo.close()
+        raise
+    return BoundSocket(
+        spec.name, spec, fifo, created_path=path, created_inode=(before.st_dev, before.st_ino)
+    )
+
+
+def _fifo_address(fd: int) -> str:
+    """``fifo:PATH`` for an fd that is a named FIFO, else "" (what describe_socket reports)."""
+    try:
+        if not stat.S_ISFIFO(os.fstat(fd).st_mode):
+            return ""
+        target = os.readlink(f"/proc/self/fd/{fd}")
+    except OSError:
+        return ""
+    return f"fifo:{target}" if target.startswith("/") else ""
 
 
 # --- vsock -----------------------------------------------------------------

@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from . import __version__, ctl
-from .addresses import Context, format_address, parse_address
+from .addresses import Context, SocketAddress, format_address, parse_address
 from .binding import InheritedFds, check_resolvable
 from .errors import BindError, ConfigError, ConfigErrors, FdSupervisorError, Location, ValueProblem
 from .export import export_units, write_files
@@ -256,13 +256,11 @@ def run(
     except FdSupervisorError as exc:
         print(f"fdsupervisor: {exc}", file=sys.stderr)
         return 1
-    metrics = None
-    if args.metrics is not None:
-        try:
-            metrics = parse_address(args.metrics, Context.STARTUP)
-        except ValueProblem as exc:
-            print(f"fdsupervisor: --metrics {args.metrics!r}: {exc}", file=sys.stderr)
-            return 1
+    try:
+        metrics = _metrics_address(args.metrics)
+    except FdSupervisorError as exc:
+        print(f"fdsupervisor: {exc}", file=sys.stderr)
+        return 1
     config = _run_config(args, command)
     supervisor = _supervisor(units, log, inherited, config, exec_argv, systemd_sockets)
     try:
@@ -292,6 +290,16 @@ def run(
     return supervisor.run()
 
 
+def _metrics_address(text: str | None) -> SocketAddress | None:
+    """``--metrics ADDRESS`` read as a unit's ``listen:`` is (None: no endpoint)."""
+    if text is None:
+        return None
+    try:
+        return parse_address(text, Context.STARTUP)
+    except ValueProblem as exc:
+        raise FdSupervisorError(f"--metrics {text!r}: {exc}") from None
+
+
 def _run_config(args: argparse.Namespace, command: list[str]) -> RunConfig:
     """How this program runs, for an upgrade's fallback (unit texts are added at the upgrade)."""
     monitor = None
@@ -306,6 +314,7 @@ def _run_config(args: argparse.Namespace, command: list[str]) -> RunConfig:
         monitor_path=monitor,
         monitor_allowed_uids=tuple(sorted({0, os.getuid(), *args.monitor_allow_uid})),
         use_cgroups=not args.no_cgroups,
+        metrics_address=args.metrics,
     )
 
 
@@ -363,6 +372,9 @@ def run_upgraded(
                 existing_fd=copies.monitor_fd,
                 existing_inode=handover.monitor_inode,
             )
+        metrics = _metrics_address(new_config.metrics_address)
+        if metrics is not None:
+            attempt.attach_metrics(metrics, copies.metrics)
         attempt.start(copies)
     except (Exception, SystemExit) as exc:  # SystemExit: argparse refused the command line
         expected = isinstance(exc, (FdSupervisorError, OSError, SystemExit))
@@ -382,6 +394,8 @@ def run_upgraded(
         close_originals(handover)
         if copies.monitor_fd is not None and attempt.monitor is None:
             os.close(copies.monitor_fd)
+        if copies.metrics is not None and attempt.metrics is None:
+            os.close(copies.metrics.fd)
         try:
             attempt.finish_handover()
         except Exception:  # past ready, nothing to go back to: supervise on
@@ -446,6 +460,16 @@ def _fall_back(handover: HandoverState, inherited: InheritedFds, log: Any) -> Su
                 error=_failure(exc),
                 note="running without a monitor; the workers are supervised",
             )
+    try:
+        metrics = _metrics_address(config.metrics_address)
+        if metrics is not None:
+            supervisor.attach_metrics(metrics, handover.metrics)
+    except Exception as exc:  # and more than the metrics
+        log.error(
+            "metrics_unavailable",
+            error=_failure(exc),
+            note="running without a metrics endpoint; the workers are supervised",
+        )
     supervisor.start(handover)
     return supervisor
 

@@ -392,6 +392,8 @@ class Commands:
         check_name(sock_id, "socket id")
         try:
             kind = SocketKind(args["kind"])
+            if kind is SocketKind.FIFO:  # declared in a unit file only (addresses.FifoAddress)
+                raise ValueError(kind)
         except ValueError:
             raise CommandError(
                 "Parameter 'kind' expects one of stream, datagram, seqpacket"

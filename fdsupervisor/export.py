@@ -21,7 +21,7 @@ from pathlib import Path
 import yaml
 from yaml.nodes import MappingNode, Node, ScalarNode
 
-from .addresses import FdAddress, InetAddress, UnixAddress, VsockAddress
+from .addresses import FdAddress, FifoAddress, InetAddress, UnixAddress, VsockAddress
 from .errors import ConfigError, ConfigErrors, Location, ValueProblem
 from .fdpassing import LISTEN_FDS_START
 from .units import (
@@ -39,6 +39,7 @@ _LISTEN: dict[SocketKind, str] = {
     SocketKind.STREAM: "ListenStream",
     SocketKind.DATAGRAM: "ListenDatagram",
     SocketKind.SEQPACKET: "ListenSequentialPacket",
+    SocketKind.FIFO: "ListenFIFO",
 }
 # systemd passes its fds to the service and nothing else: our stdout/stderr values
 # that systemd has an equal for (systemd.exec(5) StandardOutput=).
@@ -125,6 +126,8 @@ def _listen_value(spec: SocketSpec, unit: Unit, marks: _Marks) -> str:
         return str(unit.base_dir / address.path)
     if isinstance(address, VsockAddress):
         return f"vsock:{address.cid}:{address.port}"
+    if isinstance(address, FifoAddress):
+        return str(unit.base_dir / address.path)
     assert isinstance(address, FdAddress)
     raise marks.error(path, "systemd binds its own sockets and cannot take an inherited fd")
 
@@ -134,7 +137,8 @@ def _socket_text(unit: Unit, spec: SocketSpec, marks: _Marks) -> str:
     lines = ["[Unit]", f"Description=fdsupervisor unit {unit.name}: socket {spec.name}", ""]
     lines += ["[Socket]", f"{_LISTEN[spec.kind]}={_listen_value(spec, unit, marks)}"]
     lines.append(f"FileDescriptorName={spec.name}")
-    lines.append(f"Backlog={spec.backlog}")
+    if spec.kind is not SocketKind.FIFO:  # a FIFO has no backlog
+        lines.append(f"Backlog={spec.backlog}")
     options = [
         ("ReusePort", spec.reuse_port),
         ("KeepAlive", spec.keep_alive),

@@ -25,13 +25,12 @@ from __future__ import annotations
 import contextlib
 import os
 import signal
-import socket
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, Protocol
 
 from .addresses import FdAddress
-from .binding import BoundSocket, InheritedFds, bind_socket
+from .binding import BoundSocket, InheritedFds, bind_socket, wrap_listening_fd
 from .cgroups import WorkerCgroups
 from .fdstore import FdStore, RawFd, owner_unit, unit_owner
 from .loop import EventLoop
@@ -111,28 +110,18 @@ class Handover:
                 # polled for POLLHUP (FDPOLL) if the old program polled it
                 store.add(item.owner, item.name, RawFd(item.fd), watch=item.watch_hangup)
                 continue
-            sock = socket.socket(fileno=item.fd)
             spec = wanted.pop((unit, item.name), None) if unit is not None else None
-            created_path = Path(item.created_path) if item.created_path else None
             if unit is not None and unit not in running:
                 leftover = BoundSocket(
                     item.name,
                     _runtime_spec(item),
-                    sock,
-                    created_path,
+                    wrap_listening_fd(item.fd, item.kind),
+                    Path(item.created_path) if item.created_path else None,
                     created_inode=item.created_inode,
                 )
                 self._leftovers.append((unit, leftover))
                 continue
-            bound = BoundSocket(
-                item.name,
-                spec or _runtime_spec(item),
-                sock,
-                created_path,
-                adopted=True,
-                created_inode=item.created_inode,
-            )
-            store.add(item.owner, item.name, bound)
+            store.add(item.owner, item.name, handed_socket(item, spec or _runtime_spec(item)))
         for (unit_name, _socket_name), spec in wanted.items():
             if not bind_new:
                 # The old program did not hold it either (socket-del, or a bind
@@ -241,6 +230,22 @@ def _restore(service: Service, item: ServiceItem) -> None:
         status=item.status,
         failure=item.failure,
         connections=item.connections,
+    )
+
+
+def handed_socket(item: StoredItem, spec: SocketSpec) -> BoundSocket:
+    """The handed-over socket ``item`` as the new program's own (close-on-exec again).
+
+    Its socket file, if the old program created one, is still removed at the end.
+    """
+    os.set_inheritable(item.fd, False)
+    return BoundSocket(
+        item.name,
+        spec,
+        wrap_listening_fd(item.fd, item.kind),
+        Path(item.created_path) if item.created_path else None,
+        adopted=True,
+        created_inode=item.created_inode,
     )
 
 

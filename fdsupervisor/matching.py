@@ -40,6 +40,7 @@ from typing import Final, Protocol, TypeAlias, TypeVar, overload
 from .addresses import (
     SUN_PATH_SIZE,
     FdAddress,
+    FifoAddress,
     InetAddress,
     SocketAddress,
     UnixAddress,
@@ -77,6 +78,8 @@ class Bindable(Protocol):
 
 def resolved_address(address: _Address, base_dir: StrPath) -> _Address:
     """``address`` with a relative unix path made absolute against ``base_dir``, as bound."""
+    if isinstance(address, FifoAddress) and not os.path.isabs(address.path):
+        return replace(address, path=os.path.join(os.path.abspath(base_dir), address.path))
     if not isinstance(address, UnixAddress) or address.abstract or os.path.isabs(address.path):
         return address
     return replace(address, path=os.path.join(os.path.abspath(base_dir), address.path))
@@ -94,6 +97,12 @@ def unix_name(address: UnixAddress) -> bytes:
         name = b"\0" + os.fsencode(address.path)
         return name if address.tight else name.ljust(SUN_PATH_SIZE, b"\0")
     return os.fsencode(os.path.normpath(address.path))
+
+
+def _path_name(address: UnixAddress | FifoAddress) -> bytes:
+    if isinstance(address, FifoAddress):
+        return os.fsencode(os.path.normpath(address.path))
+    return unix_name(address)
 
 
 def bound_unix_name(local: str | bytes) -> bytes:
@@ -221,6 +230,8 @@ def address_key(spec: Bindable, base_dir: StrPath | None = None) -> AddressKey |
             return ("unix", unix_name(address))
         case FdAddress():
             return ("fd", address.value)
+        case FifoAddress():  # a file at the path, as a unix socket's: the two collide
+            return ("unix", os.fsencode(os.path.normpath(address.path)))
         case VsockAddress():
             port = int(address.port)
             return None if port == VMADDR_ANY else ("vsock", int(address.cid), port, datagram)
@@ -246,8 +257,8 @@ def may_conflict(a: Bindable, b: Bindable) -> bool:
     x, y = a.address, b.address
     if isinstance(x, FdAddress) or isinstance(y, FdAddress):
         return True
-    if isinstance(x, UnixAddress) and isinstance(y, UnixAddress):
-        return unix_name(x) == unix_name(y)
+    if isinstance(x, UnixAddress | FifoAddress) and isinstance(y, UnixAddress | FifoAddress):
+        return _path_name(x) == _path_name(y)
     if isinstance(x, InetAddress) and isinstance(y, InetAddress):
         return _inet_conflict(a, b)
     if isinstance(x, VsockAddress) and isinstance(y, VsockAddress):

@@ -19,20 +19,21 @@ from __future__ import annotations
 
 import errno
 import socket
-from collections.abc import Callable, Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
 import h11
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.exposition import CONTENT_TYPE_LATEST, generate_latest
 from prometheus_client.registry import Collector, CollectorRegistry
 
+from .activation import IntakeCounters
 from .binding import BoundSocket
 from .fdstore import owner_kind
 from .log import RateLimitedLog
 from .loop import ACCEPT_RETRY_DELAY, EventLoop, Timer
-from .runner import WorkerCounters
+from .runner import UnitRunner, WorkerCounters
 from .service import ServiceState
 
 # Scrape connections at once: Prometheus keeps one per target, and a handful
@@ -50,6 +51,28 @@ LINGER_BYTES = 4 * MAX_REQUEST_BYTES
 OWNER_KINDS = ("unit", "service", "monitor")
 
 
+class UnitIntake(NamedTuple):
+    """One unit's intake as the collector reads it: its sockets now and what was counted."""
+
+    unit: str
+    sockets: Sequence[str]  # the unit's socket names now (each gets a sample, 0 at first)
+    accept: bool  # accept mode: connections_accepted_total applies
+    counters: IntakeCounters
+
+
+def unit_intakes(runners: Mapping[str, UnitRunner]) -> list[UnitIntake]:
+    """Each runner's intake, for :attr:`MetricsSource.intakes`."""
+    return [
+        UnitIntake(
+            name,
+            [spec.name for spec in runner.unit.sockets],
+            runner.unit.service.accept,
+            runner.intake_counters,
+        )
+        for name, runner in runners.items()
+    ]
+
+
 @dataclass(frozen=True, slots=True)
 class MetricsSource:
     """What the collector reads at scrape time, as plain callables (no supervisor import)."""
@@ -58,6 +81,7 @@ class MetricsSource:
     stored_owners: Callable[[], Iterable[str]]  # the owner of every stored fd
     monitor_clients: Callable[[], int]
     counters: Callable[[], Iterable[tuple[str, WorkerCounters]]]  # (unit, its counters)
+    intakes: Callable[[], Iterable[UnitIntake]]
 
 
 class SupervisorCollector(Collector):
@@ -99,6 +123,7 @@ class SupervisorCollector(Collector):
             starts.add_metric([unit], counters.starts)
             for reason, count in sorted(counters.exits.items()):
                 exits.add_metric([unit, reason], count)
+        activations, accepted, paused = self._intake_families()
         stored = GaugeMetricFamily(
             "fdsupervisor_stored_fds", "Fds in the supervisor's store.", labels=["owner_kind"]
         )
@@ -111,7 +136,35 @@ class SupervisorCollector(Collector):
             "fdsupervisor_monitor_clients", "Clients connected to the QMP monitor."
         )
         clients.add_metric([], self.source.monitor_clients())
-        yield from (workers, state, restarts, starts, exits, stored, clients)
+        yield from (workers, state, restarts, starts, exits, activations, accepted, paused)
+        yield from (stored, clients)
+
+    def _intake_families(self) -> tuple[Metric, Metric, Metric]:
+        activations = CounterMetricFamily(
+            "fdsupervisor_activations",
+            "Times traffic on an on-demand unit's sockets had its service started.",
+            labels=["unit"],
+        )
+        accepted = CounterMetricFamily(
+            "fdsupervisor_connections_accepted",
+            "Connections accepted and handed to a worker (accept mode).",
+            labels=["unit", "socket"],
+        )
+        paused = CounterMetricFamily(
+            "fdsupervisor_socket_paused",
+            "Times the socket was paused by its trigger-limit.",
+            labels=["unit", "socket"],
+        )
+        for intake in self.source.intakes():
+            counted = intake.counters
+            activations.add_metric([intake.unit], counted.activations)
+            # a socket counted and then removed by a reload keeps its count
+            names = sorted({*intake.sockets, *counted.accepted, *counted.paused})
+            for name in names:
+                if intake.accept or name in counted.accepted:
+                    accepted.add_metric([intake.unit, name], counted.accepted.get(name, 0))
+                paused.add_metric([intake.unit, name], counted.paused.get(name, 0))
+        return activations, accepted, paused
 
 
 def render(source: MetricsSource) -> bytes:
@@ -278,8 +331,10 @@ class MetricsServer:
         self._open = True
 
     def _accept(self) -> None:
+        listener = self.bound.sock
+        assert isinstance(listener, socket.socket)  # bound from --metrics, never a FIFO
         try:
-            conn, _ = self.bound.sock.accept()
+            conn, _ = listener.accept()
         except (BlockingIOError, InterruptedError, ConnectionAbortedError):
             return
         except OSError as exc:
@@ -312,11 +367,23 @@ class MetricsServer:
         if connection in self.connections:
             self.connections.remove(connection)
 
-    def close(self) -> None:
-        self._refusals.flush(everything=True)  # how many refusals were not written
+    def close_connections(self) -> None:
+        """Close every scrape connection (an upgrade: they do not cross the exec)."""
         for connection in list(self.connections):
             connection.close()
+
+    def close(self) -> None:
+        self._refusals.flush(everything=True)  # how many refusals were not written
+        self._stop_listening()
+        self.bound.close()
+
+    def abandon(self) -> None:
+        """Close, but leave a handed-over socket's file: the original fd still serves it."""
+        self._stop_listening()
+        self.bound.sock.close()
+
+    def _stop_listening(self) -> None:
+        self.close_connections()
         if self._open:
             self._open = False
             self.loop.remove_reader(self.bound.fileno())
-        self.bound.close()

@@ -264,7 +264,9 @@ def _sockets(units: Iterable[Unit]) -> dict[SocketKey, _Placed]:
 
 def _listens(spec: SocketSpec) -> bool:
     """Whether fdsupervisor calls ``listen()`` on it (and so whether its backlog matters)."""
-    return spec.kind is not SocketKind.DATAGRAM and not isinstance(spec.address, FdAddress)
+    return spec.kind in (SocketKind.STREAM, SocketKind.SEQPACKET) and not isinstance(
+        spec.address, FdAddress
+    )
 
 
 def _bound_identity(spec: SocketSpec) -> SocketSpec:

@@ -18,6 +18,7 @@ no workers left (:meth:`Reloader.unit_idle`).
 from __future__ import annotations
 
 import dataclasses
+import socket
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from functools import partial
@@ -232,7 +233,8 @@ class Reloader:
             entry = store.get(unit_owner(key[0]), key[1])
             if entry is not None and isinstance(entry.resource, BoundSocket):
                 spec = _spec(units, key)
-                entry.resource.sock.listen(spec.backlog)
+                if isinstance(entry.resource.sock, socket.socket):  # never a FIFO (reload._listens)
+                    entry.resource.sock.listen(spec.backlog)
                 entry.resource = dataclasses.replace(entry.resource, spec=spec)
         # The units a moved socket leaves stop using it first; unchanged ones resume below.
         involved = {old[0] for old, _new in plan.move_sockets} & set(host.unit_names())
@@ -244,7 +246,11 @@ class Reloader:
             if isinstance(resource, BoundSocket):
                 resource = dataclasses.replace(resource, name=new[1], spec=spec)
             store.add(unit_owner(new[0]), new[1], resource)
-            if new in plan.relisten_moved and isinstance(resource, BoundSocket):
+            if (
+                new in plan.relisten_moved
+                and isinstance(resource, BoundSocket)
+                and isinstance(resource.sock, socket.socket)
+            ):
                 resource.sock.listen(spec.backlog)
         for name in plan.unchanged_units:
             host.replace_unit(units[name], None)

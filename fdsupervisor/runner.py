@@ -30,7 +30,7 @@ from dataclasses import dataclass, field
 from functools import partial
 from typing import Any
 
-from .activation import Intake
+from .activation import Intake, IntakeCounters
 from .addresses import timer_seconds
 from .cgroups import WorkerCgroups, socket_holders
 from .errors import SpawnError
@@ -134,6 +134,11 @@ class UnitRunner:
     @property
     def unit_name(self) -> str:
         return self.unit.name
+
+    @property
+    def intake_counters(self) -> IntakeCounters:
+        """What the unit's intake counted (``--metrics``)."""
+        return self._intake.counters
 
     @property
     def owner(self) -> str:

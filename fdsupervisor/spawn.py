@@ -372,10 +372,45 @@ def load_units_resolved(paths: Sequence[Path]) -> list[Unit]:
     failing at its start.
     """
     units = load_units(paths)
-    errors = [error for unit in units for error in account_errors(unit)]
+    errors = [error for unit in units for error in (*account_errors(unit), *limit_errors(unit))]
     if errors:
         raise ConfigErrors(errors)
     return units
+
+
+NR_OPEN_PATH = Path("/proc/sys/fs/nr_open")
+
+
+def limit_errors(unit: Unit, nr_open_path: Path = NR_OPEN_PATH) -> list[ConfigError]:
+    """The unit's ``limits:`` that this host's kernel refuses to set, as unit-file errors.
+
+    A ``nofile`` above ``fs.nr_open`` (or ``infinity``) is refused by
+    ``setrlimit()`` with EPERM even to root (the kernel's ``do_prlimit()``):
+    known at check time, not only when the worker starts. systemd instead
+    lowers ``LimitNOFILE=infinity`` to the closest value it can set
+    (``setrlimit_closest()``); a unit file here says what it gets or fails.
+    """
+    found: list[ConfigError] = []
+    for limit in unit.service.limits:
+        if limit.name != "nofile":
+            continue
+        try:
+            nr_open = int(nr_open_path.read_text())
+        except (OSError, ValueError):
+            return found  # no /proc: the start says it, if it fails
+        over = [v for v in (limit.soft, limit.hard) if v == RLIM_INFINITY or v > nr_open]
+        if over:
+            value = "infinity" if over[-1] == RLIM_INFINITY else str(over[-1])
+            found.append(
+                ConfigError(
+                    limit.location or Location(str(unit.source)),
+                    ("service", "limits", "nofile"),
+                    f"{value} is above this host's fs.nr_open ({nr_open}): the kernel refuses "
+                    f"a higher nofile limit, even to root; give at most {nr_open}, or raise "
+                    "fs.nr_open (sysctl)",
+                )
+            )
+    return found
 
 
 def account_errors(unit: Unit) -> list[ConfigError]:

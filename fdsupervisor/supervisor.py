@@ -32,9 +32,9 @@ from .cgroups import WorkerCgroups
 from .commands import Commands, fd_event_data
 from .errors import BindError, FdSupervisorError, Location
 from .fdstore import Entry, FdStore, StoreEvent, owner_service
-from .handover import Handover
+from .handover import Handover, handed_socket
 from .loop import EventLoop, Timer
-from .metrics import MetricsServer, MetricsSource
+from .metrics import MetricsServer, MetricsSource, unit_intakes
 from .monitor import MonitorServer, event_line
 from .notifications import WorkerNotifications
 from .notify import NotifySocket
@@ -46,7 +46,7 @@ from .service import Service
 from .signals import SignalWakeup
 from .systemd import SystemdFdStore, SystemdNotifier, SystemdSockets
 from .units import SocketSpec, Unit
-from .upgrade import HandoverState, RunConfig, Upgrader, WorkerItem
+from .upgrade import HandoverState, RunConfig, StoredItem, Upgrader, WorkerItem
 
 HANDLED_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGUSR2)
 # SIGCHLD too wakes the loop, to reap orphans (reaper.py); it is not one of the
@@ -190,15 +190,22 @@ class Supervisor:
         self.on_shutdown.append(server.close)
         return server
 
-    def attach_metrics(self, address: SocketAddress) -> MetricsServer:
-        """Serve ``GET /metrics`` on ``address``, bound like a unit socket (SPEC 11)."""
+    def attach_metrics(
+        self, address: SocketAddress, handed: StoredItem | None = None
+    ) -> MetricsServer:
+        """Serve ``GET /metrics`` on ``address``, bound like a unit socket (SPEC 11),
+        or on the socket an upgrade ``handed`` over (the same address: the same argv)."""
         spec = SocketSpec(name="metrics", address=address)
-        bound = bind_socket(spec, base_dir=self.base_dir, inherited=self.inherited)
+        if handed is not None:
+            bound = handed_socket(handed, spec)
+        else:
+            bound = bind_socket(spec, base_dir=self.base_dir, inherited=self.inherited)
         source = MetricsSource(
             services=self.describe_services,
             stored_owners=lambda: [entry.owner for entry in self.store],
             monitor_clients=lambda: len(self.monitor.clients) if self.monitor is not None else 0,
             counters=lambda: [(name, runner.counters) for name, runner in self.runners.items()],
+            intakes=lambda: unit_intakes(self.runners),
         )
         server = MetricsServer(bound, loop=self.loop, log=self.log, source=source)
         server.open()
@@ -379,6 +386,9 @@ class Supervisor:
         if self.monitor is not None:
             self.monitor.abandon()
             self.monitor = None
+        if self.metrics is not None:
+            self.metrics.abandon()
+            self.metrics = None
         self.notifications.close()
         self.store.close_all()  # empty by now: its hang-up watch
         self._signals.close()

@@ -52,6 +52,7 @@ from systemd import daemon
 from .addresses import (
     NAME_RE,
     FdAddress,
+    FifoAddress,
     InetAddress,
     UnixAddress,
     VsockAddress,
@@ -725,7 +726,7 @@ class SystemdFdStore:
         caller binds the address anew: ``BARRIER=1`` waits until the manager
         has closed its copy, which would otherwise hold the address.
         """
-        if isinstance(spec.address, FdAddress):
+        if isinstance(spec.address, FdAddress | FifoAddress):  # a FIFO is not kept (sync)
             return None
         fd = self._handed_back.pop((unit.name, spec.name), None)
         if fd is None:
@@ -863,8 +864,9 @@ class SystemdFdStore:
         spec = next((s for s in unit.sockets if s.name == entry.name), None)
         if spec is None:
             return KeptName("runtime", unit_name, entry.name)
-        if isinstance(spec.address, FdAddress):
-            return None  # passed again by whoever passed it (a .socket unit)
+        if isinstance(spec.address, FdAddress | FifoAddress):
+            # passed again by whoever passed it (a .socket unit); a FIFO is made again
+            return None
         return KeptName("declared", unit_name, entry.name)
 
     def changed(self, units: Iterable[Unit]) -> None:

@@ -63,6 +63,7 @@ from .addresses import (
     MAX_DURATION,
     Context,
     FdAddress,
+    FifoAddress,
     InetAddress,
     SocketAddress,
     UnixAddress,
@@ -85,6 +86,7 @@ class SocketKind(enum.StrEnum):
     STREAM = "stream"
     DATAGRAM = "datagram"
     SEQPACKET = "seqpacket"
+    FIFO = "fifo"  # not a socket: a named pipe the supervisor creates (ListenFIFO=)
 
 
 class Activation(enum.StrEnum):
@@ -107,8 +109,8 @@ class SocketSpec:
     kind: SocketKind = SocketKind.STREAM
     backlog: int = 128
     reuse_port: bool = False
-    mode: int | None = None  # unix path sockets: file mode of the socket file
-    user: str | None = None  # unix path sockets: owner of the socket file
+    mode: int | None = None  # unix path sockets and FIFOs: file mode of the file
+    user: str | None = None  # unix path sockets and FIFOs: owner of the file
     group: str | None = None
     directory_mode: int = 0o755  # parent directories the supervisor creates
     keep_alive: bool = False  # SO_KEEPALIVE (systemd.socket KeepAlive=)
@@ -208,6 +210,8 @@ class ResourceLimit:
     name: str  # nofile, nproc, ... (resolved to RLIMIT_* by spawn.py)
     soft: int
     hard: int
+    # where the value was written, for errors found against this host (spawn.limit_errors)
+    location: Location | None = field(default=None, compare=False, repr=False)
 
 
 # systemd's Limit*= names (systemd.exec(5), "Process Properties"), lower-case,
@@ -747,7 +751,14 @@ class _SocketRules:
 
 
 def _is_unix_path(address: SocketAddress, kind: SocketKind) -> bool:
-    return isinstance(address, UnixAddress) and not address.abstract
+    """A file the supervisor creates at a path: a unix socket's, or a FIFO."""
+    return isinstance(address, FifoAddress) or (
+        isinstance(address, UnixAddress) and not address.abstract
+    )
+
+
+def _is_socket(address: SocketAddress, kind: SocketKind) -> bool:
+    return kind is not SocketKind.FIFO
 
 
 def _is_inet(address: SocketAddress, kind: SocketKind) -> bool:
@@ -760,10 +771,10 @@ def _maybe_tcp(address: SocketAddress, kind: SocketKind) -> bool:
 
 
 def _binds_listener(address: SocketAddress, kind: SocketKind) -> bool:
-    return not isinstance(address, FdAddress) and kind is not SocketKind.DATAGRAM
+    return not isinstance(address, FdAddress) and kind in (SocketKind.STREAM, SocketKind.SEQPACKET)
 
 
-_UNIX_PATH_ONLY: Final = "applies to unix sockets with a path only"
+_UNIX_PATH_ONLY: Final = "applies to unix sockets with a path and to FIFOs only"
 _SOCKET_RULES: Final = (
     _SocketRules("mode", _is_unix_path, _UNIX_PATH_ONLY),
     _SocketRules("user", _is_unix_path, _UNIX_PATH_ONLY),
@@ -775,15 +786,17 @@ _SOCKET_RULES: Final = (
     _SocketRules("no-delay", _maybe_tcp, "applies to inet stream (TCP) sockets only"),
     _SocketRules(
         "max-connections-per-source",
-        lambda address, kind: kind is not SocketKind.DATAGRAM,
+        lambda address, kind: kind in (SocketKind.STREAM, SocketKind.SEQPACKET),
         "applies to stream and seqpacket sockets (accept mode) only",
     ),
     _SocketRules(
         "backlog",
         _binds_listener,
         "applies to stream and seqpacket sockets that fdsupervisor binds, "
-        "not to datagram sockets or inherited fds (already listening)",
+        "not to datagram sockets, FIFOs or inherited fds (already listening)",
     ),
+    _SocketRules("receive-buffer", _is_socket, "applies to sockets, not to FIFOs"),
+    _SocketRules("send-buffer", _is_socket, "applies to sockets, not to FIFOs"),
 )
 
 
@@ -794,6 +807,10 @@ def _kind_problem(address: SocketAddress, kind: SocketKind) -> str | None:
         )
     if isinstance(address, VsockAddress) and kind is SocketKind.DATAGRAM:
         return "vsock sockets are stream or seqpacket"
+    if kind is SocketKind.FIFO and not isinstance(address, FifoAddress):
+        return "kind: fifo needs listen: {type: fifo, path: PATH}"
+    if isinstance(address, FifoAddress) and kind is not SocketKind.FIFO:
+        return f"a FIFO (listen: {{type: fifo}}) is kind: fifo, not {kind.value}"
     return None
 
 
@@ -880,10 +897,12 @@ class _UnitParser(_UnitReader):
         before = len(self.errors)
         listen = self._required(entries, "listen", node, path)
         address = self._attempt(self.address, listen, (*path, "listen"), None)
+        # A FIFO address is kind: fifo unless the unit says otherwise (then an error below).
+        default_kind = "fifo" if isinstance(address, FifoAddress) else "stream"
         spec = SocketSpec(
             name=name,
             address=address or FdAddress("0"),  # a stand-in, never returned
-            kind=SocketKind(self._field(entries, "kind", path, self._socket_kind, "stream")),
+            kind=SocketKind(self._field(entries, "kind", path, self._socket_kind, default_kind)),
             backlog=self._field(entries, "backlog", path, self._backlog, 128),
             reuse_port=self._field(entries, "reuse-port", path, self.boolean, False),
             mode=self._field(entries, "mode", path, self.octal_mode, None),
@@ -1096,7 +1115,7 @@ class _UnitParser(_UnitReader):
             raise self.error(
                 node, path, f"the soft limit must not be above the hard limit, got {text!r}"
             )
-        return ResourceLimit(name, soft, hard)
+        return ResourceLimit(name, soft, hard, self.location(node))
 
     def _limit_value(self, name: str, text: str, node: Node, path: KeyPath) -> int:
         unit = LIMIT_UNITS[name]
@@ -1283,6 +1302,10 @@ def _socket_problems(spec: ServiceSpec, sockets: Sequence[SocketSpec]) -> list[t
                     f"datagram: {', '.join(datagram)}",
                 )
             )
+    fifos = [s.name for s in sockets if s.kind is SocketKind.FIFO]
+    if spec.accept and fifos:
+        # A FIFO has no connections to accept (systemd: Accept=yes is for stream sockets).
+        problems.append(("accept", f"accept: true cannot serve a FIFO: {', '.join(fifos)}"))
     if spec.activation is Activation.ON_DEMAND and not sockets:
         problems.append(("activation", "activation: on-demand needs at least one socket to watch"))
     return problems

@@ -4,8 +4,8 @@ SIGUSR2 (or the monitor's ``upgrade``) makes the supervisor ``execve()`` its
 own program again, possibly a newer version, keeping its pid. What must
 survive crosses the exec in two ways:
 
-- every fd of the store (sockets, stored fds), the monitor's listening
-  socket and the notify socket stay open across the exec: their close-on-exec
+- every fd of the store (sockets, stored fds), the monitor's and the
+  metrics endpoint's listening sockets and the notify socket stay open across the exec: their close-on-exec
   flag is cleared just before ``execve()`` and set again by the new program
   as it adopts them (the notify socket is never closed, so no one else can
   bind its name meanwhile, and the workers' ``NOTIFY_SOCKET`` stays valid);
@@ -156,6 +156,7 @@ class RunConfig:
     monitor_path: str | None = None  # None: run without a monitor
     monitor_allowed_uids: tuple[int, ...] = ()
     use_cgroups: bool = True
+    metrics_address: str | None = None  # --metrics, as given; None: no metrics endpoint
 
 
 @dataclass(frozen=True, slots=True)
@@ -171,10 +172,15 @@ class HandoverState:
     # and its monitor socket file's inode (to tell it from a file put there since).
     config: RunConfig | None = None
     monitor_inode: int | None = None
+    # The metrics endpoint's listening socket: kept, not bound again, so a
+    # scraper is never refused across the exec and a port 0 stays the same port.
+    metrics: StoredItem | None = None
     fds: tuple[int, ...] = field(init=False)
 
     def __post_init__(self) -> None:
         numbers = [item.fd for item in self.store]
+        if self.metrics is not None:
+            numbers.append(self.metrics.fd)
         if self.monitor_fd is not None:
             numbers.append(self.monitor_fd)
         if self.notify_fd is not None:
@@ -210,6 +216,7 @@ class HandoverState:
                 notify_fd=data.get("notify_fd"),
                 config=_run_config(data.get("config")),
                 monitor_inode=data.get("monitor_inode"),
+                metrics=_stored_item(data["metrics"]) if data.get("metrics") else None,
             )
         except (KeyError, TypeError, ValueError) as exc:
             raise UpgradeError(f"unreadable handover state: {exc}") from None
@@ -241,6 +248,7 @@ def _run_config(data: dict[str, Any] | None) -> RunConfig | None:
         monitor_path=data["monitor_path"],
         monitor_allowed_uids=tuple(data["monitor_allowed_uids"]),
         use_cgroups=data.get("use_cgroups", True),
+        metrics_address=data.get("metrics_address"),
     )
 
 
@@ -306,6 +314,7 @@ def copy_fds(state: HandoverState) -> HandoverState:
         store=tuple(replace(item, fd=copies[item.fd]) for item in state.store),
         monitor_fd=copies[state.monitor_fd] if state.monitor_fd is not None else None,
         notify_fd=copies[state.notify_fd] if state.notify_fd is not None else None,
+        metrics=replace(state.metrics, fd=copies[state.metrics.fd]) if state.metrics else None,
     )
 
 
@@ -339,6 +348,16 @@ def close_originals(state: HandoverState) -> None:
 # --------------------------------------------------------------------------- the old program's side
 
 
+class HandedEndpoint(Protocol):
+    """The metrics endpoint as an upgrade sees it (metrics.MetricsServer, which reads the
+    runners, which import this module: a Protocol, not an import)."""
+
+    @property
+    def bound(self) -> BoundSocket: ...
+
+    def close_connections(self) -> None: ...
+
+
 class UpgradeHost(Protocol):
     """What an upgrade needs of the running supervisor: what it hands over, and its signals."""
 
@@ -350,6 +369,9 @@ class UpgradeHost(Protocol):
 
     @property
     def monitor(self) -> MonitorServer | None: ...
+
+    @property
+    def metrics(self) -> HandedEndpoint | None: ...
 
     @property
     def notify_socket(self) -> NotifySocket | None: ...
@@ -436,6 +458,8 @@ class Upgrader:
             host.notifier.reloading()
             if host.monitor is not None:
                 host.monitor.close_clients()  # connections do not cross; clients reconnect
+            if host.metrics is not None:
+                host.metrics.close_connections()  # a scrape in progress is retried
             set_inheritable(state.fds, True)
             environ = {k: v for k, v in os.environ.items() if not k.startswith("LISTEN_")}
             environ[HANDOVER_ENV] = str(state_fd)
@@ -496,18 +520,7 @@ class Upgrader:
         for entry in host.store:
             resource = entry.resource
             if isinstance(resource, BoundSocket):
-                items.append(
-                    StoredItem(
-                        entry.owner,
-                        entry.name,
-                        entry.fd,
-                        True,
-                        kind=resource.spec.kind.value,
-                        backlog=resource.spec.backlog,
-                        created_path=str(resource.created_path) if resource.created_path else None,
-                        created_inode=resource.created_inode,
-                    )
-                )
+                items.append(_socket_item(entry.owner, resource))
             else:
                 items.append(
                     StoredItem(
@@ -520,7 +533,7 @@ class Upgrader:
                     )
                 )
         services = {name: _service_item(host.service(name)) for name in host.unit_names()}
-        monitor, notify_socket = host.monitor, host.notify_socket
+        monitor, notify_socket, metrics = host.monitor, host.notify_socket, host.metrics
         return HandoverState(
             self.exec_argv,
             tuple(items),
@@ -529,6 +542,7 @@ class Upgrader:
             notify_fd=notify_socket.fileno() if notify_socket is not None else None,
             config=self._current_config(),
             monitor_inode=monitor.inode if monitor is not None else None,
+            metrics=_socket_item("metrics", metrics.bound) if metrics is not None else None,
         )
 
     def _current_config(self) -> RunConfig | None:
@@ -542,6 +556,19 @@ class Upgrader:
                 return None
             files.append(UnitFile(str(unit.source), unit.text))
         return dataclasses.replace(self.run_config, unit_files=tuple(files))
+
+
+def _socket_item(owner: str, bound: BoundSocket) -> StoredItem:
+    return StoredItem(
+        owner,
+        bound.name,
+        bound.fileno(),
+        True,
+        kind=bound.spec.kind.value,
+        backlog=bound.spec.backlog,
+        created_path=str(bound.created_path) if bound.created_path else None,
+        created_inode=bound.created_inode,
+    )
 
 
 def _service_item(service: Service) -> ServiceItem:

@@ -124,10 +124,16 @@ def test_systemd_analyze_verifies_every_exportable_key(tmp_path: Path) -> None:
         "sockets:\n  conn: {listen: {type: unix, path: run/c.sock}, mode: '0660'}\n"
         "service: {exec: [/bin/cat], accept: true, inetd: true, max-connections: 9}\n"
     )
+    (units / "pipe.yaml").write_text(
+        "sockets:\n  jobs: {listen: {type: fifo, path: run/jobs.fifo}, mode: '0620'}\n"
+        "service: {exec: [/bin/cat]}\n"
+    )
     result = run_fdsupervisor("export", "--systemd", str(tmp_path / "out"), str(units))
     assert result.returncode == 0, result.stderr
     written = sorted(map(str, (tmp_path / "out").iterdir()))
-    assert len(written) == 4
+    assert len(written) == 6
+    pipe = (tmp_path / "out" / "pipe.socket").read_text()
+    assert f"ListenFIFO={units / 'run' / 'jobs.fifo'}\n" in pipe and "Backlog=" not in pipe
     verify = subprocess.run(
         ["systemd-analyze", "verify", *written],
         capture_output=True, text=True, timeout=60, check=False,

@@ -87,6 +87,8 @@ def test_a_limit_the_supervisor_may_not_raise_fails_the_start_by_name(
     hard = proc_limits(os.getpid())["Max open files"][1]
     if hard == "unlimited" or _has_sys_resource():
         pytest.skip("the supervisor may raise any limit here (CAP_SYS_RESOURCE)")
+    if int(hard) + 1 > int(Path("/proc/sys/fs/nr_open").read_text()):
+        pytest.skip("above fs.nr_open: refused at load (test_nofile_above_nr_open_...)")
     sup = supervisor(
         {"hard": f"service: {{exec: [{SLEEP}, '1000'], limits: {{nofile: {int(hard) + 1}}}}}\n"},
         env=spawn_env,
@@ -161,6 +163,24 @@ def _known_user(name: str) -> bool:
     except KeyError:
         return False
     return True
+
+
+def test_nofile_above_nr_open_is_refused_by_check_naming_where(tmp_path: Path) -> None:
+    """setrlimit(RLIMIT_NOFILE) above fs.nr_open is EPERM even for root: known before start."""
+    nr_open = int(Path("/proc/sys/fs/nr_open").read_text())
+    units = tmp_path / "units"
+    units.mkdir()
+    web = units / "web.yaml"
+    for value, problem in ((nr_open + 1, str(nr_open + 1)), ("infinity", "infinity")):
+        web.write_text(f"service:\n  exec: [{SLEEP}, '1000']\n  limits:\n    nofile: {value}\n")
+        checked = run_fdsupervisor("check", str(units))
+        assert checked.returncode == 1, checked.stdout
+        assert (
+            f"{web}:4:13: service.limits.nofile: {problem} is above this host's fs.nr_open "
+            f"({nr_open})"
+        ) in checked.stderr
+    web.write_text(f"service:\n  exec: [{SLEEP}, '1000']\n  limits: {{nofile: '1024:{nr_open}'}}\n")
+    assert run_fdsupervisor("check", str(units)).returncode == 0
 
 
 def test_check_and_run_refuse_an_unknown_user_naming_where(tmp_path: Path) -> None:

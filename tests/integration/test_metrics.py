@@ -8,7 +8,11 @@ scrape, the monitor) show that they harm nothing.
 
 from __future__ import annotations
 
+import json
+import os
+import signal
 import socket
+import threading
 import time
 import urllib.request
 from collections.abc import Callable
@@ -19,7 +23,15 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from fdsupervisor.log import LOG_RATE_BURST
 from fdsupervisor.metrics import CONNECTION_TIMEOUT, MAX_CONNECTIONS
-from tests.conftest import PYTHON, REPORT_WORKER, SupervisorProcess, open_fds
+from tests.conftest import (
+    PYTHON,
+    REPORT_WORKER,
+    SupervisorProcess,
+    open_fds,
+    read_until_eof,
+    report_from,
+)
+from tests.integration.test_upgrade import settled_fd_count, web_with_extra
 from tests.monitor_client import RawClient
 
 WEB = f"""
@@ -181,3 +193,116 @@ def test_worker_starts_and_exits_are_counted(metered: tuple[SupervisorProcess, i
     assert after[("fdsupervisor_worker_starts_total", (("unit", "web"),))] == 2
     stopped = (("reason", "stopped"), ("unit", "web"))
     assert after[("fdsupervisor_worker_exits_total", stopped)] == 1
+
+
+def test_activations_accepts_and_pauses_are_counted(
+    supervisor: Callable[..., SupervisorProcess], tmp_path: Any
+) -> None:
+    """7 connections at a trigger-limit of 3 per second: 7 accepted, paused twice; one
+    connection to an on-demand unit: one activation; an eager unit has none of either."""
+    reply = "import socket\nsocket.socket(fileno=3).sendall(b'served\\n')\n"
+    burst, total = 3, 7
+    accepting = f"""
+    sockets:
+      conn:
+        listen: "127.0.0.1:0"
+        trigger-limit: {{interval: 1s, burst: {burst}}}
+    service:
+      accept: true
+      exec: [{PYTHON}, -c, {json.dumps(reply)}]
+    """
+    (tmp_path / "units").mkdir(exist_ok=True)
+    sup = supervisor(
+        {"acc": accepting, "lazy": LAZY, "web": WEB},
+        args=["--metrics", "127.0.0.1:0", str(tmp_path / "units")],
+    )
+    port = int(str(sup.wait_for("metrics_listening")["address"]).rsplit(":", 1)[1])
+    accepted = ("fdsupervisor_connections_accepted_total", (("socket", "conn"), ("unit", "acc")))
+    paused = ("fdsupervisor_socket_paused_total", (("socket", "conn"), ("unit", "acc")))
+    before = scrape(port)
+    assert (before[accepted], before[paused]) == (0, 0)
+    assert before[("fdsupervisor_activations_total", (("unit", "lazy"),))] == 0
+
+    conns = [
+        socket.create_connection(("127.0.0.1", sup.port("conn", "acc")), timeout=15)
+        for _ in range(total)
+    ]
+    try:
+        assert [read_until_eof(conn) for conn in conns] == [b"served\n"] * total
+    finally:
+        for conn in conns:
+            conn.close()
+    sup.wait_count("socket_paused", 2, unit="acc")
+    report_from("127.0.0.1", sup.port("http", "lazy"))  # the first traffic starts lazy
+    after = scrape(port)
+    assert (after[accepted], after[paused]) == (total, 2)
+    assert after[("fdsupervisor_activations_total", (("unit", "lazy"),))] == 1
+    assert after[("fdsupervisor_activations_total", (("unit", "web"),))] == 0
+    assert after[("fdsupervisor_activations_total", (("unit", "acc"),))] == 0
+    assert after[("fdsupervisor_socket_paused_total", (("socket", "http"), ("unit", "web")))] == 0
+    # accept-mode sockets only: web's and lazy's workers take their connections themselves
+    assert not [
+        labels
+        for (name, labels), _ in after.items()
+        if name == "fdsupervisor_connections_accepted_total" and dict(labels)["unit"] != "acc"
+    ]
+
+
+def test_the_endpoint_survives_an_upgrade(metered: tuple[SupervisorProcess, int]) -> None:
+    """Its listening socket crosses the exec: the same port (it was :0), no scrape refused."""
+    sup, port = metered
+    sup.wait_for("worker_started", unit="web")
+    assert scrape(port)[("fdsupervisor_worker_starts_total", (("unit", "web"),))] == 1
+    outcome = {"ok": 0, "refused": 0, "other": 0}
+    stop = threading.Event()
+
+    def scrape_in_a_loop() -> None:
+        deadline = time.monotonic() + 30  # bounded
+        while not stop.is_set() and time.monotonic() < deadline:
+            try:
+                scrape(port)
+                outcome["ok"] += 1
+            except ConnectionRefusedError:
+                outcome["refused"] += 1
+            except OSError:
+                outcome["other"] += 1  # a scrape the exec cut short
+
+    scraper = threading.Thread(target=scrape_in_a_loop)
+    scraper.start()
+    try:
+        mark = sup.mark()
+        os.kill(sup.pid, signal.SIGUSR2)
+        sup.wait_for("upgraded", after=mark, timeout=30)
+        listening = sup.wait_for("metrics_listening", after=mark)
+    finally:
+        stop.set()
+        scraper.join(35)
+    assert listening["address"] == f"127.0.0.1:{port}"
+    assert outcome["refused"] == 0 and outcome["ok"] > 0, outcome
+    after = scrape(port)
+    # the new program's counters start again; the services' own state crossed
+    assert after[("fdsupervisor_worker_starts_total", (("unit", "web"),))] == 0
+    assert after[("fdsupervisor_workers", (("unit", "web"),))] == 1
+    assert sup.count("metrics_unavailable") == 0
+
+
+def test_the_endpoint_survives_an_upgrade_that_falls_back(
+    metered: tuple[SupervisorProcess, int], tmp_path: Any
+) -> None:
+    """A new program that fails (a new socket on a port in use) gives the old units back, and
+    the handed-over metrics socket with them."""
+    sup, port = metered
+    web_port = sup.port("http", "web")
+    fds_before = settled_fd_count(sup)
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        busy = taken.getsockname()[1]
+        (tmp_path / "units" / "web.yaml").write_text(web_with_extra(web_port, f"127.0.0.1:{busy}"))
+        mark = sup.mark()
+        os.kill(sup.pid, signal.SIGUSR2)
+        sup.wait_for("upgrade_rolled_back", after=mark, timeout=30)
+    assert sup.wait_for("metrics_listening", after=mark)["address"] == f"127.0.0.1:{port}"
+    assert scrape(port)[("fdsupervisor_workers", (("unit", "web"),))] == 1
+    assert sup.count("metrics_unavailable") == 0
+    assert settled_fd_count(sup) == fds_before, "the copies are closed, the originals serve"

@@ -111,6 +111,30 @@ def test_a_bad_unit_changes_nothing(supervisor, tmp_path: Path) -> None:
     assert sup.count("reload_failed") == 1
 
 
+def test_a_unit_whose_user_does_not_exist_is_refused_by_reload(supervisor, tmp_path: Path) -> None:
+    """SIGHUP with a unit whose user: is not in the user database (and an edit beside it):
+    refused with the unit file's FILE:LINE:COL, nothing changed, the running unit serves on."""
+    units = tmp_path / "units"
+    port = free_port()
+    sup = supervisor({"web": unit_text(f'listen: "127.0.0.1:{port}"')})
+    pid = sup.wait_for("worker_started")["pid"]
+    (units / "web.yaml").write_text(unit_text(f'listen: "127.0.0.1:{port}"', env="2"))
+    (units / "other.yaml").write_text(
+        f"service:\n  exec: [{PYTHON}, {REPORT_WORKER}]\n  user: nosuchuser\n"
+    )
+    mark = sup.mark()
+    os.kill(sup.pid, signal.SIGHUP)
+    failed = sup.wait_for("reload_failed", after=mark)
+    assert (
+        f"{units / 'other.yaml'}:3:9: service.user: unknown user 'nosuchuser'" in (failed["error"])
+    )
+    assert sup.count("reloading") == 0
+    served = report_from("127.0.0.1", port)
+    assert (served["pid"], served["env"]["APP_VERSION"]) == (pid, "1")
+    with RawClient(sup.monitor_path).negotiate() as client:
+        assert [s["unit"] for s in client.command("query-services")["return"]] == ["web"]
+
+
 def test_rebind_backlog_and_monitor_reload(supervisor, tmp_path: Path) -> None:
     units = tmp_path / "units"
     port = free_port()

@@ -115,12 +115,16 @@ def restart_sampling(sup: SupervisorProcess) -> tuple[dict[str, Any], list[int],
     waiting.send(json.dumps({"execute": "service-restart", "arguments": {"unit": "web"}}).encode())
     samples: list[int] = []
     deadline = time.monotonic() + 20
-    while time.monotonic() < deadline:
+    reply: dict[str, Any] | None = None
+    while reply is None and time.monotonic() < deadline:
         samples.append(service(sampler)["started"])
         readable, _, _ = select.select([waiting.sock], [], [], 0.01)
         if readable or b"\r\n" in waiting.buffer:
-            break
-    reply = waiting.reply()
+            message = waiting.read()  # events (SERVICE_*) reach this client too: not the reply
+            if "event" not in message:
+                reply = message
+    if reply is None:
+        reply = waiting.reply()
     # after the reply too, until every new worker is started (overlap: false answers at once)
     while time.monotonic() < deadline:
         row = service(sampler)

@@ -402,10 +402,10 @@ def test_inet_mapping() -> None:
         ({}, "missing required key 'type'", ("type",)),
         (
             {"type": "tcp"},
-            "unknown address type 'tcp'; expected inet, unix, vsock or fd",
+            "unknown address type 'tcp'; expected inet, unix, vsock, fd or fifo",
             ("type",),
         ),
-        ({"type": 1}, "unknown address type 1; expected inet, unix, vsock or fd", ("type",)),
+        ({"type": 1}, "unknown address type 1; expected inet, unix, vsock, fd or fifo", ("type",)),
         ({1: "x", "type": "inet"}, "keys must be strings, got 1", ()),
         ({"type": "inet", "port": 80}, "missing required key 'host'", ("host",)),
         ({"type": "inet", "host": "h"}, "missing required key 'port'", ("port",)),
@@ -941,3 +941,20 @@ def test_an_fd_number_past_int_is_out_of_range_in_each_context(
 def test_timer_seconds_clamps_a_workers_timeout_to_a_year(usec: int, seconds: float) -> None:
     assert timer_seconds(usec) == pytest.approx(seconds)
     assert timer_seconds(usec) <= MAX_DURATION
+
+
+def test_fifo_addresses() -> None:
+    """``{type: fifo}`` and ``fifo:PATH`` (kind: fifo); never in a monitor command."""
+    from fdsupervisor.addresses import FifoAddress
+
+    assert parse_address({"type": "fifo", "path": "in.fifo"}, STARTUP) == FifoAddress("in.fifo")
+    assert parse_address("fifo:/run/a.fifo", STARTUP) == FifoAddress("/run/a.fifo")
+    assert format_address(FifoAddress("/run/a.fifo")) == "fifo:/run/a.fifo"
+    assert problem({"type": "fifo", "path": ""}).path == ("path",)
+    assert problem({"type": "fifo", "path": "a\0b"}).path == ("path",)
+    assert problem({"type": "fifo"}).message == "missing required key 'path'"
+    refused = problem({"type": "fifo", "path": "a"}, Context.MONITOR)
+    assert "declared in a unit file" in refused.message and refused.path == ("type",)
+    # a host named fifo keeps its inet meaning through the tcp: prefix
+    inet = parse_address("tcp:fifo:80", STARTUP)
+    assert parse_address(format_address(inet), STARTUP) == inet

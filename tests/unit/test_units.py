@@ -479,7 +479,7 @@ def test_socket_name_errors() -> None:
         ),
         (
             "listen: ':1'\nkind: strem\n",
-            "/srv/units/web.yaml:5:11: sockets.s.kind: expected one of stream, datagram, seqpacket, got 'strem'",
+            "/srv/units/web.yaml:5:11: sockets.s.kind: expected one of stream, datagram, seqpacket, fifo, got 'strem'",
         ),
         (
             "listen: ':1'\nbacklog: 0\n",
@@ -596,19 +596,19 @@ def test_sockets_must_be_a_mapping_of_mappings() -> None:
     [
         (
             "listen: ':1'\nmode: '0600'\n",
-            "/srv/units/web.yaml:5:5: sockets.s.mode: 'mode' applies to unix sockets with a path only",
+            "/srv/units/web.yaml:5:5: sockets.s.mode: 'mode' applies to unix sockets with a path and to FIFOs only",
         ),
         (
             "listen: '@a'\nuser: x\n",
-            "/srv/units/web.yaml:5:5: sockets.s.user: 'user' applies to unix sockets with a path only",
+            "/srv/units/web.yaml:5:5: sockets.s.user: 'user' applies to unix sockets with a path and to FIFOs only",
         ),
         (
             "listen: fd:3\ngroup: x\n",
-            "/srv/units/web.yaml:5:5: sockets.s.group: 'group' applies to unix sockets with a path only",
+            "/srv/units/web.yaml:5:5: sockets.s.group: 'group' applies to unix sockets with a path and to FIFOs only",
         ),
         (
             "listen: vsock:1:2\ndirectory-mode: 700\n",
-            "/srv/units/web.yaml:5:5: sockets.s.directory-mode: 'directory-mode' applies to unix sockets with a path only",
+            "/srv/units/web.yaml:5:5: sockets.s.directory-mode: 'directory-mode' applies to unix sockets with a path and to FIFOs only",
         ),
         (
             "listen: unix:/x\nreuse-port: true\n",
@@ -628,11 +628,11 @@ def test_sockets_must_be_a_mapping_of_mappings() -> None:
         ),
         (
             "listen: ':1'\nkind: datagram\nbacklog: 5\n",
-            "/srv/units/web.yaml:6:5: sockets.s.backlog: 'backlog' applies to stream and seqpacket sockets that fdsupervisor binds, not to datagram sockets or inherited fds (already listening)",
+            "/srv/units/web.yaml:6:5: sockets.s.backlog: 'backlog' applies to stream and seqpacket sockets that fdsupervisor binds, not to datagram sockets, FIFOs or inherited fds (already listening)",
         ),
         (
             "listen: fd:3\nbacklog: 5\n",
-            "/srv/units/web.yaml:5:5: sockets.s.backlog: 'backlog' applies to stream and seqpacket sockets that fdsupervisor binds, not to datagram sockets or inherited fds (already listening)",
+            "/srv/units/web.yaml:5:5: sockets.s.backlog: 'backlog' applies to stream and seqpacket sockets that fdsupervisor binds, not to datagram sockets, FIFOs or inherited fds (already listening)",
         ),
         (
             "listen: ':1'\nkind: seqpacket\n",

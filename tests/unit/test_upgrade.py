@@ -30,7 +30,9 @@ from fdsupervisor.upgrade import (
 from tests.conftest import open_fds
 
 
-def state(fds: tuple[int, ...] = (10, 11), monitor_fd: int | None = 12) -> HandoverState:
+def state(
+    fds: tuple[int, ...] = (10, 11), monitor_fd: int | None = 12, metrics_fd: int | None = None
+) -> HandoverState:
     return HandoverState(
         argv=("run", "units"),
         store=tuple(StoredItem("unit:web", f"s{fd}", fd, True) for fd in fds),
@@ -44,24 +46,30 @@ def state(fds: tuple[int, ...] = (10, 11), monitor_fd: int | None = 12) -> Hando
             unit_files=(UnitFile("units/web.yaml", "sockets: {}\n"),),
             monitor_path="/run/m.sock",
             monitor_allowed_uids=(0, 1000),
+            metrics_address="127.0.0.1:9469",
         ),
         monitor_inode=4242,
+        metrics=StoredItem("metrics", "metrics", metrics_fd, True) if metrics_fd else None,
     )
 
 
 def test_the_old_configuration_crosses_the_exec() -> None:
     original = state()
     assert HandoverState.from_json(original.to_json()) == original
+    metered = state(metrics_fd=13)
+    assert HandoverState.from_json(metered.to_json()) == metered
+    assert metered.fds == (10, 11, 13, 12)
     line = RunConfig(command_line=CommandLineUnit((("http", "127.0.0.1:0"),), ("app", "-v"), True))
     with_line = HandoverState(argv=("run",), store=(), services={}, config=line)
     assert HandoverState.from_json(with_line.to_json()) == with_line
 
 
 def test_a_state_from_a_program_without_the_fallback_still_reads() -> None:
-    data = json.loads(state().to_json())
-    del data["config"], data["monitor_inode"]
+    data = json.loads(state(metrics_fd=13).to_json())
+    del data["config"], data["monitor_inode"], data["metrics"]
     old = HandoverState.from_json(json.dumps(data).encode())
     assert old.config is None and old.monitor_inode is None and old.fds == (10, 11, 12)
+    assert old.metrics is None
 
 
 def test_an_unreadable_state_is_an_upgrade_error() -> None:
@@ -72,10 +80,13 @@ def test_an_unreadable_state_is_an_upgrade_error() -> None:
 
 
 def test_copies_are_other_numbers_for_the_same_files_and_close_alone() -> None:
-    pairs = [socket.socketpair() for _ in range(3)]
-    originals = state(tuple(a.fileno() for a, _ in pairs[:2]), pairs[2][0].fileno())
+    pairs = [socket.socketpair() for _ in range(4)]
+    originals = state(
+        tuple(a.fileno() for a, _ in pairs[:2]), pairs[2][0].fileno(), pairs[3][0].fileno()
+    )
     copies = copy_fds(originals)
-    assert not set(copies.fds) & set(originals.fds)
+    assert len(copies.fds) == 4 and not set(copies.fds) & set(originals.fds)
+    assert copies.metrics is not None and copies.metrics.fd in copies.fds
     for copy, original in zip(copies.fds, originals.fds, strict=True):
         assert os.fstat(copy).st_ino == os.fstat(original).st_ino
         assert not os.get_inheritable(copy)

@@ -18,6 +18,7 @@ import pytest
 from fdsupervisor.binding import InheritedFds, bind_socket
 from fdsupervisor.errors import FdSupervisorError
 from fdsupervisor.fdstore import FdStore, RawFd, unit_owner
+from fdsupervisor.metrics import MetricsServer
 from fdsupervisor.monitor import MonitorServer
 from fdsupervisor.notify import NotifySocket
 from fdsupervisor.service import Service, ServiceState
@@ -45,12 +46,13 @@ class Log:
 
 
 class Host:
-    """An UpgradeHost: one unit, its service, a store; no monitor or notify socket."""
+    """An UpgradeHost: one unit, its service, a store; no monitor, metrics or notify socket."""
 
     def __init__(self, unit: Unit) -> None:
         self.store = FdStore()
         self.notifier = SystemdNotifier({})
         self.monitor: MonitorServer | None = None
+        self.metrics: MetricsServer | None = None
         self.notify_socket: NotifySocket | None = None
         self.base_dir = unit.base_dir
         self.shutting_down = False
