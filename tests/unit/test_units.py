@@ -1398,3 +1398,48 @@ _YAML_VALUES = st.recursive(
 @given(st.dictionaries(_KEYS, _YAML_VALUES, max_size=5))
 def test_random_yaml_structures_raise_only_config_errors(document: dict[str, object]) -> None:
     _load_never_crashes(yaml.safe_dump(document))
+
+
+def test_load_units_gives_back_the_known_unit_of_an_unchanged_file(tmp_path: Path) -> None:
+    # A reload of 10,000 unchanged units parses none of them again (docs/performance.md).
+    write(tmp_path, "a.yaml", "service: {exec: [a]}\n")
+    write(tmp_path, "b.yaml", "service: {exec: [b]}\n")
+    before = load_units([tmp_path])
+    write(tmp_path, "b.yaml", "service: {exec: [b, changed]}\n")
+    after = load_units([tmp_path], known=before)
+    assert after[0] is before[0]
+    assert after[1] is not before[1] and after[1].service.exec == ("b", "changed")
+
+
+def test_load_units_checks_conflicts_across_known_units_too(tmp_path: Path) -> None:
+    write(tmp_path, "a.yaml", "sockets: {s: {listen: '127.0.0.1:8080'}}\nservice: {exec: [a]}\n")
+    write(tmp_path, "b.yaml", "sockets: {s: {listen: '127.0.0.1:8081'}}\nservice: {exec: [b]}\n")
+    before = load_units([tmp_path])
+    write(tmp_path, "b.yaml", "sockets: {s: {listen: '127.0.0.1:8080'}}\nservice: {exec: [b]}\n")
+    with pytest.raises(ConfigErrors, match="8080"):
+        load_units([tmp_path], known=before)
+
+
+def test_libyaml_and_pure_yaml_give_the_same_positions() -> None:
+    # units.py composes with libyaml where PyYAML has it; an error's FILE:LINE:COL
+    # must be the one the pure parser gives (the messages come from the pure one).
+    from fdsupervisor import units
+
+    assert units._CSafeLoader is yaml.CSafeLoader
+
+    def marks(node: yaml.Node) -> list[tuple[int, int]]:
+        found = [(node.start_mark.line, node.start_mark.column)]
+        if isinstance(node.value, list):
+            for item in node.value:
+                for part in item if isinstance(item, tuple) else (item,):
+                    found += marks(part)
+        return found
+
+    text = MINIMAL + "# é, ü: not ASCII\n"
+    fast = yaml.compose(text, Loader=yaml.CSafeLoader)
+    pure = yaml.compose(text, Loader=yaml.SafeLoader)
+    assert marks(fast) == marks(pure)
+    assert error("service: [unclosed\n") == (
+        f"{SOURCE}:2:1: invalid YAML: expected ',' or ']', but got '<stream end>'"
+        " (while parsing a flow sequence opened at 1:10)"
+    )
