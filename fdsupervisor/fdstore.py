@@ -156,6 +156,11 @@ class FdStore:
         self.limit = limit
         self.on_change = on_change
         self._entries: dict[tuple[str, str, int], Entry] = {}  # (owner, name, slot) → entry
+        # The same entries by owner, and how many are counted: a worker's start
+        # asks for its unit's fds, and a walk of every entry there made each
+        # start cost O(units) (docs/performance.md, "Scale").
+        self._by_owner: dict[str, dict[tuple[str, int], Entry]] = {}
+        self._counted = 0
         # Made on first use and closed by close_all(): a store that watches
         # nothing holds no epoll fd.
         self._hangups: select.epoll | None = None
@@ -175,7 +180,7 @@ class FdStore:
         return self.get(*key) is not None
 
     def counted(self) -> int:
-        return sum(1 for e in self._entries.values() if owner_kind(e.owner) != "unit")
+        return self._counted
 
     def get(self, owner: str, name: str) -> Entry | None:
         """The entry ``owner`` keeps as ``name`` (of several in a service's store: the first)."""
@@ -186,10 +191,26 @@ class FdStore:
 
     def named(self, owner: str, name: str) -> list[Entry]:
         """Every entry ``owner`` keeps as ``name``, in the order stored."""
-        return [e for e in self._entries.values() if e.owner == owner and e.name == name]
+        return [e for e in self._by_owner.get(owner, {}).values() if e.name == name]
 
     def owned_by(self, owner: str) -> list[Entry]:
-        return [e for e in self._entries.values() if e.owner == owner]
+        return list(self._by_owner.get(owner, {}).values())
+
+    def _put(self, entry: Entry) -> None:
+        key = (entry.owner, entry.name, entry.slot)
+        if key not in self._entries and owner_kind(entry.owner) != "unit":
+            self._counted += 1
+        self._entries[key] = entry
+        self._by_owner.setdefault(entry.owner, {})[(entry.name, entry.slot)] = entry
+
+    def _delete(self, entry: Entry) -> None:
+        del self._entries[(entry.owner, entry.name, entry.slot)]
+        if owner_kind(entry.owner) != "unit":
+            self._counted -= 1
+        owned = self._by_owner[entry.owner]
+        del owned[(entry.name, entry.slot)]
+        if not owned:
+            del self._by_owner[entry.owner]
 
     def add(
         self,
@@ -223,8 +244,9 @@ class FdStore:
         slot = 1 + max((e.slot for e in self.named(owner, name)), default=-1) if beside else 0
         for old in olds:
             if old.slot != slot:  # slot 0 is replaced in place: the entry keeps its position
-                del self._entries[(old.owner, old.name, old.slot)]
-        entry = self._entries[(owner, name, slot)] = Entry(owner, name, resource, slot)
+                self._delete(old)
+        entry = Entry(owner, name, resource, slot)
+        self._put(entry)
         for old in olds:
             self._unwatch(old)
             old.resource.close()
@@ -233,7 +255,7 @@ class FdStore:
         self._changed(FD_STORED, entry)
 
     def _pop(self, entry: Entry) -> Entry:
-        del self._entries[(entry.owner, entry.name, entry.slot)]
+        self._delete(entry)
         self._unwatch(entry)
         return entry
 
@@ -273,6 +295,8 @@ class FdStore:
     def close_all(self) -> None:
         """Close every entry and the hang-up watch."""
         entries, self._entries = list(self._entries.values()), {}
+        self._by_owner.clear()
+        self._counted = 0
         self._watched.clear()
         if self._hangups is not None:
             self._hangups.close()
