@@ -291,7 +291,12 @@ def _match_sockets(
     match = _SocketMatch()
     for key, placed in new.items():
         previous = old.get(key)
-        if previous is None or _bound_identity(previous.spec) != _bound_identity(placed.spec):
+        if previous is None:
+            continue
+        # A unit file that did not change is the very same unit (units.load_units'
+        # ``known``): the identity test first, the field by field one only after.
+        same = previous.spec is placed.spec
+        if not same and _bound_identity(previous.spec) != _bound_identity(placed.spec):
             continue
         if _needs_relisten(previous.spec, placed.spec):
             match.relisten.append(key)
@@ -440,9 +445,10 @@ def _layout_unchanged(old: Unit, new: Unit, kept: Collection[SocketKey]) -> bool
 
 
 def _unit_unchanged(old: Unit, new: Unit, kept: Collection[SocketKey]) -> bool:
-    return _service_identity(old.service) == _service_identity(new.service) and _layout_unchanged(
-        old, new, kept
-    )
+    same = old.service is new.service  # an unchanged file's unit (units.load_units)
+    return (
+        same or _service_identity(old.service) == _service_identity(new.service)
+    ) and _layout_unchanged(old, new, kept)
 
 
 def _rolls(old: Unit, new: Unit, kept: Collection[SocketKey]) -> bool:

@@ -141,11 +141,11 @@ class Reloader:
             raise self._refused("a reload is still in progress (waiting for workers to stop)")
         if not self.unit_paths:
             raise self._refused("this supervisor runs a command-line unit: nothing to reload")
+        old_units = [host.unit(name) for name in host.unit_names()]
         try:
-            new_units = load_units_resolved(self.unit_paths)
+            new_units = load_units_resolved(self.unit_paths, old_units)
         except ConfigErrors as exc:
             raise self._refused(str(exc)) from None
-        old_units = [host.unit(name) for name in host.unit_names()]
         plan = plan_reload(old_units, new_units, self._added_sockets())
         if plan.problems:
             raise self._refused("\n".join(plan.problems))

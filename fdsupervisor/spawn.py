@@ -47,7 +47,7 @@ import pwd
 import resource
 import shutil
 import signal
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Final
@@ -364,14 +364,15 @@ def resolve_account(
     return account
 
 
-def load_units_resolved(paths: Sequence[Path]) -> list[Unit]:
+def load_units_resolved(paths: Sequence[Path], known: Iterable[Unit] = ()) -> list[Unit]:
     """:func:`load_units`, then every user and group looked up: one unknown means none load.
 
     ``check`` and ``run`` refuse a unit whose ``user:`` (or group) is not on
     this host, with the unit file's FILE:LINE:COL, instead of passing it and
-    failing at its start.
+    failing at its start. ``known``: a reload's running units (:func:`load_units`);
+    their users and groups are looked up again, the host may have changed.
     """
-    units = load_units(paths)
+    units = load_units(paths, known)
     errors = [error for unit in units for error in (*account_errors(unit), *limit_errors(unit))]
     if errors:
         raise ConfigErrors(errors)
