@@ -207,9 +207,9 @@ class Peer:
             pidfd = os.pidfd_open(proc.pid)
             try:
                 _signal(proc.pid, signal.SIGTERM)
-                if not select.select([pidfd], [], [], timeout)[0]:
+                if not readable(pidfd, timeout):
                     _signal(proc.pid, signal.SIGKILL)
-                    select.select([pidfd], [], [], timeout)
+                    readable(pidfd, timeout)
                 # Exited but not reaped yet: the group id is still ours.
                 try:
                     os.killpg(proc.pid, signal.SIGKILL)
@@ -221,6 +221,13 @@ class Peer:
         self.new_lines()
         self._reader.close()
         return proc.returncode
+
+
+def readable(fd: int, timeout: float) -> bool:
+    """Whether ``fd`` becomes readable within ``timeout`` s (poll: fds above 1023 too)."""
+    poller = select.poll()
+    poller.register(fd, select.POLLIN)
+    return bool(poller.poll(max(0.0, timeout) * 1000))
 
 
 class PeerExited(RuntimeError):

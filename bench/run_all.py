@@ -28,6 +28,9 @@ BENCHMARKS = [
     "scale.py",
 ]
 
+# Benchmarks that draw a chart (matplotlib, the bench extra) for docs/performance.md.
+CHARTS = {"scale.py": ["--chart", str(ROOT / "docs" / "scale.png")]}
+
 
 def run(name: str) -> tuple[int, str]:
     """Run one benchmark, echoing its output; returns (exit status, output)."""
@@ -36,6 +39,7 @@ def run(name: str) -> tuple[int, str]:
         str(HERE / name),
         "--json",
         str(HERE / "results" / f"{name[:-3]}.json"),
+        *CHARTS.get(name, []),
     ]
     process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     assert process.stdout is not None

@@ -1,6 +1,6 @@
-"""Scale: 1,000 units, each one TCP socket and one ``sleep 3600`` worker, against circus.
+"""Scale: 1,000 to 10,000 units, each one TCP socket and one ``sleep 3600`` worker, and circus.
 
-Both peers get the same N loopback ports (picked free at the start, below
+Both peers get the same N loopback ports (picked free at the start, outside
 the ephemeral range) and run ``/usr/bin/sleep 3600`` as each socket's
 worker:
 - ``fdsupervisor``: a directory of N unit files (``listen: 127.0.0.1:PORT``,
@@ -25,18 +25,45 @@ process and so for both peers. Every peer is stopped by pid (SIGTERM, then
 SIGKILL to it and its process group) and every ``sleep`` it started is
 checked gone, through a pidfd taken while it ran (circus puts each worker in
 a session of its own, out of reach of the group kill).
-Usage: ``python bench/scale.py [--units N] [--runs R] [--idle S] [--json PATH]``.
+Then the scale series (issue 15), one run of each size: fdsupervisor with
+``--sizes`` units (default 1,000, 3,000, 5,000 and 10,000) and circus with
+``--circus-sizes`` (default 1,000 and 2,000), the same workload and the same
+ready poll. For each size of ours:
+- the time per thousand worker starts, from the ``worker_started``
+  timestamps of the supervisor's own JSON log (the first thousand counted
+  from the log line before the first start), printed as a table with the
+  last thousand against the first (target <= 1.3x at 10,000);
+- at the largest size whose workers all started: a reload of the unchanged
+  units (SIGHUP, to the ``reloaded`` event of the log), with the log between
+  the two read for any worker started or stopped or socket bound, closed or
+  moved (there must be none: the bench says which it saw).
+A size whose workers do not all start (``worker_start_failed`` in the log,
+``Too many open files`` while each worker costs a pidfd and the hard
+``RLIMIT_NOFILE`` cannot be raised) is reported with how many started; the
+hard limit is raised to what the largest size needs where this process may
+(``CAP_SYS_RESOURCE``, up to ``fs.nr_open``).
+At ``--large`` units (default 10,000), ``activation: on-demand`` and no
+worker: ``fdsupervisor check`` (wall time of the command), ``run`` ready (the
+``ready`` event), its RSS, and a reload of the unchanged units as above.
+Targets: ready of 10,000 within 3x circus's time for 1,000; check <= 2 s;
+on-demand ready <= 3 s; RSS at 10,000 <= 80 MiB; reload <= 1 s.
+``--chart PATH`` draws start time per thousand and ready time against units
+(matplotlib, from the ``bench`` extra); ``make bench`` writes docs/scale.png.
+Usage: ``python bench/scale.py [--units N] [--runs R] [--idle S] [--sizes N,N]
+[--circus-sizes N,N] [--large N] [--chart PATH] [--json PATH]``.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
+import re
 import resource
-import select
 import signal
 import socket
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
@@ -54,6 +81,7 @@ from common import (
     fdsupervisor_command,
     is_event,
     parse_json_line,
+    readable,
     spread,
     write_json,
 )
@@ -61,7 +89,7 @@ from common import (
 OURS, CIRCUS = "fdsupervisor", "circus"
 SLEEP = "/usr/bin/sleep"
 POLL = 0.01  # seconds between two looks at /proc while a peer starts
-READY_TIMEOUT = 600.0
+READY_TIMEOUT = 300.0  # every wait is bounded: a size that cannot start fails
 FIRST_PORT = 20000  # below net.ipv4.ip_local_port_range (32768 by default)
 TCP_LISTEN = "0A"  # include/net/tcp_states.h: TCP_LISTEN = 10
 
@@ -75,20 +103,39 @@ class RunResult:
     workers: int
 
 
-def raise_fd_limit() -> int:
+def raise_fd_limit(wanted: int = 0) -> int:
+    """Soft limit to the hard one, and the hard one up to ``wanted`` where we may."""
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if wanted > hard:
+        try:
+            nr_open = int(Path("/proc/sys/fs/nr_open").read_text())
+            target = min(wanted, nr_open)
+            resource.setrlimit(resource.RLIMIT_NOFILE, (target, target))
+            return target
+        except (OSError, ValueError):  # no CAP_SYS_RESOURCE (a container's root): keep it
+            pass
     if soft != hard:
         resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
     return hard
 
 
 def free_ports(count: int) -> list[int]:
-    """``count`` loopback ports that nothing listens on or uses now, from FIRST_PORT up."""
+    """``count`` loopback ports that nothing listens on or uses now, outside the ephemeral range.
+
+    From FIRST_PORT up to the range (32767 by default), then above it (61000
+    up): 10,000 units need more ports than there are below it.
+    """
+    try:
+        low, high = map(int, Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split())
+    except (OSError, ValueError):
+        low, high = 32768, 60999
     ports: list[int] = []
     port = FIRST_PORT
     while len(ports) < count:
-        if port > 32767:
-            raise RuntimeError(f"fewer than {count} free ports in {FIRST_PORT}-32767")
+        if low <= port <= high:
+            port = high + 1
+        if port > 65535:
+            raise RuntimeError(f"fewer than {count} free ports outside {low}-{high}")
         with socket.socket() as probe:
             try:
                 probe.bind(("127.0.0.1", port))
@@ -141,13 +188,21 @@ def cpu_seconds(pid: int) -> float:
 # -- the peers --------------------------------------------------------------------------------
 
 
-def start_ours(directory: Path, ports: list[int]) -> Peer:
+def write_units(directory: Path, ports: list[int], *, on_demand: bool = False) -> Path:
+    """One unit file per port, in ``directory/units``: a TCP socket and a ``sleep`` worker."""
     units = directory / "units"
     units.mkdir()
+    activation = "  activation: on-demand\n" if on_demand else ""
     for index, port in enumerate(ports):
-        (units / f"u{index:04d}.yaml").write_text(
-            f'sockets:\n  s:\n    listen: "127.0.0.1:{port}"\nservice:\n  exec: [{SLEEP}, "3600"]\n'
+        (units / f"u{index:05d}.yaml").write_text(
+            f'sockets:\n  s:\n    listen: "127.0.0.1:{port}"\n'
+            f'service:\n  exec: [{SLEEP}, "3600"]\n{activation}'
         )
+    return units
+
+
+def start_ours(directory: Path, ports: list[int]) -> Peer:
+    units = write_units(directory, ports)
     command = [*fdsupervisor_command(), "run", "--no-monitor", "--log-format", "json", str(units)]
     return Peer(OURS, command, directory / f"{OURS}.log", env=bench_env(), cwd=directory)
 
@@ -175,8 +230,17 @@ def start_circus(directory: Path, ports: list[int]) -> Peer:
 STARTERS: dict[str, Callable[[Path, list[int]], Peer]] = {OURS: start_ours, CIRCUS: start_circus}
 
 
-def wait_until_ready(peer: Peer, ports: list[int], begin: float) -> float:
-    """Seconds from ``begin`` until all ports listen and one sleep per port runs (bounded)."""
+class StartsFailed(RuntimeError):
+    """Some workers could not start (the fd limit, mostly): the size does not fit here."""
+
+
+def wait_until_ready(
+    peer: Peer, ports: list[int], begin: float, give_up: Callable[[], str | None] | None = None
+) -> float:
+    """Seconds from ``begin`` until all ports listen and one sleep per port runs (bounded).
+
+    ``give_up`` is asked at each look; a reason from it ends the wait (StartsFailed).
+    """
     wanted = set(ports)
     deadline = begin + READY_TIMEOUT
     while True:
@@ -184,6 +248,9 @@ def wait_until_ready(peer: Peer, ports: list[int], begin: float) -> float:
         if peer.proc.poll() is not None:
             peer.new_lines()
             raise PeerExited(peer.name, peer.proc.returncode, peer.lines)
+        reason = give_up() if give_up is not None else None
+        if reason is not None:
+            raise StartsFailed(reason)
         # cheap test first (one /proc read); the full one only once it can succeed
         if (
             len(children_of(peer.proc.pid)) >= len(ports)
@@ -232,12 +299,301 @@ def _end_survivors(name: str, pidfds: list[int]) -> None:
     left = 0
     deadline = time.monotonic() + 30
     for pidfd in pidfds:
-        if not select.select([pidfd], [], [], max(0.0, deadline - time.monotonic()))[0]:
+        if not readable(pidfd, deadline - time.monotonic()):
             left += 1
             signal.pidfd_send_signal(pidfd, signal.SIGKILL)
         os.close(pidfd)
     if left:
         print(f"  {name}: {left} sleep processes outlived their supervisor; killed", flush=True)
+
+
+# -- the scale series (issue 15) --------------------------------------------------------------
+
+# What a reload of unchanged units must not do: start, stop or (re)bind anything.
+RELOAD_CHANGES = frozenset(
+    {
+        "worker_started",
+        "worker_stopping",
+        "worker_exited",
+        "service_stopping",
+        "socket_bound",
+        "socket_closed",
+        "socket_adopted",
+        "reload_rolled",
+    }
+)
+# "N units unchanged, 0 restarted, 0 added, 0 removed; sockets: N kept, 0 relistened, ..."
+PLAN_COUNT = re.compile(
+    r"(\d+) (relistened|moved|rebound|bound|closed|close-first|adopted|restarted|added|removed)"
+)
+
+
+@dataclass
+class SizeResult:
+    peer: str
+    units: int
+    ready_s: float | None  # the external poll's; None when not every worker started
+    started: int  # workers started (from the log for ours, /proc for circus)
+    per_thousand_s: list[float]  # ours: seconds per thousand starts, full thousands only
+    rss_kib: int | None
+    reload_s: float | None = None
+    reload_changes: list[str] | None = None  # what the reload did that it must not have
+    failure: str | None = None
+
+
+def stamp(event: dict[str, Any]) -> float:
+    return datetime.fromisoformat(str(event["timestamp"]).replace("Z", "+00:00")).timestamp()
+
+
+def log_events(lines: list[str]) -> list[dict[str, Any]]:
+    return [e for e in map(parse_json_line, lines) if e is not None and "timestamp" in e]
+
+
+def per_thousand(events: list[dict[str, Any]]) -> list[float]:
+    """Seconds each thousand ``worker_started`` events took, by the log's own timestamps.
+
+    The first thousand is counted from the line before the first start (the
+    last socket bound, or the cgroup tree made), so that it pays its first spawn.
+    """
+    firsts = [i for i, e in enumerate(events) if e.get("event") == "worker_started"]
+    if not firsts:
+        return []
+    previous = stamp(events[firsts[0] - 1] if firsts[0] > 0 else events[firsts[0]])
+    times = [stamp(events[i]) for i in firsts]
+    result = []
+    for end in range(1000, len(times) + 1, 1000):
+        result.append(times[end - 1] - previous)
+        previous = times[end - 1]
+    return result
+
+
+def failed_starts(peer: Peer) -> str | None:
+    """The first ``worker_start_failed`` error in the log so far, if any."""
+    peer.new_lines()
+    for line in peer.lines:
+        if '"worker_start_failed"' in line:
+            event = parse_json_line(line) or {}
+            return str(event.get("error", "worker_start_failed"))
+    return None
+
+
+def wait_for_event(peer: Peer, names: set[str], since: int) -> dict[str, Any]:
+    """The first event named in ``names`` after line ``since`` of the log (bounded)."""
+    deadline = time.monotonic() + READY_TIMEOUT
+    while True:
+        peer.new_lines()
+        for event in log_events(peer.lines[since:]):
+            if event.get("event") in names:
+                return event
+        if peer.proc.poll() is not None:
+            raise PeerExited(peer.name, peer.proc.returncode, peer.lines)
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"{peer.name}: none of {sorted(names)} after {READY_TIMEOUT:g} s")
+        time.sleep(POLL)  # the log file is polled; the time measured is the event's own
+
+
+def reload_unchanged(peer: Peer) -> tuple[float, list[str]]:
+    """SIGHUP with no unit file changed: seconds to ``reloaded``, and what it changed."""
+    peer.new_lines()
+    since = len(peer.lines)
+    sent = time.time()
+    os.kill(peer.proc.pid, signal.SIGHUP)
+    done = wait_for_event(peer, {"reloaded", "reload_failed"}, since)
+    if done["event"] != "reloaded":
+        raise RuntimeError(f"reload failed: {done.get('error')}")
+    changes = [
+        f"{e['event']} {e.get('unit', '')}".strip()
+        for e in log_events(peer.lines[since:])
+        if e.get("event") in RELOAD_CHANGES
+    ]
+    changes += [
+        f"plan: {count} {what}"
+        for count, what in PLAN_COUNT.findall(str(done.get("plan", "")))
+        if count != "0"
+    ]
+    return stamp(done) - sent, changes
+
+
+def sized_run(name: str, directory: Path, ports: list[int], *, reload: bool) -> SizeResult:
+    """One start of ``len(ports)`` units with sleep workers; ours: its log's start times."""
+    begin = time.perf_counter()
+    peer = STARTERS[name](directory, ports)
+    pidfds: list[int] = []
+    result = SizeResult(name, len(ports), None, 0, [], None)
+    try:
+        give_up = (lambda: failed_starts(peer)) if name == OURS else None
+        try:
+            result.ready_s = wait_until_ready(peer, ports, begin, give_up)
+            result.rss_kib = rss_kib(peer.proc.pid)
+        except StartsFailed as exc:
+            time.sleep(2.0)  # the starts still under way end (the retries wait seconds)
+            result.failure = str(exc)
+        workers = sleep_children(peer.proc.pid)
+        for pid in workers:
+            with contextlib.suppress(ProcessLookupError):
+                pidfds.append(os.pidfd_open(pid))
+        result.started = len(workers)
+        if name == OURS:
+            peer.new_lines()
+            events = log_events(peer.lines)
+            result.per_thousand_s = per_thousand(events)
+            result.started = sum(1 for e in events if e.get("event") == "worker_started")
+            if reload and result.failure is None:
+                result.reload_s, result.reload_changes = reload_unchanged(peer)
+    finally:
+        peer.stop(timeout=120.0)
+        _end_survivors(name, pidfds)
+    return result
+
+
+@dataclass
+class OnDemandResult:
+    units: int
+    check_s: float
+    ready_s: float  # from the spawn to the ``ready`` event's timestamp
+    rss_kib: int
+    reload_s: float
+    reload_changes: list[str]
+
+
+def on_demand_run(directory: Path, ports: list[int]) -> OnDemandResult:
+    """``check``, then ``run`` of ``len(ports)`` on-demand units (no worker) and a reload."""
+    units = write_units(directory, ports, on_demand=True)
+    begin = time.perf_counter()
+    checked = subprocess.run(
+        [*fdsupervisor_command(), "check", str(units)],
+        capture_output=True,
+        env=bench_env(),
+        timeout=READY_TIMEOUT,
+        check=False,
+    )
+    check_s = time.perf_counter() - begin
+    if checked.returncode != 0:
+        raise RuntimeError(f"check failed: {checked.stderr.decode()[-500:]}")
+    command = [*fdsupervisor_command(), "run", "--no-monitor", "--log-format", "json", str(units)]
+    wall_begin = time.time()
+    peer = Peer(OURS, command, directory / "on-demand.log", env=bench_env(), cwd=directory)
+    try:
+        ready = stamp(wait_for_event(peer, {"ready"}, 0)) - wall_begin
+        rss = rss_kib(peer.proc.pid)
+        reload_s, changes = reload_unchanged(peer)
+    finally:
+        peer.stop(timeout=120.0)
+    return OnDemandResult(len(ports), check_s, ready, rss, reload_s, changes)
+
+
+def report_series(
+    sized: list[SizeResult], large: OnDemandResult | None, limit: int
+) -> dict[str, Any]:
+    ours = [r for r in sized if r.peer == OURS]
+    print("\nScale series: one run of each size, one TCP socket and one sleep worker per unit")
+    print("  time per thousand worker starts (s; = ms per start), from worker_started timestamps")
+    print("  " + f"{'starts':<14}" + "".join(f"{r.units:>9}" for r in ours))
+    rows = max((len(r.per_thousand_s) for r in ours), default=0)
+    for index in range(rows):
+        label = f"{index * 1000 + 1}-{(index + 1) * 1000}"
+        cells = [
+            f"{r.per_thousand_s[index]:>9.2f}" if index < len(r.per_thousand_s) else f"{'':>9}"
+            for r in ours
+        ]
+        print("  " + f"{label:<14}" + "".join(cells))
+    ratios = {
+        r.units: r.per_thousand_s[-1] / r.per_thousand_s[0]
+        for r in ours
+        if len(r.per_thousand_s) >= 2 and r.per_thousand_s[0] > 0
+    }
+    print(
+        "  "
+        + f"{'last/first':<14}"
+        + "".join(f"{ratios[r.units]:>8.2f}x" if r.units in ratios else f"{'':>9}" for r in ours)
+    )
+    print(f"  {'units':>8} {'peer':<14} {'ready (s)':>10} {'ms/unit':>8} {'RSS (MiB)':>10}")
+    for r in sized:
+        if r.ready_s is None:
+            print(f"  {r.units:>8} {r.peer:<14} {'n/a':>10}  {r.started} started: {r.failure}")
+            continue
+        rss = f"{r.rss_kib / 1024:.1f}" if r.rss_kib is not None else "n/a"
+        ms = 1000 * r.ready_s / r.units
+        print(f"  {r.units:>8} {r.peer:<14} {r.ready_s:>10.2f} {ms:>8.2f} {rss:>10}")
+    for r in ours:
+        if r.reload_s is not None:
+            did = ", ".join(r.reload_changes or []) or "nothing started, stopped or rebound"
+            print(
+                f"  reload (SIGHUP) of {r.units} unchanged units with workers: {r.reload_s:.2f} s; {did}"
+            )
+    if large is not None:
+        did = ", ".join(large.reload_changes) or "nothing started, stopped or rebound"
+        print(f"  {large.units} on-demand units (no worker):")
+        print(
+            f"    check {large.check_s:.2f} s; run ready {large.ready_s:.2f} s; RSS {large.rss_kib / 1024:.1f} MiB"
+        )
+        print(f"    reload (SIGHUP) of the unchanged units: {large.reload_s:.2f} s; {did}")
+    circus_1000 = next((r.ready_s for r in sized if r.peer == CIRCUS and r.units == 1000), None)
+    biggest = max((r for r in ours if r.ready_s is not None), key=lambda r: r.units, default=None)
+    targets: dict[str, bool] = {}
+    if biggest is not None and len(biggest.per_thousand_s) >= 2:
+        targets[f"last/first thousand <= 1.3x ({biggest.units} units)"] = (
+            ratios[biggest.units] <= 1.3
+        )
+    if biggest is not None and biggest.ready_s is not None and circus_1000 is not None:
+        targets[f"ready ({biggest.units} units) <= 3x circus (1000)"] = (
+            biggest.ready_s <= 3 * circus_1000
+        )
+    if biggest is not None and biggest.rss_kib is not None:
+        targets[f"RSS ({biggest.units} units) <= 80 MiB"] = biggest.rss_kib <= 80 * 1024
+    if large is not None:
+        targets[f"check ({large.units}) <= 2 s"] = large.check_s <= 2.0
+        targets[f"on-demand ready ({large.units}) <= 3 s"] = large.ready_s <= 3.0
+        targets[f"on-demand RSS ({large.units}) <= 80 MiB"] = large.rss_kib <= 80 * 1024
+        targets[f"reload ({large.units}) <= 1 s, nothing changed"] = (
+            large.reload_s <= 1.0 and not large.reload_changes
+        )
+    print(
+        "  targets: "
+        + "; ".join(f"{name}: {'met' if met else 'NOT met'}" for name, met in targets.items())
+    )
+    missing = [r for r in ours if r.ready_s is None]
+    if missing:
+        print(
+            f"  (RLIMIT_NOFILE hard limit {limit}: "
+            + "; ".join(f"{r.units} units: {r.started} workers started" for r in missing)
+            + ")"
+        )
+    return {"per_thousand_ratio": ratios, "targets": targets}
+
+
+def draw_chart(path: Path, sized: list[SizeResult]) -> None:
+    """Start time per thousand (ours, each size) and ready time against units (both peers)."""
+    import matplotlib
+
+    matplotlib.use("Agg")  # a file, no display
+    from matplotlib import pyplot
+    from matplotlib.ticker import MaxNLocator
+
+    figure, (starts, ready) = pyplot.subplots(1, 2, figsize=(11, 4.2))
+    for r in (r for r in sized if r.peer == OURS and r.per_thousand_s):
+        thousands = range(1, len(r.per_thousand_s) + 1)
+        label = f"{r.units} units" + ("" if r.ready_s is not None else " (not all started)")
+        starts.plot(thousands, r.per_thousand_s, marker="o", label=label)  # s/1000 = ms
+    starts.set_xlabel("thousand of worker starts")
+    starts.set_ylabel("ms per start (worker_started log)")
+    starts.set_title("fdsupervisor: time per worker start")
+    starts.set_ylim(bottom=0)
+    starts.xaxis.set_major_locator(MaxNLocator(integer=True))
+    starts.legend()
+    for name, style in ((OURS, "o-"), (CIRCUS, "s--")):
+        points = sorted((r.units, r.ready_s) for r in sized if r.peer == name and r.ready_s)
+        if points:
+            ready.plot(*zip(*points, strict=True), style, label=name)
+    ready.set_xlabel("units (one TCP socket, one sleep worker each)")
+    ready.set_ylabel("ready (s)")
+    ready.set_title("ready time against units")
+    ready.set_ylim(bottom=0)
+    ready.legend()
+    figure.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    figure.savefig(path, dpi=100)
+    print(f"  chart: {path}")
 
 
 # -- report -----------------------------------------------------------------------------------
@@ -294,14 +650,56 @@ def report(results: dict[str, list[RunResult]], units: int, idle: float) -> dict
     return summary
 
 
+def sizes(text: str) -> list[int]:
+    return [int(part) for part in text.split(",") if part]
+
+
+def scale_series(
+    tmp: Path, args: argparse.Namespace, peers: list[str]
+) -> tuple[list[SizeResult], OnDemandResult | None]:
+    """One run of each size, circus's and ours interleaved (smallest first); then on-demand."""
+    runs = [(OURS, n) for n in args.sizes]
+    if CIRCUS in peers:
+        runs += [(CIRCUS, n) for n in args.circus_sizes]
+    runs.sort(key=lambda run: (run[1], run[0] != CIRCUS))
+    sized: list[SizeResult] = []
+    for name, count in runs:
+        directory = tmp / f"{name}-{count}"
+        directory.mkdir()
+        # Picked again for each run: other programs on the machine take ports meanwhile.
+        # The reload with workers: at every size of ours (where all started).
+        result = sized_run(name, directory, free_ports(count), reload=name == OURS)
+        sized.append(result)
+        ready = f"ready {result.ready_s:.2f} s" if result.ready_s is not None else "not ready"
+        print(
+            f"  {name} {count} units: {ready}, {result.started} workers started"
+            + (f" ({result.failure})" if result.failure else ""),
+            flush=True,
+        )
+    large = None
+    if args.large:
+        directory = tmp / "on-demand"
+        directory.mkdir()
+        large = on_demand_run(directory, free_ports(args.large))
+        print(f"  on-demand {args.large} units: ready {large.ready_s:.2f} s", flush=True)
+    return sized, large
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--units", type=int, default=1000)
     parser.add_argument("--runs", type=int, default=3)
     parser.add_argument("--idle", type=float, default=20.0, help="idle seconds (default 20)")
     parser.add_argument("--json", type=Path, help="also write the results here")
+    parser.add_argument(
+        "--sizes", type=sizes, default=[1000, 3000, 5000, 10000], help="ours: units per run"
+    )
+    parser.add_argument("--circus-sizes", type=sizes, default=[1000, 2000])
+    parser.add_argument("--large", type=int, default=10000, help="on-demand units (0: none)")
+    parser.add_argument("--chart", type=Path, help="draw the chart here (PNG, matplotlib)")
     args = parser.parse_args()
-    limit = raise_fd_limit()
+    # a socket and (today) a pidfd per worker, with room for the rest
+    limit = raise_fd_limit(2 * max([args.units, *args.sizes, args.large]) + 256)
     if limit < 4 * args.units + 64:
         print(
             f"RLIMIT_NOFILE hard limit {limit} is too low for {args.units} units", file=sys.stderr
@@ -337,7 +735,11 @@ def main() -> int:
                     f"RSS {result.rss_kib / 1024:.1f} MiB, idle CPU {result.idle_cpu_s:.2f} s",
                     flush=True,
                 )
+        sized, large = scale_series(Path(tmp), args, peers)
     summary = report(results, args.units, args.idle)
+    summary["series"] = report_series(sized, large, limit)
+    if args.chart is not None:
+        draw_chart(args.chart, sized)
     if circus_version is not None:
         print(f"  (circus {circus_version}; RLIMIT_NOFILE {limit})")
     write_json(
@@ -345,6 +747,8 @@ def main() -> int:
         {
             **summary,
             "runs": {name: [vars(r) for r in rs] for name, rs in results.items()},
+            "sizes": [vars(r) for r in sized],
+            "on_demand": vars(large) if large is not None else None,
             "units": args.units,
             "idle_seconds": args.idle,
             "circus_version": circus_version,
