@@ -145,7 +145,7 @@ class Supervisor:
 
     def _store_changed(self, event: StoreEvent, entry: Entry) -> None:
         self.emit(event, dict(fd_event_data(entry)))
-        self.systemd_store.changed(runner.unit for runner in self.runners.values())
+        self.systemd_store.changed((runner.unit for runner in self.runners.values()), entry)
 
     def socket_count(self) -> int:
         """Bound sockets in the store (not fds from getfd or FDSTORE=1)."""

@@ -869,14 +869,33 @@ class SystemdFdStore:
             return None
         return KeptName("declared", unit_name, entry.name)
 
-    def changed(self, units: Iterable[Unit]) -> None:
+    def changed(self, units: Iterable[Unit], entry: Entry | None = None) -> None:
         """The store changed (``FD_STORED`` / ``FD_CLOSED``): sync, once syncing has begun.
 
         Not before the first :meth:`sync` (the end of start-up, or of an
         upgrade's take-over): what is restored then is in systemd's store already.
+        With ``entry`` (the one stored or closed), only its name is synced: a sync
+        of the whole store fstat()s every fd in it, 10,000 of them at 10,000 units,
+        for each getfd or FDSTORE=1 (docs/performance.md).
         """
-        if self._synced:
+        if not self._synced:
+            return
+        if entry is None:
             self.sync(units)
+            return
+        if not self._messages.enabled:
+            return
+        # A stored fd's name carries its FDPOLL mark, which a closed entry (its fd
+        # gone) no longer tells: both marks are synced.
+        if owner_kind(entry.owner) == "service":
+            kept: KeptName | None = KeptName("stored", owner_service(entry.owner), entry.name)
+        else:
+            kept = self._kept_name_of(entry)
+        if kept is None:
+            return
+        names = {kept.fdname, dataclasses.replace(kept, watch=not kept.watch).fdname}
+        wanted = self._wanted(self._store.owned_by(entry.owner))
+        self._send({name: fds for name, fds in wanted.items() if name in names}, names)
 
     def sync(self, units: Iterable[Unit]) -> None:
         """Make systemd's fd store hold exactly what the supervisor's store holds.
@@ -891,8 +910,12 @@ class SystemdFdStore:
         if not self._messages.enabled:
             return  # not under systemd: nothing is kept, socket files go at shutdown
         self._units = {unit.name: unit for unit in units}
+        self._send(self._wanted(self._store), None)
+
+    def _wanted(self, entries: Iterable[Entry]) -> dict[str, list[int]]:
+        """FD_STORE name → the fds of ``entries`` kept under it, in store order."""
         wanted: dict[str, list[int]] = {}
-        for entry in self._store:
+        for entry in entries:
             kept = self._kept_name_of(entry)
             if kept is None:
                 continue
@@ -908,11 +931,18 @@ class SystemdFdStore:
                     )
                 continue
             wanted.setdefault(name, []).append(entry.fd)
+        return wanted
+
+    def _send(self, wanted: dict[str, list[int]], names: set[str] | None) -> None:
+        """Tell systemd what changed among ``names`` (None: every name) to hold ``wanted``."""
         now = {name: [_identity(fd) for fd in fds] for name, fds in wanted.items()}
-        for name in sorted(self._kept.keys() - wanted.keys()):
+        before_names = self._kept.keys() if names is None else self._kept.keys() & names
+        for name in sorted(before_names - wanted.keys()):
             self._messages.remove_fds(name)
         limit = self._messages.fd_store_max
         total = sum(len(fds) for fds in wanted.values())
+        if names is not None:
+            total += sum(len(fds) for name, fds in self._kept.items() if name not in names)
         if limit is not None and total > limit:
             self._log.warning("fd_store_full", fds=total, file_descriptor_store_max=limit)
         added: list[tuple[str, int]] = []  # beside what systemd holds under the name
@@ -933,7 +963,12 @@ class SystemdFdStore:
             ok = self._messages.store_fds(replaced, replace=True) and ok
         if not ok:
             self._log.warning("fd_store_failed", error=str(self._messages.last_error))
-        self._kept = now
+        if names is None:
+            self._kept = now
+        else:
+            for name in names:
+                self._kept.pop(name, None)
+            self._kept.update(now)
         self._synced = True
 
     def keep_socket_files(self) -> None:

@@ -372,7 +372,7 @@ def test_sync_sends_only_what_changed(store: FdStore, tmp_path: Path) -> None:
     systemd_store.sync([web])
     messages.sent.clear()
     a, b = socket.socketpair()
-    store.on_change = lambda event, entry: systemd_store.changed([web])
+    store.on_change = lambda event, entry: systemd_store.changed([web], entry)
     store.add("service:web", "pair", RawFd(a.detach()), watch=True)
     store.add("service:web", "pair", RawFd(b.detach()), watch=True)
     assert messages.sent == [("store", ["web/=pair"]), ("store", ["web/=pair"])]
@@ -384,6 +384,32 @@ def test_sync_sends_only_what_changed(store: FdStore, tmp_path: Path) -> None:
     store.close("service:web", "pair")
     assert messages.sent == [("remove", "web/=pair")]
     assert systemd_store.kept == {"web/admin", "web/http"}
+
+
+def test_a_change_looks_only_at_its_own_name(
+    store: FdStore, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An FDSTORE=1 or getfd fstat()s its own fds, not every socket of every unit."""
+    from fdsupervisor import systemd
+
+    units = [
+        unit(WEB.replace("run/admin.sock", f"run/admin{i}.sock"), tmp_path, name=f"web{i}")
+        for i in range(20)
+    ]
+    bind_all(store, *units)
+    messages = Messages()
+    systemd_store, _ = make(store, messages)
+    systemd_store.sync(units)
+    looked: list[int] = []
+    identity = systemd._identity
+    monkeypatch.setattr(systemd, "_identity", lambda fd: looked.append(fd) or identity(fd))
+    store.on_change = lambda event, entry: systemd_store.changed(units, entry)
+    a, b = socket.socketpair()
+    b.close()
+    store.add("service:web3", "pair", RawFd(a.detach()), watch=True)
+    assert len(looked) == 1
+    assert messages.sent[-1] == ("store", ["web3/=pair"])
+    assert len(systemd_store.kept) == 2 * 20 + 1
 
 
 def test_restore_puts_every_entry_back_and_drops_what_cannot_be(
@@ -501,7 +527,7 @@ def test_after_every_change_systemd_holds_exactly_the_store(ops: list[tuple[str,
         bind_all(store, web)
         manager = Manager()
         systemd_store = SystemdFdStore(manager, SystemdSockets(), store, log=Log())
-        store.on_change = lambda event, entry: systemd_store.changed([web])
+        store.on_change = lambda event, entry: systemd_store.changed([web], entry)
         systemd_store.sync([web])
         peers = []
         try:
