@@ -170,6 +170,7 @@ class UnitRunner:
             return
         self._intake.unwatch()
         for instance in service.instances_to_start():
+            self._restart_timers.cancel(instance)  # started now: its pending restart is moot
             self._spawn_instance(instance)
 
     def stop(self) -> None:
@@ -508,6 +509,8 @@ class UnitRunner:
             ServiceState.FAILED,
         ):
             return
+        if instance in self.service.workers:
+            return  # started meanwhile (a manual start): one worker per instance
         self._spawn_instance(instance)
 
     def _kill_timeout(self, pid: int) -> None:
