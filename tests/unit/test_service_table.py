@@ -456,6 +456,8 @@ class FakeSupervisor:
     def upgrade(self) -> None:
         """The new program restores the state, adopts the workers and carries on."""
         old = self.service
+        if old.replacing:
+            return  # refused, as Upgrader.upgrade() refuses one while a worker is replaced
         new = Service(old.name, old.spec)
         new.restore(
             old.state,
