@@ -733,9 +733,13 @@ class QmpConnection:
             return []
         events: list[Event] = []
         if data:
+            # The scanner between messages, in its initial state (nothing
+            # pending, skipped or discarded), and a chunk that is one message
+            # within the size limit: decoded without scanning (_WHOLE_MESSAGE).
             if (
                 not self._buffer
                 and self._start < 0
+                and not self._discarding
                 and not self._recovering
                 and self._token_tail is None
                 and len(data) <= self.max_message_size
