@@ -30,7 +30,7 @@ from dataclasses import dataclass, field
 from functools import partial
 from typing import Any
 
-from .activation import Intake, IntakeCounters
+from .activation import Intake, IntakeCounters, StartOutcome
 from .addresses import timer_seconds
 from .cgroups import WorkerCgroups, socket_holders
 from .errors import SpawnError
@@ -170,6 +170,7 @@ class UnitRunner:
             return
         self._intake.unwatch()
         for instance in service.instances_to_start():
+            self._restart_timers.cancel(instance)  # started now: its pending restart is moot
             self._spawn_instance(instance)
 
     def stop(self) -> None:
@@ -362,20 +363,30 @@ class UnitRunner:
         *,
         extra_env: Mapping[str, str] | None = None,
         stdio_fd: int | None = None,
-    ) -> bool:
-        """Start one worker with exactly ``passed`` (a connection's); False: it could not start.
+    ) -> StartOutcome:
+        """Start one worker with exactly ``passed`` (a connection's).
 
-        The failure is logged and not retried: in accept mode that connection is lost.
+        "later": it could not start for want of fds, processes or memory, and
+        the caller may try again (the intake holds the connection meanwhile);
+        "lost": it cannot start at all (exec failed, say), logged.
         """
         try:
             pid, pidfd = self._start_process(
                 instance, passed, extra_env=extra_env, stdio_fd=stdio_fd
             )
         except (SpawnError, OSError) as exc:
+            transient = (
+                exc.transient
+                if isinstance(exc, SpawnError)
+                else exc.errno in SpawnError.RESOURCE_ERRNOS
+            )
+            if transient:
+                self.log.warning("worker_start_deferred", instance=instance, error=str(exc))
+                return "later"
             self.log.error("worker_start_failed", instance=instance, error=str(exc))
-            return False
+            return "lost"
         self._track(instance, pid, pidfd, passed)
-        return True
+        return "started"
 
     def _retry_spawn(self, instance: int, exc: Exception) -> None:
         """A start failed for lack of resources: retried as ``restart:`` says."""
@@ -498,6 +509,8 @@ class UnitRunner:
             ServiceState.FAILED,
         ):
             return
+        if instance in self.service.workers:
+            return  # started meanwhile (a manual start): one worker per instance
         self._spawn_instance(instance)
 
     def _kill_timeout(self, pid: int) -> None:

@@ -245,3 +245,28 @@ def test_a_child_in_the_workers_process_group_speaks_for_it(harness: Harness) ->
         os.killpg(leader.pid, signal.SIGKILL)
         leader.wait()
         runner.service.workers.clear()
+
+
+def test_a_manual_start_while_a_restart_is_pending_starts_one_worker(
+    harness: Harness, tmp_path: Path
+) -> None:
+    """The first worker crashes and its restart waits 300 ms; service-start meanwhile starts
+    the instance at once, and the pending restart must not start a second worker for it."""
+    marker = tmp_path / "crashed-once"
+    code = (
+        f"import os, sys, time; p = {str(marker)!r}\n"
+        "if not os.path.exists(p): open(p, 'w').close(); sys.exit(1)\n"
+        "time.sleep(60)"
+    )
+    runner = harness.runner(exec_python(code) + "\nrestart-delay: 300ms")
+    runner.start()
+    harness.run_until(lambda: bool(harness.named("SERVICE_EXITED")))
+    assert runner.service.state is ServiceState.STARTING  # the restart waits its delay
+    runner.start(manual=True)
+    assert len(harness.named("SERVICE_STARTED")) == 2
+    past_due = harness.loop.time() + 0.6  # the restart's due time, and some
+    harness.run_until(lambda: harness.loop.time() >= past_due)
+    assert len(harness.named("SERVICE_STARTED")) == 2, "one worker for the instance"
+    assert runner.live_workers() == 1 and len(runner.service.pids) == 1
+    runner.stop()
+    harness.run_until(lambda: runner.live_workers() == 0)

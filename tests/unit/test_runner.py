@@ -19,7 +19,7 @@ from typing import Any
 
 import pytest
 
-from fdsupervisor.activation import Intake
+from fdsupervisor.activation import Intake, StartOutcome
 from fdsupervisor.binding import BoundSocket, InheritedFds, bind_socket
 from fdsupervisor.fdstore import FdStore, unit_owner
 from fdsupervisor.loop import ACCEPT_RETRY_DELAY, EventLoop
@@ -201,11 +201,11 @@ class FakeHost:
         *,
         extra_env: Mapping[str, str] | None = None,
         stdio_fd: int | None = None,
-    ) -> bool:
+    ) -> StartOutcome:
         self.workers.append((instance, list(passed), dict(extra_env or {}), stdio_fd))
         self.service.worker_started(instance, self.next_pid, 0.0)
         self.next_pid += 1
-        return True
+        return "started"
 
 
 @dataclass
