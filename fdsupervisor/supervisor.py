@@ -35,7 +35,7 @@ from .fdstore import Entry, FdStore, StoreEvent, owner_service
 from .handover import Handover, handed_socket
 from .loop import EventLoop, Timer
 from .metrics import MetricsServer, MetricsSource, unit_intakes
-from .monitor import MonitorServer, event_line
+from .monitor import MonitorServer
 from .notifications import WorkerNotifications
 from .notify import NotifySocket
 from .reaper import OrphanReaper, set_child_subreaper, stop_namespace
@@ -186,7 +186,7 @@ class Supervisor:
             existing = socket.socket(fileno=existing_fd)
         server.open(existing, existing_inode)
         self.monitor = server
-        self.listeners.append(lambda name, data: server.broadcast(event_line(name, data)))
+        self.listeners.append(server.broadcast_event)
         self.on_shutdown.append(server.close)
         return server
 
