@@ -81,6 +81,7 @@ SPAWN_PATH_ENV: Final = "FDSUPERVISOR_SPAWN"
 ``migrate`` is the native spawn with the child joining its cgroup by a write to
 ``cgroup.procs`` (what kernels without ``clone3(CLONE_INTO_CGROUP)`` get), to
 test and compare that path where the kernel has the better one.
+
 Read from the supervisor's environment as it was at start (the copy the
 supervisor keeps), never from a unit's ``environment:``. ``native`` where the
 extension was not built is the fork path, as without the variable.
