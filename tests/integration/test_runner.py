@@ -2,7 +2,8 @@
 
 Each test builds a :class:`UnitRunner` with a real :class:`EventLoop` and fd
 store, starts real worker processes and runs the loop until the event it
-waits for, with a deadline (no sleeps). What the runner tells the
+waits for, with a deadline (no sleeps). Children are reaped as the
+supervisor reaps them: a :class:`ChildReaper` woken by SIGCHLD. What the runner tells the
 supervisor (events, "this unit is idle") is recorded.
 """
 
@@ -23,8 +24,10 @@ from fdsupervisor.binding import InheritedFds, bind_socket
 from fdsupervisor.fdstore import FdStore
 from fdsupervisor.loop import EventLoop
 from fdsupervisor.notify import NotifyMessage
+from fdsupervisor.reaper import ChildReaper
 from fdsupervisor.runner import RunnerContext, UnitRunner, find_sender
 from fdsupervisor.service import ServiceState
+from fdsupervisor.signals import SignalWakeup
 from fdsupervisor.units import load_unit_text
 from tests.recording_log import RecordingLog
 
@@ -38,6 +41,7 @@ class Harness:
     loop: EventLoop
     store: FdStore
     log: RecordingLog
+    children: ChildReaper
     events: list[tuple[str, dict[str, Any]]] = field(default_factory=list)
     idle: list[UnitRunner] = field(default_factory=list)
     take_over_idle: bool = False
@@ -55,6 +59,7 @@ class Harness:
             emit=lambda event, data: self.events.append((event, data)),
             notify_address=lambda: None,
             cgroups=lambda: None,
+            children=self.children,
             shutting_down=lambda: False,
             on_idle=self._on_idle,
         )
@@ -86,7 +91,10 @@ class Harness:
 
 @pytest.fixture
 def harness() -> Iterator[Harness]:
-    h = Harness(EventLoop(), FdStore(), RecordingLog())
+    log = RecordingLog()
+    h = Harness(EventLoop(), FdStore(), log, ChildReaper(log=log))
+    wakeup = SignalWakeup([signal.SIGCHLD])
+    h.loop.add_reader(wakeup.install(), lambda: (wakeup.drain(), h.children.reap()))
     yield h
     for runner in h.runners:  # whatever a failed test left running
         for pid in runner.service.pids:
@@ -98,6 +106,7 @@ def harness() -> Iterator[Harness]:
     h.run_until(lambda: not any(r.live_workers() for r in h.runners))
     for runner in h.runners:
         runner.close()
+    wakeup.close()
     h.store.close_all()
     h.loop.close()
 
