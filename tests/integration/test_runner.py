@@ -10,6 +10,7 @@ supervisor (events, "this unit is idle") is recorded.
 from __future__ import annotations
 
 import os
+import select
 import signal
 import subprocess
 import sys
@@ -29,6 +30,7 @@ from fdsupervisor.runner import RunnerContext, UnitRunner, find_sender
 from fdsupervisor.service import ServiceState
 from fdsupervisor.signals import SignalWakeup
 from fdsupervisor.units import load_unit_text
+from fdsupervisor.upgrade import WorkerItem
 from tests.recording_log import RecordingLog
 
 PYTHON = sys.executable
@@ -254,3 +256,33 @@ def test_a_child_in_the_workers_process_group_speaks_for_it(harness: Harness) ->
         os.killpg(leader.pid, signal.SIGKILL)
         leader.wait()
         runner.service.workers.clear()
+
+
+def test_an_adopted_worker_that_exited_meanwhile_is_reported_by_its_runner(
+    harness: Harness,
+) -> None:
+    """After an upgrade's exec the old workers are still our children: a zombie's exit
+    status waits for its runner, which reports it as its worker's, not as an orphan's."""
+    runner = harness.runner(exec_python("pass") + "\nrestart: no")
+    pid = os.fork()
+    if pid == 0:  # pragma: no cover - the "worker" the old program started
+        os._exit(5)
+    pidfd = os.pidfd_open(pid)
+    try:
+        assert select.select([pidfd], [], [], 10)[0], "the worker did not exit"
+    finally:
+        os.close(pidfd)
+    assert runner.adopt_worker(WorkerItem(0, pid, harness.loop.time(), True))
+    assert runner.service.pids == [pid]
+    assert harness.children.reap() == [], "not an orphan's reap"
+    assert runner.live_workers() == 0
+    (exited,) = harness.log.events("worker_exited")
+    assert exited["pid"] == pid and exited["status"] == "code 5"
+    assert harness.log.events("orphan_reaped") == []
+
+
+def test_a_process_that_is_not_our_child_is_not_adopted(harness: Harness) -> None:
+    """Only a child's pid is held until we reap it: anything else is no worker of ours."""
+    runner = harness.runner(exec_python("pass"))
+    assert not runner.adopt_worker(WorkerItem(0, os.getppid(), harness.loop.time(), True))
+    assert runner.service.pids == [] and runner.live_workers() == 0
