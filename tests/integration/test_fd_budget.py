@@ -84,13 +84,23 @@ def run_limited(
     )
 
 
+def stderr_at_exit(proc: subprocess.Popen[str]) -> str:
+    """What the supervisor logged until it exited (bounded: killed, by pid, if it runs on)."""
+    try:
+        return proc.communicate(timeout=30)[1]
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.communicate()
+        raise AssertionError("the supervisor ran on instead of refusing to start") from None
+
+
 def events_of(stderr: str) -> list[dict[str, Any]]:
     return [json.loads(line) for line in stderr.splitlines() if line.startswith("{")]
 
 
 def test_units_that_cannot_fit_the_fd_limit_fail_before_binding(tmp_path: Path) -> None:
     proc = run_limited(tmp_path, 64, 40, "--monitor", str(tmp_path / "monitor.sock"))
-    _, stderr = proc.communicate(timeout=30)
+    stderr = stderr_at_exit(proc)
     assert proc.returncode == 1
     events = events_of(stderr)
     (failed,) = [e for e in events if e["event"] == "startup_failed"]
@@ -109,7 +119,7 @@ def test_units_that_cannot_fit_the_fd_limit_fail_before_binding(tmp_path: Path) 
 
 def test_without_a_monitor_nothing_is_reserved_for_it(tmp_path: Path) -> None:
     proc = run_limited(tmp_path, 64, 40, "--no-monitor")
-    _, stderr = proc.communicate(timeout=30)
+    stderr = stderr_at_exit(proc)
     assert proc.returncode == 1
     (failed,) = [e for e in events_of(stderr) if e["event"] == "startup_failed"]
     assert failed["error"].startswith(
@@ -138,5 +148,9 @@ def test_units_that_fit_the_fd_limit_run_within_it(tmp_path: Path) -> None:
         assert names.count("worker_started") == units
     finally:
         proc.send_signal(signal.SIGTERM)
-        _, rest = proc.communicate(timeout=30)
+        try:
+            rest = proc.communicate(timeout=30)[1]
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            rest = proc.communicate()[1]
     assert proc.returncode == 0, rest
