@@ -23,6 +23,7 @@ from fdsupervisor.activation import Intake, StartOutcome
 from fdsupervisor.binding import BoundSocket, InheritedFds, bind_socket
 from fdsupervisor.fdstore import FdStore, unit_owner
 from fdsupervisor.loop import ACCEPT_RETRY_DELAY, EventLoop
+from fdsupervisor.reaper import ChildReaper
 from fdsupervisor.runner import RunnerContext, Timers, UnitRunner, find_sender
 from fdsupervisor.service import Service, ServiceState
 from fdsupervisor.spawn import PassedFd
@@ -55,6 +56,7 @@ def make_runner(
         emit=lambda event, data: None,
         notify_address=lambda: None,
         cgroups=lambda: None,
+        children=ChildReaper(log=RecordingLog()),
         shutting_down=lambda: False,
         on_idle=lambda runner: False,
     )
