@@ -14,7 +14,10 @@ Two workers, both given the listening socket at fd 3 (``LISTEN_FDS=1``):
 A run: start the peer, wait for its readiness line on stderr (never by
 connecting, which would itself activate the worker), let it settle, time one
 connect() -> first byte, stop the peer. The peers alternate which goes first
-from run to run. Usage: ``python bench/activation.py [--runs N] [--json PATH]``.
+from run to run. ``--no-cgroups`` runs fdsupervisor without a cgroup per worker
+(``FDSUPERVISOR_SPAWN`` in the environment reaches it too: ``migrate`` times the
+child's move into its cgroup instead of ``clone3(CLONE_INTO_CGROUP)``).
+Usage: ``python bench/activation.py [--runs N] [--no-cgroups] [--json PATH]``.
 """
 
 from __future__ import annotations
@@ -48,6 +51,7 @@ from common import (
 
 SYSTEMD = "systemd-socket-activate"
 OURS = "fdsupervisor"
+SPAWN_ENV = "FDSUPERVISOR_SPAWN"  # the spawn path, read by fdsupervisor from its environment
 TARGET = 1.1  # issue 4: ours / systemd-socket-activate with the C worker, at most
 
 
@@ -59,10 +63,11 @@ def start_systemd(worker: list[str], port: int, log: Path) -> Peer:
     return peer
 
 
-def start_ours(worker: list[str], port: int, log: Path) -> Peer:
+def start_ours(worker: list[str], port: int, log: Path, options: tuple[str, ...] = ()) -> Peer:
     command = [
         *fdsupervisor_command(),
         "run",
+        *options,
         "--no-monitor",
         "--log-format",
         "json",
@@ -89,12 +94,16 @@ def first_byte_ms(port: int) -> float:
     return elapsed * 1000.0
 
 
-def one_run(peer_name: str, worker: list[str], directory: Path, settle: float) -> float:
-    """Start ``peer_name`` fresh, time its first connection, stop it."""
+def one_run(
+    peer_name: str, worker: list[str], directory: Path, settle: float, options: tuple[str, ...]
+) -> float:
+    """Start ``peer_name`` fresh (``options`` for fdsupervisor), time its first connection, stop it."""
     port = free_port()
     log = directory / f"{peer_name}.log"
-    start = start_ours if peer_name == OURS else start_systemd
-    peer = start(worker, port, log)
+    if peer_name == OURS:
+        peer = start_ours(worker, port, log, options)
+    else:
+        peer = start_systemd(worker, port, log)
     try:
         time.sleep(settle)  # both idle in their poll before the timed connection
         elapsed = first_byte_ms(port)
@@ -128,8 +137,12 @@ def main() -> int:
         default=0.2,
         help="seconds between readiness and the timed connection (default 0.2)",
     )
+    parser.add_argument(
+        "--no-cgroups", action="store_true", help="fdsupervisor without a cgroup per worker"
+    )
     parser.add_argument("--json", type=Path, help="also write the results here")
     args = parser.parse_args()
+    options = ("--no-cgroups",) if args.no_cgroups else ()
     if shutil.which(SYSTEMD) is None and not Path(f"/usr/bin/{SYSTEMD}").exists():
         print(f"{SYSTEMD} not found: install systemd to compare", file=sys.stderr)
         return 2
@@ -144,12 +157,12 @@ def main() -> int:
         try:
             for worker in workers.values():  # warm-up: page cache, first imports
                 for peer_name in peers:
-                    one_run(peer_name, worker, directory, args.settle)
+                    one_run(peer_name, worker, directory, args.settle, options)
             for run in range(args.runs):
                 for worker_name, worker in workers.items():
                     for peer_name in peers if run % 2 == 0 else reversed(peers):
                         key = f"{worker_name} worker -> {peer_name}"
-                        elapsed = one_run(peer_name, worker, directory, args.settle)
+                        elapsed = one_run(peer_name, worker, directory, args.settle, options)
                         results.setdefault(key, Series(key, [], "ms")).values.append(elapsed)
         except PeerExited as exc:
             print(f"a peer failed: {exc}", file=sys.stderr)
@@ -157,6 +170,8 @@ def main() -> int:
     print(
         f"cold activation, connect() -> first byte of a fresh worker, {args.runs} runs, "
         f"a fresh peer each; {version_of([SYSTEMD, '--version'])}"
+        + ("; fdsupervisor --no-cgroups" if args.no_cgroups else "")
+        + (f"; {SPAWN_ENV}={os.environ[SPAWN_ENV]}" if os.environ.get(SPAWN_ENV) else "")
     )
     for series in results.values():
         print("  " + series.row(digits=2))
@@ -177,6 +192,7 @@ def main() -> int:
             "ratios": ratios,
             "runs": args.runs,
             "settle": args.settle,
+            "cgroups": not args.no_cgroups,
         },
     )
     return 0

@@ -254,6 +254,13 @@ def pid_alive(pid: int) -> bool:
         return False
 
 
+def cpu_seconds(pid: int) -> float:
+    """CPU time ``pid`` has used so far (utime + stime of /proc/PID/stat, all its threads)."""
+    with open(f"/proc/{pid}/stat") as stat:
+        fields = stat.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 def children_of(pid: int) -> list[int]:
     """The direct children of ``pid`` (Linux /proc), [] if it is gone."""
     try:

@@ -78,6 +78,7 @@ from common import (
     PeerExited,
     bench_env,
     children_of,
+    cpu_seconds,
     fdsupervisor_command,
     is_event,
     parse_json_line,
@@ -177,12 +178,6 @@ def rss_kib(pid: int) -> int:
             if line.startswith("VmRSS:"):
                 return int(line.split()[1])
     raise RuntimeError(f"no VmRSS for {pid}")
-
-
-def cpu_seconds(pid: int) -> float:
-    with open(f"/proc/{pid}/stat") as stat:
-        fields = stat.read().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 # -- the peers --------------------------------------------------------------------------------

@@ -24,6 +24,17 @@
  *   errno), and the child leaves with _exit(). Once clone() returns, the
  *   child has either exec'd or died: no pipe is needed to learn which.
  *
+ * A worker with a cgroup of its own is created in it: on x86-64, clone3()
+ * with CLONE_INTO_CGROUP (Linux 5.7) and the cgroup's directory fd. A write
+ * of the child's pid to cgroup.procs would be a migration, which takes the
+ * kernel's cgroup_threadgroup_rwsem for writing and, after an idle spell,
+ * waits for an RCU grace period there (rcu_sync_enter(), ~10 ms measured,
+ * docs/performance.md): on the first connection to an on-demand unit. A
+ * child made in its cgroup pays none of it, and is never outside it. Where
+ * clone3() is not there or refuses (another architecture, a kernel before
+ * 5.7, a seccomp filter answering ENOSYS or EPERM, a cgroup fd it does not
+ * take), the child is made with clone() and joins by the write, as before.
+ *
  * The GIL stays held throughout. _posixsubprocess keeps it across vfork()
  * too and only lets the child release it, in the parent's memory, right
  * before execve(): Python API in the child, for a wait of some 0.1 ms here.
@@ -41,6 +52,7 @@
 #include <limits.h>
 #include <sched.h>
 #include <signal.h>
+#include <stdint.h>
 #include <string.h>
 #include <sys/prctl.h>
 #include <sys/resource.h>
@@ -72,6 +84,74 @@
  * it copies for its execvpe() fallback and we do not. */
 #define CHILD_STACK_SIZE (32 * 1024)
 
+/* clone3() with CLONE_INTO_CGROUP: x86-64 only, where the trampoline below
+ * exists (glibc has clone3() internally, but exports no wrapper). */
+#if defined(__x86_64__) && defined(SYS_clone3)
+#define HAVE_CLONE_INTO_CGROUP 1
+#ifndef CLONE_INTO_CGROUP
+#define CLONE_INTO_CGROUP 0x200000000ULL /* <linux/sched.h>, Linux 5.7 */
+#endif
+
+/* struct clone_args of <linux/sched.h> up to ``cgroup`` (CLONE_ARGS_SIZE_VER2,
+ * 88 bytes), spelt out: that header and glibc's <sched.h> define the same
+ * CLONE_* names, and older headers lack the struct. */
+struct spawn_clone_args {
+    uint64_t flags;
+    uint64_t pidfd;
+    uint64_t child_tid;
+    uint64_t parent_tid;
+    uint64_t exit_signal;
+    uint64_t stack; /* the lowest address; the kernel starts the child at stack + stack_size */
+    uint64_t stack_size;
+    uint64_t tls;
+    uint64_t set_tid;
+    uint64_t set_tid_size;
+    uint64_t cgroup;
+};
+
+/* long spawn_clone3(struct spawn_clone_args *args, size_t size,
+ *                   int (*fn)(void *), void *arg);
+ *
+ * The raw clone3() system call; in the child, fn(arg) on the new stack.
+ * Returns the child's pid or -errno in the parent; never returns in the
+ * child. With CLONE_VM the child starts on the stack given in ``args`` with
+ * the parent's registers, so nothing may come from the parent's stack frame:
+ * fn and arg travel in registers that the syscall instruction keeps (it
+ * clobbers rcx and r11 only), as glibc's clone3.S and musl's clone.s do it.
+ * The child clears the frame pointer (the end of its call chain), calls fn
+ * with a 16-byte aligned stack, and exits with its result if it ever returns
+ * (child_main does not: it execs or _exit()s). */
+long spawn_clone3(struct spawn_clone_args *args, size_t size, int (*fn)(void *), void *arg)
+    __attribute__((visibility("hidden")));
+#define SPAWN_STRING(x) #x
+#define SPAWN_NUMBER(x) SPAWN_STRING(x) /* the expansion of x, as text */
+__asm__(".pushsection .text\n" /* and back after: the compiler's section stays its own */
+        ".globl spawn_clone3\n"
+        ".hidden spawn_clone3\n"
+        ".type spawn_clone3, @function\n"
+        ".p2align 4\n"
+        "spawn_clone3:\n"
+#ifdef __CET__
+        "    endbr64\n"
+#endif
+        "    movq %rcx, %r8\n"       /* arg: rcx does not survive the syscall */
+        "    movl $" SPAWN_NUMBER(SYS_clone3) ", %eax\n"
+        "    syscall\n"
+        "    testq %rax, %rax\n"
+        "    jz 1f\n"
+        "    ret\n"                  /* the parent: pid, or -errno */
+        "1:\n"
+        "    xorl %ebp, %ebp\n"
+        "    movq %r8, %rdi\n"
+        "    call *%rdx\n"
+        "    movl %eax, %edi\n"
+        "    movl $" SPAWN_NUMBER(SYS_exit) ", %eax\n"
+        "    syscall\n"
+        "    hlt\n"
+        ".size spawn_clone3, . - spawn_clone3\n"
+        ".popsection\n");
+#endif
+
 /* "NAME=" followed by a pid: pid_max is at most 2^22, 20 digits fit any pid_t. */
 #define PID_DIGITS 20
 
@@ -91,7 +171,9 @@ struct child_plan {
     const char *stderr_path; /* NULL: none; else opened at 2 as the worker's user */
     int stderr_flags;
     int stderr_from_stdout; /* both name the same file: one open file for both */
-    int cgroup_fd; /* -1: none; else the worker's cgroup (a directory fd), joined first */
+    int cgroup_fd; /* -1: none; else the worker's cgroup (a directory fd), started in */
+    int migrate; /* join the cgroup by writing cgroup.procs, even where clone3() could */
+    int born_in_cgroup; /* set by the parent: clone3() made the child in its cgroup */
     const char *cwd; /* NULL: none */
     const gid_t *groups;
     size_t group_count;
@@ -244,9 +326,10 @@ child_main(void *argument)
     CHILD_STEP("setsid", setsid());
     plan->failed_stage = "signals";
     reset_signal_dispositions(&plan->reset_ignored);
-    /* Into the worker's own cgroup before it can fork anything, and while
-     * still root: moving a process needs write access to cgroup.procs. */
-    if (plan->cgroup_fd >= 0) {
+    /* Made by clone(): into the worker's own cgroup before it can fork
+     * anything, and while still root: moving a process needs write access
+     * to cgroup.procs. */
+    if (plan->cgroup_fd >= 0 && !plan->born_in_cgroup) {
         int procs;
         CHILD_STEP("cgroup", procs = openat(plan->cgroup_fd, "cgroup.procs", O_WRONLY | O_CLOEXEC));
         CHILD_STEP("cgroup", write(procs, "0", 1));
@@ -327,24 +410,62 @@ failed:
 
 /* ------------------------------------------------------------------ the parent */
 
+#ifdef HAVE_CLONE_INTO_CGROUP
+/* clone3(CLONE_VM | CLONE_VFORK | CLONE_INTO_CGROUP): the child is created in
+ * the cgroup of directory fd plan->cgroup_fd. Returns its pid, or -1 with
+ * errno set (no child was made). */
+static pid_t
+clone_into_cgroup(struct child_plan *plan, char *stack, size_t stack_size)
+{
+    struct spawn_clone_args args;
+    memset(&args, 0, sizeof(args));
+    args.flags = CLONE_VM | CLONE_VFORK | CLONE_INTO_CGROUP;
+    args.exit_signal = SIGCHLD;
+    args.stack = (uint64_t)(uintptr_t)stack;
+    args.stack_size = stack_size;
+    args.cgroup = (uint64_t)plan->cgroup_fd;
+    plan->born_in_cgroup = 1;
+    long result = spawn_clone3(&args, sizeof(args), child_main, plan);
+    if (result < 0) {
+        plan->born_in_cgroup = 0;
+        errno = (int)-result;
+        return -1;
+    }
+    return (pid_t)result;
+}
+#endif
+
 /* The child's run, from clone() to its execve() or _exit(). Returns the pid,
  * or -1 with errno set when clone() itself failed. */
 static pid_t
 clone_and_exec(struct child_plan *plan)
 {
+    /* A multiple of 16 and 16-byte aligned: both ends are aligned, as x86-64
+     * and aarch64 need the top to be. */
     char stack[CHILD_STACK_SIZE] __attribute__((aligned(16)));
     /* The stack grows down on every architecture CPython supports on Linux
-     * but hppa; its top must be 16-byte aligned for x86-64 and aarch64. */
+     * but hppa. */
     char *stack_top = (char *)(((uintptr_t)(stack + sizeof(stack))) & ~(uintptr_t)15);
     sigset_t all_signals, old_mask;
-    pid_t pid;
+    pid_t pid = -1;
     int saved_errno;
 
     sigfillset(&all_signals);
     if ((errno = pthread_sigmask(SIG_BLOCK, &all_signals, &old_mask)) != 0) {
         return -1;
     }
-    pid = clone(child_main, stack_top, CLONE_VM | CLONE_VFORK | SIGCHLD, plan);
+    plan->born_in_cgroup = 0;
+#ifdef HAVE_CLONE_INTO_CGROUP
+    /* Any refusal (ENOSYS, EINVAL before 5.7, EPERM from a seccomp filter,
+     * EBADF for an fd that is no cgroup, ...) falls back to clone() and the
+     * write: where the cgroup itself is at fault, that names the step. */
+    if (plan->cgroup_fd >= 0 && !plan->migrate) {
+        pid = clone_into_cgroup(plan, stack, sizeof(stack));
+    }
+#endif
+    if (pid == -1) {
+        pid = clone(child_main, stack_top, CLONE_VM | CLONE_VFORK | SIGCHLD, plan);
+    }
     saved_errno = errno;
     (void)pthread_sigmask(SIG_SETMASK, &old_mask, NULL);
     errno = saved_errno;
@@ -472,14 +593,17 @@ PyDoc_STRVAR(spawn_doc,
 "spawn(executable, argv, envp, fds, stdio_fd, cwd, uid, gid, groups,\n"
 "      pid_variables, reset_signals, stdout_fd, stderr_fd, stdout_path,\n"
 "      stdout_append, stderr_path, stderr_append, cgroup_fd, rlimits,\n"
-"      umask, no_new_privileges, /) -> pid\n"
+"      umask, no_new_privileges, migrate, /) -> pid\n"
 "\n"
 "Start ``executable`` in a new process with clone(CLONE_VM | CLONE_VFORK) and\n"
-"return its pid once it has exec'd.\n"
+"return its pid once it has exec'd. With a ``cgroup_fd`` (on x86-64, unless\n"
+"``migrate`` is true), clone3() with CLONE_INTO_CGROUP creates the process in\n"
+"that cgroup; where the kernel refuses, clone() and the write below.\n"
 "\n"
 "The child starts its own session (and process group), resets signal handlers (and the\n"
 "signals in ``reset_signals`` even when ignored) to SIG_DFL, joins the cgroup\n"
-"of directory fd ``cgroup_fd`` unless -1 (\"0\" to its cgroup.procs), places\n"
+"of directory fd ``cgroup_fd`` unless -1 or created there (\"0\" to its\n"
+"cgroup.procs), places\n"
 "``fds`` at 3, 4, ... (``stdio_fd``, unless -1, also at 0 and 1; ``stdout_fd``\n"
 "at 1 and ``stderr_fd`` at 2 unless -1), closes every other fd above 2,\n"
 "sets the umask unless -1 and each (resource, soft, hard) of ``rlimits``\n"
@@ -509,8 +633,8 @@ native_spawn(PyObject *Py_UNUSED(module), PyObject *const *args, Py_ssize_t narg
     Py_ssize_t argc = 0, envc = 0;
     long number;
 
-    if (nargs != 21) {
-        PyErr_Format(PyExc_TypeError, "spawn() takes exactly 21 arguments (%zd given)", nargs);
+    if (nargs != 22) {
+        PyErr_Format(PyExc_TypeError, "spawn() takes exactly 22 arguments (%zd given)", nargs);
         return NULL;
     }
     memset(&plan, 0, sizeof(plan));
@@ -684,6 +808,9 @@ native_spawn(PyObject *Py_UNUSED(module), PyObject *const *args, Py_ssize_t narg
     }
     plan.umask = (int)number;
     if ((plan.no_new_privileges = PyObject_IsTrue(args[20])) < 0) {
+        goto done;
+    }
+    if ((plan.migrate = PyObject_IsTrue(args[21])) < 0) {
         goto done;
     }
 

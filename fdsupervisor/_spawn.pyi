@@ -26,13 +26,15 @@ def spawn(
     rlimits: Sequence[tuple[int, int, int]],
     umask: int,
     no_new_privileges: bool,
+    migrate: bool,
     /,
 ) -> int:
     """Start ``executable`` with ``clone(CLONE_VM | CLONE_VFORK)``; its pid once it exec'd.
 
     ``-1`` for ``stdio_fd``, ``uid``, ``gid``, ``stdout_fd``, ``stderr_fd`` or
     ``cgroup_fd`` means none; ``cgroup_fd`` is a cgroup's directory, which the child
-    starts in. ``stdout_path`` and ``stderr_path`` are opened by the child after the
+    starts in: created there with ``clone3(CLONE_INTO_CGROUP)`` on x86-64, else (or
+    with ``migrate``) made by ``clone()`` and moved there by a write to ``cgroup.procs``. ``stdout_path`` and ``stderr_path`` are opened by the child after the
     switch to ``uid``. ``rlimits`` are (``RLIMIT_*``, soft, hard) with -1 for
     infinity; ``umask`` -1 keeps the supervisor's. A failure in the child raises
     ``OSError(errno, "STAGE: reason")`` after the child was reaped.

@@ -33,7 +33,7 @@ from collections import Counter
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from functools import partial
-from typing import Any, Final, Protocol
+from typing import Any, Final, Literal, Protocol
 
 from .binding import BoundSocket
 from .fdstore import FdStore, unit_owner
@@ -81,6 +81,12 @@ def peer_of(conn: socket.socket, peer: Any) -> tuple[str | None, dict[str, str]]
     return None, {}
 
 
+# What starting a connection's worker came to: it runs; it could not start for
+# want of fds, processes or memory (the connection is kept and tried again a
+# little later); it could not start at all (the connection is lost).
+StartOutcome = Literal["started", "later", "lost"]
+
+
 class IntakeHost(Protocol):
     """What an intake needs of its unit's runner."""
 
@@ -97,7 +103,7 @@ class IntakeHost(Protocol):
         *,
         extra_env: Mapping[str, str] | None = None,
         stdio_fd: int | None = None,
-    ) -> bool: ...
+    ) -> StartOutcome: ...
 
 
 @dataclass(slots=True)
@@ -167,6 +173,8 @@ class Intake:
         self.accepting = False  # accept mode: the service takes connections
         self._paused = False  # accept mode: at max-connections, or out of fds
         self._retry: Timer | None = None  # accept mode: out of fds, try again then
+        # accept mode: a connection whose worker could not start for want of fds, kept for then
+        self._held: tuple[BoundSocket, socket.socket, Any] | None = None
         # accept mode: each connection worker's source (max-connections-per-source)
         self._sources: dict[int, Source] = {}
         self.counters = IntakeCounters()
@@ -289,6 +297,9 @@ class Intake:
         if self._retry is not None:
             self._retry.cancel()  # a stopped service must not start accepting again
             self._retry = None
+        if self._held is not None:
+            self._held[1].close()  # a stopped service serves nobody: the peer sees it closed
+            self._held = None
 
     def worker_exited(self) -> None:
         """One connection's worker is gone: below max-connections again, maybe."""
@@ -314,7 +325,26 @@ class Intake:
 
     def _retry_due(self) -> None:
         self._retry = None
+        held, self._held = self._held, None
+        if held is not None and not self._hand_on(*held):
+            return  # still short of fds: held again, and tried again later
         self._resume()
+
+    def _retry_later(self) -> None:
+        """Out of fds or memory: leave connections in the backlog, look again a little later."""
+        self._pause()
+        if self._retry is None:
+            self._retry = self._loop.call_later(ACCEPT_RETRY_DELAY, self._retry_due)
+
+    def _hand_on(self, bound: BoundSocket, conn: socket.socket, peer: Any) -> bool:
+        """Start the connection's worker; False: it is held until fds are free (and closed
+        here otherwise: the worker has its own copy, or the connection is lost)."""
+        if self._connection(bound, conn, peer) == "later":
+            self._held = (bound, conn, peer)
+            self._retry_later()
+            return False
+        conn.close()
+        return True
 
     def _accept(self, bound: BoundSocket) -> None:
         limit = self._host.unit.service.max_connections
@@ -335,22 +365,20 @@ class Intake:
                 # Out of fds or memory: leave connections in the backlog and try
                 # again a little later instead of spinning (libuv does the same).
                 self._host.log.warning("accept_failed", error=str(exc))
-                self._pause()
-                if self._retry is None:
-                    self._retry = self._loop.call_later(ACCEPT_RETRY_DELAY, self._retry_due)
+                self._retry_later()
                 return
-            with conn:
-                self._connection(bound, conn, peer)
+            if not self._hand_on(bound, conn, peer):
+                return
             if self._triggered(bound):
                 return
 
-    def _connection(self, bound: BoundSocket, conn: socket.socket, peer: Any) -> None:
-        """Start the worker of one connection; if it cannot start, the connection is lost."""
+    def _connection(self, bound: BoundSocket, conn: socket.socket, peer: Any) -> StartOutcome:
+        """Start the worker of one connection: "later" if it may start once fds are free."""
         try:
             source, extra_env = peer_of(conn, peer)
         except OSError as exc:  # the peer is gone already (SO_PEERCRED on a dead socket)
             self._host.log.info("connection_lost", socket=bound.name, error=str(exc))
-            return
+            return "lost"
         limit = bound.spec.max_connections_per_source
         key = (bound.name, source) if source is not None else None
         if limit is not None and key is not None and self._source_count(key) >= limit:
@@ -364,18 +392,20 @@ class Intake:
                 limit=limit,
                 refused_total=self.counters.refused,
             )
-            return
-        # as systemd's NAccepted: every connection not refused, handed on to a worker
-        IntakeCounters.count(self.counters.accepted, bound.name)
+            return "lost"
         instance = self._host.service.next_instance()
-        started = self._host.start_worker(
+        outcome = self._host.start_worker(
             instance,
             [PassedFd(ACCEPT_FD_NAME, conn.fileno())],
             extra_env=extra_env,
             stdio_fd=conn.fileno() if self._host.unit.service.inetd else None,
         )
-        if started and key is not None and limit is not None:
-            self._sources[instance] = key
+        if outcome == "started":
+            # as systemd's NAccepted: every connection not refused, handed on to a worker
+            IntakeCounters.count(self.counters.accepted, bound.name)
+            if key is not None and limit is not None:
+                self._sources[instance] = key
+        return outcome
 
     def _refused(self, **fields: Any) -> None:
         """``connection_refused``, at most LOG_RATE_BURST lines per interval, then a summary."""

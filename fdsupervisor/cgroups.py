@@ -18,9 +18,11 @@ supervisor's own cgroup::
 The supervisor stays where it is; the parent holds no process, so cgroup
 v2's "no internal processes" rule is never in the way (no controller is
 enabled anywhere: only the core files ``cgroup.procs``, ``cgroup.kill`` and
-``cgroup.events`` are used). The child joins its cgroup between fork and
-exec, first thing and while still root (spawn.py writes "0" to its
-``cgroup.procs``), so the worker never runs outside it. When the worker's main process exits,
+``cgroup.events`` are used). The spawn gets the worker's cgroup as a directory
+fd (:meth:`WorkerCgroups.prepare`, closed once the worker started): the child is
+created in it (``clone3(CLONE_INTO_CGROUP)``, _spawn.c on x86-64), or else joins
+it between fork and exec, first thing and while still root (a write of "0" to
+its ``cgroup.procs``), so the worker never runs outside it. When the worker's main process exits,
 or its stop times out, ``cgroup.kill`` ends every process left in it, as
 systemd kills the rest of a service's cgroup once its main process is gone
 (``service_sigchld_event()`` → ``unit_kill_context()``); the cgroup is
@@ -243,7 +245,7 @@ class WorkerCgroups:
         return WorkerCgroup(name, path, fd)
 
     def started(self, pid: int, cgroup: WorkerCgroup) -> None:
-        """The worker ``pid`` is in ``cgroup`` (the child joined it before exec)."""
+        """The worker ``pid`` is in ``cgroup`` (made there, or joined it before exec)."""
         self._close_fd(cgroup)
         self._by_pid[pid] = cgroup
 

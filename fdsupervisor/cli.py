@@ -28,7 +28,7 @@ from .export import export_units, write_files
 from .fdpassing import LISTEN_FDS_START
 from .handover import unblock_signals
 from .log import LOG_FORMATS, make_logger
-from .monitor import default_monitor_path
+from .monitor import default_monitor_path, monitor_fd_budget
 from .spawn import load_units_resolved
 from .supervisor import HANDLED_SIGNALS, Supervisor
 from .systemd import SystemdNotifier, SystemdSockets
@@ -78,6 +78,35 @@ def raise_fd_limit() -> tuple[int, int, int]:
         except (OSError, ValueError):
             target = soft
     return soft, max(soft, target), hard
+
+
+# The fds the supervisor holds besides its units' sockets and its monitor's
+# clients: at rest stdio, the loop's, the store's and the cgroups' epolls, the
+# wake-up pair and the notify, monitor and metrics sockets (11); for a moment
+# what a spawn (output files, the cgroup, the spawn's pidfd), an accepted
+# connection or a /proc read opens. None per worker: they are reaped on
+# SIGCHLD (reaper.py), not watched through a pidfd each.
+SUPERVISOR_FDS = 32
+
+
+def fd_budget_problem(sockets: int, soft: int, hard: int, *, monitor: bool) -> str | None:
+    """Why ``sockets`` unit sockets cannot fit ``RLIMIT_NOFILE`` (``soft``, raised already),
+    or None: each socket is one fd, plus :data:`SUPERVISOR_FDS`, plus the share of the
+    limit the monitor's clients may hold (:func:`~fdsupervisor.monitor.monitor_fd_budget`)."""
+    if soft == resource.RLIM_INFINITY:
+        return None
+    reserved = monitor_fd_budget(soft) if monitor else 0
+    needed = sockets + SUPERVISOR_FDS + reserved
+    if needed <= soft:
+        return None
+    limit = "infinity" if hard == resource.RLIM_INFINITY else str(hard)
+    monitor_part = f" + {reserved} for the monitor's clients" if monitor else ""
+    return (
+        f"the units cannot fit the fd limit: {sockets} sockets + {SUPERVISOR_FDS} for the "
+        f"supervisor{monitor_part} = {needed} file descriptors, but RLIMIT_NOFILE is {soft} "
+        f"(hard limit {limit}); raise the hard limit (LimitNOFILE= in the supervisor's "
+        f"systemd unit, ulimit -Hn) or run fewer sockets"
+    )
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -262,6 +291,11 @@ def run(
         print(f"fdsupervisor: {exc}", file=sys.stderr)
         return 1
     config = _run_config(args, command)
+    sockets = sum(len(unit.sockets) for unit in units)
+    problem = fd_budget_problem(sockets, soft, hard, monitor=config.monitor_path is not None)
+    if problem is not None:
+        log.error("startup_failed", error=problem, note="nothing was bound")
+        return 1
     supervisor = _supervisor(units, log, inherited, config, exec_argv, systemd_sockets)
     try:
         supervisor.bind_all()

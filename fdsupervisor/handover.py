@@ -8,8 +8,8 @@ builds a supervisor for the units the new program reads, and
    names (a socket, or a worker's stored fd, watched for hang-ups again as
    it was), and the sockets the unit files have that the old program had not;
 2. :meth:`Handover.restore_services`, during the start: each service's
-   state and its running workers, supervised again (a pidfd for each), and
-   carried on where the old program left it;
+   state and its running workers, supervised again (still this process's
+   children: the exec kept its pid), and carried on where the old program left it;
 3. :meth:`Handover.finish`, once the new program is ready: what the unit
    files no longer have goes (its sockets closed, its workers stopped).
    Not before: a take-over that fails until ready falls back to them.
@@ -33,14 +33,14 @@ from .addresses import FdAddress
 from .binding import BoundSocket, InheritedFds, bind_socket, wrap_listening_fd
 from .cgroups import WorkerCgroups
 from .fdstore import FdStore, RawFd, owner_unit, unit_owner
-from .loop import EventLoop
+from .reaper import ChildReaper
 from .service import ExitStatus, Service, ServiceState
 from .units import SocketKind, SocketSpec, Unit
 from .upgrade import HandoverState, ServiceItem, StoredItem, WorkerItem
 
 
 class HandoverHost(Protocol):
-    """What a take-over needs of the new supervisor: its store, its loop, each unit by name."""
+    """What a take-over needs of the new supervisor: its store, its reaper, each unit by name."""
 
     @property
     def store(self) -> FdStore: ...
@@ -49,10 +49,10 @@ class HandoverHost(Protocol):
     def inherited(self) -> InheritedFds: ...
 
     @property
-    def loop(self) -> EventLoop: ...
+    def cgroups(self) -> WorkerCgroups | None: ...
 
     @property
-    def cgroups(self) -> WorkerCgroups | None: ...
+    def children(self) -> ChildReaper: ...
 
     def unit_names(self) -> list[str]: ...
 
@@ -75,7 +75,7 @@ class HandoverHost(Protocol):
         """Every worker this program supervises (handed over or started by it)."""
 
     def release_workers(self) -> None:
-        """Stop supervising every worker: close their pidfds, leave the processes alone."""
+        """Stop supervising every worker: leave the processes alone, unreaped."""
 
 
 class Handover:
@@ -88,7 +88,6 @@ class Handover:
         # from the unit files, and workers of such units.
         self._leftovers: list[tuple[str, BoundSocket]] = []
         self._orphans: list[int] = []
-        self._orphan_pids: set[int] = set()  # stopped orphans not reaped yet (by their pidfd)
 
     def adopt(self, state: HandoverState, *, bind_new: bool = True) -> None:
         """Take over the old program's fds, then bind what is new.
@@ -195,31 +194,33 @@ class Handover:
         self._leftovers.clear()
         self._orphans.clear()
 
-    def orphan_pids(self) -> set[int]:
-        """The old program's workers of removed units that are stopped and not reaped yet."""
-        return set(self._orphan_pids)
-
     def _orphan(self, pid: int) -> None:
         """A worker of a unit that no longer exists: stop it, and still reap it."""
-        try:
-            pidfd = os.pidfd_open(pid)
-        except ProcessLookupError:
+        try:  # still our child (the exec kept our pid), unless it was reaped
+            os.waitid(os.P_PID, pid, os.WEXITED | os.WNOHANG | os.WNOWAIT)
+        except ChildProcessError:
             return
-        loop, cgroups = self.host.loop, self.host.cgroups
+        cgroups = self.host.cgroups
         if cgroups is not None:
             cgroups.adopt(pid)
+        self.host.children.watch(pid, _RemovedWorker(cgroups))
         self.host.signal_group(pid, signal.SIGTERM)
-        self._orphan_pids.add(pid)
 
-        def reap() -> None:
-            loop.remove_reader(pidfd)
-            os.close(pidfd)
-            os.waitpid(pid, 0)
-            self._orphan_pids.discard(pid)
-            if cgroups is not None:
-                cgroups.release(pid)
 
-        loop.add_reader(pidfd, reap)
+class _RemovedWorker:
+    """The owner of a worker whose unit is gone (reaper.ChildOwner): its cgroup goes with it."""
+
+    __slots__ = ("_cgroups",)
+
+    def __init__(self, cgroups: WorkerCgroups | None) -> None:
+        self._cgroups = cgroups
+
+    def child_exiting(self, pid: int) -> None:
+        """Nothing to do before the reap: no runner counts on this worker."""
+
+    def child_reaped(self, pid: int, wait_status: int) -> None:
+        if self._cgroups is not None:
+            self._cgroups.release(pid)
 
 
 def _restore(service: Service, item: ServiceItem) -> None:

@@ -15,15 +15,20 @@ timeout on would fail on every pass, forever).
 
 from __future__ import annotations
 
+import contextlib
 import heapq
 import itertools
 import math
-import selectors
+import select
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
 Callback = Callable[[], None]
+
+_READ = select.EPOLLIN
+_WRITE = select.EPOLLOUT
+_NO_CALLBACKS: tuple[None, None] = (None, None)
 
 # The longest single wait, as asyncio's MAXIMUM_SELECT_TIMEOUT (base_events.py):
 # a day, well under epoll_wait's INT_MAX milliseconds (24.8 days). A deadline
@@ -61,49 +66,55 @@ class Timer:
 class EventLoop:
     def __init__(self, clock: Callable[[], float] = time.monotonic) -> None:
         self.time = clock
-        self._selector = selectors.DefaultSelector()
+        # epoll itself, not the selectors module: its select() and get_key()
+        # cost a dozen Python calls per ready fd, as much as a monitor command's
+        # own work. fd → (reader, writer), as registered.
+        self._epoll = select.epoll()
+        self._handlers: dict[int, tuple[Callback | None, Callback | None]] = {}
         self._timers: list[Timer] = []
         self._cancelled = 0  # cancelled timers still in the heap
         self._seq = itertools.count()
 
     def add_reader(self, fd: int, callback: Callback) -> None:
-        self._set(fd, selectors.EVENT_READ, callback)
+        self._set(fd, callback, self._callbacks(fd)[1])
 
     def remove_reader(self, fd: int) -> None:
-        self._set(fd, selectors.EVENT_READ, None)
+        self._set(fd, None, self._callbacks(fd)[1])
 
     def add_writer(self, fd: int, callback: Callback) -> None:
-        self._set(fd, selectors.EVENT_WRITE, callback)
+        self._set(fd, self._callbacks(fd)[0], callback)
 
     def remove_writer(self, fd: int) -> None:
-        self._set(fd, selectors.EVENT_WRITE, None)
+        self._set(fd, self._callbacks(fd)[0], None)
 
     def has_reader(self, fd: int) -> bool:
         return self._callbacks(fd)[0] is not None
 
     def _callbacks(self, fd: int) -> tuple[Callback | None, Callback | None]:
-        try:
-            key = self._selector.get_key(fd)
-        except (KeyError, ValueError):
-            return (None, None)
-        callbacks: tuple[Callback | None, Callback | None] = key.data
-        return callbacks
+        return self._handlers.get(fd, _NO_CALLBACKS)
 
-    def _set(self, fd: int, event: int, callback: Callback | None) -> None:
-        reader, writer = self._callbacks(fd)
-        if event == selectors.EVENT_READ:
-            reader = callback
-        else:
-            writer = callback
-        mask = (selectors.EVENT_READ if reader else 0) | (selectors.EVENT_WRITE if writer else 0)
-        registered = self._callbacks(fd) != (None, None)
+    def _set(self, fd: int, reader: Callback | None, writer: Callback | None) -> None:
+        if fd < 0:
+            raise ValueError(f"Invalid file descriptor: {fd}")
+        mask = (_READ if reader else 0) | (_WRITE if writer else 0)
+        registered = fd in self._handlers
         if not mask:
             if registered:
-                self._selector.unregister(fd)
-        elif registered:
-            self._selector.modify(fd, mask, (reader, writer))
+                del self._handlers[fd]
+                # The fd may be closed already: the kernel dropped it from the
+                # epoll set then (as selectors' unregister() ignores this too).
+                with contextlib.suppress(OSError):
+                    self._epoll.unregister(fd)
+            return
+        if not registered:
+            self._epoll.register(fd, mask)
         else:
-            self._selector.register(fd, mask, (reader, writer))
+            try:
+                self._epoll.modify(fd, mask)
+            except OSError:
+                del self._handlers[fd]  # as selectors' modify(): forgotten, and raised
+                raise
+        self._handlers[fd] = (reader, writer)
 
     def call_at(self, when: float, callback: Callback) -> Timer:
         """Run ``callback`` at monotonic time ``when``; ``inf`` (or NaN) means never."""
@@ -140,15 +151,20 @@ class EventLoop:
     def run_once(self) -> None:
         """Wait for the next event or deadline, then run what is due."""
         timeout = self.poll_timeout()
-        for key, events in self._selector.select(timeout):
+        # Rounded up to whole milliseconds, epoll_wait's unit, so that a timer
+        # is never woken for a moment too early (as selectors does).
+        wait = -1.0 if timeout is None else math.ceil(timeout * 1e3) * 1e-3
+        handlers = self._handlers
+        for fd, events in self._epoll.poll(wait, max(len(handlers), 1)):
             # Look the callbacks up again: an earlier callback in this batch
-            # may have removed or replaced them (a client closed, say).
-            if events & selectors.EVENT_READ:
-                reader = self._callbacks(key.fd)[0]
+            # may have removed or replaced them (a client closed, say). A
+            # hang-up or an error wakes both, as selectors reports them.
+            if events & ~_WRITE:
+                reader = handlers.get(fd, _NO_CALLBACKS)[0]
                 if reader is not None:
                     reader()
-            if events & selectors.EVENT_WRITE:
-                writer = self._callbacks(key.fd)[1]
+            if events & ~_READ:
+                writer = handlers.get(fd, _NO_CALLBACKS)[1]
                 if writer is not None:
                     writer()
         now = self.time()
@@ -161,4 +177,4 @@ class EventLoop:
                 timer.callback()
 
     def close(self) -> None:
-        self._selector.close()
+        self._epoll.close()

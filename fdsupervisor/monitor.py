@@ -68,6 +68,11 @@ MAX_QUEUED_OUTPUT = 8 << 20
 MAX_WRITE = 64 << 10
 
 _CRED = struct.Struct("3i")
+# Plain ints, made once: the socket module's flags are IntFlag members, and
+# ``flags & socket.MSG_CTRUNC`` would go through enum's Python __and__ on every read.
+_RECV_FLAGS = int(socket.MSG_CMSG_CLOEXEC)
+_MSG_CTRUNC = int(socket.MSG_CTRUNC)
+_RIGHTS_SPACE = rights_space(MAX_FDS_PER_MESSAGE)
 
 
 def event_line(name: str, data: Mapping[str, Any], now: Callable[[], float] = time.time) -> bytes:
@@ -222,18 +227,17 @@ class MonitorClient:
 
     def on_readable(self) -> None:
         try:
-            data, ancillary, flags, _ = self.sock.recvmsg(
-                RECV_SIZE, rights_space(MAX_FDS_PER_MESSAGE), socket.MSG_CMSG_CLOEXEC
-            )
+            data, ancillary, flags, _ = self.sock.recvmsg(RECV_SIZE, _RIGHTS_SPACE, _RECV_FLAGS)
         except (BlockingIOError, InterruptedError):
             return
         except OSError:
             data, ancillary, flags = b"", [], 0
-        fds = fds_from_ancillary(ancillary)
-        if fds:
-            self.lost_fds = None
-            self._receive_fds(fds)
-        if flags & socket.MSG_CTRUNC:
+        if ancillary:
+            fds = fds_from_ancillary(ancillary)
+            if fds:
+                self.lost_fds = None
+                self._receive_fds(fds)
+        if flags & _MSG_CTRUNC:
             # The kernel dropped fds it could not install (we are out of fds).
             self.lost_fds = "the supervisor is out of file descriptors"
         self._backlog.extend(self.qmp.receive_data(data))
@@ -332,16 +336,22 @@ class MonitorClient:
         self._update_interest()
 
     def _update_interest(self) -> None:
-        """Watch for writability while output waits; stop reading while too much does."""
-        loop, fd = self.server.loop, self.sock.fileno()
+        """Watch for writability while output waits; stop reading while too much does.
+
+        The loop is told only of a change: a reply that leaves in one send()
+        costs no epoll_ctl() at all.
+        """
         writing = bool(self.output)
+        reading = self.pending <= MAX_PENDING_OUTPUT and self._waiting is None
+        if writing == self._writing and reading == self._reading:
+            return
+        loop, fd = self.server.loop, self.sock.fileno()
         if writing != self._writing:
             self._writing = writing
             if writing:
                 loop.add_writer(fd, self._flush)
             else:
                 loop.remove_writer(fd)
-        reading = self.pending <= MAX_PENDING_OUTPUT and self._waiting is None
         if reading != self._reading:
             self._reading = reading
             if reading:
@@ -535,6 +545,19 @@ class MonitorServer:
         for client in list(self.clients):
             if client.qmp.negotiated:
                 client.send(data)
+
+    def broadcast_event(self, name: str, data: Mapping[str, Any]) -> None:
+        """``name`` happened: its :func:`event_line` to every negotiated client.
+
+        The line is made once for all of them, and not at all when no client
+        would receive it: a getfd from a client that did not negotiate, with
+        no other client listening, costs no JSON encoding.
+        """
+        receivers = [client for client in self.clients if client.qmp.negotiated]
+        if receivers:
+            line = event_line(name, data)
+            for client in receivers:
+                client.send(line)
 
     def close(self) -> None:
         for client in list(self.clients):

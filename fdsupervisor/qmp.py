@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import json
 import re
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Final, TypeAlias
 
@@ -111,7 +111,43 @@ Event: TypeAlias = Execute | Send | Closed
 # QEMU's qobject_to_json() writes ", " and ": " and escapes everything outside
 # printable ASCII as \uXXXX, as the json module does by default. NaN and
 # infinities have no JSON spelling, so they are refused rather than written.
-_encode = json.JSONEncoder(allow_nan=False).encode
+_ENCODER: Final = json.JSONEncoder(allow_nan=False)
+
+
+def _make_encode() -> Callable[[Any], str]:
+    """``_ENCODER.encode``, without what it redoes on every call.
+
+    ``JSONEncoder.encode()`` builds a new C encoder (``c_make_encoder``) for
+    each message; a reply or an event costs that much again as encoding it.
+    This builds it once, with the same separators, escaping, ``default`` and
+    NaN refusal, so the bytes are the same. It keeps no ``markers`` (the
+    circular-reference check): a reply is built afresh from plain data and
+    cannot contain itself, and a marker left behind by a failed encoding could
+    make a later one fail. Without the C module, the plain ``encode``.
+    """
+    make = getattr(json.encoder, "c_make_encoder", None)
+    if make is None:
+        return _ENCODER.encode
+    encoder = make(
+        None,  # markers
+        _ENCODER.default,
+        json.encoder.encode_basestring_ascii,
+        None,  # indent
+        _ENCODER.key_separator,
+        _ENCODER.item_separator,
+        False,  # sort_keys
+        False,  # skipkeys
+        False,  # allow_nan
+    )
+    join = "".join
+
+    def encode(value: Any) -> str:
+        return join(encoder(value, 0))
+
+    return encode
+
+
+_encode: Final = _make_encode()
 
 _NEGOTIATION_REQUIRED: Final = "Expecting capabilities negotiation with 'qmp_capabilities'"
 _ALREADY_NEGOTIATED: Final = "Capabilities negotiation is already complete, command ignored"
@@ -123,9 +159,16 @@ def _line(message: dict[str, Any]) -> bytes:
     return _encode(message).encode("ascii") + b"\r\n"
 
 
+# The reply of every command that returns nothing (getfd, closefd, ...) to a
+# request without an id: made once.
+_EMPTY_RETURN: Final = b'{"return": {}}\r\n'
+
+
 def _response(body_key: str, body: Any, id_: Any, has_id: bool) -> bytes:
     if has_id:
         return _line({body_key: body, "id": id_})
+    if body_key == "return" and type(body) is dict and not body:
+        return _EMPTY_RETURN
     return _line({body_key: body})
 
 
@@ -324,6 +367,26 @@ _SKIP_IN_MESSAGE: Final = re.compile(
     rb'(?:[^{}\[\]"\'\x00-\x08\x0b\x0c\x0e-\x1f\xfe\xff]++'
     rb'|"(?:[^"\\\x00-\x1f\xfe\xff]++|\\[\x20-\xfd])*+")*+'
 )
+# A whole message and nothing else in one chunk, the usual case (a client sends
+# one command and waits for its reply): an object made of what _SKIP_IN_MESSAGE
+# skips (plain bytes and well-formed double-quoted strings) and of objects or
+# arrays of the same nested one level deep, with only whitespace around it.
+# The scanner would frame exactly this as one message, so it is handed to the
+# decoder without being scanned byte by byte; anything else is scanned.
+_PLAIN: Final = rb'[^{}\[\]"\'\x00-\x08\x0b\x0c\x0e-\x1f\xfe\xff]++'
+_DQ_STRING: Final = rb'"(?:[^"\\\x00-\x1f\xfe\xff]++|\\[\x20-\xfd])*+"'
+_FLAT: Final = rb"(?:" + _PLAIN + rb"|" + _DQ_STRING + rb")*+"
+_WHOLE_MESSAGE: Final = re.compile(
+    rb"[ \t\r\n]*+(\{(?:"
+    + _PLAIN
+    + rb"|"
+    + _DQ_STRING
+    + rb"|\{"
+    + _FLAT
+    + rb"\}|\["
+    + _FLAT
+    + rb"\])*+\})[ \t\r\n]*+"
+)
 # The body of a string (QEMU: any byte 0x20-0xFD, or a backslash followed by
 # one; which escapes are valid is left to the decoder). Resumable: it stops
 # before a lone trailing backslash.
@@ -415,6 +478,8 @@ def _finite(text: str) -> float:
 _decoder: Final = json.JSONDecoder(
     object_pairs_hook=_object, parse_constant=_constant, parse_float=_finite
 )
+# The C scanner that decode() calls (typeshed does not declare the attribute).
+_scan_once: Final[Callable[[str, int], tuple[Any, int]]] = _decoder.scan_once  # type: ignore[attr-defined]
 
 # QEMU's lexer extension: strings may be quoted with apostrophes, and \' is
 # an escape in either kind. Python's json knows neither, so a message that
@@ -473,7 +538,16 @@ def _decode(raw: bytes | bytearray) -> Any:
         # strings; one text for both.
         raise _ParseError("JSON parse error, invalid UTF-8 sequence") from None
     try:
-        value = _decoder.decode(text)
+        # decode() is scan_once() behind two Python frames and two whitespace
+        # matches; a framed message has no whitespace around it, so the C
+        # scanner alone decodes it. Anything else (no value, extra data) goes
+        # through decode() for its error text.
+        try:
+            value, end = _scan_once(text, 0)
+        except StopIteration:
+            end = -1
+        if end != len(text):
+            value = _decoder.decode(text)
     except json.JSONDecodeError as err:
         msg = err.msg
         raise _ParseError(f"JSON parse error, {msg[:1].lower()}{msg[1:]}") from None
@@ -659,6 +733,21 @@ class QmpConnection:
             return []
         events: list[Event] = []
         if data:
+            # The scanner between messages, in its initial state (nothing
+            # pending, skipped or discarded), and a chunk that is one message
+            # within the size limit: decoded without scanning (_WHOLE_MESSAGE).
+            if (
+                not self._buffer
+                and self._start < 0
+                and not self._discarding
+                and not self._recovering
+                and self._token_tail is None
+                and len(data) <= self.max_message_size
+            ):
+                whole = _WHOLE_MESSAGE.fullmatch(data)
+                if whole is not None:
+                    self._complete(events, 0, 0, whole.group(1))
+                    return events
             self._buffer += data
             self._scan(events, eof=False)
         else:
@@ -832,13 +921,16 @@ class QmpConnection:
         self._brackets = brackets
         self._quote = quote
 
-    def _complete(self, events: list[Event], start: int, end: int) -> tuple[int, int, int]:
-        """A message spans ``buf[start:end]``: answer or dispatch it; reset framing."""
+    def _complete(
+        self, events: list[Event], start: int, end: int, message: bytes | None = None
+    ) -> tuple[int, int, int]:
+        """A message spans ``buf[start:end]`` (or is ``message``): answer or dispatch
+        it; reset framing."""
         if self._discarding:
             self._discarding = False
         else:
             try:
-                value = _decode(self._buffer[start:end])
+                value = _decode(self._buffer[start:end] if message is None else message)
             except _ParseError as err:
                 events.append(_generic(err.desc))
             else:

@@ -8,7 +8,10 @@ workers any more"), so that nothing here imports the supervisor.
 
 A runner starts its unit's workers (:mod:`fdsupervisor.spawn`), each in a
 cgroup of its own when there are cgroups (:mod:`fdsupervisor.cgroups`);
-watches each worker's pidfd and reaps it in one place (:meth:`UnitRunner._reap`);
+has the supervisor's :class:`~fdsupervisor.reaper.ChildReaper` tell it when one
+exits (no fd per worker: reaped on SIGCHLD, and signalled by pid, which the
+kernel holds until then); handles each exit in one place
+(:meth:`UnitRunner.child_reaped`);
 asks its :class:`~fdsupervisor.service.Service` what an exit means (restart
 when, or fail) and keeps the timers that follow (restart delays, stop
 timeouts, the start timeout, the watchdog). Its sockets bring work in
@@ -30,13 +33,14 @@ from dataclasses import dataclass, field
 from functools import partial
 from typing import Any
 
-from .activation import Intake, IntakeCounters
+from .activation import Intake, IntakeCounters, StartOutcome
 from .addresses import timer_seconds
 from .cgroups import WorkerCgroups, socket_holders
 from .errors import SpawnError
 from .fdstore import Entry, FdStore, unit_owner
 from .loop import EventLoop, Timer
 from .notify import NotifyMessage
+from .reaper import ChildReaper
 from .rolling import RollingRestart
 from .service import ExitStatus, Failed, ReplacementFailed, Restart, Service, ServiceState, Worker
 from .spawn import PassedFd, prepare_worker, start_worker, worker_fds
@@ -56,6 +60,7 @@ class RunnerContext:
     emit: Callable[[str, dict[str, Any]], None]  # an event for the monitor's clients
     notify_address: Callable[[], str | None]  # the notify socket, once it is open
     cgroups: Callable[[], WorkerCgroups | None]  # made at start; None: process groups only
+    children: ChildReaper  # reaps every child on SIGCHLD, tells the runner of its worker's exit
     shutting_down: Callable[[], bool]
     # The unit has no workers any more; True: the supervisor took it over (a
     # reload was waiting for it to stop), and the runner does nothing more.
@@ -119,7 +124,7 @@ class UnitRunner:
         self._ctx = ctx
         self._loop = ctx.loop
         self._store = ctx.store
-        self._pidfds: dict[int, int] = {}  # pid → pidfd of every live worker
+        self._pids: set[int] = set()  # every live worker, until reaped
         self._held = HeldFds()
         self._restart_timers = Timers(ctx.loop)  # instance → its restart is due
         self._kill_timers = Timers(ctx.loop)  # pid → SIGKILL once stop-timeout passed
@@ -170,6 +175,7 @@ class UnitRunner:
             return
         self._intake.unwatch()
         for instance in service.instances_to_start():
+            self._restart_timers.cancel(instance)  # started now: its pending restart is moot
             self._spawn_instance(instance)
 
     def stop(self) -> None:
@@ -226,8 +232,8 @@ class UnitRunner:
     def spawn_replacement(self, instance: int, replaces: int) -> int:
         """Start a new worker for ``instance`` beside worker ``replaces``; its pid."""
         passed = worker_fds(self._store, self.unit)
-        pid, pidfd = self._start_process(instance, passed)
-        self._track(instance, pid, pidfd, passed, replaces=replaces)
+        pid = self._start_process(instance, passed)
+        self._track(instance, pid, passed, replaces=replaces)
         return pid
 
     def stop_worker(self, pid: int) -> None:
@@ -304,44 +310,51 @@ class UnitRunner:
 
     def live_workers(self) -> int:
         """How many workers are still to be reaped."""
-        return len(self._pidfds)
+        return len(self._pids)
 
     def adopt_worker(self, saved: WorkerItem) -> bool:
-        """After an upgrade: supervise a worker the old program started; False: it is gone."""
+        """After an upgrade: supervise a worker the old program started; False: it is gone.
+
+        The exec kept the supervisor's pid, so the old program's workers are
+        still its children, reaped by the same :class:`ChildReaper` (one that
+        exited meanwhile is a zombie, its status kept for us). One that is no
+        child of ours is not a worker any more: its pid was reaped.
+        """
         try:
-            pidfd = os.pidfd_open(saved.pid)
-        except ProcessLookupError:
+            os.waitid(os.P_PID, saved.pid, os.WEXITED | os.WNOHANG | os.WNOWAIT)
+        except ChildProcessError:
             return False
         self.service.adopt_worker(
             saved.instance, saved.pid, saved.started_at, ready=saved.ready, failure=saved.failure
         )
-        self._pidfds[saved.pid] = pidfd
+        self._pids.add(saved.pid)
         cgroups = self._ctx.cgroups()
         if cgroups is not None:
             cgroups.adopt(saved.pid)
-        self._loop.add_reader(pidfd, partial(self._reap, saved.pid))
+        self._ctx.children.watch(saved.pid, self)
         watchdog = self.unit.service.watchdog
         if watchdog and math.isfinite(watchdog):
             self._arm_watchdog(saved.pid, watchdog)
         return True
 
     def watched_pids(self) -> list[int]:
-        """The workers whose exit this runner still waits for (their pidfds are open)."""
-        return list(self._pidfds)
+        """The workers whose exit this runner still waits for."""
+        return list(self._pids)
 
     def close(self) -> None:
-        """At shutdown: cancel restarts and close the pidfds (the workers are gone by then)."""
+        """At shutdown (the workers are gone by then), or when a failed take-over
+        hands them back: cancel restarts, stop watching them, leave them alone."""
         self.cancel_restarts()
-        for pidfd in self._pidfds.values():
-            os.close(pidfd)
-        self._pidfds.clear()
+        for pid in self._pids:
+            self._ctx.children.forget(pid)
+        self._pids.clear()
 
     # -- starting workers ------------------------------------------------------------
 
     def _spawn_instance(self, instance: int) -> None:
         passed = worker_fds(self._store, self.unit)
         try:
-            pid, pidfd = self._start_process(instance, passed)
+            pid = self._start_process(instance, passed)
         except SpawnError as exc:
             if not exc.transient:  # the program, user or directory is wrong: no retry helps
                 self.log.error("worker_start_failed", instance=instance, error=str(exc))
@@ -353,7 +366,7 @@ class UnitRunner:
         except OSError as exc:  # out of fds, processes or memory: may pass, so retry
             self._retry_spawn(instance, exc)
             return
-        self._track(instance, pid, pidfd, passed)
+        self._track(instance, pid, passed)
 
     def start_worker(
         self,
@@ -362,20 +375,28 @@ class UnitRunner:
         *,
         extra_env: Mapping[str, str] | None = None,
         stdio_fd: int | None = None,
-    ) -> bool:
-        """Start one worker with exactly ``passed`` (a connection's); False: it could not start.
+    ) -> StartOutcome:
+        """Start one worker with exactly ``passed`` (a connection's).
 
-        The failure is logged and not retried: in accept mode that connection is lost.
+        "later": it could not start for want of fds, processes or memory, and
+        the caller may try again (the intake holds the connection meanwhile);
+        "lost": it cannot start at all (exec failed, say), logged.
         """
         try:
-            pid, pidfd = self._start_process(
-                instance, passed, extra_env=extra_env, stdio_fd=stdio_fd
-            )
+            pid = self._start_process(instance, passed, extra_env=extra_env, stdio_fd=stdio_fd)
         except (SpawnError, OSError) as exc:
+            transient = (
+                exc.transient
+                if isinstance(exc, SpawnError)
+                else exc.errno in SpawnError.RESOURCE_ERRNOS
+            )
+            if transient:
+                self.log.warning("worker_start_deferred", instance=instance, error=str(exc))
+                return "later"
             self.log.error("worker_start_failed", instance=instance, error=str(exc))
-            return False
-        self._track(instance, pid, pidfd, passed)
-        return True
+            return "lost"
+        self._track(instance, pid, passed)
+        return "started"
 
     def _retry_spawn(self, instance: int, exc: Exception) -> None:
         """A start failed for lack of resources: retried as ``restart:`` says."""
@@ -400,7 +421,7 @@ class UnitRunner:
         *,
         extra_env: Mapping[str, str] | None = None,
         stdio_fd: int | None = None,
-    ) -> tuple[int, int]:
+    ) -> int:
         return start_process(
             self.unit, instance, passed, self._ctx, self.log, extra_env=extra_env, stdio_fd=stdio_fd
         )
@@ -409,15 +430,14 @@ class UnitRunner:
         self,
         instance: int,
         pid: int,
-        pidfd: int,
         passed: Sequence[PassedFd],
         *,
         replaces: int | None = None,
     ) -> None:
-        """A worker exists: watch its pidfd and tell everyone."""
-        self._pidfds[pid] = pidfd
+        """A worker exists: have its exit reported and tell everyone."""
+        self._pids.add(pid)
         self._held.record(pid, passed)
-        self._loop.add_reader(pidfd, partial(self._reap, pid))
+        self._ctx.children.watch(pid, self)
         self.service.worker_started(instance, pid, self._loop.time(), replaces=replaces)
         spec = self.unit.service
         if spec.notify and math.isfinite(spec.start_timeout) and spec.start_timeout > 0:
@@ -434,20 +454,21 @@ class UnitRunner:
 
     # -- a worker exited -------------------------------------------------------------
 
-    def _reap(self, pid: int) -> None:
-        pidfd = self._pidfds.pop(pid)
-        self._held.forget(pid)
-        self._loop.remove_reader(pidfd)
-        os.close(pidfd)
+    def child_exiting(self, pid: int) -> None:
+        """Worker ``pid`` exited, not reaped yet (reaper.ChildOwner): end what it left."""
         # first: who left the group is told by its group id
         end_left_behind(
             pid, self.unit, self._store, self._ctx.cgroups(), self.service.pids, self.log
         )
-        # The leader is a zombie until waitpid, so its pid (= the group id)
+        # The leader is a zombie until reaped, so its pid (= the group id)
         # cannot be reused yet: kill what is left of its group now, as
         # systemd kills the rest of a service's cgroup when its main process exits.
         self._signal(pid, signal.SIGKILL, leader_too=False)
-        _, wait_status = os.waitpid(pid, 0)
+
+    def child_reaped(self, pid: int, wait_status: int) -> None:
+        """Worker ``pid`` is reaped (reaper.ChildOwner): what its exit means for the service."""
+        self._pids.discard(pid)
+        self._held.forget(pid)
         status = ExitStatus.from_wait_status(wait_status)
         stopped = pid in self._kill_timers  # we asked it to stop: its status is no news
         for timers in (self._kill_timers, self._start_timers, self._watchdog_timers):
@@ -498,11 +519,13 @@ class UnitRunner:
             ServiceState.FAILED,
         ):
             return
+        if instance in self.service.workers:
+            return  # started meanwhile (a manual start): one worker per instance
         self._spawn_instance(instance)
 
     def _kill_timeout(self, pid: int) -> None:
         self._kill_timers.fired(pid)
-        if pid in self._pidfds:
+        if pid in self._pids:
             self.log.warning("stop_timeout", pid=pid, signal="SIGKILL")
             self._signal(pid, signal.SIGKILL)
 
@@ -620,8 +643,12 @@ def start_process(
     *,
     extra_env: Mapping[str, str] | None = None,
     stdio_fd: int | None = None,
-) -> tuple[int, int]:
-    """Plan and start one worker in its cgroup: its pid and pidfd. Raises SpawnError or OSError.
+) -> int:
+    """Plan and start one worker in its cgroup: its pid. Raises SpawnError or OSError.
+
+    Its exit is learnt from SIGCHLD (reaper.py), so the spawn's pidfd is
+    closed at once: no fd per worker (the exec's failure is the spawn's own
+    report, not the pidfd's).
 
     Not per connection in accept mode: a connection worker never holds the
     listening sockets, and a fresh cgroup holds the loop some 0.4 ms per
@@ -654,9 +681,10 @@ def start_process(
         if cgroup is not None and cgroups is not None:
             cgroups.discard(cgroup)
         raise
+    os.close(started.pidfd)
     if cgroup is not None and cgroups is not None:
         cgroups.started(started.pid, cgroup)
-    return started.pid, started.pidfd
+    return started.pid
 
 
 def end_left_behind(

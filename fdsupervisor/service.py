@@ -57,20 +57,21 @@ Every change of state is one row of :data:`TRANSITIONS`, applied by
     REFRESH             workers      workers       =            =
     WORKER_STOPPED      =            =             =            =
     ALL_STOPPED         =            =             inactive     =
-    CONNECTION_ENDED    !            workers       !            =
-    WORKER_EXITED       !            last:inactive !            last:inactive
-    WORKER_FAILED       !            last:failed   !            failed
-    RESTART_SCHEDULED   !            last:starting !            last:starting
-    START_LIMIT_HIT     !            failed        !            failed
+    CONNECTION_ENDED    !            workers       !            !
+    WORKER_EXITED       !            last:inactive !            !
+    WORKER_FAILED       !            last:failed   !            !
+    RESTART_SCHEDULED   !            last:starting !            !
+    START_LIMIT_HIT     !            failed        !            !
     SPAWN_RETRY         =            =             !            =
-    REPLACEMENT_FAILED  !            workers       !            =
+    REPLACEMENT_FAILED  !            workers       !            !
     STOP_REQUESTED      stopping     stopping      stopping     stopping
     FAILED              failed       failed        failed       failed
 
 - ``=`` stays: a no-op by rule (a late READY=1 does not make a stopping or
   failed service running, as systemd acts on READY=1 only while activating).
 - ``!`` cannot happen: :class:`ServiceStateError`, a bug. ``worker_exited``
-  routes every exit while stopping or inactive to WORKER_STOPPED, and
+  routes every exit while stopping, inactive or failed to WORKER_STOPPED (a
+  failed service restarts nothing, even a worker an upgrade handed over), and
   ``spawn_failed`` fails a stopping service instead of retrying; RESTORED
   comes only to a fresh service.
 - ``activated``: listening with ``accept: true`` (systemd's Accept=yes socket
@@ -85,7 +86,10 @@ Every change of state is one row of :data:`TRANSITIONS`, applied by
   signal, timeout or watchdog: failed).
 - ``saved``: the state the old program handed over (an upgrade).
 - STOP_REQUESTED goes to stopping, and on to inactive at once (ALL_STOPPED)
-  when there is no worker to wait for.
+  when there is no worker to wait for. A start while stopping is queued
+  behind the stop, as systemd queues a start job: each instance whose worker
+  is still stopping is started once that worker is gone (a :class:`Restart`
+  with no delay from its WORKER_STOPPED).
 - A rolling restart (rolling.py) moves an instance's old worker to
   ``outgoing`` while its new one starts (``begin_replacement``); the new one
   carries ``replaces`` until it counts as started (``replacement_started``
@@ -367,9 +371,8 @@ TRANSITIONS: Final[Mapping[ServiceState, Mapping[ServiceEvent, Target]]] = Mappi
         _S.RUNNING: _UP,
         _S.STOPPING: MappingProxyType(
             {
-                # systemd would queue the start behind the stop; here it begins at once
-                # and skips the instances still stopping (an xfail test in
-                # test_service_table.py shows what is left undone)
+                # as systemd queues a start behind the stop: the instances still
+                # stopping start once their worker is gone (Service._start_after_stop)
                 _E.START_REQUESTED: _activated,
                 _E.WATCH: _S.LISTENING,
                 _E.WORKER_STARTED: STAY,
@@ -390,15 +393,9 @@ TRANSITIONS: Final[Mapping[ServiceState, Mapping[ServiceEvent, Target]]] = Mappi
                 _E.REFRESH: STAY,
                 _E.WORKER_STOPPED: STAY,
                 _E.ALL_STOPPED: STAY,
-                _E.CONNECTION_ENDED: STAY,
-                # a worker that was not asked to stop (one spawned after the failure, or
-                # one handed over by an upgrade) still exits by the rules of restart:
-                _E.WORKER_EXITED: _LAST_INACTIVE,
-                _E.WORKER_FAILED: _S.FAILED,
-                _E.RESTART_SCHEDULED: _LAST_STARTING,
-                _E.START_LIMIT_HIT: _S.FAILED,
+                # every exit while failed is WORKER_STOPPED (worker_exited): a worker the
+                # failure did not stop (one an upgrade handed over) is not restarted
                 _E.SPAWN_RETRY: STAY,
-                _E.REPLACEMENT_FAILED: STAY,
                 _E.STOP_REQUESTED: _S.STOPPING,
                 _E.FAILED: _S.FAILED,
             }
@@ -433,6 +430,8 @@ class Service:
         self._limit = StartLimit(spec.start_limit_burst, spec.start_limit_interval)
         self._failed_starts: dict[int, int] = {}
         self._resource_failures: dict[int, int] = {}  # instance → spawns failed in a row
+        # instances whose worker still stops while a start was asked: started once it is gone
+        self._start_after_stop: set[int] = set()
         self.connections = 0
 
     @property
@@ -537,6 +536,8 @@ class Service:
             return False
         if manual:
             self._limit.allow(now)
+        if not self.spec.accept:
+            self._start_after_stop = {i for i, w in self.workers.items() if w.stopping}
         self._apply(ServiceEvent.START_REQUESTED)
         return True
 
@@ -627,10 +628,14 @@ class Service:
             # An old worker that died while being replaced: its replacement is on its
             # way, so it is not restarted (and the restart stands or fails by it).
             worker.stopping = True
-        if worker.stopping or self._state in (ServiceState.STOPPING, ServiceState.INACTIVE):
+        quiet = (ServiceState.STOPPING, ServiceState.INACTIVE, ServiceState.FAILED)
+        if worker.stopping or self._state in quiet:
             self._apply(ServiceEvent.WORKER_STOPPED)
             if not self.workers and not self.outgoing:
                 self._apply(ServiceEvent.ALL_STOPPED)
+            if worker.instance in self._start_after_stop and self._state not in quiet:
+                self._start_after_stop.discard(worker.instance)
+                return Restart(worker.instance, now, 0.0)  # the start queued behind the stop
             return None
         if worker.replaces is not None:
             old = self.outgoing.pop(worker.replaces, None)
@@ -701,6 +706,7 @@ class Service:
 
     def request_stop(self) -> list[int]:
         """Mark every worker as stopping; returns the pids to signal."""
+        self._start_after_stop.clear()  # a stop cancels a start queued behind an earlier one
         for worker in (*self.workers.values(), *self.outgoing.values()):
             worker.stopping = True
             worker.replaces = None  # a stop ends a rolling restart: nothing is replaced

@@ -29,7 +29,11 @@ credentials, stdout and stderr, pid variables, exec):
 - ``fdsupervisor._spawn``, a C extension: ``clone(CLONE_VM | CLONE_VFORK)``
   as glibc's ``posix_spawn()`` does, no copy of the supervisor's memory and
   no Python in the child; an exec failure reaches the parent through the
-  memory they share. Used whenever it was built, for every unit.
+  memory they share. Used whenever it was built, for every unit. On x86-64
+  a worker with a cgroup is created in it (``clone3(CLONE_INTO_CGROUP)``),
+  so it never migrates (a migration may wait ~10 ms for the kernel after an
+  idle spell, docs/performance.md); elsewhere, or with
+  ``FDSUPERVISOR_SPAWN=migrate``, the child joins by writing ``cgroup.procs``.
 - the pure-Python fallback: ``os.fork()``, the steps in Python, an exec
   failure reported through a close-on-exec pipe as CPython's
   ``_posixsubprocess`` does. Used where no C compiler was at install time,
@@ -72,13 +76,17 @@ except ImportError:  # built without a C compiler: the os.fork() path
     _native = None  # type: ignore[assignment]
 
 SPAWN_PATH_ENV: Final = "FDSUPERVISOR_SPAWN"
-"""The supervisor's own switch of spawn path: ``native`` (the default) or ``fork``.
+"""The supervisor's own switch of spawn path: ``native`` (the default), ``migrate`` or ``fork``.
+
+``migrate`` is the native spawn with the child joining its cgroup by a write to
+``cgroup.procs`` (what kernels without ``clone3(CLONE_INTO_CGROUP)`` get), to
+test and compare that path where the kernel has the better one.
 
 Read from the supervisor's environment as it was at start (the copy the
 supervisor keeps), never from a unit's ``environment:``. ``native`` where the
 extension was not built is the fork path, as without the variable.
 """
-SPAWN_PATHS: Final = ("native", "fork")
+SPAWN_PATHS: Final = ("native", "migrate", "fork")
 
 # Signals the supervisor catches or ignores; a worker starts with them at
 # their defaults, as a fresh process from a shell would.
@@ -163,6 +171,7 @@ class Resolved:
     stderr_fd: int | None = None
     fork: bool = False  # FDSUPERVISOR_SPAWN=fork
     rlimits: tuple[tuple[int, int, int], ...] = ()  # (RLIMIT_*, soft, hard), -1 infinity
+    migrate: bool = False  # FDSUPERVISOR_SPAWN=migrate
 
 
 @dataclass(frozen=True, slots=True)
@@ -192,6 +201,7 @@ class SpawnPlan:
     # LISTEN_PID always, WATCHDOG_PID with a watchdog (as systemd sets both).
     pid_variables: tuple[str, ...] = ("LISTEN_PID",)
     fork: bool = False  # the os.fork() path even where the C extension is built
+    migrate: bool = False  # native, but into the cgroup by a write to cgroup.procs
     # Hardening (SPEC section 10), in the order the child applies it: the
     # umask first (the output files are created with it), the rlimits while
     # still root (raising a hard limit needs CAP_SYS_RESOURCE), the groups
@@ -300,7 +310,7 @@ def resolve_worker(
     service = unit.service
     account = resolve_account(service.user, service.group, service.supplementary_groups)
     rlimits = resolve_limits(service.limits)
-    fork = fork_requested(environ)
+    path = requested_spawn_path(environ)
     program = worker_argv(unit, passed, instance)[0]
     search_path = ""
     if "/" not in program:
@@ -318,18 +328,26 @@ def resolve_worker(
         if stdout_fd is not None:
             os.close(stdout_fd)
         raise
-    return Resolved(executable, account, stdout_fd, stderr_fd, fork, rlimits)
+    return Resolved(
+        executable,
+        account,
+        stdout_fd,
+        stderr_fd,
+        fork=path == "fork",
+        rlimits=rlimits,
+        migrate=path == "migrate",
+    )
 
 
-def fork_requested(environ: Mapping[str, str]) -> bool:
-    """Whether the supervisor's environment asks for the os.fork() path (``FDSUPERVISOR_SPAWN``)."""
+def requested_spawn_path(environ: Mapping[str, str]) -> str:
+    """The spawn path the supervisor's environment asks for (``FDSUPERVISOR_SPAWN``)."""
     value = environ.get(SPAWN_PATH_ENV) or "native"
     if value not in SPAWN_PATHS:
         raise SpawnError(
             f"{SPAWN_PATH_ENV}={value!r} in the supervisor's environment: "
-            f"expected {' or '.join(SPAWN_PATHS)}"
+            f"expected {', '.join(SPAWN_PATHS[:-1])} or {SPAWN_PATHS[-1]}"
         )
-    return value == "fork"
+    return value
 
 
 def resolve_account(
@@ -641,6 +659,7 @@ def plan_worker(
         cgroup_fd=cgroup_fd,
         pid_variables=pid_variables,
         fork=resolved.fork,
+        migrate=resolved.migrate,
         rlimits=resolved.rlimits,
         umask=service.umask,
         no_new_privileges=service.no_new_privileges,
@@ -689,7 +708,11 @@ def native_spawn_available() -> bool:
 
 
 def _spawn_native(plan: SpawnPlan) -> int:
-    """:func:`spawn` with ``clone(CLONE_VM | CLONE_VFORK)`` in ``fdsupervisor._spawn``."""
+    """:func:`spawn` with ``clone(CLONE_VM | CLONE_VFORK)`` in ``fdsupervisor._spawn``.
+
+    A worker with a cgroup is made in it with ``clone3(CLONE_INTO_CGROUP)``
+    where the kernel can (x86-64, Linux 5.7), unless ``plan.migrate``.
+    """
     if _native is None:
         raise SpawnError("the native spawn (fdsupervisor._spawn) was not built")
     pid_variables = plan.pid_variables
@@ -720,6 +743,7 @@ def _spawn_native(plan: SpawnPlan) -> int:
             plan.rlimits,
             -1 if plan.umask is None else plan.umask,
             plan.no_new_privileges,
+            plan.migrate,
         )
     except OSError as exc:  # "STAGE: reason", or from clone() itself
         raise SpawnError(f"cannot start {plan.argv[0]!r}: {exc.strerror}", exc.errno) from None
@@ -785,7 +809,9 @@ def _exec_child(plan: SpawnPlan, report_fd: int) -> None:  # pragma: no cover - 
             signal.signal(signum, signal.SIG_DFL)
         signal.pthread_sigmask(signal.SIG_SETMASK, ())
         if plan.cgroup_fd is not None:
-            # before anything the worker could fork from, and while still root
+            # before anything the worker could fork from, and while still root;
+            # a migration, as os.fork() cannot create the child in its cgroup
+            # (clone3(CLONE_INTO_CGROUP) would bypass CPython's fork handlers)
             stage = "cgroup"
             procs = os.open("cgroup.procs", os.O_WRONLY | os.O_CLOEXEC, dir_fd=plan.cgroup_fd)
             os.write(procs, b"0")

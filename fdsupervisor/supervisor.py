@@ -3,12 +3,12 @@
 It binds every unit's sockets into the :class:`~fdsupervisor.fdstore.FdStore`
 (all of them, or none: a bind failure closes what was bound), makes one
 :class:`~fdsupervisor.runner.UnitRunner` per unit and has each activate its
-unit, and then lives on events. What happens to one unit (a worker's pidfd
-becomes readable, a restart or stop timer fires, traffic arrives, a worker
+unit, and then lives on events. What happens to one unit (a worker
+exits, a restart or stop timer fires, traffic arrives, a worker
 notifies) is its runner's business; the supervisor reads the notify socket
 and hands each message to the runner of the worker that sent it, answers
 the monitor's commands, and handles signals (SIGTERM/SIGINT: shut down,
-SIGHUP: reload, SIGUSR2: upgrade, SIGCHLD: reap orphans, reaper.py).
+SIGHUP: reload, SIGUSR2: upgrade, SIGCHLD: reap every child, reaper.py).
 
 Signal handlers do nothing but wake the loop (``signal.set_wakeup_fd``),
 as gunicorn's arbiter and asyncio do; all work happens in the loop.
@@ -35,10 +35,10 @@ from .fdstore import Entry, FdStore, StoreEvent, owner_service
 from .handover import Handover, handed_socket
 from .loop import EventLoop, Timer
 from .metrics import MetricsServer, MetricsSource, unit_intakes
-from .monitor import MonitorServer, event_line
+from .monitor import MonitorServer
 from .notifications import WorkerNotifications
 from .notify import NotifySocket
-from .reaper import OrphanReaper, set_child_subreaper, stop_namespace
+from .reaper import ChildReaper, set_child_subreaper, stop_namespace
 from .reloader import Reloader
 from .runner import RunnerContext, UnitRunner, signal_group
 from .runtime_sockets import RuntimeSockets
@@ -49,7 +49,7 @@ from .units import SocketSpec, Unit
 from .upgrade import HandoverState, RunConfig, StoredItem, Upgrader, WorkerItem
 
 HANDLED_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGUSR2)
-# SIGCHLD too wakes the loop, to reap orphans (reaper.py); it is not one of the
+# SIGCHLD too wakes the loop, to reap every child (reaper.py); it is not one of the
 # signals an upgrade carries across its exec: the new program reaps once at start.
 WAKEUP_SIGNALS = (*HANDLED_SIGNALS, signal.SIGCHLD)
 
@@ -97,6 +97,9 @@ class Supervisor:
         )
         self._watchdog: Timer | None = None
         self.shutting_down = False
+        # Every child (workers, and orphans re-parented to us: we are a child
+        # subreaper, or PID 1) reaped on SIGCHLD, each exit to its runner (or the handover).
+        self.children = ChildReaper(log=log)
         # What every unit's runner shares; the getters are read when used
         # (the notify socket and the cgroups are made at start()).
         self._runner_context = RunnerContext(
@@ -107,6 +110,7 @@ class Supervisor:
             emit=self.emit,
             notify_address=lambda: self.notifications.address,
             cgroups=lambda: self.cgroups,
+            children=self.children,
             shutting_down=lambda: self.shutting_down,
             on_idle=self._unit_idle,
         )
@@ -133,11 +137,6 @@ class Supervisor:
         )
         self._signals = SignalWakeup(WAKEUP_SIGNALS)  # installed at start()
         self._wakeup_fd: int | None = None
-        # Orphans re-parented to us (we are a child subreaper, or PID 1): reaped unless
-        # a runner (or the handover) watches them by pidfd and reaps them itself.
-        self.reaper = OrphanReaper(
-            lambda: {*self.worker_pids(), *self.handover.orphan_pids()}, log=log
-        )
         self.on_shutdown: list[Callable[[], None]] = []
         # A command-line unit (run --listen ... -- COMMAND) is the whole job.
         self._one_off = run_config is not None and run_config.command_line is not None
@@ -186,7 +185,7 @@ class Supervisor:
             existing = socket.socket(fileno=existing_fd)
         server.open(existing, existing_inode)
         self.monitor = server
-        self.listeners.append(lambda name, data: server.broadcast(event_line(name, data)))
+        self.listeners.append(server.broadcast_event)
         self.on_shutdown.append(server.close)
         return server
 
@@ -273,7 +272,6 @@ class Supervisor:
             self.log.warning("subreaper_refused", note="orphans go to the namespace's init")
         self._wakeup_fd = self._signals.install()
         self.loop.add_reader(self._wakeup_fd, self._on_signals)
-        self.reaper.reap()  # orphans that exited before (or during an upgrade's exec)
         self.notifications.open(handover.notify_fd if handover is not None else None)
         self.loop.add_reader(self.store.hangup_fileno(), self._on_hangups)
         if self.use_cgroups:
@@ -287,6 +285,9 @@ class Supervisor:
                 runner.activate()
         else:
             self.handover.restore_services(handover)
+        # What exited before (orphans, or handed-over workers during the exec):
+        # after the restore, so that a worker's exit goes to its runner.
+        self.children.reap()
         if self.cgroups is not None:
             self.cgroups.release_unclaimed()
         interval = self.notifier.watchdog_interval()
@@ -492,7 +493,7 @@ class Supervisor:
     def _on_signals(self) -> None:
         data = self._signals.drain()
         if signal.SIGCHLD in data:
-            self.reaper.reap()
+            self.children.reap()
         for signum in data:
             if signum in (signal.SIGTERM, signal.SIGINT):
                 self.shutdown(signal.Signals(signum).name)

@@ -13,8 +13,9 @@ survive crosses the exec in two ways:
   travels in a memfd whose number is in ``FDSUPERVISOR_HANDOVER_FD``.
 
 The workers are the supervisor's children before and after the exec (the pid
-does not change), so the new program reopens a pidfd for each and goes on
-reaping them; a worker that exits meanwhile stays a zombie until then.
+does not change), so the new program goes on reaping them on SIGCHLD
+(reaper.py); a worker that exits meanwhile stays a zombie until then, and its
+exit goes to its runner.
 
 Precedents: gunicorn's re-exec on SIGUSR2 (``Arbiter.reexec``) passes its
 listening sockets by number in ``GUNICORN_FD``; nginx's binary upgrade

@@ -38,6 +38,15 @@ SPAWN_PATHS = [
     )),
     pytest.param(FORK_SPAWN, id="fork"),
 ]  # fmt: skip
+# The native spawn's second way into a worker's cgroup, the write to cgroup.procs of
+# kernels without clone3(CLONE_INTO_CGROUP): for the tests of the cgroups themselves.
+MIGRATE_SPAWN = {"FDSUPERVISOR_SPAWN": "migrate"}
+CGROUP_SPAWN_PATHS = [
+    *SPAWN_PATHS,
+    pytest.param(MIGRATE_SPAWN, id="migrate", marks=pytest.mark.skipif(
+        not native_spawn_available(), reason="fdsupervisor._spawn is not built"
+    )),
+]  # fmt: skip
 ECHO_WORKER = str(ROOT / "contrib" / "workers" / "echo.py")
 PYTHON = sys.executable
 

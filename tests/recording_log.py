@@ -30,5 +30,8 @@ class RecordingLog:
     def error(self, event: str, **fields: Any) -> None:
         self._record("error", event, fields)
 
+    def exception(self, event: str, **fields: Any) -> None:
+        self._record("error", event, fields)
+
     def events(self, name: str) -> list[dict[str, Any]]:
         return [fields for _level, event, fields in self.lines if event == name]

@@ -475,3 +475,33 @@ def test_a_flooding_client_is_throttled_and_others_are_served(supervisor) -> Non
     flood.close()
     with RawClient(sup.monitor_path).negotiate() as other:
         assert "return" in other.command("query-fds")
+
+
+SLOW_TO_STOP = """
+    sockets:
+      http: {listen: "127.0.0.1:0"}
+    service:
+      # the worker's own behaviour: it takes half a second to exit on SIGTERM
+      exec: [/bin/sh, -c, 'trap "sleep 0.5; exit 0" TERM; sleep 100 & wait']
+    """
+
+
+def test_a_start_while_the_service_stops_starts_it_once_the_old_worker_is_gone(
+    supervisor,
+) -> None:
+    """service-stop, then service-start before the worker is gone: as systemd queues a start
+    job behind a stop job, the new worker starts once the old one has exited."""
+    sup = supervisor({"web": SLOW_TO_STOP})
+    first = sup.wait_for("worker_started")["pid"]
+    with RawClient(sup.monitor_path).negotiate() as client:
+        mark = sup.mark()
+        assert client.command("service-stop", unit="web") == {"return": {}}
+        assert client.command("service-start", unit="web") == {"return": {}}
+        assert client.command("query-services")["return"][0]["pids"] == [first]  # still stopping
+        exited = sup.wait_for("worker_exited", pid=first, after=mark)
+        second = sup.wait_for("worker_started", after=mark)["pid"]
+        assert second != first and sup.events.index(exited) < sup.events.index(
+            sup.wait_for("worker_started", pid=second)
+        )
+        services = client.command("query-services")["return"][0]
+    assert services["state"] == "running" and services["pids"] == [second]

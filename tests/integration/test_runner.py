@@ -2,13 +2,15 @@
 
 Each test builds a :class:`UnitRunner` with a real :class:`EventLoop` and fd
 store, starts real worker processes and runs the loop until the event it
-waits for, with a deadline (no sleeps). What the runner tells the
+waits for, with a deadline (no sleeps). Children are reaped as the
+supervisor reaps them: a :class:`ChildReaper` woken by SIGCHLD. What the runner tells the
 supervisor (events, "this unit is idle") is recorded.
 """
 
 from __future__ import annotations
 
 import os
+import select
 import signal
 import subprocess
 import sys
@@ -23,9 +25,12 @@ from fdsupervisor.binding import InheritedFds, bind_socket
 from fdsupervisor.fdstore import FdStore
 from fdsupervisor.loop import EventLoop
 from fdsupervisor.notify import NotifyMessage
+from fdsupervisor.reaper import ChildReaper
 from fdsupervisor.runner import RunnerContext, UnitRunner, find_sender
 from fdsupervisor.service import ServiceState
+from fdsupervisor.signals import SignalWakeup
 from fdsupervisor.units import load_unit_text
+from fdsupervisor.upgrade import WorkerItem
 from tests.recording_log import RecordingLog
 
 PYTHON = sys.executable
@@ -38,6 +43,7 @@ class Harness:
     loop: EventLoop
     store: FdStore
     log: RecordingLog
+    children: ChildReaper
     events: list[tuple[str, dict[str, Any]]] = field(default_factory=list)
     idle: list[UnitRunner] = field(default_factory=list)
     take_over_idle: bool = False
@@ -55,6 +61,7 @@ class Harness:
             emit=lambda event, data: self.events.append((event, data)),
             notify_address=lambda: None,
             cgroups=lambda: None,
+            children=self.children,
             shutting_down=lambda: False,
             on_idle=self._on_idle,
         )
@@ -86,7 +93,10 @@ class Harness:
 
 @pytest.fixture
 def harness() -> Iterator[Harness]:
-    h = Harness(EventLoop(), FdStore(), RecordingLog())
+    log = RecordingLog()
+    h = Harness(EventLoop(), FdStore(), log, ChildReaper(log=log))
+    wakeup = SignalWakeup([signal.SIGCHLD])
+    h.loop.add_reader(wakeup.install(), lambda: (wakeup.drain(), h.children.reap()))
     yield h
     for runner in h.runners:  # whatever a failed test left running
         for pid in runner.service.pids:
@@ -98,6 +108,7 @@ def harness() -> Iterator[Harness]:
     h.run_until(lambda: not any(r.live_workers() for r in h.runners))
     for runner in h.runners:
         runner.close()
+    wakeup.close()
     h.store.close_all()
     h.loop.close()
 
@@ -245,3 +256,58 @@ def test_a_child_in_the_workers_process_group_speaks_for_it(harness: Harness) ->
         os.killpg(leader.pid, signal.SIGKILL)
         leader.wait()
         runner.service.workers.clear()
+
+
+def test_a_manual_start_while_a_restart_is_pending_starts_one_worker(
+    harness: Harness, tmp_path: Path
+) -> None:
+    """The first worker crashes and its restart waits 300 ms; service-start meanwhile starts
+    the instance at once, and the pending restart must not start a second worker for it."""
+    marker = tmp_path / "crashed-once"
+    code = (
+        f"import os, sys, time; p = {str(marker)!r}\n"
+        "if not os.path.exists(p): open(p, 'w').close(); sys.exit(1)\n"
+        "time.sleep(60)"
+    )
+    runner = harness.runner(exec_python(code) + "\nrestart-delay: 300ms")
+    runner.start()
+    harness.run_until(lambda: bool(harness.named("SERVICE_EXITED")))
+    assert runner.service.state is ServiceState.STARTING  # the restart waits its delay
+    runner.start(manual=True)
+    assert len(harness.named("SERVICE_STARTED")) == 2
+    past_due = harness.loop.time() + 0.6  # the restart's due time, and some
+    harness.run_until(lambda: harness.loop.time() >= past_due)
+    assert len(harness.named("SERVICE_STARTED")) == 2, "one worker for the instance"
+    assert runner.live_workers() == 1 and len(runner.service.pids) == 1
+    runner.stop()
+    harness.run_until(lambda: runner.live_workers() == 0)
+
+
+def test_an_adopted_worker_that_exited_meanwhile_is_reported_by_its_runner(
+    harness: Harness,
+) -> None:
+    """After an upgrade's exec the old workers are still our children: a zombie's exit
+    status waits for its runner, which reports it as its worker's, not as an orphan's."""
+    runner = harness.runner(exec_python("pass") + "\nrestart: no")
+    pid = os.fork()
+    if pid == 0:  # pragma: no cover - the "worker" the old program started
+        os._exit(5)
+    pidfd = os.pidfd_open(pid)
+    try:
+        assert select.select([pidfd], [], [], 10)[0], "the worker did not exit"
+    finally:
+        os.close(pidfd)
+    assert runner.adopt_worker(WorkerItem(0, pid, harness.loop.time(), True))
+    assert runner.service.pids == [pid]
+    assert harness.children.reap() == [], "not an orphan's reap"
+    assert runner.live_workers() == 0
+    (exited,) = harness.log.events("worker_exited")
+    assert exited["pid"] == pid and exited["status"] == "code 5"
+    assert harness.log.events("orphan_reaped") == []
+
+
+def test_a_process_that_is_not_our_child_is_not_adopted(harness: Harness) -> None:
+    """Only a child's pid is held until we reap it: anything else is no worker of ours."""
+    runner = harness.runner(exec_python("pass"))
+    assert not runner.adopt_worker(WorkerItem(0, os.getppid(), harness.loop.time(), True))
+    assert runner.service.pids == [] and runner.live_workers() == 0

@@ -689,6 +689,28 @@ def test_an_accept_unit_out_of_fds_lets_connections_wait_then_serves_them(superv
     sup.wait_for("worker_exited", unit="acc")
 
 
+def test_an_accept_unit_with_one_fd_free_holds_the_connection_until_its_worker_can_start(
+    supervisor,
+) -> None:
+    """One free fd takes the connection, but its worker needs more: the connection is held
+    and its worker started once fds are free, not dropped."""
+    sup = supervisor({"web": WEB, "acc": ACCEPT_CAT})
+    sup.wait_for("worker_started", unit="web")
+    port = sup.port("conn")
+    with RawClient(sup.monitor_path).negotiate() as client:
+        with out_of_fds(sup, client) as names:
+            free_fds(client, names[:1])  # room for accept(), none for the spawn's pipe and pidfd
+            mark = sup.mark()
+            conn = socket.create_connection(("127.0.0.1", port), timeout=10)
+            deferred = sup.wait_for("worker_start_deferred", unit="acc", after=mark)
+            assert "Too many open files" in deferred["error"]
+            free_fds(client, names[1:])
+        with conn:
+            conn.sendall(b"held, then served\n")
+            assert conn.recv(100) == b"held, then served\n"
+    sup.wait_for("worker_exited", unit="acc")
+
+
 # Two sockets: the new worker needs two free fds (each passed fd is first
 # duplicated above the target range, in the child or, without the C spawn,
 # after a pipe), and reaping the old one frees only one, its pidfd.

@@ -2,7 +2,9 @@
 
 Both defences live between fork and exec, so every test runs the supervisor
 with each spawn path: the C extension (``NATIVE_SPAWN``) and the os.fork()
-fallback (``FORK_SPAWN``), chosen by ``FDSUPERVISOR_SPAWN`` in its environment.
+fallback (``FORK_SPAWN``), chosen by ``FDSUPERVISOR_SPAWN`` in its environment;
+the escaped daemon also with the native spawn's migration into the cgroup
+(``MIGRATE_SPAWN``), the way of kernels without ``clone3(CLONE_INTO_CGROUP)``.
 
 - A worker's ``stdout: append:PATH`` is opened by the child once it is the
   worker's user: a worker that swaps its log file for a symlink to a
@@ -31,7 +33,7 @@ from pathlib import Path
 import pytest
 
 from fdsupervisor.cgroups import cgroup2_mounts, cgroup_directory, own_cgroup
-from tests.conftest import SPAWN_PATHS, SupervisorProcess
+from tests.conftest import CGROUP_SPAWN_PATHS, SPAWN_PATHS, SupervisorProcess
 from tests.monitor_client import RawClient
 
 SYSTEM_PYTHON = "/usr/bin/python3"  # readable by nobody, needs nothing of ours
@@ -235,7 +237,7 @@ def see_the_daemon_answer(port: int, daemon: int) -> None:
 
 @pytest.mark.skipif(not writable_cgroup2(), reason="needs a writable cgroup v2 hierarchy")
 @pytest.mark.skipif(not os.path.exists(SYSTEM_PYTHON), reason="needs /usr/bin/python3")
-@pytest.mark.parametrize("spawn_env", SPAWN_PATHS)
+@pytest.mark.parametrize("spawn_env", CGROUP_SPAWN_PATHS)
 def test_an_escaped_daemon_is_stopped_with_its_worker(
     supervisor, tmp_path: Path, spawn_env: dict[str, str]
 ) -> None:

@@ -1,7 +1,10 @@
 """Both ways of starting a worker, with real processes: what the worker gets, and nothing more.
 
-Every test runs twice: with the C extension (``clone(CLONE_VM | CLONE_VFORK)``,
-``_spawn_native``) and with the ``os.fork()`` fallback (``_spawn_python``).
+Every test runs three times: with the C extension (``clone(CLONE_VM | CLONE_VFORK)``,
+``_spawn_native``; a child with a cgroup made in it by ``clone3(CLONE_INTO_CGROUP)``),
+with the same forced to join the cgroup by a write to ``cgroup.procs``, as where
+``clone3`` is not there (``native-migrate``, ``FDSUPERVISOR_SPAWN=migrate``), and with
+the ``os.fork()`` fallback (``_spawn_python``).
 Most workers are ``sleep``: it changes no signal and opens no fd, so what
 ``/proc/PID`` shows once ``spawn`` returned (the exec has happened by then)
 is exactly what the spawn step gave it.
@@ -13,14 +16,17 @@ takes on each path.
 from __future__ import annotations
 
 import ctypes
+import dataclasses
 import errno
 import grp
 import os
+import platform
 import pwd
 import select
 import shutil
 import signal
 import socket
+import struct
 import sys
 import tempfile
 import textwrap
@@ -59,13 +65,21 @@ SLEEP = shutil.which("sleep") or "/bin/sleep"
 TRUE = shutil.which("true") or "/bin/true"
 SH = shutil.which("sh") or "/bin/sh"
 
+
+def _spawn_native_migrating(plan: SpawnPlan) -> int:
+    """The native spawn as where ``clone3(CLONE_INTO_CGROUP)`` is not: the child migrates."""
+    return _spawn_native(dataclasses.replace(plan, migrate=True))
+
+
+NOT_BUILT = pytest.mark.skipif(
+    not native_spawn_available(),
+    reason="fdsupervisor._spawn is not built (no C compiler when installed?)",
+)
 PATHS = [
-    pytest.param(_spawn_native, id="native", marks=pytest.mark.skipif(
-        not native_spawn_available(),
-        reason="fdsupervisor._spawn is not built (no C compiler when installed?)",
-    )),
+    pytest.param(_spawn_native, id="native", marks=NOT_BUILT),
+    pytest.param(_spawn_native_migrating, id="native-migrate", marks=NOT_BUILT),
     pytest.param(_spawn_python, id="python"),
-]  # fmt: skip
+]
 
 
 @pytest.fixture(params=PATHS)
@@ -418,12 +432,12 @@ def test_extension_checks_its_arguments_before_starting_anything(
 
     args: list[Any] = [
         TRUE.encode(), [b"true"], [], (), -1, None, -1, -1, None, (b"LISTEN_PID",), (15,),
-        -1, -1, None, False, None, False, -1, (), -1, False,
+        -1, -1, None, False, None, False, -1, (), -1, False, False,
     ]  # fmt: skip
     args[index] = value
     with pytest.raises(error):
         _spawn.spawn(*args)
-    with pytest.raises(TypeError, match="exactly 21 arguments"):
+    with pytest.raises(TypeError, match="exactly 22 arguments"):
         _spawn.spawn(*args[:-1])
     assert zombies_of(os.getpid()) == []
 
@@ -563,6 +577,68 @@ def test_the_child_joins_its_cgroup_before_exec(spawn_with: Spawn) -> None:
             assert str(os.getpid()) not in (cgroup / "cgroup.procs").read_text().split()
         finally:
             os.close(directory)
+
+
+@contextmanager
+def writes_to_cgroup_procs(cgroup: Path) -> Iterator[Callable[[], bool]]:
+    """Whether anything wrote to ``cgroup``'s ``cgroup.procs`` (a migration into it), so far.
+
+    inotify on the cgroup's directory: cgroupfs files get the VFS's
+    IN_MODIFY and IN_CLOSE_WRITE like any file, from the writer's write()
+    and close(), before the writer goes on; a clone3(CLONE_INTO_CGROUP)
+    opens and writes nothing.
+    """
+    libc = ctypes.CDLL(None, use_errno=True)
+    in_modify, in_close_write = 0x2, 0x8  # <sys/inotify.h>
+    inotify = libc.inotify_init1(os.O_NONBLOCK | os.O_CLOEXEC)
+    if inotify < 0:
+        pytest.skip(f"inotify: {os.strerror(ctypes.get_errno())}")
+    try:
+        if libc.inotify_add_watch(inotify, bytes(cgroup), in_modify | in_close_write) < 0:
+            raise OSError(ctypes.get_errno(), "inotify_add_watch")
+        names: list[bytes] = []
+
+        def written() -> bool:
+            try:
+                data = os.read(inotify, 65536)
+            except BlockingIOError:
+                data = b""
+            while data:
+                _wd, _mask, _cookie, length = struct.unpack_from("iIII", data)
+                names.append(data[16 : 16 + length].rstrip(b"\0"))
+                data = data[16 + length :]
+            return b"cgroup.procs" in names
+
+        yield written
+    finally:
+        os.close(inotify)
+
+
+def test_the_worker_starts_in_its_cgroup_without_a_migration(
+    spawn_with: Spawn, tmp_path: Path
+) -> None:
+    """Its first read of /proc/self/cgroup names its cgroup, and nothing wrote cgroup.procs.
+
+    Natively on x86-64 the child is created there (clone3 with CLONE_INTO_CGROUP,
+    no migration to wait for); the other paths write "0" to cgroup.procs.
+    """
+    report = tmp_path / "cgroup"
+    with cgroup_of_our_own() as cgroup, writes_to_cgroup_procs(cgroup) as migrated:
+        directory = os.open(cgroup, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        try:
+            plan = plan_for(
+                [SH, "-c", "exec cat /proc/self/cgroup"],
+                cgroup_fd=directory,
+                stdout_file=OutputFile(bytes(report), append=False),
+            )
+            assert os.waitpid(spawn_with(plan), 0)[1] == 0
+        finally:
+            os.close(directory)
+        assert own_cgroup(report.read_text()).endswith(f"/{cgroup.name}")  # type: ignore[union-attr]
+        if spawn_with is _spawn_native and platform.machine() == "x86_64":
+            assert not migrated(), "the native child was moved into its cgroup, not made there"
+        else:
+            assert migrated()
 
 
 def test_failure_as_another_user_is_reported(spawn_with: Spawn, tmp_path: Path) -> None:
@@ -713,6 +789,8 @@ def test_a_started_worker_is_watched_by_its_pidfd(spawn_with: Spawn, tmp_path: P
     environ = {"PATH": os.defpath}
     if spawn_with is _spawn_python:
         environ[SPAWN_PATH_ENV] = "fork"
+    elif spawn_with is _spawn_native_migrating:
+        environ[SPAWN_PATH_ENV] = "migrate"
     with socket_pair() as (a, _):
         fds_before = open_fds()
         plan = prepare_worker(unit, [PassedFd("http", a.fileno())], 0, environ, notify_socket=None)

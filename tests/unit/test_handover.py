@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import select
 import signal
 import socket
 import textwrap
@@ -23,6 +24,7 @@ from fdsupervisor.cgroups import WorkerCgroups
 from fdsupervisor.fdstore import FdStore
 from fdsupervisor.handover import Handover
 from fdsupervisor.loop import EventLoop
+from fdsupervisor.reaper import ChildReaper
 from fdsupervisor.service import Service, ServiceState
 from fdsupervisor.units import Unit, load_unit_text
 from fdsupervisor.upgrade import HandoverState, ServiceItem, StoredItem, WorkerItem
@@ -46,6 +48,7 @@ class Host:
         self.inherited = InheritedFds(frozenset())
         self.loop = EventLoop()
         self.cgroups: WorkerCgroups | None = None
+        self.children = ChildReaper(log=Log())
         self.units = {u.name: u for u in units}
         self.services = {u.name: Service(u.name, u.service) for u in units}
         self.calls: list[tuple[Any, ...]] = []
@@ -219,12 +222,14 @@ def test_an_orphan_is_stopped_once_ready_and_still_reaped(host: Host, child: int
     assert host.calls == []
     takeover.finish()
     assert host.calls == [("signal", pid, signal.SIGTERM)]
-    for _ in range(100):  # bounded: each turn waits up to the loop's longest poll
-        host.loop.run_once()
-        try:
-            os.kill(pid, 0)
-        except ProcessLookupError:
-            break
+    assert pid in host.children, "its exit goes to the handover, not to the orphans' log"
+    pidfd = os.pidfd_open(pid)
+    try:
+        assert select.select([pidfd], [], [], 10)[0], "the orphan did not exit"
+    finally:
+        os.close(pidfd)
+    assert host.children.reap() == [], "reaped as the handover's, not as an orphan"
+    assert pid not in host.children
     with pytest.raises(ChildProcessError):
         os.waitpid(pid, os.WNOHANG)  # reaped by the handover
 

@@ -164,3 +164,41 @@ def test_cancelled_far_timers_do_not_pile_up() -> None:
     timer.cancel()
     assert loop.poll_timeout() is None
     loop.close()
+
+
+def test_an_error_wakes_the_reader_and_the_writer_of_the_fd() -> None:
+    # The monitor waits to write to a client that stopped reading; when that
+    # client goes, its writer must run too (to see the error and close), as
+    # selectors reported EPOLLERR / EPOLLHUP to both. A full pipe whose reader
+    # is gone is in error and still not writable: EPOLLERR alone.
+    loop = EventLoop()
+    read_end, write_end = os.pipe()
+    os.set_blocking(write_end, False)
+    while True:
+        try:
+            os.write(write_end, b"x" * 65536)
+        except BlockingIOError:
+            break
+    calls: list[str] = []
+    loop.add_reader(write_end, lambda: calls.append("reader"))
+    loop.add_writer(write_end, lambda: calls.append("writer"))
+    os.close(read_end)
+    loop.run_once()
+    assert calls == ["reader", "writer"]
+    loop.remove_reader(write_end)
+    loop.remove_writer(write_end)
+    os.close(write_end)
+    loop.close()
+
+
+def test_registering_a_closed_fd_fails_and_leaves_nothing_behind() -> None:
+    loop = EventLoop()
+    read_end, write_end = os.pipe()
+    os.close(read_end)
+    os.close(write_end)
+    with pytest.raises(OSError):
+        loop.add_reader(read_end, lambda: None)
+    assert not loop.has_reader(read_end)
+    with pytest.raises(ValueError):
+        loop.add_reader(-1, lambda: None)
+    loop.close()

@@ -980,3 +980,90 @@ def test_a_reset_byte_always_resynchronises(garbage: bytes, reset: bytes) -> Non
     events = conn.receive_data(garbage + reset + b'{"execute": "after", "id": "sync"}')
     check_events(events)
     assert events[-1] == Execute("after", {}, "sync", True)
+
+
+whole_commands = (
+    st.builds(encode_command, commands, st.integers(0, 59))
+    | mutated_commands()
+    | st.sampled_from(
+        [
+            b'{"a": {]}',
+            b'{"a": [}}',
+            b'{"a": {"b": 1}]}',
+            b'{"a": [1, {"b": 2}]}',
+            b'{"execute": "x"}}',
+            b'{"execute": "x"}]',
+            b"{}",
+            b' \t{"execute": "x"} \r\n',
+            b"{'execute': 'x'}",
+            b'{"execute": "it\'s", "arguments": {"a": "\\u00e9\\""}}',
+            b'{"a": "\x01"}',
+            b'{"a": "\\\x01"}',
+            b'{"a": 1e999}',
+            b'{"a": 1, "a": 2}',
+            b'{"a": "\\ud800"}',
+            b'{"a": "\xff"}',
+            b'{"a": NaN}',
+            b"{'{'}}",
+            b"{'}'}",
+            b'{"a": "}"}',
+            b'{"a": 1\x10}',
+            b'{"a":\x00 1}',
+            b'{"a": 1\xfe}',
+        ]
+    )
+)
+
+
+@settings(max_examples=600)
+@given(
+    st.lists(interesting_bytes | whole_commands, max_size=2).map(b"".join),
+    whole_commands,
+    st.integers(31, 400),
+)
+def test_a_message_read_whole_gives_what_scanning_it_byte_by_byte_gives(
+    before: bytes, message: bytes, limit: int
+) -> None:
+    # receive_data() hands a chunk that is exactly one message to the decoder
+    # without scanning it; whatever came before, the events and the state left
+    # behind (seen by the message after it) must be those of the byte scanner.
+    after = b'{"execute": "after", "id": 1}'
+    chunked = negotiated(max_message_size=limit)
+    events = feed_chunks(chunked, [c for c in (before, message, after) if c] + [b""])
+    bytewise = negotiated(max_message_size=limit)
+    data = before + message + after
+    expected = feed_chunks(bytewise, [data[i : i + 1] for i in range(len(data))] + [b""])
+    check_events(expected)
+    assert events == expected
+
+
+json_replies = st.recursive(
+    json_scalars | st.floats(allow_nan=False, allow_infinity=False) | st.text(),
+    lambda children: (
+        st.lists(children, max_size=3) | st.dictionaries(st.text(max_size=5), children, max_size=3)
+    ),
+    max_leaves=10,
+)
+
+
+@settings(max_examples=300)
+@given(json_replies, json_values, st.booleans())
+def test_replies_are_what_the_json_module_writes(value: Any, id_: Any, has_id: bool) -> None:
+    # The encoder is built once (not per reply); its bytes must stay those of
+    # json.dumps with QEMU's separators and \uXXXX escapes.
+    request = Execute("x", {}, id_, has_id)
+    message = {"return": value, "id": id_} if has_id else {"return": value}
+    assert reply(request, value) == json.dumps(message, allow_nan=False).encode() + b"\r\n"
+    error = CommandError("d\u00e9j\u00e0 vu \U0001f600", "GenericError")
+    body = {"class": "GenericError", "desc": error.desc}
+    message = {"error": body, "id": id_} if has_id else {"error": body}
+    assert error_reply(request, error) == json.dumps(message).encode() + b"\r\n"
+
+
+def test_a_reply_that_json_cannot_spell_is_refused() -> None:
+    request = Execute("x", {})
+    for bad in (float("nan"), float("inf"), {"a": [float("-inf")]}):
+        with pytest.raises(ValueError):
+            reply(request, bad)
+    with pytest.raises(TypeError):
+        reply(request, {"a": object()})

@@ -19,10 +19,11 @@ from typing import Any
 
 import pytest
 
-from fdsupervisor.activation import Intake
+from fdsupervisor.activation import Intake, StartOutcome
 from fdsupervisor.binding import BoundSocket, InheritedFds, bind_socket
 from fdsupervisor.fdstore import FdStore, unit_owner
 from fdsupervisor.loop import ACCEPT_RETRY_DELAY, EventLoop
+from fdsupervisor.reaper import ChildReaper
 from fdsupervisor.runner import RunnerContext, Timers, UnitRunner, find_sender
 from fdsupervisor.service import Service, ServiceState
 from fdsupervisor.spawn import PassedFd
@@ -55,6 +56,7 @@ def make_runner(
         emit=lambda event, data: None,
         notify_address=lambda: None,
         cgroups=lambda: None,
+        children=ChildReaper(log=RecordingLog()),
         shutting_down=lambda: False,
         on_idle=lambda runner: False,
     )
@@ -201,11 +203,11 @@ class FakeHost:
         *,
         extra_env: Mapping[str, str] | None = None,
         stdio_fd: int | None = None,
-    ) -> bool:
+    ) -> StartOutcome:
         self.workers.append((instance, list(passed), dict(extra_env or {}), stdio_fd))
         self.service.worker_started(instance, self.next_pid, 0.0)
         self.next_pid += 1
-        return True
+        return "started"
 
 
 @dataclass

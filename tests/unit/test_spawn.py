@@ -26,9 +26,9 @@ from fdsupervisor.spawn import (
     Resolved,
     SpawnPlan,
     base_environment,
-    fork_requested,
     plan_worker,
     prepare_worker,
+    requested_spawn_path,
     worker_fd_numbers,
     worker_fds,
 )
@@ -297,16 +297,26 @@ def test_a_cgroup_is_part_of_the_plan() -> None:
 
 
 @pytest.mark.parametrize(
-    ("value", "fork"), [(None, False), ("", False), ("native", False), ("fork", True)]
+    ("value", "path", "fork", "migrate"),
+    [
+        (None, "native", False, False),
+        ("", "native", False, False),
+        ("native", "native", False, False),
+        ("migrate", "migrate", False, True),
+        ("fork", "fork", True, False),
+    ],
 )
-def test_the_spawn_path_switch(value: str | None, fork: bool) -> None:
+def test_the_spawn_path_switch(value: str | None, path: str, fork: bool, migrate: bool) -> None:
     environ = {} if value is None else {SPAWN_PATH_ENV: value}
-    assert fork_requested(environ) is fork
-    assert plan(environ={**SUPERVISOR_ENV, **environ}).fork is fork
+    assert requested_spawn_path(environ) == path
+    result = plan(environ={**SUPERVISOR_ENV, **environ})
+    assert (result.fork, result.migrate) == (fork, migrate)
 
 
 def test_an_unknown_spawn_path_fails_the_start() -> None:
-    with pytest.raises(SpawnError, match=r"FDSUPERVISOR_SPAWN='vfork'.*expected native or fork"):
+    with pytest.raises(
+        SpawnError, match=r"FDSUPERVISOR_SPAWN='vfork'.*expected native, migrate or fork"
+    ):
         plan(environ={**SUPERVISOR_ENV, SPAWN_PATH_ENV: "vfork"})
 
 

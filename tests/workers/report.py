@@ -4,11 +4,14 @@ It snapshots its open fds before doing anything else, reads its sockets
 with systemd-python's ``listen_fds_with_names()`` as a real worker would,
 prints ``report-worker ready pid=N`` to stderr, then answers each stream
 connection (and each datagram) with the report and the client's first line.
+SIGTERM ends it as the default action does (killed by SIGTERM), but only once
+the connection in hand is answered, as a real worker finishes its request.
 """
 
 import json
 import os
 import selectors
+import signal
 import socket
 import sys
 
@@ -29,7 +32,26 @@ def fd_snapshot():
     return listing_fd_excluded
 
 
+class Stop:
+    """SIGTERM: die by it at once, or after the connection in hand (then ``serving``)."""
+
+    serving = False
+    asked = False
+
+    @classmethod
+    def on_sigterm(cls, signum, frame):
+        cls.asked = True
+        if not cls.serving:
+            cls.die()
+
+    @staticmethod
+    def die():
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+        os.kill(os.getpid(), signal.SIGTERM)
+
+
 def main():
+    signal.signal(signal.SIGTERM, Stop.on_sigterm)
     fds = daemon.listen_fds_with_names()
     report = {
         "pid": os.getpid(),
@@ -66,12 +88,17 @@ def main():
                 if peer:
                     sock.sendto(line, peer)
                 continue
-            conn, _ = sock.accept()
-            with conn:
-                try:
+            Stop.serving = True
+            try:
+                conn, _ = sock.accept()
+                with conn:
                     conn.sendall(line)
-                except OSError:
-                    pass
+            except OSError:
+                pass
+            finally:
+                Stop.serving = False
+            if Stop.asked:
+                Stop.die()
 
 
 if __name__ == "__main__":
