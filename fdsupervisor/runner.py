@@ -646,9 +646,8 @@ def start_process(
 ) -> int:
     """Plan and start one worker in its cgroup: its pid. Raises SpawnError or OSError.
 
-    Its exit is learnt from SIGCHLD (reaper.py), so the spawn's pidfd is
-    closed at once: no fd per worker (the exec's failure is the spawn's own
-    report, not the pidfd's).
+    Its exit is learnt from SIGCHLD (reaper.py): no fd per worker (the
+    exec's failure is the spawn's own report).
 
     Not per connection in accept mode: a connection worker never holds the
     listening sockets, and a fresh cgroup holds the loop some 0.4 ms per
@@ -676,15 +675,14 @@ def start_process(
             cgroup_fd=cgroup.fd if cgroup is not None else None,
             log=log,
         )
-        started = start_worker(plan)
+        pid = start_worker(plan)
     except BaseException:
         if cgroup is not None and cgroups is not None:
             cgroups.discard(cgroup)
         raise
-    os.close(started.pidfd)
     if cgroup is not None and cgroups is not None:
-        cgroups.started(started.pid, cgroup)
-    return started.pid
+        cgroups.started(pid, cgroup)
+    return pid
 
 
 def end_left_behind(

@@ -15,8 +15,9 @@ which decides all of the child's work before the fork:
    what was resolved it computes argv, environment and fd layout (sockets at
    3, 4, ... in declaration order, ``LISTEN_FDS`` / ``LISTEN_FDNAMES``,
    ``{fd:NAME}`` and ``{instance}`` substituted): a whole :class:`SpawnPlan`.
-3. exec (:func:`start_worker`): one step that starts the plan and opens the
-   pidfd that watches the worker, both or neither.
+3. exec (:func:`start_worker`): one step that starts the plan and closes
+   its output fds; the worker's exit is learnt from SIGCHLD (reaper.py), so
+   no fd is kept per worker.
 
 Neither ``subprocess`` nor ``os.posix_spawn`` fits the exec: ``LISTEN_PID`` (and
 ``WATCHDOG_PID``) must hold the worker's own pid, which is known only in the
@@ -213,14 +214,6 @@ class SpawnPlan:
     def close(self) -> None:
         """Close the output fds this plan holds: for a plan that will not be started."""
         _close_outputs(self)
-
-
-@dataclass(frozen=True, slots=True)
-class StartedWorker:
-    """A worker that runs: its pid, and the pidfd (the caller's to close) that tells its exit."""
-
-    pid: int
-    pidfd: int
 
 
 # --------------------------------------------------------------------------- fds
@@ -669,26 +662,18 @@ def plan_worker(
 # --------------------------------------------------------------------------- exec
 
 
-def start_worker(plan: SpawnPlan) -> StartedWorker:
-    """Start ``plan`` and open the pidfd that watches the worker: both or neither.
+def start_worker(plan: SpawnPlan) -> int:
+    """Start ``plan``: the worker's pid, once its exec has succeeded.
 
     The plan's output fds are closed whatever happens (the worker has its
-    own copies). Raises :class:`SpawnError` as :func:`spawn` does; out of fds
-    for the pidfd, the worker we could not watch is killed and reaped at
-    once and the ``OSError`` raised, so that the start counts as failed
-    (then retried) instead of leaving a worker nobody watches.
+    own copies). Raises :class:`SpawnError` as :func:`spawn` does. No pidfd
+    is opened: the worker is our child, reaped on SIGCHLD (reaper.py), and
+    its pid cannot be reused before that.
     """
     try:
-        pid = spawn(plan)
+        return spawn(plan)
     finally:
         plan.close()
-    try:
-        pidfd = os.pidfd_open(pid)
-    except OSError:
-        os.kill(pid, signal.SIGKILL)
-        os.waitpid(pid, 0)
-        raise
-    return StartedWorker(pid, pidfd)
 
 
 def spawn(plan: SpawnPlan) -> int:

@@ -17,12 +17,10 @@ from __future__ import annotations
 
 import ctypes
 import dataclasses
-import errno
 import grp
 import os
 import platform
 import pwd
-import select
 import shutil
 import signal
 import socket
@@ -759,11 +757,8 @@ def test_a_unit_with_outputs_takes_the_native_path(
     )
     fds_before = open_fds()
     plan = prepare_worker(unit, [], 0, {"PATH": os.defpath}, notify_socket=None)
-    started = start_worker(plan)
-    try:
-        assert os.waitpid(started.pid, 0)[1] == 0
-    finally:
-        os.close(started.pidfd)
+    pid = start_worker(plan)
+    assert os.waitpid(pid, 0)[1] == 0
     assert calls == ["native"]
     assert open_fds() == fds_before, "the output fds of the plan were not closed"
     if "file:" in outputs:
@@ -776,15 +771,13 @@ def test_the_fork_path_on_request(monkeypatch: pytest.MonkeyPatch, tmp_path: Pat
     calls = recorded_paths(monkeypatch)
     unit = unit_from(tmp_path, f"exec: [{SH}, -c, {WRITE_BOTH!r}]\nstdout: null")
     environ = {"PATH": os.defpath, SPAWN_PATH_ENV: "fork"}
-    started = start_worker(prepare_worker(unit, [], 0, environ, notify_socket=None))
-    try:
-        assert os.waitpid(started.pid, 0)[1] == 0
-    finally:
-        os.close(started.pidfd)
+    pid = start_worker(prepare_worker(unit, [], 0, environ, notify_socket=None))
+    assert os.waitpid(pid, 0)[1] == 0
     assert calls == ["python"]
 
 
-def test_a_started_worker_is_watched_by_its_pidfd(spawn_with: Spawn, tmp_path: Path) -> None:
+def test_a_started_worker_costs_the_supervisor_no_fd(spawn_with: Spawn, tmp_path: Path) -> None:
+    """The worker has its fds and outputs; the supervisor keeps nothing of the spawn."""
     unit = unit_from(tmp_path, f"exec: [{SLEEP}, '60']\nstdout: null")
     environ = {"PATH": os.defpath}
     if spawn_with is _spawn_python:
@@ -795,36 +788,16 @@ def test_a_started_worker_is_watched_by_its_pidfd(spawn_with: Spawn, tmp_path: P
         fds_before = open_fds()
         plan = prepare_worker(unit, [PassedFd("http", a.fileno())], 0, environ, notify_socket=None)
         assert plan.stdout_fd is not None
-        started = start_worker(plan)
+        pid = start_worker(plan)
         try:
-            wait_until_asleep(started.pid)
-            assert os.readlink(f"/proc/{started.pid}/fd/1") == os.devnull
-            assert same_file(started.pid, 3, a.fileno())
-            # the output fd is closed (the worker has its own copy); the pidfd is new
-            assert open_fds() == sorted([*fds_before, started.pidfd])
-            assert not os.get_inheritable(started.pidfd)
-            os.kill(started.pid, signal.SIGKILL)
-            # the pidfd turns readable when the worker exits: what the loop waits for
-            assert select.select([started.pidfd], [], [], 10)[0] == [started.pidfd]
+            wait_until_asleep(pid)
+            assert os.readlink(f"/proc/{pid}/fd/1") == os.devnull
+            assert same_file(pid, 3, a.fileno())
+            # the output fd is closed (the worker has its own copy), and no pidfd is kept
+            assert open_fds() == fds_before
         finally:
-            os.close(started.pidfd)
-            os.waitpid(started.pid, 0)
-
-
-def test_no_pidfd_means_no_worker(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
-    """Out of fds for the pidfd: the worker we could not watch is killed and reaped at once."""
-
-    def no_pidfd(pid: int, flags: int = 0) -> int:
-        raise OSError(errno.EMFILE, os.strerror(errno.EMFILE))
-
-    unit = unit_from(tmp_path, f"exec: [{SLEEP}, '60']\nstdout: null\nstderr: null")
-    fds_before, children_before = open_fds(), children_of(os.getpid())
-    plan = prepare_worker(unit, [], 0, {"PATH": os.defpath}, notify_socket=None)
-    monkeypatch.setattr(os, "pidfd_open", no_pidfd)
-    with pytest.raises(OSError, match="Too many open files"):
-        start_worker(plan)
-    assert children_of(os.getpid()) == children_before  # not even a zombie
-    assert open_fds() == fds_before
+            os.kill(pid, signal.SIGKILL)
+            os.waitpid(pid, 0)
 
 
 def children_of(pid: int) -> list[int]:
