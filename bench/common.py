@@ -19,11 +19,12 @@ import socket
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 ROOT = Path(__file__).resolve().parent.parent
 VENV_BIN = ROOT / ".venv" / "bin"
@@ -295,6 +296,29 @@ def spread(values: Sequence[float], digits: int = 1) -> str:
         f"{statistics.median(values):.{digits}f} "
         f"({min(values):.{digits}f} - {max(values):.{digits}f})"
     )
+
+
+R = TypeVar("R")
+
+
+def interleaved_runs(
+    peers: Sequence[str], runs: int, one_run: Callable[[str, Path], R]
+) -> dict[str, list[R]] | None:
+    """``runs`` rounds of every peer, each run in a fresh directory, the order rotated
+    round by round so that drift hits every peer alike. None: a peer failed (said why)."""
+    results: dict[str, list[R]] = {}
+    with tempfile.TemporaryDirectory(prefix="fdsup-bench-") as tmp:
+        for run in range(runs):
+            shift = run % len(peers)
+            for name in [*peers[shift:], *peers[:shift]]:
+                directory = Path(tmp) / f"{name}-{run}"
+                directory.mkdir()
+                try:
+                    results.setdefault(name, []).append(one_run(name, directory))
+                except (TimeoutError, RuntimeError) as exc:  # PeerExited is a RuntimeError
+                    print(f"a peer failed: {exc}", file=sys.stderr)
+                    return None
+    return results
 
 
 def write_json(path: Path | None, payload: Mapping[str, Any]) -> None:

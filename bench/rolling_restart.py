@@ -34,7 +34,6 @@ import signal
 import socket
 import statistics
 import sys
-import tempfile
 import threading
 import time
 from collections import Counter
@@ -52,6 +51,7 @@ from common import (
     cmdline_of,
     fdsupervisor_command,
     free_port,
+    interleaved_runs,
     percentile,
     run_connections,
     spread,
@@ -353,18 +353,9 @@ def main() -> int:
     if circus_version is None:
         unavailable[CIRCUS] = "circus is not installed (pip install circus)"
         peers.remove(CIRCUS)
-    results: dict[str, list[RunResult]] = {}
-    with tempfile.TemporaryDirectory(prefix="fdsup-bench-") as tmp:
-        for run in range(args.runs):
-            shift = run % len(peers)
-            for name in peers[shift:] + peers[:shift]:
-                directory = Path(tmp) / f"{name}-{run}"
-                directory.mkdir()
-                try:
-                    results.setdefault(name, []).append(one_run(name, directory, args))
-                except (PeerExited, TimeoutError, RuntimeError) as exc:
-                    print(f"a peer failed: {exc}", file=sys.stderr)
-                    return 1
+    results = interleaved_runs(peers, args.runs, lambda name, d: one_run(name, d, args))
+    if results is None:
+        return 1
     summary = report(results, unavailable, args)
     if circus_version is not None:
         print(f"  (circus {circus_version})")
