@@ -134,6 +134,15 @@ def circus_available() -> str | None:
     return str(circus.__version__)
 
 
+def without_missing_circus(peers: list[str]) -> tuple[list[str], dict[str, str], str | None]:
+    """The peers that can run, why the others cannot, and circus's version (None: missing)."""
+    version = circus_available()
+    if version is not None:
+        return peers, {}, version
+    missing = {CIRCUS: "circus is not installed (pip install circus)"}
+    return [p for p in peers if p != CIRCUS], missing, None
+
+
 def start_circus(directory: Path, port: int, check_delay: float) -> Running:
     config = directory / "circus.ini"
     config.write_text(
@@ -455,12 +464,7 @@ def main() -> int:
     )
     parser.add_argument("--json", type=Path, help="also write the results here")
     args = parser.parse_args()
-    peers = [OURS, CIRCUS, NAIVE]
-    unavailable: dict[str, str] = {}
-    circus_version = circus_available()
-    if circus_version is None:
-        unavailable[CIRCUS] = "circus is not installed (pip install circus)"
-        peers.remove(CIRCUS)
+    peers, unavailable, circus_version = without_missing_circus([OURS, CIRCUS, NAIVE])
     results = interleaved_runs(peers, args.runs, lambda name, d: one_run(name, d, args))
     if results is None:
         return 1

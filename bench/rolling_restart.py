@@ -58,7 +58,7 @@ from common import (
     wait_for_unix_socket,
     write_json,
 )
-from restart_gap import LINE, circus_available
+from restart_gap import LINE, without_missing_circus
 
 WORKER = WORKERS / "slow_start.py"
 OURS, CIRCUS = "fdsupervisor", "circus"
@@ -347,12 +347,7 @@ def main() -> int:
     parser.add_argument("--settle", type=float, default=0.5, help="seconds after first reply")
     parser.add_argument("--json", type=Path, help="also write the results here")
     args = parser.parse_args()
-    peers = [OURS, CIRCUS]
-    unavailable: dict[str, str] = {}
-    circus_version = circus_available()
-    if circus_version is None:
-        unavailable[CIRCUS] = "circus is not installed (pip install circus)"
-        peers.remove(CIRCUS)
+    peers, unavailable, circus_version = without_missing_circus([OURS, CIRCUS])
     results = interleaved_runs(peers, args.runs, lambda name, d: one_run(name, d, args))
     if results is None:
         return 1

@@ -47,17 +47,22 @@ def serve(listener: socket.socket) -> None:
         except (BlockingIOError, InterruptedError, ConnectionAbortedError):
             continue
         with conn:
-            conn.settimeout(CONNECTION_TIMEOUT)
-            try:
-                line = b""
-                while not line.endswith(b"\n") and len(line) < 4096:
-                    chunk = conn.recv(4096)
-                    if not chunk:
-                        break
-                    line += chunk
-                conn.sendall(line)
-            except OSError:
-                pass  # the client gave up or reset: next connection
+            echo_line(conn)
+
+
+def echo_line(conn: socket.socket) -> None:
+    """Read one line (at most 4 KiB) and send it back; a client that gives up is no error."""
+    conn.settimeout(CONNECTION_TIMEOUT)
+    try:
+        line = b""
+        while not line.endswith(b"\n") and len(line) < 4096:
+            chunk = conn.recv(4096)
+            if not chunk:
+                break
+            line += chunk
+        conn.sendall(line)
+    except OSError:
+        pass  # the client gave up or reset: next connection
 
 
 def main() -> None:
