@@ -8,6 +8,7 @@ the way podman runs an entrypoint. The namespace's init is the child of
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import signal
@@ -18,6 +19,7 @@ from pathlib import Path
 import pytest
 
 from fdsupervisor.reaper import zombie_children
+from tests.monitor_client import RawClient
 
 from ..conftest import SupervisorProcess
 
@@ -27,6 +29,12 @@ UNSHARE = ("unshare", "--pid", "--fork", "--mount-proc")
 DOUBLE_FORK = """
 service:
   exec: [sh, -c, "sh -c '(sleep 0.3; exit 7) &' ; echo forked; exec sleep 1000"]
+"""
+# A daemon that stays in the worker's process group (no setsid), re-parented to
+# the supervisor when the middle shell exits; it prints its pid.
+DAEMON_IN_THE_GROUP = """
+service:
+  exec: [sh, -c, "sh -c 'sleep 1000 & echo daemon $!' ; exec sleep 1000"]
 """
 # One that leaves its process group: setsid, so a stop of the worker's group misses it.
 LEFT_THE_GROUP = """
@@ -80,6 +88,52 @@ def test_orphan_is_reaped_as_subreaper(supervisor: Callable[..., SupervisorProce
     """Outside a namespace the orphan would go to the host's init: PR_SET_CHILD_SUBREAPER."""
     proc = supervisor({"daemon": DOUBLE_FORK})
     proc.wait_for("orphan_reaped", status=7)
+    assert zombie_children(proc.pid) == []
+
+
+def wake_ups(pid: int) -> tuple[int, int]:
+    """``pid``'s context switches and CPU ticks so far (proc(5): status, stat)."""
+    status = Path(f"/proc/{pid}/status").read_text().splitlines()
+    switches = sum(int(line.split()[1]) for line in status if "ctxt_switches" in line)
+    stat = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()
+    return switches, int(stat[11]) + int(stat[12])
+
+
+def test_an_idle_supervisor_that_reaps_orphans_is_never_woken(
+    supervisor: Callable[..., SupervisorProcess],
+) -> None:
+    """Reaping is driven by SIGCHLD alone: no timer, no poll (SPEC 9, issue 12)."""
+    proc = supervisor({"daemon": DOUBLE_FORK})
+    proc.wait_for("orphan_reaped", status=7)
+    # the event is logged before the loop goes back to sleep: wait until it has
+    deadline = time.monotonic() + 10
+    while Path(f"/proc/{proc.pid}/wchan").read_text() != "do_epoll_wait":
+        assert time.monotonic() < deadline, "the supervisor never waits in epoll_wait"
+        time.sleep(0.01)  # /proc polling: no event says "asleep"
+    before = wake_ups(proc.pid)
+    time.sleep(1.5)  # a measuring window, not a synchronisation
+    after = wake_ups(proc.pid)
+    assert after == before, f"woken while idle: (switches, ticks) {before} -> {after}"
+
+
+def test_stopping_the_service_stops_a_daemon_in_the_workers_group(
+    supervisor: Callable[..., SupervisorProcess], tmp_path: Path
+) -> None:
+    """Without cgroups it is the group signal alone that reaches the re-parented daemon."""
+    proc = supervisor(
+        {"daemon": DAEMON_IN_THE_GROUP}, args=["--no-cgroups", str(tmp_path / "units")]
+    )
+    daemon = int(proc.wait_output("daemon ").split()[1])
+    try:
+        assert os.getpgid(daemon) == proc.wait_for("worker_started")["pid"]
+        with RawClient(proc.monitor_path).negotiate() as client:
+            assert client.command("service-stop", unit="daemon") == {"return": {}}
+        reaped = proc.wait_for("orphan_reaped", pid=daemon, timeout=10)
+    finally:
+        if proc.count("orphan_reaped", pid=daemon) == 0:  # the test failed: end its daemon
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(daemon, signal.SIGKILL)
+    assert reaped["status"] == -signal.SIGTERM
     assert zombie_children(proc.pid) == []
 
 
