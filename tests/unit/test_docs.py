@@ -71,3 +71,36 @@ def test_monitor_reference_lists_every_command() -> None:
     documented = documented_commands()
     assert len(documented) == len(set(documented)), f"a command documented twice: {documented}"
     assert sorted(documented) == sorted(MONITOR_COMMANDS)
+
+
+ROOT = DOCS.parent
+PACKAGE = ROOT / "fdsupervisor"
+
+
+def tabled_modules(path: Path, heading: str) -> list[str]:
+    """The file names in the first column of the table under ``heading`` in ``path``."""
+    section = path.read_text().split(f"\n## {heading}\n", 1)[1].split("\n## ", 1)[0]
+    names = []
+    for line in section.splitlines():
+        if line.startswith("| `"):
+            first = line.split(" | ")[0]
+            names += re.findall(r"`([a-z_]+\.(?:py|c))`", first)
+    return names
+
+
+def package_modules() -> list[str]:
+    """Every module of the package (and the C exec step), without the package's own two."""
+    names = [path.name for path in PACKAGE.glob("*.py") if not path.name.startswith("__")]
+    return sorted([*names, *(path.name for path in PACKAGE.glob("*.c"))])
+
+
+def test_the_readme_layout_names_every_module_once() -> None:
+    tabled = tabled_modules(ROOT / "README.md", "Layout")
+    assert len(tabled) == len(set(tabled)), f"a module listed twice: {tabled}"
+    assert sorted(tabled) == package_modules()
+
+
+def test_the_architecture_names_every_module_once() -> None:
+    tabled = tabled_modules(DOCS / "architecture.md", "One line per module")
+    assert len(tabled) == len(set(tabled)), f"a module listed twice: {tabled}"
+    assert sorted(tabled) == package_modules()
