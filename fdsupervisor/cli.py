@@ -83,8 +83,8 @@ def raise_fd_limit() -> tuple[int, int, int]:
 # The fds the supervisor holds besides its units' sockets and its monitor's
 # clients: at rest stdio, the loop's, the store's and the cgroups' epolls, the
 # wake-up pair and the notify, monitor and metrics sockets (11); for a moment
-# what a spawn (output files, the cgroup, the spawn's pidfd), an accepted
-# connection or a /proc read opens. None per worker: they are reaped on
+# what a spawn (output files, the cgroup, the fork path's report pipe), an
+# accepted connection or a /proc read opens. None per worker: they are reaped on
 # SIGCHLD (reaper.py), not watched through a pidfd each.
 SUPERVISOR_FDS = 32
 

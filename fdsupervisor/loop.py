@@ -1,9 +1,10 @@
 """A small event loop: readable fds, monotonic timers, and nothing else.
 
-The supervisor's whole life is "an fd became readable" (a pidfd, a socket,
-the signal wake-up pipe) or "a deadline passed" (a restart delay, a stop
-timeout). With nothing to do, :meth:`EventLoop.run_once` sleeps in
-``epoll_wait`` with no timeout: an idle supervisor never wakes up.
+The supervisor's whole life is "an fd became readable" (a socket, the
+signal wake-up socket, on which SIGCHLD arrives too) or "a deadline passed"
+(a restart delay, a stop timeout). With nothing to do,
+:meth:`EventLoop.run_once` sleeps in ``epoll_wait`` with no timeout: an idle
+supervisor never wakes up.
 
 Any deadline is safe here, however it was computed: an infinite one (a
 ``stop-timeout: infinity``) is never due and never becomes a poll timeout,

@@ -53,7 +53,7 @@ MAX_FDS_PER_MESSAGE = SCM_MAX_FD
 # never comes near.
 MAX_FDS_PER_CLIENT = MAX_FDS_PER_MESSAGE
 # All clients together may hold this share of RLIMIT_NOFILE: the other three
-# quarters stay for unit sockets, the store, pidfds, clients and spawning.
+# quarters stay for unit sockets, the store, clients and spawning.
 MONITOR_FD_SHARE = 4
 RECV_SIZE = 65536
 # A client that does not read its replies stops being read once this much
