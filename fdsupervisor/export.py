@@ -25,8 +25,10 @@ from .addresses import FdAddress, FifoAddress, InetAddress, UnixAddress, VsockAd
 from .errors import ConfigError, ConfigErrors, Location, ValueProblem
 from .fdpassing import LISTEN_FDS_START
 from .units import (
+    RLIM_INFINITY,
     Activation,
     FdStorePreserve,
+    ResourceLimit,
     RestartPolicy,
     ServiceSpec,
     SocketKind,
@@ -159,6 +161,8 @@ def _socket_text(unit: Unit, spec: SocketSpec, marks: _Marks) -> str:
     lines.append(f"DirectoryMode={spec.directory_mode:04o}")
     if service.accept:
         lines += ["Accept=yes", f"MaxConnections={service.max_connections}"]
+    if spec.max_connections_per_source is not None:  # the loader allows it with accept only
+        lines.append(f"MaxConnectionsPerSource={spec.max_connections_per_source}")
     lines += [f"Service={unit.name}.service"] if not service.accept else []
     lines += ["", "[Install]", "WantedBy=sockets.target", ""]
     return "\n".join(lines)
@@ -196,6 +200,12 @@ def _service_text(unit: Unit, marks: _Marks, sockets: Sequence[str]) -> str:
         lines.append(f"Group={service.group}")
     if service.working_directory is not None:
         lines.append(f"WorkingDirectory={unit.base_dir / service.working_directory}")
+    if service.umask is not None:
+        lines.append(f"UMask={service.umask:04o}")
+    if service.no_new_privileges:
+        lines.append("NoNewPrivileges=yes")
+    for limit in service.limits:
+        lines.append(f"Limit{limit.name.upper()}={_limit_value(limit)}")
     for key, value in service.environment:
         lines.append("Environment=" + _quote(f"{key}={value}"))
     if service.accept and service.inetd:
@@ -208,7 +218,33 @@ def _service_text(unit: Unit, marks: _Marks, sockets: Sequence[str]) -> str:
     return "\n".join(lines)
 
 
+def _limit_value(limit: ResourceLimit) -> str:
+    """systemd's ``LimitNAME=SOFT[:HARD]`` (systemd.exec(5)): the loader's values are in the
+    units a bare number has there (bytes, seconds for cpu, microseconds for rttime, the raw
+    rlimit for nice), ``infinity`` as written."""
+    soft, hard = (
+        "infinity" if value == RLIM_INFINITY else str(value) for value in (limit.soft, limit.hard)
+    )
+    return soft if soft == hard else f"{soft}:{hard}"
+
+
+def _refuse_socket_keys(unit: Unit, marks: _Marks) -> None:
+    for spec in unit.sockets:
+        if spec.trigger_limit is not None:
+            raise marks.error(
+                ("sockets", spec.name, "trigger-limit"),
+                "PollLimitIntervalSec= / PollLimitBurst= need systemd 255; TriggerLimit*= "
+                "would stop the socket unit where trigger-limit only pauses it",
+            )
+
+
 def _refuse_service_keys(service: ServiceSpec, marks: _Marks) -> None:
+    if service.supplementary_groups is not None:
+        raise marks.error(
+            ("service", "supplementary-groups"),
+            "SupplementaryGroups= adds to the user's own groups, where supplementary-groups "
+            "replaces them",
+        )
     if service.instances != 1:
         raise marks.error(("service", "instances"), "a systemd service has one main process")
     if service.inetd and not service.accept:
@@ -234,6 +270,7 @@ def export_unit(unit: Unit) -> list[ExportedFile]:
         )
     if not unit.sockets:
         raise marks.error(("sockets",), "a unit without sockets is no socket activation")
+    _refuse_socket_keys(unit, marks)
     if unit.service.accept and len(unit.sockets) > 1:  # pragma: no cover - the loader refuses
         raise marks.error(("sockets",), "Accept=yes takes one socket")
     files: list[ExportedFile] = []

@@ -121,7 +121,8 @@ def test_systemd_analyze_verifies_every_exportable_key(tmp_path: Path) -> None:
     units.mkdir()
     (units / "every.yaml").write_text(EVERY_KEY.replace("/usr/bin/worker", "/bin/cat"))
     (units / "conn.yaml").write_text(
-        "sockets:\n  conn: {listen: {type: unix, path: run/c.sock}, mode: '0660'}\n"
+        "sockets:\n  conn: {listen: {type: unix, path: run/c.sock}, mode: '0660',"
+        " max-connections-per-source: 2}\n"
         "service: {exec: [/bin/cat], accept: true, inetd: true, max-connections: 9}\n"
     )
     (units / "pipe.yaml").write_text(

@@ -104,3 +104,16 @@ def test_the_architecture_names_every_module_once() -> None:
     tabled = tabled_modules(DOCS / "architecture.md", "One line per module")
     assert len(tabled) == len(set(tabled)), f"a module listed twice: {tabled}"
     assert sorted(tabled) == package_modules()
+
+
+def test_the_export_table_says_what_becomes_of_every_key() -> None:
+    """docs/systemd.md's export table has a row for each key: mapped, refused or dropped."""
+    text = (DOCS / "systemd.md").read_text()
+    section = text.split("\n## Export to systemd (fleets)\n", 1)[1].split("\n## ", 1)[0]
+    named = set()
+    for line in section.splitlines():
+        if line.startswith("| `"):
+            words = re.findall(r"`([^`]+)`", line.split(" | ")[0])
+            named |= {re.split(r"[ :]", word, maxsplit=1)[0] for word in words}
+    keys = set(units._SOCKET_KEYS) | set(units._SERVICE_KEYS)
+    assert keys - named == set()

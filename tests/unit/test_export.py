@@ -9,7 +9,7 @@ import pytest
 
 from fdsupervisor.errors import ConfigError, ConfigErrors
 from fdsupervisor.export import export_unit, export_units, write_files
-from fdsupervisor.units import load_unit_text
+from fdsupervisor.units import LIMIT_UNITS, load_unit_text
 
 EVERY_KEY = """
 sockets:
@@ -37,6 +37,25 @@ service:
   start-timeout: 7s
   watchdog: 2s
   fd-store-max: 8
+  umask: "0027"
+  no-new-privileges: true
+  limits:
+    cpu: infinity
+    fsize: 1G
+    data: infinity
+    stack: 8M
+    core: "0"
+    rss: infinity
+    nproc: "4096"
+    nofile: "1024:4096"
+    memlock: 64K
+    as: infinity
+    locks: "100"
+    sigpending: "1000"
+    msgqueue: 800K
+    nice: "-5"
+    rtprio: "0"
+    rttime: "1000"
 """
 
 
@@ -67,20 +86,31 @@ def test_every_exportable_key() -> None:
         "KillSignal=SIGINT", "TimeoutStopSec=3000ms", "TimeoutStartSec=7000ms",
         "WatchdogSec=2000ms", "FileDescriptorStoreMax=8", "User=nobody", "Group=nogroup",
         "WorkingDirectory=/srv", 'Environment="MODE=fast lane"', "WantedBy=multi-user.target",
+        "UMask=0027", "NoNewPrivileges=yes", "LimitNOFILE=1024:4096", "LimitCORE=0",
+        "LimitCPU=infinity", "LimitNICE=25", "LimitRTTIME=1000", "LimitMEMLOCK=65536",
+        "LimitFSIZE=1073741824", "LimitMSGQUEUE=819200",
     ]:  # fmt: skip
         assert line in service_lines
+    written = {line.split("=", 1)[0] for line in service_lines if line.startswith("Limit")}
+    assert written == {f"Limit{name.upper()}" for name in LIMIT_UNITS}
 
 
 def test_accept_mode_writes_a_template() -> None:
     out = files("""
         sockets:
-          conn: {listen: {type: unix, path: run/c.sock}, mode: "0660", user: root, group: root}
+          conn:
+            listen: {type: unix, path: run/c.sock}
+            mode: "0660"
+            user: root
+            group: root
+            max-connections-per-source: 2
         service: {exec: [/bin/cat], accept: true, inetd: true, max-connections: 9}
         """)
     assert set(out) == {"web.socket", "web@.service"}
     lines = out["web.socket"].splitlines()
     for line in ["ListenStream=/etc/units/run/c.sock", "Accept=yes", "MaxConnections=9",
-                 "SocketMode=0660", "SocketUser=root", "SocketGroup=root"]:  # fmt: skip
+                 "SocketMode=0660", "SocketUser=root", "SocketGroup=root",
+                 "MaxConnectionsPerSource=2"]:  # fmt: skip
         assert line in lines
     assert "StandardInput=socket" in out["web@.service"].splitlines()
 
@@ -130,6 +160,12 @@ def test_abstract_and_vsock_and_ipv6() -> None:
         ("sockets:\n  s: {listen: '127.0.0.1:80'}\nservice:\n  exec: [/bin/true]\n"
          "  restart-delay-max: 5s\n",
          "/etc/units/web.yaml:5:22: service.restart-delay-max: cannot be exported to systemd: "),
+        ("sockets:\n  s:\n    listen: '127.0.0.1:80'\n    trigger-limit: {interval: 2s, burst: 5}\n"
+         "service: {exec: [/bin/true]}\n",
+         "/etc/units/web.yaml:4:20: sockets.s.trigger-limit: cannot be exported to systemd: "),
+        ("sockets:\n  s: {listen: '127.0.0.1:80'}\nservice:\n  exec: [/bin/true]\n"
+         "  supplementary-groups: [root]\n",
+         "/etc/units/web.yaml:5:25: service.supplementary-groups: cannot be exported to systemd: "),
     ],
 )  # fmt: skip
 def test_refused_keys_name_their_place(text: str, where: str) -> None:
