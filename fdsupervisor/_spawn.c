@@ -35,6 +35,19 @@
  * 5.7, a seccomp filter answering ENOSYS or EPERM, a cgroup fd it does not
  * take), the child is made with clone() and joins by the write, as before.
  *
+ * The fd table is not copied. clone() would copy the supervisor's whole
+ * table and execve() would then close all of it but the worker's fds: at
+ * 10,000 units, 10,000 sockets twice per start, which made a start there
+ * cost three times one at 1,000 (docs/performance.md). Given spawn slots
+ * (spawn_slots.py: fd numbers low in the table that the supervisor keeps
+ * free), the child is made with CLONE_FILES, on the parent's own table,
+ * copies the fds it needs into the slots, and then takes a table of its own
+ * that holds only the fds below the last slot (close_range() with
+ * CLOSE_RANGE_UNSHARE, Linux 5.9; before it, unshare(CLONE_FILES) copies
+ * the whole table, as without slots). The parent puts its placeholder back
+ * into each slot once clone() returns. Until the child's table is its own,
+ * the child changes nothing in the shared table but the slots.
+ *
  * The GIL stays held throughout. _posixsubprocess keeps it across vfork()
  * too and only lets the child release it, in the parent's memory, right
  * before execve(): Python API in the child, for a wait of some 0.1 ms here.
@@ -61,6 +74,10 @@
 #include <sys/types.h>
 #include <sys/wait.h>
 #include <unistd.h>
+
+#ifndef CLOSE_RANGE_UNSHARE
+#define CLOSE_RANGE_UNSHARE (1U << 1) /* <linux/close_range.h>, Linux 5.9 */
+#endif
 
 /* SD_LISTEN_FDS_START: the same fact as fdpassing.LISTEN_FDS_START, which C
  * cannot import. The module exports it, and tests/unit/test_fdpassing.py
@@ -191,6 +208,11 @@ struct child_plan {
     Py_ssize_t pid_variable_count;
     sigset_t reset_ignored; /* reset to SIG_DFL even when ignored */
     int max_fd; /* close_range() fallback: close up to here */
+    const int *slots; /* spawn slots, ascending, or NULL: see the top of this file */
+    int slot_count;
+    int slot_anchor; /* what a slot holds at rest (the parent's placeholder) */
+    int *staged; /* scratch: fd_count slots, the sources once staged */
+    int slots_used; /* set by the parent: CLONE_FILES, and this many slots to stage in */
     /* Written by the child on failure, read by the parent after clone(). */
     const char *volatile failed_stage;
     volatile int failed_errno;
@@ -305,6 +327,42 @@ open_output(const char *path, int flags, int target)
     return close(fd);
 }
 
+/* The child's first step when it shares the parent's fd table: every fd it
+ * needs copied into a slot (close-on-exec, as they are placed later), then a
+ * table of its own holding only the fds below the last slot used. Nothing
+ * else in the shared table changes, so the parent sees only its slots
+ * rewritten, which it puts back. */
+static int
+take_fd_table(struct child_plan *plan)
+{
+    int next = 0;
+    for (int i = 0; i < plan->fd_count; i++) {
+        plan->staged[i] = plan->slots[next++];
+        if (dup3(plan->fds[i], plan->staged[i], O_CLOEXEC) == -1) {
+            return -1;
+        }
+    }
+    plan->fds = plan->staged; /* the parent reads no field of the plan but the failure */
+    int *singles[] = {&plan->stdio_fd, &plan->stdout_fd, &plan->stderr_fd, &plan->cgroup_fd};
+    for (size_t i = 0; i < sizeof(singles) / sizeof(singles[0]); i++) {
+        if (*singles[i] < 0 || (singles[i] == &plan->cgroup_fd && plan->born_in_cgroup)) {
+            continue;
+        }
+        /* A bad cgroup fd is the cgroup's step, as it is without slots. */
+        plan->failed_stage = singles[i] == &plan->cgroup_fd ? "cgroup" : "fds";
+        if (dup3(*singles[i], plan->slots[next], O_CLOEXEC) == -1) {
+            return -1;
+        }
+        *singles[i] = plan->slots[next++];
+    }
+    plan->failed_stage = "fds";
+    unsigned int above = (unsigned int)plan->slots[plan->slots_used - 1] + 1;
+    if (syscall(SYS_close_range, above, ~0U, CLOSE_RANGE_UNSHARE) == 0) {
+        return 0;
+    }
+    return unshare(CLONE_FILES); /* before 5.9, or a seccomp filter: the whole table */
+}
+
 #define CHILD_STEP(stage, call)                 \
     do {                                        \
         plan->failed_stage = (stage);           \
@@ -319,6 +377,10 @@ child_main(void *argument)
     struct child_plan *plan = argument;
     int top = LISTEN_FDS_START + plan->fd_count;
     sigset_t empty;
+
+    if (plan->slots_used > 0) {
+        CHILD_STEP("fds", take_fd_table(plan));
+    }
 
     /* A session of its own, as systemd's exec_child() does for every service:
      * its own process group too, which no other worker can join (setpgid()
@@ -420,6 +482,9 @@ clone_into_cgroup(struct child_plan *plan, char *stack, size_t stack_size)
     struct spawn_clone_args args;
     memset(&args, 0, sizeof(args));
     args.flags = CLONE_VM | CLONE_VFORK | CLONE_INTO_CGROUP;
+    if (plan->slots_used > 0) {
+        args.flags |= CLONE_FILES;
+    }
     args.exit_signal = SIGCHLD;
     args.stack = (uint64_t)(uintptr_t)stack;
     args.stack_size = stack_size;
@@ -434,6 +499,19 @@ clone_into_cgroup(struct child_plan *plan, char *stack, size_t stack_size)
     return (pid_t)result;
 }
 #endif
+
+/* How many slots the child stages its fds in, or 0: no slots, or too few
+ * for this worker (it copies the table then, as every child did before). */
+static int
+slots_needed(const struct child_plan *plan)
+{
+    if (plan->slots == NULL) {
+        return 0;
+    }
+    int needed = plan->fd_count + (plan->stdio_fd >= 0) + (plan->stdout_fd >= 0) +
+                 (plan->stderr_fd >= 0) + (plan->cgroup_fd >= 0);
+    return needed > 0 && needed <= plan->slot_count ? needed : 0;
+}
 
 /* The child's run, from clone() to its execve() or _exit(). Returns the pid,
  * or -1 with errno set when clone() itself failed. */
@@ -455,6 +533,7 @@ clone_and_exec(struct child_plan *plan)
         return -1;
     }
     plan->born_in_cgroup = 0;
+    plan->slots_used = slots_needed(plan);
 #ifdef HAVE_CLONE_INTO_CGROUP
     /* Any refusal (ENOSYS, EINVAL before 5.7, EPERM from a seccomp filter,
      * EBADF for an fd that is no cgroup, ...) falls back to clone() and the
@@ -464,9 +543,14 @@ clone_and_exec(struct child_plan *plan)
     }
 #endif
     if (pid == -1) {
-        pid = clone(child_main, stack_top, CLONE_VM | CLONE_VFORK | SIGCHLD, plan);
+        int share = plan->slots_used > 0 ? CLONE_FILES : 0;
+        pid = clone(child_main, stack_top, CLONE_VM | CLONE_VFORK | share | SIGCHLD, plan);
     }
     saved_errno = errno;
+    /* The child has exec'd or died: its copies leave our slots. */
+    for (int i = 0; i < plan->slots_used; i++) {
+        (void)dup3(plan->slot_anchor, plan->slots[i], O_CLOEXEC);
+    }
     (void)pthread_sigmask(SIG_SETMASK, &old_mask, NULL);
     errno = saved_errno;
     return pid;
@@ -593,7 +677,7 @@ PyDoc_STRVAR(spawn_doc,
 "spawn(executable, argv, envp, fds, stdio_fd, cwd, uid, gid, groups,\n"
 "      pid_variables, reset_signals, stdout_fd, stderr_fd, stdout_path,\n"
 "      stdout_append, stderr_path, stderr_append, cgroup_fd, rlimits,\n"
-"      umask, no_new_privileges, migrate, /) -> pid\n"
+"      umask, no_new_privileges, migrate, slot_anchor, slots, /) -> pid\n"
 "\n"
 "Start ``executable`` in a new process with clone(CLONE_VM | CLONE_VFORK) and\n"
 "return its pid once it has exec'd. With a ``cgroup_fd`` (on x86-64, unless\n"
@@ -614,6 +698,12 @@ PyDoc_STRVAR(spawn_doc,
 "for each name of ``pid_variables``, sets PR_SET_NO_NEW_PRIVS if\n"
 "``no_new_privileges`` is true, empties its signal mask and execs.\n"
 "\n"
+"``slots`` (ascending fd numbers, each a copy of ``slot_anchor``, which the\n"
+"caller keeps free) let the child start on the parent's fd table and take\n"
+"one of its own that holds only the fds below them; empty, or fewer than the\n"
+"worker needs, and the child copies the whole table. Each slot holds a copy\n"
+"of ``slot_anchor`` again when spawn() returns.\n"
+"\n"
 "A failure in the child raises OSError(errno, 'STAGE: reason') once the\n"
 "child is reaped; STAGE is one of setsid, cgroup, fds, limits.NAME, chdir, setgroups,\n"
 "setgid, setuid, stdout, stderr, no-new-privileges, signals, exec.");
@@ -626,15 +716,16 @@ native_spawn(PyObject *Py_UNUSED(module), PyObject *const *args, Py_ssize_t narg
     int *rlimit_resources = NULL;
     struct rlimit *rlimits = NULL;
     char **argv = NULL, **envp = NULL, **pid_digits = NULL, *pid_text = NULL;
-    int *fds = NULL, *moved = NULL;
+    int *fds = NULL, *moved = NULL, *slots = NULL, *staged = NULL;
+    PyObject *slots_seq = NULL;
     gid_t *groups = NULL;
     PyObject *result = NULL;
     struct child_plan plan;
     Py_ssize_t argc = 0, envc = 0;
     long number;
 
-    if (nargs != 22) {
-        PyErr_Format(PyExc_TypeError, "spawn() takes exactly 22 arguments (%zd given)", nargs);
+    if (nargs != 24) {
+        PyErr_Format(PyExc_TypeError, "spawn() takes exactly 24 arguments (%zd given)", nargs);
         return NULL;
     }
     memset(&plan, 0, sizeof(plan));
@@ -853,6 +944,39 @@ native_spawn(PyObject *Py_UNUSED(module), PyObject *const *args, Py_ssize_t narg
         sigaddset(&plan.reset_ignored, (int)number);
     }
 
+    if (int_in_range(args[22], "slot_anchor", -1, INT_MAX, &number) < 0) {
+        goto done;
+    }
+    plan.slot_anchor = (int)number;
+    if ((slots_seq = PySequence_Fast(args[23], "slots must be a sequence")) == NULL) {
+        goto done;
+    }
+    Py_ssize_t slot_count = PySequence_Fast_GET_SIZE(slots_seq);
+    if (slot_count > 0 && plan.slot_anchor >= 0) {
+        if (slot_count > 4096) {
+            PyErr_SetString(PyExc_ValueError, "too many slots");
+            goto done;
+        }
+        slots = PyMem_New(int, slot_count);
+        staged = PyMem_New(int, fd_count ? fd_count : 1);
+        if (slots == NULL || staged == NULL) {
+            PyErr_NoMemory();
+            goto done;
+        }
+        for (Py_ssize_t i = 0; i < slot_count; i++) {
+            /* Above stdio, and ascending: the last slot used bounds the copy. */
+            long low = i == 0 ? LISTEN_FDS_START : slots[i - 1] + 1;
+            if (int_in_range(PySequence_Fast_GET_ITEM(slots_seq, i), "slot", low, INT_MAX,
+                             &number) < 0) {
+                goto done;
+            }
+            slots[i] = (int)number;
+        }
+        plan.slots = slots;
+        plan.slot_count = (int)slot_count;
+        plan.staged = staged;
+    }
+
     long open_max = sysconf(_SC_OPEN_MAX);
     plan.max_fd = open_max > 0 && open_max < INT_MAX ? (int)open_max : 1024 * 1024;
 
@@ -891,6 +1015,9 @@ done:
     PyMem_Free(groups);
     PyMem_Free(moved);
     PyMem_Free(fds);
+    PyMem_Free(staged);
+    PyMem_Free(slots);
+    Py_XDECREF(slots_seq);
     PyMem_Free(pid_digits);
     PyMem_Free(pid_text);
     PyMem_Free(envp);

@@ -27,6 +27,8 @@ def spawn(
     umask: int,
     no_new_privileges: bool,
     migrate: bool,
+    slot_anchor: int,
+    slots: Sequence[int],
     /,
 ) -> int:
     """Start ``executable`` with ``clone(CLONE_VM | CLONE_VFORK)``; its pid once it exec'd.
@@ -36,6 +38,8 @@ def spawn(
     starts in: created there with ``clone3(CLONE_INTO_CGROUP)`` on x86-64, else (or
     with ``migrate``) made by ``clone()`` and moved there by a write to ``cgroup.procs``. ``stdout_path`` and ``stderr_path`` are opened by the child after the
     switch to ``uid``. ``rlimits`` are (``RLIMIT_*``, soft, hard) with -1 for
-    infinity; ``umask`` -1 keeps the supervisor's. A failure in the child raises
+    infinity; ``umask`` -1 keeps the supervisor's. ``slots`` (ascending, each a copy of
+    ``slot_anchor``; spawn_slots.py) let the child start on our fd table and copy only
+    what lies below them; ``()`` copies the whole table. A failure in the child raises
     ``OSError(errno, "STAGE: reason")`` after the child was reaped.
     """

@@ -12,11 +12,12 @@ supervisor to a failed upgrade.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import gc
 import os
 import resource
 import sys
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -30,6 +31,7 @@ from .handover import unblock_signals
 from .log import LOG_FORMATS, make_logger
 from .monitor import default_monitor_path, monitor_fd_budget
 from .spawn import load_units_resolved
+from .spawn_slots import SPAWN_SLOTS, SpawnSlots
 from .supervisor import HANDLED_SIGNALS, Supervisor
 from .systemd import SystemdNotifier, SystemdSockets
 from .units import FdStorePreserve, Unit, load_unit_text, load_units, unit_from_command_line
@@ -85,8 +87,9 @@ def raise_fd_limit() -> tuple[int, int, int]:
 # wake-up pair and the notify, monitor and metrics sockets (11); for a moment
 # what a spawn (output files, the cgroup, the fork path's report pipe), an
 # accepted connection or a /proc read opens. None per worker: they are reaped on
-# SIGCHLD (reaper.py), not watched through a pidfd each.
-SUPERVISOR_FDS = 32
+# SIGCHLD (reaper.py), not watched through a pidfd each. And the spawn slots
+# with their placeholder (spawn_slots.py).
+SUPERVISOR_FDS = 32 + SPAWN_SLOTS + 1
 
 
 def fd_budget_problem(sockets: int, soft: int, hard: int, *, monitor: bool) -> str | None:
@@ -208,7 +211,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         split = args_list.index("--")
         args_list, command = args_list[:split], args_list[split + 1 :]
     if handover is not None:
-        return run_upgraded(args_list, command, inherited, handover)
+        with _spawn_slots() as slots:
+            return run_upgraded(args_list, command, inherited, handover, slots)
     args = build_parser().parse_args(args_list)
     if args.command == "check":
         return check(args.units)
@@ -217,7 +221,23 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.command == "ctl":
         return ctl.run(args)
     systemd_sockets = SystemdSockets.from_environment(os.environ, os.getpid())
-    return run(args, command, inherited, exec_argv, systemd_sockets)
+    with _spawn_slots() as slots:
+        return run(args, command, inherited, exec_argv, systemd_sockets, slots)
+
+
+@contextlib.contextmanager
+def _spawn_slots() -> Iterator[SpawnSlots | None]:
+    """The spawn slots (spawn_slots.py), reserved before any socket is bound or
+    handed-over fd copied, so that they are low; None where no fd is left."""
+    try:
+        slots: SpawnSlots | None = SpawnSlots.reserve()
+    except OSError:  # the fd budget check says it plainly
+        slots = None
+    try:
+        yield slots
+    finally:
+        if slots is not None:
+            slots.close()
 
 
 def _command_line_unit(args: argparse.Namespace, command: list[str]) -> CommandLineUnit | None:
@@ -265,6 +285,7 @@ def run(
     inherited: InheritedFds,
     exec_argv: Sequence[str] = (),
     systemd_sockets: SystemdSockets | None = None,
+    slots: SpawnSlots | None = None,
 ) -> int:
     log = make_logger(args.log_format)
     before, soft, hard = raise_fd_limit()
@@ -296,7 +317,7 @@ def run(
     if problem is not None:
         log.error("startup_failed", error=problem, note="nothing was bound")
         return 1
-    supervisor = _supervisor(units, log, inherited, config, exec_argv, systemd_sockets)
+    supervisor = _supervisor(units, log, inherited, config, exec_argv, systemd_sockets, slots)
     try:
         supervisor.bind_all()
     except (BindError, FdSupervisorError) as exc:
@@ -359,6 +380,7 @@ def _supervisor(
     config: RunConfig,
     exec_argv: Sequence[str],
     systemd_sockets: SystemdSockets | None,
+    slots: SpawnSlots | None = None,
 ) -> Supervisor:
     return Supervisor(
         units,
@@ -372,11 +394,16 @@ def _supervisor(
         systemd_sockets=systemd_sockets,
         run_config=config,
         use_cgroups=config.use_cgroups,
+        spawn_slots=slots,
     )
 
 
 def run_upgraded(
-    args_list: list[str], command: list[str], inherited: InheritedFds, handover: HandoverState
+    args_list: list[str],
+    command: list[str],
+    inherited: InheritedFds,
+    handover: HandoverState,
+    slots: SpawnSlots | None = None,
 ) -> int:
     """The new program of an upgrade: take over, or go back to the old units; exit only if neither.
 
@@ -397,7 +424,9 @@ def run_upgraded(
         units = _load(args, command)
         new_config = _run_config(args, command)
         copies = copy_fds(handover)
-        attempt = _supervisor(units, log, inherited, new_config, handover.argv, SystemdSockets())
+        attempt = _supervisor(
+            units, log, inherited, new_config, handover.argv, SystemdSockets(), slots
+        )
         attempt.adopt_handover(copies)
         if new_config.monitor_path is not None:
             attempt.attach_monitor(
@@ -446,7 +475,7 @@ def run_upgraded(
     if copies is not None:
         close_copies(copies, handover)
     try:
-        supervisor = _fall_back(handover, inherited, log)
+        supervisor = _fall_back(handover, inherited, log, slots)
     except Exception as exc:
         log.error(
             "upgrade_fallback_failed",
@@ -467,7 +496,9 @@ def run_upgraded(
     return supervisor.run()
 
 
-def _fall_back(handover: HandoverState, inherited: InheritedFds, log: Any) -> Supervisor:
+def _fall_back(
+    handover: HandoverState, inherited: InheritedFds, log: Any, slots: SpawnSlots | None = None
+) -> Supervisor:
     """The old program's units on the original fds, from the state alone: nothing new."""
     config = handover.config
     if config is None:
@@ -478,7 +509,7 @@ def _fall_back(handover: HandoverState, inherited: InheritedFds, log: Any) -> Su
         units = [
             load_unit_text(f.text, Path(f.path), Path(f.path).parent) for f in config.unit_files
         ]
-    supervisor = _supervisor(units, log, inherited, config, handover.argv, SystemdSockets())
+    supervisor = _supervisor(units, log, inherited, config, handover.argv, SystemdSockets(), slots)
     supervisor.adopt_handover(handover, bind_new=False)
     if config.monitor_path is not None:
         try:

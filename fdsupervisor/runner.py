@@ -44,6 +44,7 @@ from .reaper import ChildReaper
 from .rolling import RollingRestart
 from .service import ExitStatus, Failed, ReplacementFailed, Restart, Service, ServiceState, Worker
 from .spawn import PassedFd, prepare_worker, start_worker, worker_fds
+from .spawn_slots import SpawnSlots
 from .units import Activation, FdStorePreserve, Unit
 from .upgrade import WorkerItem
 from .worker_store import WorkerFdStore
@@ -65,6 +66,7 @@ class RunnerContext:
     # The unit has no workers any more; True: the supervisor took it over (a
     # reload was waiting for it to stop), and the runner does nothing more.
     on_idle: Callable[[UnitRunner], bool]
+    spawn_slots: SpawnSlots | None = None  # low fds for the native spawn; None: copy the table
 
 
 class Timers:
@@ -675,7 +677,7 @@ def start_process(
             cgroup_fd=cgroup.fd if cgroup is not None else None,
             log=log,
         )
-        pid = start_worker(plan)
+        pid = start_worker(plan, ctx.spawn_slots)
     except BaseException:
         if cgroup is not None and cgroups is not None:
             cgroups.discard(cgroup)

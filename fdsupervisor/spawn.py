@@ -62,6 +62,7 @@ from systemd import journal
 from .errors import ConfigError, ConfigErrors, Location, SpawnError
 from .fdpassing import LISTEN_FDS_START, scrub_environment
 from .fdstore import FdStore, service_owner, unit_owner
+from .spawn_slots import SpawnSlots
 from .units import (
     LIMIT_UNITS,
     RLIM_INFINITY,
@@ -662,7 +663,7 @@ def plan_worker(
 # --------------------------------------------------------------------------- exec
 
 
-def start_worker(plan: SpawnPlan) -> int:
+def start_worker(plan: SpawnPlan, slots: SpawnSlots | None = None) -> int:
     """Start ``plan``: the worker's pid, once its exec has succeeded.
 
     The plan's output fds are closed whatever happens (the worker has its
@@ -671,19 +672,20 @@ def start_worker(plan: SpawnPlan) -> int:
     its pid cannot be reused before that.
     """
     try:
-        return spawn(plan)
+        return spawn(plan, slots)
     finally:
         plan.close()
 
 
-def spawn(plan: SpawnPlan) -> int:
+def spawn(plan: SpawnPlan, slots: SpawnSlots | None = None) -> int:
     """Start ``plan``; returns the pid once the exec has succeeded.
 
+    With ``slots`` the native spawn copies no fd table (spawn_slots.py).
     Raises :class:`SpawnError` when the child failed before or at the exec
     (the message names the step and the reason); the child is reaped then.
     """
     if _native is not None and not plan.fork:
-        return _spawn_native(plan)
+        return _spawn_native(plan, slots)
     return _spawn_python(plan)
 
 
@@ -692,7 +694,7 @@ def native_spawn_available() -> bool:
     return _native is not None
 
 
-def _spawn_native(plan: SpawnPlan) -> int:
+def _spawn_native(plan: SpawnPlan, slots: SpawnSlots | None = None) -> int:
     """:func:`spawn` with ``clone(CLONE_VM | CLONE_VFORK)`` in ``fdsupervisor._spawn``.
 
     A worker with a cgroup is made in it with ``clone3(CLONE_INTO_CGROUP)``
@@ -729,6 +731,8 @@ def _spawn_native(plan: SpawnPlan) -> int:
             -1 if plan.umask is None else plan.umask,
             plan.no_new_privileges,
             plan.migrate,
+            -1 if slots is None else slots.anchor,
+            () if slots is None else slots.numbers,
         )
     except OSError as exc:  # "STAGE: reason", or from clone() itself
         raise SpawnError(f"cannot start {plan.argv[0]!r}: {exc.strerror}", exc.errno) from None

@@ -44,6 +44,7 @@ from .runner import RunnerContext, UnitRunner, signal_group
 from .runtime_sockets import RuntimeSockets
 from .service import Service
 from .signals import SignalWakeup
+from .spawn_slots import SpawnSlots
 from .systemd import SystemdFdStore, SystemdNotifier, SystemdSockets
 from .units import SocketSpec, Unit
 from .upgrade import HandoverState, RunConfig, StoredItem, Upgrader, WorkerItem
@@ -78,6 +79,7 @@ class Supervisor:
         systemd_sockets: SystemdSockets | None = None,
         run_config: RunConfig | None = None,
         use_cgroups: bool = True,
+        spawn_slots: SpawnSlots | None = None,
     ) -> None:
         self.log = log
         # Each worker in a cgroup of its own (cgroups.py), made at start(); None:
@@ -113,6 +115,7 @@ class Supervisor:
             children=self.children,
             shutting_down=lambda: self.shutting_down,
             on_idle=self._unit_idle,
+            spawn_slots=spawn_slots,
         )
         self.runners: dict[str, UnitRunner] = {u.name: self._new_runner(u) for u in units}
         self.runtime_sockets = RuntimeSockets(

@@ -99,17 +99,17 @@ def events_of(stderr: str) -> list[dict[str, Any]]:
 
 
 def test_units_that_cannot_fit_the_fd_limit_fail_before_binding(tmp_path: Path) -> None:
-    proc = run_limited(tmp_path, 64, 40, "--monitor", str(tmp_path / "monitor.sock"))
+    proc = run_limited(tmp_path, 128, 80, "--monitor", str(tmp_path / "monitor.sock"))
     stderr = stderr_at_exit(proc)
     assert proc.returncode == 1
     events = events_of(stderr)
     (failed,) = [e for e in events if e["event"] == "startup_failed"]
-    reserved = monitor_fd_budget(64)
-    needed = 40 + SUPERVISOR_FDS + reserved
+    reserved = monitor_fd_budget(128)
+    needed = 80 + SUPERVISOR_FDS + reserved
     assert failed["error"] == (
-        f"the units cannot fit the fd limit: 40 sockets + {SUPERVISOR_FDS} for the supervisor"
+        f"the units cannot fit the fd limit: 80 sockets + {SUPERVISOR_FDS} for the supervisor"
         f" + {reserved} for the monitor's clients = {needed} file descriptors, but"
-        " RLIMIT_NOFILE is 64 (hard limit 64); raise the hard limit (LimitNOFILE= in the"
+        " RLIMIT_NOFILE is 128 (hard limit 128); raise the hard limit (LimitNOFILE= in the"
         " supervisor's systemd unit, ulimit -Hn) or run fewer sockets"
     )
     assert failed["note"] == "nothing was bound"
@@ -118,21 +118,21 @@ def test_units_that_cannot_fit_the_fd_limit_fail_before_binding(tmp_path: Path) 
 
 
 def test_without_a_monitor_nothing_is_reserved_for_it(tmp_path: Path) -> None:
-    proc = run_limited(tmp_path, 64, 40, "--no-monitor")
+    proc = run_limited(tmp_path, 128, 80, "--no-monitor")
     stderr = stderr_at_exit(proc)
     assert proc.returncode == 1
     (failed,) = [e for e in events_of(stderr) if e["event"] == "startup_failed"]
     assert failed["error"].startswith(
-        f"the units cannot fit the fd limit: 40 sockets + {SUPERVISOR_FDS} for the supervisor"
-        f" = {40 + SUPERVISOR_FDS} file descriptors, but RLIMIT_NOFILE is 64"
+        f"the units cannot fit the fd limit: 80 sockets + {SUPERVISOR_FDS} for the supervisor"
+        f" = {80 + SUPERVISOR_FDS} file descriptors, but RLIMIT_NOFILE is 128"
     )
     assert not list(tmp_path.glob("*.sock"))
 
 
 def test_units_that_fit_the_fd_limit_run_within_it(tmp_path: Path) -> None:
     """At the edge of the budget, a worker each: every socket bound, every worker started."""
-    units = 64 - SUPERVISOR_FDS
-    proc = run_limited(tmp_path, 64, units, "--no-monitor", activation="eager")
+    units = 128 - SUPERVISOR_FDS
+    proc = run_limited(tmp_path, 128, units, "--no-monitor", activation="eager")
     seen: list[dict[str, Any]] = []
     try:
         assert proc.stderr is not None

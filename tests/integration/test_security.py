@@ -692,14 +692,15 @@ def test_an_accept_unit_out_of_fds_lets_connections_wait_then_serves_them(superv
 def test_an_accept_unit_with_one_fd_free_holds_the_connection_until_its_worker_can_start(
     supervisor,
 ) -> None:
-    """One free fd takes the connection, but its worker needs more: the connection is held
-    and its worker started once fds are free, not dropped."""
-    sup = supervisor({"web": WEB, "acc": ACCEPT_CAT})
+    """One free fd takes the connection, but its worker needs more (the /dev/null of its
+    stderr, opened by the supervisor): the connection is held and its worker started
+    once fds are free, not dropped."""
+    sup = supervisor({"web": WEB, "acc": ACCEPT_CAT + "  stderr: null\n"})
     sup.wait_for("worker_started", unit="web")
     port = sup.port("conn")
     with RawClient(sup.monitor_path).negotiate() as client:
         with out_of_fds(sup, client) as names:
-            free_fds(client, names[:1])  # room for accept(), none for the spawn's pipe and pidfd
+            free_fds(client, names[:1])  # room for accept(), none for the worker's stderr
             mark = sup.mark()
             conn = socket.create_connection(("127.0.0.1", port), timeout=10)
             deferred = sup.wait_for("worker_start_deferred", unit="acc", after=mark)
@@ -711,9 +712,8 @@ def test_an_accept_unit_with_one_fd_free_holds_the_connection_until_its_worker_c
     sup.wait_for("worker_exited", unit="acc")
 
 
-# Two sockets: the new worker needs two free fds (each passed fd is first
-# duplicated above the target range, in the child or, without the C spawn,
-# after a pipe), and reaping the old one frees only one, its pidfd.
+# The new worker's start needs fds of the supervisor's own (its cgroup's
+# directory and cgroup.events), and reaping the old worker frees none.
 TWO_SOCKETS = f"""
     sockets:
       http: {{listen: "127.0.0.1:0"}}

@@ -54,6 +54,7 @@ from fdsupervisor.spawn import (
     spawn,
     start_worker,
 )
+from fdsupervisor.spawn_slots import SpawnSlots
 from fdsupervisor.units import Unit, load_unit_text
 from tests.conftest import open_fds
 
@@ -69,6 +70,19 @@ def _spawn_native_migrating(plan: SpawnPlan) -> int:
     return _spawn_native(dataclasses.replace(plan, migrate=True))
 
 
+def _spawn_native_slotted(plan: SpawnPlan) -> int:
+    """The native spawn as the supervisor runs it: on the parent's fd table, through slots."""
+    slots = SpawnSlots.reserve()
+    try:
+        return _spawn_native(plan, slots)
+    finally:
+        slots.close()
+
+
+def _spawn_native_slotted_migrating(plan: SpawnPlan) -> int:
+    return _spawn_native_slotted(dataclasses.replace(plan, migrate=True))
+
+
 NOT_BUILT = pytest.mark.skipif(
     not native_spawn_available(),
     reason="fdsupervisor._spawn is not built (no C compiler when installed?)",
@@ -76,6 +90,8 @@ NOT_BUILT = pytest.mark.skipif(
 PATHS = [
     pytest.param(_spawn_native, id="native", marks=NOT_BUILT),
     pytest.param(_spawn_native_migrating, id="native-migrate", marks=NOT_BUILT),
+    pytest.param(_spawn_native_slotted, id="native-slots", marks=NOT_BUILT),
+    pytest.param(_spawn_native_slotted_migrating, id="native-slots-migrate", marks=NOT_BUILT),
     pytest.param(_spawn_python, id="python"),
 ]
 
@@ -240,6 +256,47 @@ def test_fds_sitting_on_target_numbers_are_renumbered(spawn_with: Spawn) -> None
         finally:
             os.close(r)
             os.close(w)
+
+
+def fd_table_size(pid: int) -> int:
+    """The size of ``pid``'s fd table (``FDSize:``): what the kernel copied into it."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("FDSize:"):
+            return int(line.split()[1])
+    raise AssertionError(f"no FDSize for {pid}")
+
+
+@NOT_BUILT
+@pytest.mark.parametrize("slotted", [False, True], ids=["copied", "slots"])
+def test_a_worker_started_through_slots_gets_a_table_of_its_own_fds_only(slotted: bool) -> None:
+    """The kernel's copy of the whole table, at clone() and again at execve(), is what
+    made a start cost more with more sockets; through the slots, only what lies below
+    them is copied, however many fds the supervisor holds (spawn_slots.py)."""
+    slots = SpawnSlots.reserve()
+    ballast = [os.open(os.devnull, os.O_RDONLY | os.O_CLOEXEC) for _ in range(600)]
+    try:
+        with socket_pair() as (a, b), socket.socket() as high:  # both above the ballast
+            plan = sleeper(fds=(high.fileno(), a.fileno()), stdout_fd=b.fileno())
+            with running(lambda p: _spawn_native(p, slots if slotted else None), plan) as pid:
+                size = fd_table_size(pid)
+                stdio = [fd for fd in open_fds() if fd < 3]
+                assert open_fds(pid) == sorted({*stdio, 1, 3, 4})
+                assert same_file(pid, 1, b.fileno())
+                assert same_file(pid, 3, high.fileno())
+                assert same_file(pid, 4, a.fileno())
+            # Every slot holds its placeholder again, and nothing else was left open.
+            anchor = os.fstat(slots.anchor)
+            for number in slots.numbers:
+                assert os.path.sameopenfile(number, slots.anchor), number
+                assert os.fstat(number).st_ino == anchor.st_ino
+    finally:
+        for fd in ballast:
+            os.close(fd)
+        slots.close()
+    if slotted:
+        assert size <= 128, size
+    else:
+        assert size >= 512, size
 
 
 def test_inetd_connection_is_stdin_and_stdout(spawn_with: Spawn) -> None:
@@ -421,6 +478,10 @@ def test_nul_byte_is_refused(spawn_with: Spawn) -> None:
         (18, [(999, 1, 1)], ValueError),
         (18, [(7, -2, 1)], ValueError),
         (19, 0o1000, ValueError),  # umask
+        (22, -2, ValueError),  # slot_anchor
+        (23, 5, TypeError),  # slots: a sequence
+        (23, (2,), ValueError),  # a slot over stdio
+        (23, (9, 8), ValueError),  # not ascending
     ],
 )
 def test_extension_checks_its_arguments_before_starting_anything(
@@ -430,12 +491,12 @@ def test_extension_checks_its_arguments_before_starting_anything(
 
     args: list[Any] = [
         TRUE.encode(), [b"true"], [], (), -1, None, -1, -1, None, (b"LISTEN_PID",), (15,),
-        -1, -1, None, False, None, False, -1, (), -1, False, False,
+        -1, -1, None, False, None, False, -1, (), -1, False, False, 0, (),
     ]  # fmt: skip
     args[index] = value
     with pytest.raises(error):
         _spawn.spawn(*args)
-    with pytest.raises(TypeError, match="exactly 22 arguments"):
+    with pytest.raises(TypeError, match="exactly 24 arguments"):
         _spawn.spawn(*args[:-1])
     assert zombies_of(os.getpid()) == []
 
@@ -633,7 +694,8 @@ def test_the_worker_starts_in_its_cgroup_without_a_migration(
         finally:
             os.close(directory)
         assert own_cgroup(report.read_text()).endswith(f"/{cgroup.name}")  # type: ignore[union-attr]
-        if spawn_with is _spawn_native and platform.machine() == "x86_64":
+        made_there = spawn_with in (_spawn_native, _spawn_native_slotted)
+        if made_there and platform.machine() == "x86_64":
             assert not migrated(), "the native child was moved into its cgroup, not made there"
         else:
             assert migrated()
@@ -666,9 +728,9 @@ def test_many_spawns_leak_no_fd(spawn_with: Spawn) -> None:
 
 
 def _recording(calls: list[str], name: str, path: Spawn) -> Spawn:
-    def record(plan: SpawnPlan) -> int:
+    def record(plan: SpawnPlan, *args: object) -> int:
         calls.append(name)
-        return path(plan)
+        return path(plan, *args)  # type: ignore[call-arg]
 
     return record
 
