@@ -693,7 +693,7 @@ def main() -> int:
     parser.add_argument("--large", type=int, default=10000, help="on-demand units (0: none)")
     parser.add_argument("--chart", type=Path, help="draw the chart here (PNG, matplotlib)")
     args = parser.parse_args()
-    # a socket and (today) a pidfd per worker, with room for the rest
+    # ours: a socket per unit and a constant; circus: a socket and its pipes per watcher
     limit = raise_fd_limit(2 * max([args.units, *args.sizes, args.large]) + 256)
     if limit < 4 * args.units + 64:
         print(
