@@ -43,8 +43,10 @@
  * free), the child is made with CLONE_FILES, on the parent's own table,
  * copies the fds it needs into the slots, and then takes a table of its own
  * that holds only the fds below the last slot (close_range() with
- * CLOSE_RANGE_UNSHARE, Linux 5.9; before it, unshare(CLONE_FILES) copies
- * the whole table, as without slots). The parent puts its placeholder back
+ * CLOSE_RANGE_UNSHARE, Linux 5.9). Where the kernel or a seccomp filter
+ * refuses that, the child gives up before it changed anything but the slots,
+ * and the parent starts it again the old way, and every later one too. The
+ * parent puts its placeholder back
  * into each slot once clone() returns. Until the child's table is its own,
  * the child changes nothing in the shared table but the slots.
  *
@@ -327,6 +329,15 @@ open_output(const char *path, int flags, int target)
     return close(fd);
 }
 
+/* The stage of a refused close_range(CLOSE_RANGE_UNSHARE), told apart by its
+ * address: never reported, the parent starts the child again without slots. */
+static const char unshare_stage[] = "fds";
+
+/* The kernel (or a seccomp filter) refused CLOSE_RANGE_UNSHARE once: it will
+ * again, so no later start tries. A fact about this process's kernel, as
+ * CPython's _posixsubprocess keeps what it learnt of vfork(). */
+static int table_sharing_refused;
+
 /* The child's first step when it shares the parent's fd table: every fd it
  * needs copied into a slot (close-on-exec, as they are placed later), then a
  * table of its own holding only the fds below the last slot used. Nothing
@@ -335,32 +346,45 @@ open_output(const char *path, int flags, int target)
 static int
 take_fd_table(struct child_plan *plan)
 {
+    int *singles[] = {&plan->stdio_fd, &plan->stdout_fd, &plan->stderr_fd, &plan->cgroup_fd};
+    const size_t single_count = sizeof(singles) / sizeof(singles[0]);
     int next = 0;
     for (int i = 0; i < plan->fd_count; i++) {
-        plan->staged[i] = plan->slots[next++];
-        if (dup3(plan->fds[i], plan->staged[i], O_CLOEXEC) == -1) {
+        if (dup3(plan->fds[i], plan->slots[next++], O_CLOEXEC) == -1) {
             return -1;
         }
     }
-    plan->fds = plan->staged; /* the parent reads no field of the plan but the failure */
-    int *singles[] = {&plan->stdio_fd, &plan->stdout_fd, &plan->stderr_fd, &plan->cgroup_fd};
-    for (size_t i = 0; i < sizeof(singles) / sizeof(singles[0]); i++) {
+    for (size_t i = 0; i < single_count; i++) {
         if (*singles[i] < 0 || (singles[i] == &plan->cgroup_fd && plan->born_in_cgroup)) {
             continue;
         }
         /* A bad cgroup fd is the cgroup's step, as it is without slots. */
         plan->failed_stage = singles[i] == &plan->cgroup_fd ? "cgroup" : "fds";
-        if (dup3(*singles[i], plan->slots[next], O_CLOEXEC) == -1) {
+        if (dup3(*singles[i], plan->slots[next++], O_CLOEXEC) == -1) {
             return -1;
+        }
+    }
+    unsigned int above = (unsigned int)plan->slots[plan->slots_used - 1] + 1;
+    plan->failed_stage = unshare_stage;
+    if (syscall(SYS_close_range, above, ~0U, CLOSE_RANGE_UNSHARE) == -1) {
+        return -1; /* before 5.9, or a seccomp filter: the parent starts it again */
+    }
+    /* The table is the child's own: from here on the plan names the slots (the
+     * parent reads no field of it after clone() but the failure). Until here
+     * the plan is as the parent made it, for a start again without slots. */
+    next = 0;
+    for (int i = 0; i < plan->fd_count; i++) {
+        plan->staged[i] = plan->slots[next++];
+    }
+    plan->fds = plan->staged;
+    for (size_t i = 0; i < single_count; i++) {
+        if (*singles[i] < 0 || (singles[i] == &plan->cgroup_fd && plan->born_in_cgroup)) {
+            continue;
         }
         *singles[i] = plan->slots[next++];
     }
     plan->failed_stage = "fds";
-    unsigned int above = (unsigned int)plan->slots[plan->slots_used - 1] + 1;
-    if (syscall(SYS_close_range, above, ~0U, CLOSE_RANGE_UNSHARE) == 0) {
-        return 0;
-    }
-    return unshare(CLONE_FILES); /* before 5.9, or a seccomp filter: the whole table */
+    return 0;
 }
 
 #define CHILD_STEP(stage, call)                 \
@@ -513,6 +537,9 @@ slots_needed(const struct child_plan *plan)
     return needed > 0 && needed <= plan->slot_count ? needed : 0;
 }
 
+static pid_t clone_once(struct child_plan *plan, char *stack, size_t stack_size,
+                        char *stack_top);
+
 /* The child's run, from clone() to its execve() or _exit(). Returns the pid,
  * or -1 with errno set when clone() itself failed. */
 static pid_t
@@ -532,14 +559,38 @@ clone_and_exec(struct child_plan *plan)
     if ((errno = pthread_sigmask(SIG_BLOCK, &all_signals, &old_mask)) != 0) {
         return -1;
     }
+    pid = clone_once(plan, stack, sizeof(stack), stack_top);
+    if (pid != -1 && plan->slots_used > 0 && plan->failed_stage == unshare_stage &&
+        plan->failed_errno != 0) {
+        int status;
+        while (waitpid(pid, &status, 0) == -1 && errno == EINTR) {
+        }
+        table_sharing_refused = 1;
+        plan->failed_stage = NULL;
+        plan->failed_errno = 0;
+        pid = clone_once(plan, stack, sizeof(stack), stack_top);
+    }
+    saved_errno = errno;
+    (void)pthread_sigmask(SIG_SETMASK, &old_mask, NULL);
+    errno = saved_errno;
+    return pid;
+}
+
+/* One clone() of the child: through the slots unless they cannot serve. */
+static pid_t
+clone_once(struct child_plan *plan, char *stack, size_t stack_size, char *stack_top)
+{
+    pid_t pid = -1;
+    int saved_errno;
+
     plan->born_in_cgroup = 0;
-    plan->slots_used = slots_needed(plan);
+    plan->slots_used = table_sharing_refused ? 0 : slots_needed(plan);
 #ifdef HAVE_CLONE_INTO_CGROUP
     /* Any refusal (ENOSYS, EINVAL before 5.7, EPERM from a seccomp filter,
      * EBADF for an fd that is no cgroup, ...) falls back to clone() and the
      * write: where the cgroup itself is at fault, that names the step. */
     if (plan->cgroup_fd >= 0 && !plan->migrate) {
-        pid = clone_into_cgroup(plan, stack, sizeof(stack));
+        pid = clone_into_cgroup(plan, stack, stack_size);
     }
 #endif
     if (pid == -1) {
@@ -551,7 +602,6 @@ clone_and_exec(struct child_plan *plan)
     for (int i = 0; i < plan->slots_used; i++) {
         (void)dup3(plan->slot_anchor, plan->slots[i], O_CLOEXEC);
     }
-    (void)pthread_sigmask(SIG_SETMASK, &old_mask, NULL);
     errno = saved_errno;
     return pid;
 }

@@ -299,6 +299,61 @@ def test_a_worker_started_through_slots_gets_a_table_of_its_own_fds_only(slotted
         assert size >= 512, size
 
 
+# A process under a seccomp filter that refuses close_range() with EPERM (as
+# older container runtimes' profiles do) starts workers through the slots:
+# the first child gives up before it changed anything but the slots, and
+# that start and every later one copy the table instead.
+REFUSED_CLOSE_RANGE = r"""
+import ctypes, os, socket, struct, sys
+from fdsupervisor.spawn_slots import SpawnSlots
+from fdsupervisor import _spawn
+libc = ctypes.CDLL(None, use_errno=True)
+NR_CLOSE_RANGE, EPERM = 436, 1  # x86-64
+code = b"".join(struct.pack("HBBI", *op) for op in [
+    (0x20, 0, 0, 0),  # ld [nr]
+    (0x15, 0, 1, NR_CLOSE_RANGE),  # jeq close_range
+    (0x06, 0, 0, 0x00050000 | EPERM),  # ret ERRNO(EPERM)
+    (0x06, 0, 0, 0x7FFF0000),  # ret ALLOW
+])
+program = ctypes.create_string_buffer(code)
+fprog = struct.pack("HxxxxxxP", 4, ctypes.addressof(program))
+assert libc.prctl(38, 1, 0, 0, 0) == 0  # PR_SET_NO_NEW_PRIVS
+assert libc.prctl(22, 2, ctypes.c_char_p(fprog), 0, 0) == 0, ctypes.get_errno()  # SECCOMP_MODE_FILTER
+assert libc.syscall(NR_CLOSE_RANGE, 100, 101, 0) == -1 and ctypes.get_errno() == EPERM
+slots = SpawnSlots.reserve()
+a, b = socket.socketpair()
+for _ in range(2):
+    args = [b"/bin/sleep", [b"sleep", b"30"], [], (a.fileno(),), -1, None, -1, -1, None, (),
+            (), -1, -1, None, False, None, False, -1, (), -1, False, False,
+            slots.anchor, slots.numbers]
+    pid = _spawn.spawn(*args)
+    theirs, ours = os.stat(f"/proc/{pid}/fd/3"), os.fstat(a.fileno())
+    assert (theirs.st_dev, theirs.st_ino) == (ours.st_dev, ours.st_ino)
+    assert sorted(int(fd) for fd in os.listdir(f"/proc/{pid}/fd")) == [0, 1, 2, 3]
+    os.kill(pid, 9)
+    os.waitpid(pid, 0)
+assert all(os.path.sameopenfile(n, slots.anchor) for n in slots.numbers)
+try:
+    os.waitid(os.P_ALL, 0, os.WEXITED | os.WNOHANG)
+    raise AssertionError("a child left unreaped")
+except ChildProcessError:  # none at all: the child that gave up was reaped
+    pass
+print("ok")
+"""
+
+
+@NOT_BUILT
+@pytest.mark.skipif(platform.machine() != "x86_64", reason="the filter names x86-64's syscall")
+def test_where_close_range_is_refused_the_slots_give_way_to_a_copied_table() -> None:
+    import subprocess
+
+    done = subprocess.run(
+        [sys.executable, "-c", REFUSED_CLOSE_RANGE], capture_output=True, text=True, timeout=30
+    )
+    assert done.returncode == 0, done.stderr
+    assert done.stdout == "ok\n"
+
+
 def test_inetd_connection_is_stdin_and_stdout(spawn_with: Spawn) -> None:
     with socket_pair() as (ours, theirs):
         plan = plan_for(
