@@ -125,10 +125,12 @@ def test_stopping_the_service_stops_a_daemon_in_the_workers_group(
     )
     daemon = int(proc.wait_output("daemon ").split()[1])
     try:
-        assert os.getpgid(daemon) == proc.wait_for("worker_started")["pid"]
+        worker = proc.wait_for("worker_started")["pid"]
+        assert os.getpgid(daemon) == worker
         with RawClient(proc.monitor_path).negotiate() as client:
             assert client.command("service-stop", unit="daemon") == {"return": {}}
         reaped = proc.wait_for("orphan_reaped", pid=daemon, timeout=10)
+        proc.wait_for("worker_exited", pid=worker)  # both gone before the zombies are counted
     finally:
         if proc.count("orphan_reaped", pid=daemon) == 0:  # the test failed: end its daemon
             with contextlib.suppress(ProcessLookupError):
