@@ -104,9 +104,16 @@ class InheritedFds:
     ``sd_listen_fds()`` users are expected to close what they do not use.
     """
 
-    numbers: frozenset[int]
+    numbers: frozenset[int]  # the fds as they are open now (after :meth:`moved_up`)
+    # fd now -> the number it was inherited as, for the fds :meth:`moved_up` moved:
+    # the number a unit file names and every message says.
+    given: dict[int, int] = field(default_factory=dict, compare=False)
     _claims: dict[int, str] = field(default_factory=dict, init=False, repr=False, compare=False)
     _closed: set[int] = field(default_factory=set, init=False, repr=False, compare=False)
+    _moved_to: dict[int, int] = field(default_factory=dict, init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        self._moved_to.update((number, fd) for fd, number in self.given.items())
 
     @classmethod
     def scan(cls) -> InheritedFds:
@@ -115,6 +122,40 @@ class InheritedFds:
         # Listing the directory opened an fd of its own, closed again by now:
         # keep only the numbers that are still open.
         return cls(frozenset(fd for fd in listed if fd > 2 and _fd_is_open(fd)))
+
+    def moved_up(self) -> InheritedFds:
+        """The same fds moved above the highest of them, so that the numbers they held are free.
+
+        The spawn slots (spawn_slots.py) must be low in the table for a start to
+        copy none of it, and after ``systemctl restart`` systemd passes the whole
+        store back from fd 3 on: 10,000 fds at 10,000 units. Each fd keeps the
+        number it was inherited as in :attr:`given` (:meth:`fd_of` finds it by
+        that number). Where no fd is left to move one into, the rest stay where
+        they are: only slower starts.
+        """
+        if not self.numbers:
+            return self
+        above = max(self.numbers) + 1
+        moved: dict[int, int] = {}
+        for number in sorted(self.numbers):
+            try:
+                # F_DUPFD: not close-on-exec, as the fd was inherited; adoption sets it.
+                moved[fcntl.fcntl(number, fcntl.F_DUPFD, above)] = number
+            except OSError:
+                break
+            os.close(number)
+        kept = self.numbers - set(moved.values())
+        return InheritedFds(frozenset(kept | moved.keys()), {**moved})
+
+    def fd_of(self, given: int) -> int | None:
+        """The fd now open for the number ``given`` was inherited as; None: not inherited."""
+        if given in self._moved_to:
+            return self._moved_to[given]
+        return given if given in self.numbers and given not in self.given else None
+
+    def number_of(self, fd: int) -> int:
+        """The number ``fd`` was inherited as (what a unit file names, what messages say)."""
+        return self.given.get(fd, fd)
 
     def claim(self, number: int, socket_name: str) -> int:
         """Mark ``number`` as backing ``socket_name``; :class:`BindError` if it cannot."""
@@ -143,20 +184,24 @@ class InheritedFds:
         return closed
 
     def check_claim(self, number: int, socket_name: str) -> None:
-        """Raise the :class:`BindError` that :meth:`claim` would raise, claiming nothing."""
+        """Raise the :class:`BindError` that :meth:`claim` would raise, claiming nothing.
+
+        ``number`` is the fd as it is open now; messages name it as inherited.
+        """
+        label = self.number_of(number)
         if number not in self.numbers:
             raise BindError(
                 socket_name,
-                f"File descriptor '{number}' was not inherited by the supervisor "
+                f"File descriptor '{label}' was not inherited by the supervisor "
                 "(only fds open when it started may be named by number)",
             )
         if number in self._closed:
-            raise BindError(socket_name, f"File descriptor '{number}' was already closed as unused")
+            raise BindError(socket_name, f"File descriptor '{label}' was already closed as unused")
         owner = self._claims.get(number)
         if owner is not None:
             raise BindError(
                 socket_name,
-                f"File descriptor '{number}' already backs socket '{owner}' "
+                f"File descriptor '{label}' already backs socket '{owner}' "
                 "(each inherited fd backs at most one socket)",
             )
 
@@ -818,10 +863,16 @@ def _adopt_inherited(spec: SocketSpec, address: FdAddress, inherited: InheritedF
             spec.name,
             f"fd '{address.value}': named file descriptors are only permitted in monitor commands",
         )
-    number = int(address.value)
     label = address.value
-    # Check before looking at the fd: a number the supervisor did not inherit
-    # may be one of its own fds, which is none of this unit's business.
+    number = inherited.fd_of(int(address.value))
+    if number is None:
+        # Not looked at: a number the supervisor did not inherit may be one of
+        # its own fds, which is none of this unit's business.
+        raise BindError(
+            spec.name,
+            f"File descriptor '{label}' was not inherited by the supervisor "
+            "(only fds open when it started may be named by number)",
+        )
     inherited.check_claim(number, spec.name)
     try:
         sock = socket.socket(fileno=number)

@@ -220,7 +220,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         return export_systemd(args.systemd, args.units)
     if args.command == "ctl":
         return ctl.run(args)
-    systemd_sockets = SystemdSockets.from_environment(os.environ, os.getpid())
+    # The fds systemd or a parent passed free the numbers from 3 on, before
+    # anything else is opened: for the spawn slots (spawn_slots.py).
+    inherited = inherited.moved_up()
+    systemd_sockets = SystemdSockets.from_environment(os.environ, os.getpid()).moved(inherited)
     with _spawn_slots() as slots:
         return run(args, command, inherited, exec_argv, systemd_sockets, slots)
 

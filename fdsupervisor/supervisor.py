@@ -252,7 +252,9 @@ class Supervisor:
             # deliberately handed over; a shell's stray fds are not worth a warning.
             deliberate = number in sockets or number in passed
             (self.log.warning if deliberate else self.log.debug)(
-                "inherited_fd_closed", fd=number, reason="no unit references it"
+                "inherited_fd_closed",
+                fd=self.inherited.number_of(number),
+                reason="no unit references it",
             )
         self.systemd_store.drop_unclaimed(closed)  # systemd closes its copies too
         self.sync_systemd_store()

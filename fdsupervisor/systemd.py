@@ -395,6 +395,14 @@ class SystemdSockets:
             )
         return cls(numbers, names)
 
+    def moved(self, inherited: InheritedFds) -> SystemdSockets:
+        """The same fds and names, numbered as they are open now (InheritedFds.moved_up)."""
+        numbers = [inherited.fd_of(number) for number in self.numbers]
+        return dataclasses.replace(
+            self,
+            numbers=[new if new is not None else old for new, old in zip(numbers, self.numbers)],
+        )
+
     @property
     def by_name(self) -> dict[str, list[int]]:
         """Every name with its fd numbers (names need not be unique)."""
