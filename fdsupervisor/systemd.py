@@ -397,10 +397,12 @@ class SystemdSockets:
 
     def moved(self, inherited: InheritedFds) -> SystemdSockets:
         """The same fds and names, numbered as they are open now (InheritedFds.moved_up)."""
-        numbers = [inherited.fd_of(number) for number in self.numbers]
+        moved = [inherited.fd_of(number) for number in self.numbers]
         return dataclasses.replace(
             self,
-            numbers=[new if new is not None else old for new, old in zip(numbers, self.numbers)],
+            numbers=[
+                old if new is None else new for new, old in zip(moved, self.numbers, strict=True)
+            ],
         )
 
     @property
