@@ -156,6 +156,7 @@ class WorkerCgroup:
     name: str
     path: Path
     fd: int | None = None
+    id: int = 0  # the kernel's cgroup id: its directory's inode (what a pidfd reports)
 
 
 class WorkerCgroups:
@@ -173,6 +174,7 @@ class WorkerCgroups:
         self.parent = parent
         self.log = log
         self._by_pid: dict[int, WorkerCgroup] = {}
+        self._by_id: dict[int, int] = {}  # cgroup id → the worker's pid (notify attribution)
         self._unclaimed: set[str] = set()  # found in the parent at start: not ours (yet)
         # Cgroups killed and waiting to be empty: cgroup.events signals a
         # change with POLLPRI (cgroup-v2.rst, "cgroup.events"), so an inner
@@ -242,12 +244,19 @@ class WorkerCgroups:
         except OSError:
             _remove(path)
             raise
-        return WorkerCgroup(name, path, fd)
+        try:
+            cgroup_id = os.fstat(fd).st_ino
+        except OSError:
+            os.close(fd)
+            _remove(path)
+            raise
+        return WorkerCgroup(name, path, fd, cgroup_id)
 
     def started(self, pid: int, cgroup: WorkerCgroup) -> None:
         """The worker ``pid`` is in ``cgroup`` (made there, or joined it before exec)."""
         self._close_fd(cgroup)
         self._by_pid[pid] = cgroup
+        self._by_id[cgroup.id] = pid
 
     def discard(self, cgroup: WorkerCgroup) -> None:
         """The spawn failed: the child (if any) is reaped, the cgroup goes.
@@ -271,8 +280,12 @@ class WorkerCgroups:
             and path is not None
             and path.endswith(f"/{self.parent.name}/{name}")
         ):
+            try:
+                cgroup_id = os.stat(self.parent / name).st_ino
+            except OSError:
+                return
             self._unclaimed.discard(name)
-            self._by_pid[pid] = WorkerCgroup(name, self.parent / name)
+            self.started(pid, WorkerCgroup(name, self.parent / name, id=cgroup_id))
 
     def release_unclaimed(self) -> None:
         """Kill and remove the cgroups found at start that no restored worker claimed."""
@@ -282,6 +295,14 @@ class WorkerCgroups:
             _kill(cgroup.path)
             self._empty_then_remove(cgroup)
         self._unclaimed.clear()
+
+    def worker_of(self, cgroup_id: int) -> int | None:
+        """The pid of the worker whose cgroup has id ``cgroup_id`` (from a pidfd), or None.
+
+        cgroup ids are 64-bit and never reused, so an id names one cgroup for
+        good, even one a process left long ago.
+        """
+        return self._by_id.get(cgroup_id)
 
     def name_of(self, pid: int) -> str | None:
         cgroup = self._by_pid.get(pid)
@@ -321,6 +342,7 @@ class WorkerCgroups:
         cgroup = self._by_pid.pop(pid, None)
         if cgroup is None:
             return []
+        self._by_id.pop(cgroup.id, None)
         escaped = []
         for member in _members(cgroup.path):
             with contextlib.suppress(ProcessLookupError):
@@ -375,6 +397,7 @@ class WorkerCgroups:
             _kill(cgroup.path)
             self._empty_then_remove(cgroup)
         self._by_pid.clear()
+        self._by_id.clear()
         self.release_unclaimed()
         deadline = time.monotonic() + timeout
         while self._emptying:

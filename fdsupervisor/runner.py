@@ -39,7 +39,7 @@ from .cgroups import WorkerCgroups, socket_holders
 from .errors import SpawnError
 from .fdstore import Entry, FdStore, unit_owner
 from .loop import EventLoop, Timer
-from .notify import NotifyMessage
+from .notify import NotifyMessage, Sender
 from .reaper import ChildReaper
 from .rolling import RollingRestart
 from .service import ExitStatus, Failed, ReplacementFailed, Restart, Service, ServiceState, Worker
@@ -755,29 +755,51 @@ def signal_group(
 
 
 def find_sender(
-    pid: int,
+    sender: Sender,
     runners: Iterable[UnitRunner],
     getpgid: Callable[[int], int] = os.getpgid,
+    worker_of_cgroup: Callable[[int], int | None] = lambda cgroup_id: None,
 ) -> tuple[UnitRunner, Worker] | None:
-    """The worker a notification from ``pid`` speaks for: itself, or its process group's.
+    """The worker a notification from ``sender`` speaks for: itself, its group's, its cgroup's.
 
     Like systemd's NotifyAccess=all restricted to the service's own
     processes: a process of the worker's group (its children) may speak for it.
     The group cannot be forged: each worker leads a session of its own
     (spawn.py), and setpgid() joins only groups of the caller's session, so a
-    process in a worker's group descends from that worker.
+    process in a worker's group descends from that worker. So does a process
+    of the worker's cgroup (cgroups.py; only root may move a process between
+    cgroups): systemd finds a notification's unit by the cgroup of its pidfd
+    (``manager_dispatch_notify_fd()``), which is how a sender that exited
+    before its datagram was read (and is already reaped) is still credited,
+    by the cgroup it left (:class:`~fdsupervisor.notify.Sender`). A sender
+    the pidfd says is gone is never matched by its pid or group: its pid may
+    be another process's by now. Without a pidfd the group is looked up
+    here, by pid, as it is now (``getpgid``).
     """
     runners = list(runners)
-    for runner in runners:
-        worker = runner.service.worker_by_pid(pid)
-        if worker is not None:
-            return runner, worker
-    try:
-        group = getpgid(pid)
-    except OSError:
+
+    def worker_with(pid: int) -> tuple[UnitRunner, Worker] | None:
+        for runner in runners:
+            worker = runner.service.worker_by_pid(pid)
+            if worker is not None:
+                return runner, worker
         return None
-    for runner in runners:
-        worker = runner.service.worker_by_pid(group)
-        if worker is not None:
-            return runner, worker
+
+    if sender.running:
+        found = worker_with(sender.pid)
+        if found is not None:
+            return found
+        group = sender.group
+        if not sender.pinned:
+            try:
+                group = getpgid(sender.pid)
+            except OSError:
+                group = None
+        found = worker_with(group) if group is not None else None
+        if found is not None:
+            return found
+    if sender.cgroup_id is not None:
+        owner = worker_of_cgroup(sender.cgroup_id)
+        if owner is not None:
+            return worker_with(owner)
     return None

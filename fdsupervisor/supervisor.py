@@ -133,7 +133,7 @@ class Supervisor:
         self.base_dir = Path.cwd()
         self.listeners: list[Callable[[str, dict[str, Any]], None]] = []
         self.notifications: WorkerNotifications = WorkerNotifications(
-            self.loop, log, lambda: self.runners.values()
+            self.loop, log, lambda: self.runners.values(), lambda: self.cgroups
         )
         self._signals = SignalWakeup(WAKEUP_SIGNALS)  # installed at start()
         self._wakeup_fd: int | None = None

@@ -23,6 +23,7 @@ from fdsupervisor.activation import Intake, StartOutcome
 from fdsupervisor.binding import BoundSocket, InheritedFds, bind_socket
 from fdsupervisor.fdstore import FdStore, unit_owner
 from fdsupervisor.loop import ACCEPT_RETRY_DELAY, EventLoop
+from fdsupervisor.notify import Sender
 from fdsupervisor.reaper import ChildReaper
 from fdsupervisor.runner import RunnerContext, Timers, UnitRunner, find_sender
 from fdsupervisor.service import Service, ServiceState
@@ -80,7 +81,7 @@ def test_a_worker_speaks_for_itself() -> None:
     web, api = make_runner("web"), make_runner("api")
     web.service.worker_started(0, 1000, 0.0)
     api.service.worker_started(0, 2000, 0.0)
-    found = find_sender(2000, [web, api], groups({}))
+    found = find_sender(Sender(2000), [web, api], groups({}))
     assert found is not None and found[0] is api and found[1].pid == 2000
 
 
@@ -88,7 +89,7 @@ def test_a_process_of_the_workers_group_speaks_for_the_worker() -> None:
     web, api = make_runner("web"), make_runner("api")
     web.service.worker_started(0, 1000, 0.0)
     api.service.worker_started(3, 2000, 0.0)
-    found = find_sender(2345, [web, api], groups({2345: 2000}))
+    found = find_sender(Sender(2345), [web, api], groups({2345: 2000}))
     assert found is not None and found[0] is api
     assert (found[1].pid, found[1].instance) == (2000, 3)
 
@@ -98,7 +99,7 @@ def test_the_pid_itself_wins_over_its_group() -> None:
     web, api = make_runner("web"), make_runner("api")
     web.service.worker_started(0, 1000, 0.0)
     api.service.worker_started(0, 2000, 0.0)
-    found = find_sender(2000, [web, api], groups({2000: 1000}))
+    found = find_sender(Sender(2000), [web, api], groups({2000: 1000}))
     assert found is not None and found[0] is api
 
 
@@ -113,11 +114,58 @@ def test_the_pid_itself_wins_over_its_group() -> None:
 def test_anyone_else_speaks_for_nobody(pid: int, table: dict[int, int]) -> None:
     web = make_runner("web")
     web.service.worker_started(0, 1000, 0.0)
-    assert find_sender(pid, [web], groups(table)) is None
+    assert find_sender(Sender(pid), [web], groups(table)) is None
 
 
 def test_no_runners_no_sender() -> None:
-    assert find_sender(1000, [], groups({1000: 1000})) is None
+    assert find_sender(Sender(1000), [], groups({1000: 1000})) is None
+
+
+# -- with the sender's pidfd (notify.Sender, pinned) -------------------------------------------
+
+
+def cgroups(table: Mapping[int, int]) -> Any:
+    return table.get
+
+
+def test_a_reaped_sender_is_credited_by_the_cgroup_it_left() -> None:
+    """Its pid and group are gone: the cgroup id its pidfd kept names the worker."""
+    web, api = make_runner("web"), make_runner("api")
+    web.service.worker_started(0, 1000, 0.0)
+    api.service.worker_started(0, 2000, 0.0)
+    gone = Sender(2345, pinned=True, running=False, cgroup_id=77)
+    found = find_sender(gone, [web, api], groups({}), cgroups({77: 2000, 78: 1000}))
+    assert found is not None and found[0] is api and found[1].pid == 2000
+
+
+def test_a_reaped_sender_is_never_matched_by_its_pid_or_group() -> None:
+    """Its pid may be a worker's by now (recycled): without its cgroup it is nobody's."""
+    web = make_runner("web")
+    web.service.worker_started(0, 1000, 0.0)
+    recycled = Sender(1000, pinned=True, running=False, cgroup_id=None)
+    assert find_sender(recycled, [web], groups({1000: 1000}), cgroups({})) is None
+    elsewhere = Sender(1000, pinned=True, running=False, cgroup_id=5)
+    assert find_sender(elsewhere, [web], groups({1000: 1000}), cgroups({77: 1000})) is None
+
+
+def test_a_running_sender_uses_the_group_read_while_its_pidfd_pinned_it() -> None:
+    """No lookup of the pid's group afterwards: by then the pid may be another's."""
+    web = make_runner("web")
+    web.service.worker_started(0, 1000, 0.0)
+    pinned = Sender(2345, pinned=True, running=True, group=1000)
+    found = find_sender(pinned, [web], groups({2345: 9}), cgroups({}))
+    assert found is not None and found[1].pid == 1000
+    unknown = Sender(2345, pinned=True, running=True, group=None)
+    assert find_sender(unknown, [web], groups({2345: 1000}), cgroups({})) is None
+
+
+def test_a_running_sender_of_the_workers_cgroup_speaks_for_it() -> None:
+    """A child that left the worker's group (setsid) but not its cgroup."""
+    web = make_runner("web")
+    web.service.worker_started(0, 1000, 0.0)
+    escaped = Sender(2345, pinned=True, running=True, group=2345, cgroup_id=77)
+    found = find_sender(escaped, [web], groups({}), cgroups({77: 1000}))
+    assert found is not None and found[1].pid == 1000
 
 
 def test_the_runners_log_carries_its_unit() -> None:
