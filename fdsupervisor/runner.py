@@ -65,6 +65,8 @@ class RunnerContext:
     # The unit has no workers any more; True: the supervisor took it over (a
     # reload was waiting for it to stop), and the runner does nothing more.
     on_idle: Callable[[UnitRunner], bool]
+    # Limits a worker gets unless its unit sets them (spawn.worker_default_limits).
+    default_limits: tuple[tuple[int, int, int], ...] = ()
 
 
 class Timers:
@@ -673,6 +675,7 @@ def start_process(
             extra_env=extra_env,
             stdio_fd=stdio_fd,
             cgroup_fd=cgroup.fd if cgroup is not None else None,
+            default_limits=ctx.default_limits,
             log=log,
         )
         pid = start_worker(plan)

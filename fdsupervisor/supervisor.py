@@ -44,6 +44,7 @@ from .runner import RunnerContext, UnitRunner, signal_group
 from .runtime_sockets import RuntimeSockets
 from .service import Service
 from .signals import SignalWakeup
+from .spawn import worker_default_limits
 from .systemd import SystemdFdStore, SystemdNotifier, SystemdSockets
 from .units import SocketSpec, Unit
 from .upgrade import HandoverState, RunConfig, StoredItem, Upgrader, WorkerItem
@@ -113,6 +114,9 @@ class Supervisor:
             children=self.children,
             shutting_down=lambda: self.shutting_down,
             on_idle=self._unit_idle,
+            default_limits=worker_default_limits(
+                run_config.worker_nofile_soft if run_config is not None else None
+            ),
         )
         self.runners: dict[str, UnitRunner] = {u.name: self._new_runner(u) for u in units}
         self.runtime_sockets = RuntimeSockets(
