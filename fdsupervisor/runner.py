@@ -34,7 +34,7 @@ from functools import partial
 from typing import Any
 
 from .activation import Intake, IntakeCounters, StartOutcome
-from .addresses import timer_seconds
+from .addresses import USEC_INFINITY, timer_seconds
 from .cgroups import WorkerCgroups, socket_holders
 from .errors import SpawnError
 from .fdstore import Entry, FdStore, unit_owner
@@ -87,6 +87,21 @@ class Timers:
 
     def call_later(self, key: int, delay: float, callback: Callable[[], None]) -> None:
         self.call_at(key, self._loop.time() + delay, callback)
+
+    def time(self) -> float:
+        return self._loop.time()
+
+    def extend(self, key: int, when: float) -> bool:
+        """Push ``key``'s pending timer out to ``when``, never earlier; whether it moved.
+
+        systemd's ``service_extend_event_source_timeout()``: "Current timeout
+        is already longer, ignore this."
+        """
+        timer = self._timers.get(key)
+        if timer is None or timer.when >= when:
+            return False
+        self.call_at(key, when, timer.callback)
+        return True
 
     def fired(self, key: int) -> None:
         """Called by the timer's own callback: it is no longer pending."""
@@ -557,19 +572,14 @@ class UnitRunner:
         if message.main_pid is not None:
             self.log.info("worker_main_pid", pid=pid, main_pid=message.main_pid)
         if message.watchdog_usec is not None and message.watchdog_usec > 0:
-            # clamped where it enters: any number a worker sends must make a timer
-            seconds = timer_seconds(message.watchdog_usec)
-            if seconds < message.watchdog_usec / 1_000_000:
-                self.log.warning(
-                    "notify_clamped",
-                    pid=pid,
-                    key="WATCHDOG_USEC",
-                    value=message.watchdog_usec,
-                    seconds=seconds,
-                )
-            self._arm_watchdog(pid, seconds)
+            self._arm_watchdog(pid, worker_seconds(self.log, pid, message.watchdog_usec))
         elif message.watchdog and pid in self._watchdog_timers:
             self._arm_watchdog(pid, self.unit.service.watchdog)
+        usec = message.extend_timeout_usec
+        if usec is not None and usec not in (0, USEC_INFINITY):
+            seconds = worker_seconds(self.log, pid, usec, extend=True)
+            pending = {"start": self._start_timers, "stop": self._kill_timers}
+            extend_timeouts(self.log, pid, seconds, {**pending, "watchdog": self._watchdog_timers})
         if message.watchdog_trigger:
             self._watchdog_expired(pid)
         if message.fd_store_remove and message.fd_name is not None:
@@ -605,6 +615,36 @@ class UnitRunner:
             self._kill_timers.call_later(
                 pid, self.unit.service.stop_timeout, partial(self._kill_timeout, pid)
             )
+
+
+def worker_seconds(log: Any, pid: int, usec: int, *, extend: bool = False) -> float:
+    """A worker's ``WATCHDOG_USEC=`` (or ``EXTEND_TIMEOUT_USEC=``) in seconds, clamped where
+    it enters: any number a worker sends must make a timer (docs/security.md)."""
+    seconds = timer_seconds(usec)
+    if seconds < usec / 1_000_000:
+        key = "EXTEND_TIMEOUT_USEC" if extend else "WATCHDOG_USEC"
+        log.warning("notify_clamped", pid=pid, key=key, value=usec, seconds=seconds)
+    return seconds
+
+
+def extend_timeouts(log: Any, pid: int, seconds: float, pending: Mapping[str, Timers]) -> None:
+    """``EXTEND_TIMEOUT_USEC=``: worker ``pid``'s pending timeouts last at least ``seconds`` more.
+
+    systemd's ``service_extend_timeout()``: the timeout of the current phase
+    (here: the start timeout while it waits for ``READY=1``, the stop timeout
+    once it was told to stop) and the watchdog's are pushed out to now +
+    ``seconds``, never brought forward; 0 and ``USEC_INFINITY`` mean nothing
+    (the caller's check). sd_notify(3): the service must send a new message
+    within that time, or the timeout fires. With no timeout pending nothing
+    changes.
+    """
+    timers = list(pending.values())
+    if not timers:
+        return
+    until = timers[0].time() + seconds
+    extended = [name for name, kind in pending.items() if kind.extend(pid, until)]
+    if extended:
+        log.info("timeout_extended", pid=pid, timeouts=extended, seconds=seconds)
 
 
 def _held_key(fd: int) -> tuple[int, int]:
