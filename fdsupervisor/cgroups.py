@@ -35,6 +35,13 @@ worker's cgroup is read from ``/proc/PID/cgroup``. Whatever the parent holds
 that no worker claims (a cgroup being emptied when the old program exec'd,
 or one left by a dead supervisor of the same pid) is killed and removed.
 
+A supervisor killed with SIGKILL cannot remove its tree; the next one to
+start below the same cgroup does (:func:`remove_stale_parents`): every
+``fdsupervisor-PID.NS`` of its own pid namespace whose PID no longer runs
+and that holds no process, with the empty cgroups below it. A live
+supervisor's tree, a populated one, and one of another pid namespace (whose
+pids mean nothing here) are left alone.
+
 Elsewhere (cgroup v1 only, a read-only ``/sys/fs/cgroup``, no privileges,
 or ``--no-cgroups``) :func:`socket_holders` is the fallback: after a worker
 is gone, the supervisor looks for processes that still hold the unit's
@@ -45,10 +52,11 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
 import select
 import signal
 import time
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -133,6 +141,75 @@ def parent_name(pid: int, pid_namespace: int) -> str:
     return f"fdsupervisor-{pid}.{pid_namespace}"
 
 
+_PARENT_NAME = re.compile(r"fdsupervisor-([0-9]+)\.([0-9]+)")
+
+
+def dead_supervisors_parent(name: str, pid_namespace: int, alive: Callable[[int], bool]) -> bool:
+    """Whether cgroup ``name`` is the parent of a supervisor of this pid namespace that is gone.
+
+    :func:`parent_name` is the supervisor's pid and its pid namespace's
+    inode: a pid of another namespace says nothing about a process here, and
+    a pid that runs may be that supervisor (or a process that took its pid:
+    left alone all the same, never a live supervisor's tree).
+    """
+    match = _PARENT_NAME.fullmatch(name)
+    return match is not None and int(match[2]) == pid_namespace and not alive(int(match[1]))
+
+
+def pid_alive(pid: int) -> bool:
+    """Whether a process ``pid`` exists (a zombie too) in this pid namespace."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def remove_stale_parents(
+    base: Path, pid_namespace: int, log: Any, alive: Callable[[int], bool] = pid_alive
+) -> None:
+    """Remove what killed supervisors left in ``base``: their empty trees (docstring above).
+
+    cgroup v2 refuses to remove a cgroup with a process or a child cgroup in
+    it (``EBUSY``, ``ENOTEMPTY``), and a populated parent is not even walked:
+    nothing a process is in is ever touched. Logs one ``stale_cgroups_removed``
+    with the count, and ``stale_cgroup_kept`` for each tree that holds a process.
+    """
+    try:
+        entries = [e for e in os.scandir(base) if e.is_dir(follow_symlinks=False)]
+    except OSError:
+        return
+    removed = 0
+    for entry in entries:
+        if not dead_supervisors_parent(entry.name, pid_namespace, alive):
+            continue
+        path = Path(entry.path)
+        try:
+            busy = populated((path / "cgroup.events").read_text())
+        except OSError:
+            continue  # removed meanwhile, or not a cgroup
+        if busy or not _remove_tree(path):
+            log.warning(
+                "stale_cgroup_kept",
+                cgroup=str(path),
+                reason="processes of a killed supervisor are still in it",
+            )
+            continue
+        removed += 1
+    if removed:
+        log.info("stale_cgroups_removed", count=removed, path=str(base))
+
+
+def _remove_tree(path: Path) -> bool:
+    """rmdir ``path`` and every cgroup below it, deepest first; False when one stays."""
+    for directory, _children, _files in os.walk(path, topdown=False):
+        if _remove(Path(directory)) is not None:
+            return False
+    return True
+
+
 def worker_name(unit: str, instance: int, seq: int) -> str:
     return f"{unit[:UNIT_PART_MAX]}.{instance}.{seq}"
 
@@ -203,6 +280,7 @@ class WorkerCgroups:
                 note="escaped processes are only logged",
             )
             return None
+        remove_stale_parents(base, pid_namespace, log)
         parent = base / parent_name(os.getpid(), pid_namespace)
         try:
             os.mkdir(parent, 0o755)
@@ -506,6 +584,9 @@ __all__ = [
     "WorkerCgroups",
     "cgroup2_mounts",
     "cgroup_directory",
+    "dead_supervisors_parent",
     "own_cgroup",
+    "pid_alive",
+    "remove_stale_parents",
     "socket_holders",
 ]
