@@ -631,7 +631,8 @@ _UNITS: Final[tuple[tuple[str, int], ...]] = (
     ("\u03bcs", 1),  # GREEK SMALL LETTER MU
     ("\u00b5s", 1),  # MICRO SIGN
 )
-_USEC_INFINITY: Final = 2**64 - 1  # systemd's USEC_INFINITY; values reaching it are ERANGE
+USEC_INFINITY: Final = 2**64 - 1  # systemd's; a worker's timeout of it means "none"
+_USEC_INFINITY: Final = USEC_INFINITY  # values reaching it are ERANGE
 # The longest finite duration a unit file may give, and the longest timer a
 # worker's WATCHDOG_USEC= may set: one year (systemd's "1y", 365.25 days).
 # systemd takes anything below USEC_INFINITY (584,542 years) and saturates

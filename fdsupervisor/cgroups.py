@@ -35,6 +35,13 @@ worker's cgroup is read from ``/proc/PID/cgroup``. Whatever the parent holds
 that no worker claims (a cgroup being emptied when the old program exec'd,
 or one left by a dead supervisor of the same pid) is killed and removed.
 
+A supervisor killed with SIGKILL cannot remove its tree; the next one to
+start below the same cgroup does (:func:`remove_stale_parents`): every
+``fdsupervisor-PID.NS`` of its own pid namespace whose PID no longer runs
+and that holds no process, with the empty cgroups below it. A live
+supervisor's tree, a populated one, and one of another pid namespace (whose
+pids mean nothing here) are left alone.
+
 Elsewhere (cgroup v1 only, a read-only ``/sys/fs/cgroup``, no privileges,
 or ``--no-cgroups``) :func:`socket_holders` is the fallback: after a worker
 is gone, the supervisor looks for processes that still hold the unit's
@@ -45,10 +52,11 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
 import select
 import signal
 import time
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -133,6 +141,75 @@ def parent_name(pid: int, pid_namespace: int) -> str:
     return f"fdsupervisor-{pid}.{pid_namespace}"
 
 
+_PARENT_NAME = re.compile(r"fdsupervisor-([0-9]+)\.([0-9]+)")
+
+
+def dead_supervisors_parent(name: str, pid_namespace: int, alive: Callable[[int], bool]) -> bool:
+    """Whether cgroup ``name`` is the parent of a supervisor of this pid namespace that is gone.
+
+    :func:`parent_name` is the supervisor's pid and its pid namespace's
+    inode: a pid of another namespace says nothing about a process here, and
+    a pid that runs may be that supervisor (or a process that took its pid:
+    left alone all the same, never a live supervisor's tree).
+    """
+    match = _PARENT_NAME.fullmatch(name)
+    return match is not None and int(match[2]) == pid_namespace and not alive(int(match[1]))
+
+
+def pid_alive(pid: int) -> bool:
+    """Whether a process ``pid`` exists (a zombie too) in this pid namespace."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def remove_stale_parents(
+    base: Path, pid_namespace: int, log: Any, alive: Callable[[int], bool] = pid_alive
+) -> None:
+    """Remove what killed supervisors left in ``base``: their empty trees (docstring above).
+
+    cgroup v2 refuses to remove a cgroup with a process or a child cgroup in
+    it (``EBUSY``, ``ENOTEMPTY``), and a populated parent is not even walked:
+    nothing a process is in is ever touched. Logs one ``stale_cgroups_removed``
+    with the count, and ``stale_cgroup_kept`` for each tree that holds a process.
+    """
+    try:
+        entries = [e for e in os.scandir(base) if e.is_dir(follow_symlinks=False)]
+    except OSError:
+        return
+    removed = 0
+    for entry in entries:
+        if not dead_supervisors_parent(entry.name, pid_namespace, alive):
+            continue
+        path = Path(entry.path)
+        try:
+            busy = populated((path / "cgroup.events").read_text())
+        except OSError:
+            continue  # removed meanwhile, or not a cgroup
+        if busy or not _remove_tree(path):
+            log.warning(
+                "stale_cgroup_kept",
+                cgroup=str(path),
+                reason="processes of a killed supervisor are still in it",
+            )
+            continue
+        removed += 1
+    if removed:
+        log.info("stale_cgroups_removed", count=removed, path=str(base))
+
+
+def _remove_tree(path: Path) -> bool:
+    """rmdir ``path`` and every cgroup below it, deepest first; False when one stays."""
+    for directory, _children, _files in os.walk(path, topdown=False):
+        if _remove(Path(directory)) is not None:
+            return False
+    return True
+
+
 def worker_name(unit: str, instance: int, seq: int) -> str:
     return f"{unit[:UNIT_PART_MAX]}.{instance}.{seq}"
 
@@ -156,6 +233,7 @@ class WorkerCgroup:
     name: str
     path: Path
     fd: int | None = None
+    id: int = 0  # the kernel's cgroup id: its directory's inode (what a pidfd reports)
 
 
 class WorkerCgroups:
@@ -173,6 +251,7 @@ class WorkerCgroups:
         self.parent = parent
         self.log = log
         self._by_pid: dict[int, WorkerCgroup] = {}
+        self._by_id: dict[int, int] = {}  # cgroup id → the worker's pid (notify attribution)
         self._unclaimed: set[str] = set()  # found in the parent at start: not ours (yet)
         # Cgroups killed and waiting to be empty: cgroup.events signals a
         # change with POLLPRI (cgroup-v2.rst, "cgroup.events"), so an inner
@@ -201,6 +280,7 @@ class WorkerCgroups:
                 note="escaped processes are only logged",
             )
             return None
+        remove_stale_parents(base, pid_namespace, log)
         parent = base / parent_name(os.getpid(), pid_namespace)
         try:
             os.mkdir(parent, 0o755)
@@ -242,12 +322,19 @@ class WorkerCgroups:
         except OSError:
             _remove(path)
             raise
-        return WorkerCgroup(name, path, fd)
+        try:
+            cgroup_id = os.fstat(fd).st_ino
+        except OSError:
+            os.close(fd)
+            _remove(path)
+            raise
+        return WorkerCgroup(name, path, fd, cgroup_id)
 
     def started(self, pid: int, cgroup: WorkerCgroup) -> None:
         """The worker ``pid`` is in ``cgroup`` (made there, or joined it before exec)."""
         self._close_fd(cgroup)
         self._by_pid[pid] = cgroup
+        self._by_id[cgroup.id] = pid
 
     def discard(self, cgroup: WorkerCgroup) -> None:
         """The spawn failed: the child (if any) is reaped, the cgroup goes.
@@ -271,8 +358,12 @@ class WorkerCgroups:
             and path is not None
             and path.endswith(f"/{self.parent.name}/{name}")
         ):
+            try:
+                cgroup_id = os.stat(self.parent / name).st_ino
+            except OSError:
+                return
             self._unclaimed.discard(name)
-            self._by_pid[pid] = WorkerCgroup(name, self.parent / name)
+            self.started(pid, WorkerCgroup(name, self.parent / name, id=cgroup_id))
 
     def release_unclaimed(self) -> None:
         """Kill and remove the cgroups found at start that no restored worker claimed."""
@@ -282,6 +373,14 @@ class WorkerCgroups:
             _kill(cgroup.path)
             self._empty_then_remove(cgroup)
         self._unclaimed.clear()
+
+    def worker_of(self, cgroup_id: int) -> int | None:
+        """The pid of the worker whose cgroup has id ``cgroup_id`` (from a pidfd), or None.
+
+        cgroup ids are 64-bit and never reused, so an id names one cgroup for
+        good, even one a process left long ago.
+        """
+        return self._by_id.get(cgroup_id)
 
     def name_of(self, pid: int) -> str | None:
         cgroup = self._by_pid.get(pid)
@@ -321,6 +420,7 @@ class WorkerCgroups:
         cgroup = self._by_pid.pop(pid, None)
         if cgroup is None:
             return []
+        self._by_id.pop(cgroup.id, None)
         escaped = []
         for member in _members(cgroup.path):
             with contextlib.suppress(ProcessLookupError):
@@ -375,6 +475,7 @@ class WorkerCgroups:
             _kill(cgroup.path)
             self._empty_then_remove(cgroup)
         self._by_pid.clear()
+        self._by_id.clear()
         self.release_unclaimed()
         deadline = time.monotonic() + timeout
         while self._emptying:
@@ -483,6 +584,9 @@ __all__ = [
     "WorkerCgroups",
     "cgroup2_mounts",
     "cgroup_directory",
+    "dead_supervisors_parent",
     "own_cgroup",
+    "pid_alive",
+    "remove_stale_parents",
     "socket_holders",
 ]

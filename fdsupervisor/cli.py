@@ -297,6 +297,7 @@ def run(
         soft=soft,
         hard="infinity" if hard == resource.RLIM_INFINITY else hard,
         raised_from=before if before != soft else None,
+        workers=before,  # the soft limit workers get (spawn.worker_default_limits)
     )
     if systemd_sockets is not None and systemd_sockets.problem:
         log.warning("listen_fds_ignored", problem=systemd_sockets.problem)
@@ -314,7 +315,7 @@ def run(
     except FdSupervisorError as exc:
         print(f"fdsupervisor: {exc}", file=sys.stderr)
         return 1
-    config = _run_config(args, command)
+    config = _run_config(args, command, worker_nofile_soft=before)
     sockets = sum(len(unit.sockets) for unit in units)
     problem = fd_budget_problem(sockets, soft, hard, monitor=config.monitor_path is not None)
     if problem is not None:
@@ -358,8 +359,14 @@ def _metrics_address(text: str | None) -> SocketAddress | None:
         raise FdSupervisorError(f"--metrics {text!r}: {exc}") from None
 
 
-def _run_config(args: argparse.Namespace, command: list[str]) -> RunConfig:
-    """How this program runs, for an upgrade's fallback (unit texts are added at the upgrade)."""
+def _run_config(
+    args: argparse.Namespace, command: list[str], *, worker_nofile_soft: int | None
+) -> RunConfig:
+    """How this program runs, for an upgrade's fallback (unit texts are added at the upgrade).
+
+    ``worker_nofile_soft``: the soft ``RLIMIT_NOFILE`` the supervisor was first
+    started with, for its workers; it travels across upgrades in the state.
+    """
     monitor = None
     if not args.no_monitor:
         monitor = str(args.monitor or default_monitor_path(os.environ, os.getuid()))
@@ -373,6 +380,7 @@ def _run_config(args: argparse.Namespace, command: list[str]) -> RunConfig:
         monitor_allowed_uids=tuple(sorted({0, os.getuid(), *args.monitor_allow_uid})),
         use_cgroups=not args.no_cgroups,
         metrics_address=args.metrics,
+        worker_nofile_soft=worker_nofile_soft,
     )
 
 
@@ -425,7 +433,9 @@ def run_upgraded(
             raise UpgradeError(f"the handed-over command line is not 'run': {args.command!r}")
         log = make_logger(args.log_format)
         units = _load(args, command)
-        new_config = _run_config(args, command)
+        # the limit the first program was started with, not this one's (raised)
+        nofile = config.worker_nofile_soft if config is not None else None
+        new_config = _run_config(args, command, worker_nofile_soft=nofile)
         copies = copy_fds(handover)
         attempt = _supervisor(
             units, log, inherited, new_config, handover.argv, SystemdSockets(), slots

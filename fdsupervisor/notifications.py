@@ -5,7 +5,8 @@ credentials and fds); runner.py knows what a message means for its unit.
 :class:`WorkerNotifications` sits between them: it opens the socket under a
 name nobody can guess, or takes over the one an upgrade handed across the
 exec, reads it when the loop says so, and hands each datagram to the runner
-of the worker that sent it (:func:`~fdsupervisor.runner.find_sender`).
+of the worker that sent it (:func:`~fdsupervisor.runner.find_sender`: by
+the sender's pid, process group, or the cgroup its pidfd names).
 
 Anyone on the machine can send to an abstract socket: what a stranger causes
 (a datagram from no worker, one too big, fds sent without FDSTORE=1) is
@@ -20,6 +21,7 @@ import os
 from collections.abc import Callable, Iterable
 from typing import Any
 
+from .cgroups import WorkerCgroups
 from .errors import BindError
 from .log import RateLimitedLog
 from .loop import EventLoop, Timer
@@ -34,11 +36,16 @@ class WorkerNotifications:
     """Reads NOTIFY_SOCKET and dispatches each message to the runner of its worker."""
 
     def __init__(
-        self, loop: EventLoop, log: Any, runners: Callable[[], Iterable[UnitRunner]]
+        self,
+        loop: EventLoop,
+        log: Any,
+        runners: Callable[[], Iterable[UnitRunner]],
+        cgroups: Callable[[], WorkerCgroups | None] = lambda: None,
     ) -> None:
         self._loop = loop
         self._log = log
         self._runners = runners
+        self._cgroups = cgroups
         self.strangers = RateLimitedLog(log, clock=loop.time)
         self._flush_timer: Timer | None = None
         self.socket: NotifySocket | None = None
@@ -70,8 +77,10 @@ class WorkerNotifications:
 
     def _on_readable(self) -> None:
         assert self.socket is not None
+        cgroups = self._cgroups()
+        by_cgroup = cgroups.worker_of if cgroups is not None else lambda cgroup_id: None
         for datagram in self.socket.receive():
-            sender = find_sender(datagram.pid, self._runners())
+            sender = find_sender(datagram.sender, self._runners(), worker_of_cgroup=by_cgroup)
             if sender is None:
                 for fd in datagram.fds:
                     os.close(fd)
@@ -79,7 +88,9 @@ class WorkerNotifications:
                     "notify_ignored",
                     pid=datagram.pid,
                     uid=datagram.uid,
-                    reason="not a worker's process",
+                    reason="not a worker's process"
+                    if datagram.sender.running
+                    else "gone before it was read, and of no worker's cgroup",
                 )
                 continue
             runner, worker = sender

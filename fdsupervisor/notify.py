@@ -9,11 +9,13 @@ Two layers, built like :mod:`fdsupervisor.qmp`:
   ``service_notify_message()`` in ``src/core/service.c``). It never raises;
   what systemd would log and ignore ends up in ``problems``.
 * :class:`NotifySocket` is the thin shell: one ``AF_UNIX`` ``SOCK_DGRAM``
-  socket with ``SO_PASSCRED``, whose :meth:`~NotifySocket.receive` reads the
-  pending datagrams with their credentials and fds and hands back
-  :class:`Datagram` records. Which worker a datagram belongs to (by pid) and
-  what it means for the service is ``service.py``'s business; the fds a
-  datagram carries for the fd store belong to the caller from then on.
+  socket with ``SO_PASSCRED`` and, where the kernel has it, ``SO_PASSPIDFD``,
+  whose :meth:`~NotifySocket.receive` reads the pending datagrams with their
+  credentials and fds and hands back :class:`Datagram` records. The sender's
+  pidfd is read into a :class:`Sender` (still running? its process group, its
+  cgroup) and closed at once. Which worker a datagram belongs to and what it
+  means for the service is ``runner.py``'s business; the fds a datagram
+  carries for the fd store belong to the caller from then on.
 
 Workers reach the socket through ``NOTIFY_SOCKET`` (SPEC section 4), with
 libsystemd's ``sd_notify()``, systemd-python's ``systemd.daemon.notify()``
@@ -24,6 +26,7 @@ from __future__ import annotations
 
 import contextlib
 import errno as _errno
+import fcntl
 import os
 import secrets
 import socket
@@ -46,10 +49,15 @@ __all__ = [
     "NOTIFY_NAME_BITS",
     "NOTIFY_RECEIVE_BATCH",
     "NOTIFY_SOCKET_MODE",
+    "SCM_PIDFD",
+    "SO_PASSPIDFD",
     "Datagram",
     "NotifyMessage",
     "NotifySocket",
+    "Sender",
+    "identify",
     "parse_notify",
+    "pidfd_state",
 ]
 
 # ---------------------------------------------------------------------------
@@ -107,9 +115,30 @@ ERRNO_MAX: Final = 4095
 # struct ucred: pid_t pid; uid_t uid; gid_t gid.
 _UCRED: Final = struct.Struct("iII")
 
-# The control buffer systemd's notify_recv_with_fds() uses, less the
-# SCM_PIDFD slot (SO_PASSPIDFD is not enabled here).
-_ANCILLARY_SIZE: Final = socket.CMSG_SPACE(_UCRED.size) + rights_space(NOTIFY_FD_MAX)
+# SO_PASSPIDFD / SCM_PIDFD (Linux 6.5; asm-generic/socket.h, the values of
+# x86-64 and arm64): each datagram then carries a pidfd of its sender,
+# made by the kernel when it is read (and, since Linux 6.16, also for a
+# sender that has exited and been reaped). Python 3.11 has no names for them.
+SO_PASSPIDFD: Final = int(getattr(socket, "SO_PASSPIDFD", 76))
+SCM_PIDFD: Final = int(getattr(socket, "SCM_PIDFD", 0x04))
+
+# The control buffer systemd's notify_recv_with_fds() uses: credentials,
+# the SCM_PIDFD slot, and NOTIFY_FD_MAX fds.
+_ANCILLARY_SIZE: Final = (
+    socket.CMSG_SPACE(_UCRED.size) + socket.CMSG_SPACE(4) + rights_space(NOTIFY_FD_MAX)
+)
+
+# PIDFD_GET_INFO (Linux 6.13, linux/pidfd.h): _IOWR(PIDFS_IOCTL_MAGIC 0xFF, 11,
+# struct pidfd_info), its first published size (PIDFD_INFO_SIZE_VER0, 64 bytes):
+# mask u64, cgroupid u64, pid u32, ... The PID bit comes back only while the
+# process exists (a zombie too); a reaped one's cgroup is its cgroup at exit,
+# given with PIDFD_INFO_EXIT (Linux 6.15).
+_PIDFD_INFO: Final = struct.Struct("=QQI")
+_PIDFD_INFO_SIZE: Final = 64
+_PIDFD_GET_INFO: Final = (3 << 30) | (_PIDFD_INFO_SIZE << 16) | (0xFF << 8) | 11
+_PIDFD_INFO_PID: Final = 1 << 0
+_PIDFD_INFO_CGROUPID: Final = 1 << 2
+_PIDFD_INFO_EXIT: Final = 1 << 3
 
 _U64_MAX: Final = (1 << 64) - 1
 _INT_MIN: Final = -(1 << 31)
@@ -505,21 +534,49 @@ def _parse_errno(raw: bytes) -> int | None:
 
 
 @dataclass(frozen=True, slots=True)
+class Sender:
+    """What the kernel could still say about a datagram's sender when it was read.
+
+    ``pid`` is the sender's pid as it sent (``SCM_CREDENTIALS``). Without a
+    pidfd (``pinned`` false: a kernel before 6.5, or one that could not make
+    it) that is all: whether the pid is still the sender's is unknown, and
+    the caller looks its process group up itself, as before.
+
+    With the sender's pidfd (``SCM_PIDFD``), which names that very process
+    whatever becomes of its pid: ``running`` says whether it still existed
+    (a zombie counts) once ``group`` had been read, so ``group`` is surely
+    its own (a pid is not reused while its process exists); a sender that
+    has been reaped has ``running`` false and no ``group``, and its ``pid``
+    may be someone else's by now. ``cgroup_id`` is its cgroup v2 id (the
+    inode of the cgroup's directory), or that at its exit once reaped
+    (Linux 6.15), or None where the kernel does not say.
+    """
+
+    pid: int
+    pinned: bool = False
+    running: bool = True
+    group: int | None = None
+    cgroup_id: int | None = None
+
+
+@dataclass(frozen=True, slots=True)
 class Datagram:
     """One notification as received: who sent it, what it says, what it carries.
 
     ``pid``, ``uid`` and ``gid`` are the sender's credentials as the kernel
-    attached them (``SCM_CREDENTIALS``), in the supervisor's pid namespace.
-    ``fds`` are the fds the datagram carried when the message asked for them
-    to be stored (``message.fd_store``); they are close-on-exec and now
-    belong to the caller, who stores them or calls :meth:`close_fds`. Any
-    other datagram's fds were closed on arrival, and ``fds`` is empty.
+    attached them (``SCM_CREDENTIALS``), in the supervisor's pid namespace;
+    ``sender`` is what its pidfd said (:class:`Sender`; the pidfd itself is
+    closed already). ``fds`` are the fds the datagram carried when the message
+    asked for them to be stored (``message.fd_store``); they are close-on-exec
+    and now belong to the caller, who stores them or calls :meth:`close_fds`.
+    Any other datagram's fds were closed on arrival, and ``fds`` is empty.
     """
 
     pid: int
     uid: int
     gid: int
     message: NotifyMessage
+    sender: Sender
     fds: list[int] = field(default_factory=list)
 
     def close_fds(self) -> None:
@@ -541,7 +598,8 @@ class NotifySocket:
     One ``AF_UNIX`` ``SOCK_DGRAM`` socket, non-blocking and close-on-exec,
     with ``SO_PASSCRED`` set before it is bound, so that every datagram
     arrives with its sender's credentials whether or not the sender attached
-    them (systemd's ``manager_setup_notify()`` /
+    them, and ``SO_PASSPIDFD`` where the kernel has it, so that it also
+    arrives with a pidfd of its sender (systemd's ``manager_setup_notify()`` /
     ``notify_socket_prepare()``). Make one with :meth:`bind` (a path) or
     :meth:`bind_abstract`; put :attr:`address` in the workers'
     ``NOTIFY_SOCKET``; call :meth:`receive` when :meth:`fileno` is readable;
@@ -671,7 +729,7 @@ class NotifySocket:
                 )
             sock.set_inheritable(False)
             sock.setblocking(False)
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_PASSCRED, 1)
+            _pass_credentials(sock)
         except BaseException as error:
             sock.close()
             if isinstance(error, OSError):
@@ -746,16 +804,20 @@ class NotifySocket:
         self, data: bytes, ancillary: list[tuple[int, int, bytes]], msg_flags: int
     ) -> Datagram | None:
         fds = fds_from_ancillary(ancillary)
+        pidfd = -1
         credentials: tuple[int, int, int] | None = None
         try:
             for level, kind, payload in ancillary:
-                if (
-                    level == socket.SOL_SOCKET
-                    and kind == socket.SCM_CREDENTIALS
-                    and len(payload) == _UCRED.size
-                ):
+                if level != socket.SOL_SOCKET:
+                    continue
+                if kind == socket.SCM_CREDENTIALS and len(payload) == _UCRED.size:
                     sender_pid, uid, gid = _UCRED.unpack(payload)
                     credentials = (sender_pid, uid, gid)
+                elif kind == SCM_PIDFD and len(payload) == 4:
+                    # A negative value is the kernel's error making the pidfd
+                    # (scm_pidfd_recv(): EMFILE, or a sender gone on a kernel
+                    # before 6.16): no pidfd, the credentials alone.
+                    pidfd = max(struct.unpack("i", payload)[0], -1)
             pid = credentials[0] if credentials is not None else None
             reason = None
             # The order of notify_recv_with_fds(): truncation, then credentials.
@@ -772,10 +834,11 @@ class NotifySocket:
                 _close_all(fds)
                 return None
             assert credentials is not None
+            sender = identify(credentials[0], pidfd)
             message = parse_notify(data)
             if message.fd_store:
                 kept, fds = fds, []
-                return Datagram(*credentials, message, kept)
+                return Datagram(*credentials, message, sender, kept)
             if message.barrier:
                 if len(fds) != 1:
                     self._log.warning(
@@ -790,9 +853,11 @@ class NotifySocket:
                 self._log.warning(
                     "notify_fds_closed", pid=pid, count=len(fds), reason="sent without FDSTORE=1"
                 )
-            return Datagram(*credentials, message)
+            return Datagram(*credentials, message, sender)
         finally:
             _close_all(fds)
+            if pidfd >= 0:
+                _close_all([pidfd])  # every pidfd at once: none outlives its datagram
 
 
 def _new_socket() -> socket.socket:
@@ -800,11 +865,84 @@ def _new_socket() -> socket.socket:
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
     try:
         sock.setblocking(False)
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_PASSCRED, 1)
+        _pass_credentials(sock)
     except OSError:
         sock.close()
         raise
     return sock
+
+
+def _pass_credentials(sock: socket.socket) -> None:
+    """``SO_PASSCRED``, and ``SO_PASSPIDFD`` where the kernel has it (Linux 6.5).
+
+    As systemd's ``notify_socket_prepare()``: a kernel without
+    ``SO_PASSPIDFD`` (``ENOPROTOOPT``) leaves the credentials alone.
+    """
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_PASSCRED, 1)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, SO_PASSPIDFD, 1)
+    except OSError as error:
+        if error.errno not in (_errno.ENOPROTOOPT, _errno.EINVAL):
+            raise
+
+
+def identify(pid: int, pidfd: int) -> Sender:
+    """What pidfd ``pidfd`` (-1: none) says about the sender ``pid`` of a datagram.
+
+    The process group is read first and the pidfd asked afterwards: a process
+    that still exists then existed all along, and its pid was not reused in
+    between, so the group read is its own. This is systemd's
+    ``pidref_verify()`` after reading a ``/proc`` file of a pid.
+    """
+    if pidfd < 0:
+        return Sender(pid)
+    try:
+        group: int | None = os.getpgid(pid)
+    except OSError:
+        group = None
+    state = pidfd_state(pidfd)
+    if state is None:
+        return Sender(pid)
+    running, cgroup_id = state
+    if not running:
+        return Sender(pid, pinned=True, running=False, cgroup_id=cgroup_id)
+    return Sender(pid, pinned=True, group=group, cgroup_id=cgroup_id)
+
+
+def pidfd_state(pidfd: int) -> tuple[bool, int | None] | None:
+    """(whether the pidfd's process still exists, its cgroup id), or None when unknown.
+
+    ``PIDFD_GET_INFO`` (Linux 6.13) says both in one call, and gives a reaped
+    process's cgroup at its exit with ``PIDFD_INFO_EXIT`` (Linux 6.15);
+    before 6.13, the ``Pid:`` of ``/proc/self/fdinfo/FD`` (-1 once reaped)
+    says whether it exists, and nothing of its cgroup.
+    """
+    buffer = bytearray(_PIDFD_INFO_SIZE)
+    struct.pack_into("=Q", buffer, 0, _PIDFD_INFO_CGROUPID | _PIDFD_INFO_EXIT)
+    try:
+        fcntl.ioctl(pidfd, _PIDFD_GET_INFO, buffer)
+    except OSError as error:
+        if error.errno == _errno.ESRCH:  # reaped, and no exit information kept
+            return False, None
+        return _fdinfo_state(pidfd)
+    mask, cgroup_id, _pid = _PIDFD_INFO.unpack_from(buffer)
+    return bool(mask & _PIDFD_INFO_PID), cgroup_id if mask & _PIDFD_INFO_CGROUPID else None
+
+
+def _fdinfo_state(pidfd: int) -> tuple[bool, int | None] | None:
+    try:
+        with open(f"/proc/self/fdinfo/{pidfd}", "rb") as fdinfo:
+            text = fdinfo.read()
+    except OSError:
+        return None
+    for line in text.splitlines():
+        key, _, value = line.partition(b":")
+        if key == b"Pid":
+            try:
+                return int(value) > 0, None
+            except ValueError:
+                return None
+    return None
 
 
 def _close_all(fds: list[int]) -> None:

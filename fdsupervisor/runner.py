@@ -34,12 +34,12 @@ from functools import partial
 from typing import Any
 
 from .activation import Intake, IntakeCounters, StartOutcome
-from .addresses import timer_seconds
+from .addresses import USEC_INFINITY, timer_seconds
 from .cgroups import WorkerCgroups, socket_holders
 from .errors import SpawnError
 from .fdstore import Entry, FdStore, unit_owner
 from .loop import EventLoop, Timer
-from .notify import NotifyMessage
+from .notify import NotifyMessage, Sender
 from .reaper import ChildReaper
 from .rolling import RollingRestart
 from .service import ExitStatus, Failed, ReplacementFailed, Restart, Service, ServiceState, Worker
@@ -67,6 +67,8 @@ class RunnerContext:
     # reload was waiting for it to stop), and the runner does nothing more.
     on_idle: Callable[[UnitRunner], bool]
     spawn_slots: SpawnSlots | None = None  # low fds for the native spawn; None: copy the table
+    # Limits a worker gets unless its unit sets them (spawn.worker_default_limits).
+    default_limits: tuple[tuple[int, int, int], ...] = ()
 
 
 class Timers:
@@ -87,6 +89,21 @@ class Timers:
 
     def call_later(self, key: int, delay: float, callback: Callable[[], None]) -> None:
         self.call_at(key, self._loop.time() + delay, callback)
+
+    def time(self) -> float:
+        return self._loop.time()
+
+    def extend(self, key: int, when: float) -> bool:
+        """Push ``key``'s pending timer out to ``when``, never earlier; whether it moved.
+
+        systemd's ``service_extend_event_source_timeout()``: "Current timeout
+        is already longer, ignore this."
+        """
+        timer = self._timers.get(key)
+        if timer is None or timer.when >= when:
+            return False
+        self.call_at(key, when, timer.callback)
+        return True
 
     def fired(self, key: int) -> None:
         """Called by the timer's own callback: it is no longer pending."""
@@ -557,19 +574,14 @@ class UnitRunner:
         if message.main_pid is not None:
             self.log.info("worker_main_pid", pid=pid, main_pid=message.main_pid)
         if message.watchdog_usec is not None and message.watchdog_usec > 0:
-            # clamped where it enters: any number a worker sends must make a timer
-            seconds = timer_seconds(message.watchdog_usec)
-            if seconds < message.watchdog_usec / 1_000_000:
-                self.log.warning(
-                    "notify_clamped",
-                    pid=pid,
-                    key="WATCHDOG_USEC",
-                    value=message.watchdog_usec,
-                    seconds=seconds,
-                )
-            self._arm_watchdog(pid, seconds)
+            self._arm_watchdog(pid, worker_seconds(self.log, pid, message.watchdog_usec))
         elif message.watchdog and pid in self._watchdog_timers:
             self._arm_watchdog(pid, self.unit.service.watchdog)
+        usec = message.extend_timeout_usec
+        if usec is not None and usec not in (0, USEC_INFINITY):
+            seconds = worker_seconds(self.log, pid, usec, extend=True)
+            pending = {"start": self._start_timers, "stop": self._kill_timers}
+            extend_timeouts(self.log, pid, seconds, {**pending, "watchdog": self._watchdog_timers})
         if message.watchdog_trigger:
             self._watchdog_expired(pid)
         if message.fd_store_remove and message.fd_name is not None:
@@ -605,6 +617,36 @@ class UnitRunner:
             self._kill_timers.call_later(
                 pid, self.unit.service.stop_timeout, partial(self._kill_timeout, pid)
             )
+
+
+def worker_seconds(log: Any, pid: int, usec: int, *, extend: bool = False) -> float:
+    """A worker's ``WATCHDOG_USEC=`` (or ``EXTEND_TIMEOUT_USEC=``) in seconds, clamped where
+    it enters: any number a worker sends must make a timer (docs/security.md)."""
+    seconds = timer_seconds(usec)
+    if seconds < usec / 1_000_000:
+        key = "EXTEND_TIMEOUT_USEC" if extend else "WATCHDOG_USEC"
+        log.warning("notify_clamped", pid=pid, key=key, value=usec, seconds=seconds)
+    return seconds
+
+
+def extend_timeouts(log: Any, pid: int, seconds: float, pending: Mapping[str, Timers]) -> None:
+    """``EXTEND_TIMEOUT_USEC=``: worker ``pid``'s pending timeouts last at least ``seconds`` more.
+
+    systemd's ``service_extend_timeout()``: the timeout of the current phase
+    (here: the start timeout while it waits for ``READY=1``, the stop timeout
+    once it was told to stop) and the watchdog's are pushed out to now +
+    ``seconds``, never brought forward; 0 and ``USEC_INFINITY`` mean nothing
+    (the caller's check). sd_notify(3): the service must send a new message
+    within that time, or the timeout fires. With no timeout pending nothing
+    changes.
+    """
+    timers = list(pending.values())
+    if not timers:
+        return
+    until = timers[0].time() + seconds
+    extended = [name for name, kind in pending.items() if kind.extend(pid, until)]
+    if extended:
+        log.info("timeout_extended", pid=pid, timeouts=extended, seconds=seconds)
 
 
 def _held_key(fd: int) -> tuple[int, int]:
@@ -675,6 +717,7 @@ def start_process(
             extra_env=extra_env,
             stdio_fd=stdio_fd,
             cgroup_fd=cgroup.fd if cgroup is not None else None,
+            default_limits=ctx.default_limits,
             log=log,
         )
         pid = start_worker(plan, ctx.spawn_slots)
@@ -757,29 +800,51 @@ def signal_group(
 
 
 def find_sender(
-    pid: int,
+    sender: Sender,
     runners: Iterable[UnitRunner],
     getpgid: Callable[[int], int] = os.getpgid,
+    worker_of_cgroup: Callable[[int], int | None] = lambda cgroup_id: None,
 ) -> tuple[UnitRunner, Worker] | None:
-    """The worker a notification from ``pid`` speaks for: itself, or its process group's.
+    """The worker a notification from ``sender`` speaks for: itself, its group's, its cgroup's.
 
     Like systemd's NotifyAccess=all restricted to the service's own
     processes: a process of the worker's group (its children) may speak for it.
     The group cannot be forged: each worker leads a session of its own
     (spawn.py), and setpgid() joins only groups of the caller's session, so a
-    process in a worker's group descends from that worker.
+    process in a worker's group descends from that worker. So does a process
+    of the worker's cgroup (cgroups.py; only root may move a process between
+    cgroups): systemd finds a notification's unit by the cgroup of its pidfd
+    (``manager_dispatch_notify_fd()``), which is how a sender that exited
+    before its datagram was read (and is already reaped) is still credited,
+    by the cgroup it left (:class:`~fdsupervisor.notify.Sender`). A sender
+    the pidfd says is gone is never matched by its pid or group: its pid may
+    be another process's by now. Without a pidfd the group is looked up
+    here, by pid, as it is now (``getpgid``).
     """
     runners = list(runners)
-    for runner in runners:
-        worker = runner.service.worker_by_pid(pid)
-        if worker is not None:
-            return runner, worker
-    try:
-        group = getpgid(pid)
-    except OSError:
+
+    def worker_with(pid: int) -> tuple[UnitRunner, Worker] | None:
+        for runner in runners:
+            worker = runner.service.worker_by_pid(pid)
+            if worker is not None:
+                return runner, worker
         return None
-    for runner in runners:
-        worker = runner.service.worker_by_pid(group)
-        if worker is not None:
-            return runner, worker
+
+    if sender.running:
+        found = worker_with(sender.pid)
+        if found is not None:
+            return found
+        group = sender.group
+        if not sender.pinned:
+            try:
+                group = getpgid(sender.pid)
+            except OSError:
+                group = None
+        found = worker_with(group) if group is not None else None
+        if found is not None:
+            return found
+    if sender.cgroup_id is not None:
+        owner = worker_of_cgroup(sender.cgroup_id)
+        if owner is not None:
+            return worker_with(owner)
     return None

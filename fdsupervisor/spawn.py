@@ -255,6 +255,7 @@ def prepare_worker(
     extra_env: Mapping[str, str] | None = None,
     stdio_fd: int | None = None,
     cgroup_fd: int | None = None,
+    default_limits: Sequence[tuple[int, int, int]] = (),
     log: Any = None,
 ) -> SpawnPlan:
     """The whole spawn plan of one worker: resolved first, then planned.
@@ -262,14 +263,17 @@ def prepare_worker(
     ``environ`` is the supervisor's environment (as it was at start);
     ``extra_env`` adds variables of this worker's own (accept mode's
     ``REMOTE_ADDR``); ``stdio_fd`` is inetd's connection; ``cgroup_fd`` the
-    worker's cgroup, which the child joins first. ``log`` warns when the
+    worker's cgroup, which the child joins first; ``default_limits`` the
+    limits a worker gets unless its unit sets them (:func:`worker_default_limits`). ``log`` warns when the
     journal is not there (the worker then writes to the supervisor's own
     output). Raises :class:`SpawnError` for an unknown user or group, a
     program that cannot be found or executed, or a bad ``FDSUPERVISOR_SPAWN``;
     ``OSError`` when an output cannot be opened (out of fds: may pass). On a
     raise nothing is left open.
     """
-    resolved = resolve_worker(unit, passed, instance, environ, extra_env=extra_env, log=log)
+    resolved = resolve_worker(
+        unit, passed, instance, environ, extra_env=extra_env, default_limits=default_limits, log=log
+    )
     try:
         return plan_worker(
             unit,
@@ -294,6 +298,7 @@ def resolve_worker(
     environ: Mapping[str, str],
     *,
     extra_env: Mapping[str, str] | None = None,
+    default_limits: Sequence[tuple[int, int, int]] = (),
     log: Any = None,
 ) -> Resolved:
     """Everything a worker's plan needs from the system; SpawnError for a bad user or program.
@@ -303,7 +308,7 @@ def resolve_worker(
     """
     service = unit.service
     account = resolve_account(service.user, service.group, service.supplementary_groups)
-    rlimits = resolve_limits(service.limits)
+    rlimits = resolve_limits(service.limits, default_limits)
     path = requested_spawn_path(environ)
     program = worker_argv(unit, passed, instance)[0]
     search_path = ""
@@ -499,9 +504,43 @@ RLIMIT_NAMES: Final = {rlimit_number(name): name for name in LIMIT_UNITS}
 """``RLIMIT_*`` → the ``limits:`` key that names it, for the failed stage of a start."""
 
 
-def resolve_limits(limits: Sequence[ResourceLimit]) -> tuple[tuple[int, int, int], ...]:
-    """``limits:`` → (``RLIMIT_*``, soft, hard) for ``setrlimit()``; -1 is RLIM_INFINITY."""
-    return tuple((rlimit_number(limit.name), limit.soft, limit.hard) for limit in limits)
+def resolve_limits(
+    limits: Sequence[ResourceLimit], defaults: Sequence[tuple[int, int, int]] = ()
+) -> tuple[tuple[int, int, int], ...]:
+    """``limits:`` → (``RLIMIT_*``, soft, hard) for ``setrlimit()``; -1 is RLIM_INFINITY.
+
+    ``defaults`` (:func:`worker_default_limits`) follow for each resource the
+    unit does not set, as systemd's ``DefaultLimit*=`` apply unless a unit
+    says ``Limit*=``.
+    """
+    resolved = tuple((rlimit_number(limit.name), limit.soft, limit.hard) for limit in limits)
+    given = {number for number, _soft, _hard in resolved}
+    return resolved + tuple(limit for limit in defaults if limit[0] not in given)
+
+
+def worker_default_limits(nofile_soft: int | None) -> tuple[tuple[int, int, int], ...]:
+    """What a worker gets unless its unit sets the limit: the soft ``RLIMIT_NOFILE`` the
+    supervisor was started with (``nofile_soft``; None: unknown), under its hard limit.
+
+    The supervisor raises its own soft limit to the hard one (cli.py), and
+    workers would inherit that; systemd passes the original soft limit to
+    its services instead (``DefaultLimitNOFILE=1024:524288``: ``select()``
+    cannot watch an fd above 1023, systemd.exec(5) "LimitNOFILE="), and a
+    program that can use more raises its own. Nothing to set when the soft
+    limit was not raised.
+    """
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if nofile_soft is None or nofile_soft == soft or nofile_soft < 0:
+        return ()
+    if hard != resource.RLIM_INFINITY and nofile_soft > hard:
+        return ()  # lowered since (by hand, with prlimit): a soft limit must fit the hard one
+    return (
+        (
+            resource.RLIMIT_NOFILE,
+            nofile_soft,
+            RLIM_INFINITY if hard == resource.RLIM_INFINITY else hard,
+        ),
+    )
 
 
 def resolve_executable(program: str, search_path: str, cwd: str | None) -> str:

@@ -44,6 +44,7 @@ from .runner import RunnerContext, UnitRunner, signal_group
 from .runtime_sockets import RuntimeSockets
 from .service import Service
 from .signals import SignalWakeup
+from .spawn import worker_default_limits
 from .spawn_slots import SpawnSlots
 from .systemd import SystemdFdStore, SystemdNotifier, SystemdSockets
 from .units import SocketSpec, Unit
@@ -116,6 +117,9 @@ class Supervisor:
             shutting_down=lambda: self.shutting_down,
             on_idle=self._unit_idle,
             spawn_slots=spawn_slots,
+            default_limits=worker_default_limits(
+                run_config.worker_nofile_soft if run_config is not None else None
+            ),
         )
         self.runners: dict[str, UnitRunner] = {u.name: self._new_runner(u) for u in units}
         self.runtime_sockets = RuntimeSockets(
@@ -136,7 +140,7 @@ class Supervisor:
         self.base_dir = Path.cwd()
         self.listeners: list[Callable[[str, dict[str, Any]], None]] = []
         self.notifications: WorkerNotifications = WorkerNotifications(
-            self.loop, log, lambda: self.runners.values()
+            self.loop, log, lambda: self.runners.values(), lambda: self.cgroups
         )
         self._signals = SignalWakeup(WAKEUP_SIGNALS)  # installed at start()
         self._wakeup_fd: int | None = None

@@ -158,6 +158,9 @@ class RunConfig:
     monitor_allowed_uids: tuple[int, ...] = ()
     use_cgroups: bool = True
     metrics_address: str | None = None  # --metrics, as given; None: no metrics endpoint
+    # The soft RLIMIT_NOFILE the first program was started with, before it raised
+    # its own: what workers get (spawn.worker_default_limits). None: not known.
+    worker_nofile_soft: int | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -250,6 +253,7 @@ def _run_config(data: dict[str, Any] | None) -> RunConfig | None:
         monitor_allowed_uids=tuple(data["monitor_allowed_uids"]),
         use_cgroups=data.get("use_cgroups", True),
         metrics_address=data.get("metrics_address"),
+        worker_nofile_soft=data.get("worker_nofile_soft"),
     )
 
 

@@ -19,10 +19,11 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import pytest
 
+from fdsupervisor.cgroups import cgroup2_mounts, cgroup_directory, own_cgroup, parent_name
 from fdsupervisor.spawn import native_spawn_available
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -101,6 +102,10 @@ def open_fds(pid: int | str = "self") -> list[int]:
 class SupervisorProcess:
     """A running ``fdsupervisor run`` and the events it logged."""
 
+    # Every supervisor this session started: none may leave its cgroup tree behind
+    # (no_cgroup_left_behind, at the session's end).
+    started_pids: ClassVar[set[int]] = set()
+
     def __init__(
         self,
         args: list[str],
@@ -125,6 +130,7 @@ class SupervisorProcess:
             env=full_env,
         )
         self.pid = self.proc.pid
+        SupervisorProcess.started_pids.add(self.pid)
         self.monitor_path = Path()
         # Two streams read apart: workers print to stdout, the supervisor logs
         # to stderr, and a line of one never lands inside a line of the other.
@@ -244,6 +250,46 @@ class SupervisorProcess:
         if self.proc.poll() is None:
             self.proc.kill()
             self.proc.wait(10)
+
+
+def supervisor_cgroups() -> Path | None:
+    """Where the supervisors this process starts put their cgroup trees (None: no cgroups)."""
+    try:
+        mounts = cgroup2_mounts(Path("/proc/self/mountinfo").read_text())
+        path = own_cgroup(Path("/proc/self/cgroup").read_text())
+    except OSError:
+        return None
+    return cgroup_directory(mounts, path) if path is not None else None
+
+
+@pytest.fixture(scope="session", autouse=True)
+def no_cgroup_left_behind() -> Iterator[None]:
+    """At the session's end, no supervisor of the session left its cgroup tree.
+
+    A supervisor removes its tree when it stops (cgroups.py), and the next one
+    to start removes what a killed one left; a tree still there at the end was
+    left by a test (a supervisor it killed last, or one that failed to clean
+    up). The empty ones are removed, so that the next run starts clean, and
+    the session fails naming them.
+    """
+    yield
+    base = supervisor_cgroups()
+    if base is None:
+        return
+    namespace = os.stat("/proc/self/ns/pid").st_ino
+    left = [
+        base / parent_name(pid, namespace)
+        for pid in sorted(SupervisorProcess.started_pids)
+        if (base / parent_name(pid, namespace)).exists()
+    ]
+    for tree in left:
+        for directory, _children, _files in os.walk(tree, topdown=False):
+            try:
+                os.rmdir(directory)
+            except OSError:
+                pass  # populated: a process is still in it, named below
+    if left:
+        pytest.fail(f"supervisors of this session left their cgroup trees: {left}")
 
 
 @pytest.fixture

@@ -12,7 +12,9 @@ from __future__ import annotations
 import grp
 import os
 import pwd
+import resource
 import shutil
+import signal
 from pathlib import Path
 
 import pytest
@@ -200,3 +202,44 @@ def test_check_and_run_refuse_an_unknown_user_naming_where(tmp_path: Path) -> No
     started = run_fdsupervisor("run", "--monitor", str(tmp_path / "m.sock"), str(units))
     assert started.returncode == 1
     assert "service.user: unknown user 'nosuchuser'" in started.stderr
+
+
+@pytest.mark.parametrize("spawn_env", SPAWN_PATHS)
+def test_workers_get_the_soft_fd_limit_the_supervisor_was_started_with(
+    supervisor, spawn_env: dict[str, str]
+) -> None:
+    """Not the one it raised for itself, also after an upgrade (systemd's DefaultLimitNOFILE=)."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard != resource.RLIM_INFINITY and hard <= 2048:
+        pytest.skip("the hard RLIMIT_NOFILE leaves nothing to raise")
+    plain = f"""
+        service:
+          exec: [{SLEEP}, "1000"]
+          restart: always
+        """
+    own = f"""
+        service:
+          exec: [{SLEEP}, "1000"]
+          limits:
+            nofile: 2048
+        """
+    resource.setrlimit(resource.RLIMIT_NOFILE, (1024, hard))  # what the supervisor starts with
+    try:
+        sup = supervisor({"plain": plain, "own": own}, env=spawn_env)
+    finally:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+    started = sup.wait_for("fd_limit")
+    assert started["raised_from"] == 1024 and started["workers"] == 1024
+    assert resource.prlimit(sup.pid, resource.RLIMIT_NOFILE)[0] > 1024
+    hard_shown = "unlimited" if hard == resource.RLIM_INFINITY else str(hard)
+    pid = sup.wait_for("worker_started", unit="plain")["pid"]
+    assert proc_limits(pid)["Max open files"] == ("1024", hard_shown)
+    own_pid = sup.wait_for("worker_started", unit="own")["pid"]
+    assert proc_limits(own_pid)["Max open files"] == ("2048", "2048"), "the unit's own wins"
+    # the new program runs with the raised limit it inherited: the state says the first one
+    mark = sup.mark()
+    os.kill(sup.pid, signal.SIGUSR2)
+    sup.wait_for("upgraded", after=mark)
+    os.kill(pid, signal.SIGKILL)
+    again = sup.wait_for("worker_started", unit="plain", after=mark)["pid"]
+    assert proc_limits(again)["Max open files"] == ("1024", hard_shown)

@@ -14,12 +14,14 @@ import stat
 import subprocess
 import uuid
 from collections.abc import Iterator
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 import pytest
 
 from fdsupervisor import notify
+from fdsupervisor.cgroups import cgroup2_mounts, cgroup_directory, own_cgroup
 from fdsupervisor.errors import BindError
 from fdsupervisor.notify import NOTIFY_BUFFER_MAX, Datagram, NotifySocket
 from tests.conftest import PYTHON, open_fds
@@ -129,6 +131,68 @@ def test_sd_notify_from_a_child_arrives_with_its_pid(notify_socket: NotifySocket
     assert datagram.message.status == "hi"
     assert datagram.message.problems == ()
     assert datagram.fds == []
+
+
+def own_cgroup_id() -> int:
+    """The cgroup v2 id of this process's cgroup: its directory's inode."""
+    mounts = cgroup2_mounts(Path("/proc/self/mountinfo").read_text())
+    path = own_cgroup(Path("/proc/self/cgroup").read_text())
+    directory = cgroup_directory([replace(m, read_only=False) for m in mounts], path or "")
+    if directory is None:
+        pytest.skip("no cgroup2 hierarchy shows this process")
+    return os.stat(directory).st_ino
+
+
+def pidfds_passed(sock: NotifySocket) -> bool:
+    return bool(sock._sock.getsockopt(socket.SOL_SOCKET, notify.SO_PASSPIDFD))
+
+
+def test_a_sender_reaped_before_its_datagram_is_read_is_known_gone_with_its_cgroup(
+    notify_socket: NotifySocket,
+) -> None:
+    """The pidfd the kernel hands with the datagram names the sender, even reaped (6.16)."""
+    if not pidfds_passed(notify_socket):
+        pytest.skip("the kernel has no SO_PASSPIDFD (Linux 6.5)")
+    run_child(notify_socket, SD_NOTIFY_READY.format(pid="pid=os.getpid()"))  # exited, reaped
+    datagram = receive_one(notify_socket)
+    assert datagram.message.ready
+    sender = datagram.sender
+    assert sender.pinned and not sender.running and sender.group is None, sender
+    if sender.cgroup_id is None:
+        pytest.skip("the kernel keeps no cgroup of a reaped process (PIDFD_INFO_EXIT, 6.15)")
+    assert sender.cgroup_id == own_cgroup_id()
+
+
+def test_a_running_sender_comes_with_its_group_and_cgroup(
+    notify_socket: NotifySocket, sender: socket.socket
+) -> None:
+    if not pidfds_passed(notify_socket):
+        pytest.skip("the kernel has no SO_PASSPIDFD (Linux 6.5)")
+    send(sender, notify_socket, b"STATUS=alive")
+    datagram = receive_one(notify_socket)
+    assert datagram.sender.pinned and datagram.sender.running
+    assert datagram.sender.group == os.getpgid(0)
+    assert datagram.sender.cgroup_id in (None, own_cgroup_id())
+
+
+def test_no_pidfd_outlives_its_datagram(notify_socket: NotifySocket, sender: socket.socket) -> None:
+    before = open_fds()
+    for round_ in range(250):  # 2,000 datagrams, 8 at a time (the queue holds 10)
+        for n in range(8):
+            send(sender, notify_socket, f"STATUS={round_}.{n}".encode())
+        received = 0
+        while received < 8:
+            wait_readable(notify_socket)
+            received += len(notify_socket.receive())
+    assert open_fds() == before
+
+
+def test_without_a_pidfd_the_sender_is_its_pid_alone(notify_socket: NotifySocket) -> None:
+    """A kernel without SO_PASSPIDFD: the credentials, as before."""
+    notify_socket._sock.setsockopt(socket.SOL_SOCKET, notify.SO_PASSPIDFD, 0)
+    run_child(notify_socket, SD_NOTIFY_READY.format(pid="pid=os.getpid()"))
+    datagram = receive_one(notify_socket)
+    assert datagram.sender == notify.Sender(datagram.pid)
 
 
 def test_abstract_socket(log: RecordingLog) -> None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+from datetime import datetime
 
 import pytest
 
@@ -60,6 +61,32 @@ def test_never_ready_is_failed_after_the_start_timeout(supervisor) -> None:
     assert "start timeout" in killed["reason"]
     sup.wait_for("worker_exited", unit="slow")
     assert services(sup)["slow"]["state"] == "failed"
+
+
+def test_extend_timeout_gives_a_slow_start_the_time_it_asks_for(supervisor) -> None:
+    """EXTEND_TIMEOUT_USEC=10s, then READY=1 after 1.5 s, with start-timeout: 1s."""
+    sup = supervisor(
+        {
+            "slow": unit(
+                "extend-then-ready", "          notify: true\n          start-timeout: 1s", "no"
+            )
+        }
+    )
+    started = sup.wait_for("worker_started", unit="slow")
+    extended = sup.wait_for("timeout_extended", unit="slow")
+    assert (extended["pid"], extended["timeouts"], extended["seconds"]) == (
+        started["pid"],
+        ["start"],
+        10.0,
+    )
+    ready = sup.wait_for("service_ready", unit="slow")
+    waited = datetime.fromisoformat(ready["timestamp"]) - datetime.fromisoformat(
+        started["timestamp"]
+    )
+    assert waited.total_seconds() > 1.0, "READY=1 came after the unit's own start-timeout"
+    assert sup.count("worker_killed", unit="slow") == 0
+    state = services(sup)["slow"]
+    assert (state["state"], state["status"]) == ("running", "ready after an extension")
 
 
 def test_start_timeout_restarts_under_on_failure(supervisor) -> None:

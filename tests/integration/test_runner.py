@@ -24,7 +24,7 @@ import pytest
 from fdsupervisor.binding import InheritedFds, bind_socket
 from fdsupervisor.fdstore import FdStore
 from fdsupervisor.loop import EventLoop
-from fdsupervisor.notify import NotifyMessage
+from fdsupervisor.notify import NotifyMessage, Sender
 from fdsupervisor.reaper import ChildReaper
 from fdsupervisor.runner import RunnerContext, UnitRunner, find_sender
 from fdsupervisor.service import ServiceState
@@ -249,9 +249,9 @@ def test_a_child_in_the_workers_process_group_speaks_for_it(harness: Harness) ->
         assert leader.stdout is not None
         child = int(leader.stdout.readline())
         runner.service.worker_started(0, leader.pid, harness.loop.time())
-        found = find_sender(child, [runner])
+        found = find_sender(Sender(child), [runner])
         assert found is not None and found[0] is runner and found[1].pid == leader.pid
-        assert find_sender(os.getpid(), [runner]) is None, "not of the worker's group"
+        assert find_sender(Sender(os.getpid()), [runner]) is None, "not of the worker's group"
     finally:
         os.killpg(leader.pid, signal.SIGKILL)
         leader.wait()

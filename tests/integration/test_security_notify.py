@@ -34,7 +34,7 @@ import pytest
 
 import tests.conftest
 from fdsupervisor.log import LOG_RATE_BURST, LOG_RATE_INTERVAL
-from tests.conftest import PYTHON, ROOT, SPAWN_PATHS, SupervisorProcess
+from tests.conftest import PYTHON, ROOT, SPAWN_PATHS, SupervisorProcess, open_fds
 from tests.monitor_client import RawClient
 
 SYSTEM_PYTHON = "/usr/bin/python3"
@@ -400,6 +400,155 @@ def test_a_grandchild_in_the_workers_own_group_speaks_for_it(
     now = services(sup)
     assert now["a"]["status"] == "from a grandchild"
     assert now["b"]["status"] == "serving requests"
+
+
+# -- a sender gone before its datagram is read (attribution by pidfd) ------------------------
+
+# For each connection "TEXT COUNT": a child sends TEXT ("\\n" for a newline, "#" for the
+# datagram's number) COUNT times to NOTIFY_SOCKET and exits at once; the worker reaps it,
+# then answers. Once the answer is read, the sender is reaped: its pid and group are gone.
+EXITING_CHILD_WORKER = r"""
+import json, os, socket
+
+address = os.environ["NOTIFY_SOCKET"]
+target = "\0" + address[1:] if address.startswith("@") else address
+listener = socket.socket(fileno=3)
+while True:
+    conn, _ = listener.accept()
+    with conn:
+        text, count = conn.makefile().readline().split()
+        text = text.replace("\\n", "\n")
+        child = os.fork()
+        if child == 0:
+            with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as sock:
+                for n in range(int(count)):
+                    sock.sendto(text.replace("#", str(n)).encode(), target)
+            os._exit(0)
+        os.waitpid(child, 0)
+        answer = {"child": child, "notify_socket": address}
+        conn.sendall(json.dumps(answer).encode() + b"\n")
+"""
+
+# argv: the notify socket (@name), a text ("\\n" for a newline), how many times; then exits.
+SEND_AND_EXIT = r"""
+import socket, sys
+sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+for _ in range(int(sys.argv[3])):
+    sock.sendto(sys.argv[2].replace("\\n", "\n").encode(), "\0" + sys.argv[1][1:])
+"""
+
+
+def exiting_child_units(public_dir: Path) -> dict[str, str]:
+    script = public_dir / "exiting_child_worker.py"
+    script.write_text(EXITING_CHILD_WORKER)
+    script.chmod(0o644)
+    a = f"""
+        sockets:
+          ctl: {{listen: "127.0.0.1:0"}}
+        service:
+          exec: [{SYSTEM_PYTHON}, {script}]
+          user: nobody
+          working-directory: /
+          notify: true
+        """
+    # b waits for a READY=1 it never sends itself
+    b = f"""
+        sockets:
+          http: {{listen: "127.0.0.1:0"}}
+        service:
+          exec: [{PYTHON}, -c, "import time; time.sleep(600)"]
+          notify: true
+        """
+    return {"a": a, "b": b}
+
+
+def child_of_a_sends(sup: SupervisorProcess, text: str, count: int = 1) -> dict[str, Any]:
+    """Unit a's worker's child sends ``text`` ``count`` times and is reaped: the answer."""
+    with socket.create_connection(("127.0.0.1", sup.port("ctl", unit="a")), timeout=10) as conn:
+        conn.sendall(f"{text} {count}\n".encode())
+        return dict(json.loads(conn.makefile().readline()))
+
+
+def stranger_sends(address: str, text: str, count: int = 1) -> None:
+    """``nobody`` sends ``text`` ``count`` times and exits; it is reaped on return."""
+    subprocess.run(
+        [SYSTEM_PYTHON, "-c", SEND_AND_EXIT, address, text, str(count)],
+        user=NOBODY,
+        group=NOBODY,
+        extra_groups=[],
+        cwd="/",
+        timeout=30,
+        check=True,
+    )
+
+
+@contextmanager
+def supervisor_stopped(sup: SupervisorProcess) -> Iterator[None]:
+    """SIGSTOP the supervisor for the block: what is sent meanwhile waits in its queue."""
+    os.kill(sup.pid, signal.SIGSTOP)
+    try:
+        yield
+    finally:
+        os.kill(sup.pid, signal.SIGCONT)
+
+
+def started_exiting_child_units(sup: SupervisorProcess) -> int:
+    sup.wait_for("cgroups_enabled")
+    sup.wait_for("worker_started", unit="b")
+    return int(sup.wait_for("worker_started", unit="a")["pid"])
+
+
+def test_a_child_that_exits_before_its_message_is_read_is_credited_to_its_unit(
+    supervisor, public_dir: Path
+) -> None:
+    sup = supervisor(exiting_child_units(public_dir), wait_ready=False)
+    a_pid = started_exiting_child_units(sup)
+    mark = sup.mark()
+    with supervisor_stopped(sup):
+        # read only once its sender is reaped: its pid and its group are no one's
+        answer = child_of_a_sends(sup, "READY=1\\nSTATUS=from-an-exited-child")
+    ready = sup.wait_for("service_ready", after=mark, unit="a")
+    assert ready["pid"] == a_pid and answer["child"] != a_pid
+    now = services(sup)
+    assert now["a"]["status"] == "from-an-exited-child"
+    assert (now["b"]["state"], now["b"]["status"]) == ("starting", None), now["b"]
+    assert sup.count("notify_ignored") == 0
+
+
+def test_a_stranger_that_exits_before_its_message_is_read_is_still_nobodys(
+    supervisor, public_dir: Path
+) -> None:
+    sup = supervisor(exiting_child_units(public_dir), wait_ready=False)
+    started_exiting_child_units(sup)
+    address = child_of_a_sends(sup, "STATUS=a-speaks")["notify_socket"]
+    mark = sup.mark()
+    with supervisor_stopped(sup):
+        stranger_sends(address, "READY=1\\nSTATUS=forged")
+    ignored = sup.wait_for("notify_ignored", after=mark)
+    assert ignored["uid"] == NOBODY, ignored
+    now = services(sup)
+    assert now["a"]["status"] == "a-speaks" and now["b"]["status"] is None, now
+    assert sup.count("service_ready") == 0
+
+
+def test_thousands_of_datagrams_leave_the_supervisors_fd_count_as_it_was(
+    supervisor, public_dir: Path
+) -> None:
+    """Each datagram brings a pidfd: every one is closed as soon as it is read."""
+    sup = supervisor(exiting_child_units(public_dir), wait_ready=False)
+    started_exiting_child_units(sup)
+    address = child_of_a_sends(sup, "STATUS=first")["notify_socket"]
+    before = open_fds(sup.pid)
+    stranger_sends(address, "STATUS=stranger", 2000)
+    child_of_a_sends(sup, "STATUS=#", 2000)
+    mark = sup.mark()
+    child_of_a_sends(sup, "last-of-all")  # a line without "=": notify_invalid, in order
+    sup.wait_for("notify_invalid", after=mark, unit="a")
+    after = open_fds(sup.pid)
+    assert services(sup)["a"]["status"] == "1999"
+    assert after == before, [
+        os.readlink(f"/proc/{sup.pid}/fd/{fd}") for fd in set(after) - set(before)
+    ]
 
 
 # -- 12. a flood of datagrams from a stranger -----------------------------------------------

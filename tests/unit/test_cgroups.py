@@ -13,6 +13,7 @@ from fdsupervisor.cgroups import (
     Cgroup2Mount,
     cgroup2_mounts,
     cgroup_directory,
+    dead_supervisors_parent,
     own_cgroup,
     parent_name,
     populated,
@@ -105,3 +106,23 @@ def test_populated() -> None:
     assert populated("populated 1\nfrozen 0\n")
     assert not populated("populated 0\nfrozen 0\n")
     assert not populated("")
+
+
+@pytest.mark.parametrize(
+    "name, stale",
+    [
+        ("fdsupervisor-100.4026531836", True),  # this namespace, pid 100 gone
+        ("fdsupervisor-200.4026531836", False),  # pid 200 runs: maybe a live supervisor
+        ("fdsupervisor-100.4026532000", False),  # another pid namespace: its pids mean nothing here
+        ("fdsupervisor-100", False),  # not a name a supervisor gives
+        ("fdsupervisor-100.4026531836.x", False),
+        ("web.0.1", False),  # a worker's
+        ("system.slice", False),
+    ],
+)
+def test_only_a_gone_supervisors_parent_of_this_namespace_is_stale(name: str, stale: bool) -> None:
+    def alive(pid: int) -> bool:
+        return pid == 200
+
+    assert dead_supervisors_parent(name, 4026531836, alive) is stale
+    assert dead_supervisors_parent(parent_name(100, 4026531836), 4026531836, alive)

@@ -23,6 +23,7 @@ from fdsupervisor.activation import Intake, StartOutcome
 from fdsupervisor.binding import BoundSocket, InheritedFds, bind_socket
 from fdsupervisor.fdstore import FdStore, unit_owner
 from fdsupervisor.loop import ACCEPT_RETRY_DELAY, EventLoop
+from fdsupervisor.notify import NotifyMessage, Sender
 from fdsupervisor.reaper import ChildReaper
 from fdsupervisor.runner import RunnerContext, Timers, UnitRunner, find_sender
 from fdsupervisor.service import Service, ServiceState
@@ -80,7 +81,7 @@ def test_a_worker_speaks_for_itself() -> None:
     web, api = make_runner("web"), make_runner("api")
     web.service.worker_started(0, 1000, 0.0)
     api.service.worker_started(0, 2000, 0.0)
-    found = find_sender(2000, [web, api], groups({}))
+    found = find_sender(Sender(2000), [web, api], groups({}))
     assert found is not None and found[0] is api and found[1].pid == 2000
 
 
@@ -88,7 +89,7 @@ def test_a_process_of_the_workers_group_speaks_for_the_worker() -> None:
     web, api = make_runner("web"), make_runner("api")
     web.service.worker_started(0, 1000, 0.0)
     api.service.worker_started(3, 2000, 0.0)
-    found = find_sender(2345, [web, api], groups({2345: 2000}))
+    found = find_sender(Sender(2345), [web, api], groups({2345: 2000}))
     assert found is not None and found[0] is api
     assert (found[1].pid, found[1].instance) == (2000, 3)
 
@@ -98,7 +99,7 @@ def test_the_pid_itself_wins_over_its_group() -> None:
     web, api = make_runner("web"), make_runner("api")
     web.service.worker_started(0, 1000, 0.0)
     api.service.worker_started(0, 2000, 0.0)
-    found = find_sender(2000, [web, api], groups({2000: 1000}))
+    found = find_sender(Sender(2000), [web, api], groups({2000: 1000}))
     assert found is not None and found[0] is api
 
 
@@ -113,11 +114,58 @@ def test_the_pid_itself_wins_over_its_group() -> None:
 def test_anyone_else_speaks_for_nobody(pid: int, table: dict[int, int]) -> None:
     web = make_runner("web")
     web.service.worker_started(0, 1000, 0.0)
-    assert find_sender(pid, [web], groups(table)) is None
+    assert find_sender(Sender(pid), [web], groups(table)) is None
 
 
 def test_no_runners_no_sender() -> None:
-    assert find_sender(1000, [], groups({1000: 1000})) is None
+    assert find_sender(Sender(1000), [], groups({1000: 1000})) is None
+
+
+# -- with the sender's pidfd (notify.Sender, pinned) -------------------------------------------
+
+
+def cgroups(table: Mapping[int, int]) -> Any:
+    return table.get
+
+
+def test_a_reaped_sender_is_credited_by_the_cgroup_it_left() -> None:
+    """Its pid and group are gone: the cgroup id its pidfd kept names the worker."""
+    web, api = make_runner("web"), make_runner("api")
+    web.service.worker_started(0, 1000, 0.0)
+    api.service.worker_started(0, 2000, 0.0)
+    gone = Sender(2345, pinned=True, running=False, cgroup_id=77)
+    found = find_sender(gone, [web, api], groups({}), cgroups({77: 2000, 78: 1000}))
+    assert found is not None and found[0] is api and found[1].pid == 2000
+
+
+def test_a_reaped_sender_is_never_matched_by_its_pid_or_group() -> None:
+    """Its pid may be a worker's by now (recycled): without its cgroup it is nobody's."""
+    web = make_runner("web")
+    web.service.worker_started(0, 1000, 0.0)
+    recycled = Sender(1000, pinned=True, running=False, cgroup_id=None)
+    assert find_sender(recycled, [web], groups({1000: 1000}), cgroups({})) is None
+    elsewhere = Sender(1000, pinned=True, running=False, cgroup_id=5)
+    assert find_sender(elsewhere, [web], groups({1000: 1000}), cgroups({77: 1000})) is None
+
+
+def test_a_running_sender_uses_the_group_read_while_its_pidfd_pinned_it() -> None:
+    """No lookup of the pid's group afterwards: by then the pid may be another's."""
+    web = make_runner("web")
+    web.service.worker_started(0, 1000, 0.0)
+    pinned = Sender(2345, pinned=True, running=True, group=1000)
+    found = find_sender(pinned, [web], groups({2345: 9}), cgroups({}))
+    assert found is not None and found[1].pid == 1000
+    unknown = Sender(2345, pinned=True, running=True, group=None)
+    assert find_sender(unknown, [web], groups({2345: 1000}), cgroups({})) is None
+
+
+def test_a_running_sender_of_the_workers_cgroup_speaks_for_it() -> None:
+    """A child that left the worker's group (setsid) but not its cgroup."""
+    web = make_runner("web")
+    web.service.worker_started(0, 1000, 0.0)
+    escaped = Sender(2345, pinned=True, running=True, group=2345, cgroup_id=77)
+    found = find_sender(escaped, [web], groups({}), cgroups({77: 1000}))
+    assert found is not None and found[1].pid == 1000
 
 
 def test_the_runners_log_carries_its_unit() -> None:
@@ -175,6 +223,126 @@ def test_timers_cancel_and_cancel_all() -> None:
     fired_after(loop, clock, 10)
     assert fired == [1] and 3 not in timers
     loop.close()
+
+
+def test_timers_extend_only_ever_later() -> None:
+    clock = FakeClock()
+    loop = EventLoop(clock)
+    timers = Timers(loop)
+    fired: list[int] = []
+    timers.call_later(1, 1.0, lambda: (timers.fired(1), fired.append(1)))
+    assert not timers.extend(1, clock.now + 0.5), "an earlier deadline is ignored"
+    assert not timers.extend(2, clock.now + 5), "no timer, nothing to extend"
+    assert timers.extend(1, clock.now + 3)
+    fired_after(loop, clock, 2)
+    assert fired == [] and 1 in timers
+    fired_after(loop, clock, 1.5)
+    assert fired == [1], "the same callback, later"
+    assert 2 not in timers
+    loop.close()
+
+
+# -- EXTEND_TIMEOUT_USEC=, on a fake clock ------------------------------------------------
+
+# Above the kernel's PID_MAX_LIMIT (4194304): a stop signal to it reaches no process.
+NO_SUCH_PID = 4_194_304 + 17
+
+
+@dataclass
+class Timed:
+    runner: UnitRunner
+    loop: EventLoop
+    clock: FakeClock
+    log: RecordingLog
+
+    def notify(self, **fields: Any) -> None:
+        worker = self.runner.service.worker_by_pid(NO_SUCH_PID)
+        assert worker is not None
+        self.runner.notified(worker, NotifyMessage(**fields), [])
+
+    def after(self, seconds: float) -> None:
+        fired_after(self.loop, self.clock, seconds)
+
+
+@pytest.fixture
+def timed() -> Iterator[Timed]:
+    """A notify unit (start-timeout 10s, stop-timeout 5s) whose worker started at t=0."""
+    clock = FakeClock()
+    loop = EventLoop(clock)
+    log = RecordingLog()
+    ctx = RunnerContext(
+        loop=loop,
+        store=FdStore(),
+        environ={},
+        log=log,
+        emit=lambda event, data: None,
+        notify_address=lambda: None,
+        cgroups=lambda: None,
+        children=ChildReaper(log=RecordingLog()),
+        shutting_down=lambda: False,
+        on_idle=lambda runner: False,
+    )
+    unit = make_unit("web", "exec: [worker]\nnotify: true\nstart-timeout: 10s\nstop-timeout: 5s")
+    runner = UnitRunner(unit, ctx)
+    runner._track(0, NO_SUCH_PID, [])
+    yield Timed(runner, loop, clock, log)
+    loop.close()
+
+
+def killed(timed: Timed) -> list[str]:
+    return [e["reason"] for e in timed.log.events("worker_killed")]
+
+
+def test_extend_timeout_pushes_the_start_timeout_out_from_now(timed: Timed) -> None:
+    timed.after(5)
+    timed.notify(extend_timeout_usec=20_000_000)  # until t=25, not 10
+    assert timed.log.events("timeout_extended")[-1]["timeouts"] == ["start"]
+    timed.after(6)  # t=11: past the unit's start-timeout
+    assert killed(timed) == []
+    timed.notify(extend_timeout_usec=1_000_000)  # t=12 is earlier than 25: ignored
+    assert len(timed.log.events("timeout_extended")) == 1
+    timed.after(13.5)  # t=24.5
+    assert killed(timed) == []
+    timed.after(1)  # t=25.5: the message that should have come did not
+    assert killed(timed) == ["start timeout: no READY=1"]
+
+
+def test_extend_timeout_then_ready_is_started(timed: Timed) -> None:
+    timed.notify(extend_timeout_usec=30_000_000)
+    timed.after(20)
+    timed.notify(ready=True)
+    timed.after(60)
+    assert killed(timed) == [] and timed.log.events("service_ready")
+
+
+def test_extend_timeout_while_stopping_pushes_the_stop_timeout(timed: Timed) -> None:
+    timed.notify(ready=True)
+    timed.runner.stop_worker(NO_SUCH_PID)
+    timed.after(2)
+    timed.notify(extend_timeout_usec=10_000_000)  # SIGKILL at t=12, not t=5
+    assert timed.log.events("timeout_extended")[-1]["timeouts"] == ["stop"]
+    timed.after(9)
+    assert timed.log.events("stop_timeout") == []
+    timed.after(1.5)
+    assert [e["pid"] for e in timed.log.events("stop_timeout")] == [NO_SUCH_PID]
+
+
+@pytest.mark.parametrize("usec", [0, (1 << 64) - 1])
+def test_extend_timeout_of_zero_or_infinity_means_nothing(timed: Timed, usec: int) -> None:
+    """systemd's service_extend_timeout(): timestamp_is_set() is false for both."""
+    timed.notify(extend_timeout_usec=usec)
+    assert timed.log.events("timeout_extended") == []
+    timed.after(10.5)
+    assert killed(timed) == ["start timeout: no READY=1"]
+
+
+def test_an_extension_past_a_year_is_clamped_and_the_loop_lives(timed: Timed) -> None:
+    timed.notify(extend_timeout_usec=(1 << 64) - 2)
+    clamped = timed.log.events("notify_clamped")
+    assert clamped and clamped[0]["key"] == "EXTEND_TIMEOUT_USEC"
+    assert timed.loop.poll_timeout() is not None
+    timed.after(10 * 365 * 86400)
+    assert killed(timed) == ["start timeout: no READY=1"]
 
 
 # -- the intake, with a recording host -----------------------------------------------------

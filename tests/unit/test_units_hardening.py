@@ -9,7 +9,12 @@ import pytest
 
 from fdsupervisor.activation import TriggerWindow
 from fdsupervisor.errors import ConfigErrors
-from fdsupervisor.spawn import account_errors, resolve_account, resolve_limits
+from fdsupervisor.spawn import (
+    account_errors,
+    resolve_account,
+    resolve_limits,
+    worker_default_limits,
+)
 from fdsupervisor.units import (
     LIMIT_UNITS,
     RLIM_INFINITY,
@@ -72,6 +77,28 @@ def test_every_systemd_limit_name_resolves_to_its_rlimit() -> None:
     assert len(set(numbers)) == 16
     assert numbers[list(LIMIT_UNITS).index("nofile")] == resource.RLIMIT_NOFILE
     assert numbers[list(LIMIT_UNITS).index("locks")] == 10
+
+
+def test_a_default_limit_applies_unless_the_unit_sets_that_resource() -> None:
+    import resource
+
+    defaults = ((resource.RLIMIT_NOFILE, 1024, 4096),)
+    core = ResourceLimit("core", 0, 0)
+    assert resolve_limits([core], defaults) == ((resource.RLIMIT_CORE, 0, 0), *defaults)
+    own = ResourceLimit("nofile", 2048, 2048)
+    assert resolve_limits([own], defaults) == ((resource.RLIMIT_NOFILE, 2048, 2048),)
+
+
+def test_workers_default_to_the_soft_fd_limit_the_supervisor_started_with() -> None:
+    import resource
+
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    assert worker_default_limits(None) == ()
+    assert worker_default_limits(soft) == (), "not raised: nothing to set"
+    if soft > 1:
+        assert worker_default_limits(1) == ((resource.RLIMIT_NOFILE, 1, hard),)
+    if hard != resource.RLIM_INFINITY:
+        assert worker_default_limits(hard + 1) == (), "above the hard limit: not settable"
 
 
 def test_umask_no_new_privileges_and_groups() -> None:

@@ -47,6 +47,7 @@ def state(
             monitor_path="/run/m.sock",
             monitor_allowed_uids=(0, 1000),
             metrics_address="127.0.0.1:9469",
+            worker_nofile_soft=1024,
         ),
         monitor_inode=4242,
         metrics=StoredItem("metrics", "metrics", metrics_fd, True) if metrics_fd else None,

@@ -27,6 +27,11 @@ info = {
 kept = []
 if MODE == "ready":
     daemon.notify("READY=1\nSTATUS=serving requests")
+elif MODE == "extend-then-ready":
+    # asks for more time than its start-timeout (1 s), and uses it
+    daemon.notify("EXTEND_TIMEOUT_USEC=10000000")
+    time.sleep(1.5)  # a worker's own pacing: a slow start, past its start-timeout
+    daemon.notify("READY=1\nSTATUS=ready after an extension")
 elif MODE == "ping-three-times":
     daemon.notify("READY=1")
     for _ in range(3):
