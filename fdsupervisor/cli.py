@@ -346,7 +346,7 @@ def run(
             log.error("startup_failed", error=f"metrics: {exc.message}", note="nothing was bound")
             return 1
     supervisor.start()
-    return supervisor.run()
+    return supervisor.run(exiting=True)
 
 
 def _metrics_address(text: str | None) -> SocketAddress | None:
@@ -480,7 +480,7 @@ def run_upgraded(
         # "upgraded" (a signal, a look at the mask) finds the signals open.
         unblock_signals(HANDLED_SIGNALS)
         log.info("upgraded", pid=os.getpid(), workers=_workers(handover))
-        return attempt.run()
+        return attempt.run(exiting=True)
     attempt = None
     # Objects of the failed attempt that still wrap a copy close it now, before
     # the fallback opens anything whose number a late close could hit.
@@ -506,7 +506,7 @@ def run_upgraded(
         note="the old units run on the handed-over fds; fix the cause and upgrade again",
     )
     supervisor.notifier.status("upgrade failed: running the units handed over")
-    return supervisor.run()
+    return supervisor.run(exiting=True)
 
 
 def _fall_back(

@@ -47,10 +47,16 @@ class SignalWakeup:
             data += chunk
         return data
 
-    def close(self) -> None:
-        """Put the old handlers back and close the socket pair (idempotent)."""
+    def close(self, *, exiting: bool = False) -> None:
+        """Put the old handlers back and close the socket pair (idempotent).
+
+        ``exiting``: the process ends next, and the signals are ignored from now
+        on instead. Not a Python handler that does nothing: the interpreter's
+        finalisation puts the default action back for those (CPython's
+        ``_PySignal_Fini``), and SIGTERM's default is death.
+        """
         for signum, handler in self._old_handlers.items():
-            signal.signal(signum, handler)
+            signal.signal(signum, signal.SIG_IGN if exiting else handler)
         self._old_handlers.clear()
         if self._pair is not None:
             signal.set_wakeup_fd(-1)

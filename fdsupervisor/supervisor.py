@@ -308,8 +308,15 @@ class Supervisor:
         self.log.info("ready", units=len(self.runners), sockets=sockets, pid=os.getpid())
         self.notifier.ready(summary)
 
-    def run(self) -> int:
-        """Run until shut down and every worker is gone; returns the exit code."""
+    def run(self, *, exiting: bool = False) -> int:
+        """Run until shut down and every worker is gone; returns the exit code.
+
+        ``exiting``: the process ends right after (the command line's ``run``).
+        The handled signals are then ignored once the loop is closed, instead
+        of getting their default actions back: a SIGTERM in the last moments of
+        a shutdown (a ``kill`` loop, an impatient operator) must not turn the
+        clean exit into a death by signal.
+        """
         try:
             while not (self.shutting_down and not self._live_workers()):
                 try:
@@ -319,7 +326,7 @@ class Supervisor:
                     # down with it: log it with its traceback and go on.
                     self.log.exception("internal_error", note="please report this")
         finally:
-            self._close()
+            self._close(exiting=exiting)
         self.log.info("stopped", exit_code=self.exit_code)
         return self.exit_code
 
@@ -527,7 +534,7 @@ class Supervisor:
     def _live_workers(self) -> int:
         return sum(runner.live_workers() for runner in self.runners.values())
 
-    def _close(self) -> None:
+    def _close(self, *, exiting: bool = False) -> None:
         if os.getpid() == 1 and self._wakeup_fd is not None:
             # A container's init: nothing may outlive it unstopped (a daemon that left its
             # worker's process group, say); the kernel would SIGKILL them all at our exit.
@@ -542,7 +549,7 @@ class Supervisor:
         self.store.close_all()
         self.notifications.close()
         self.notifications.flush()
-        self._signals.close()
+        self._signals.close(exiting=exiting)
         self.loop.close()
 
 

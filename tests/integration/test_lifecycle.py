@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -164,6 +165,25 @@ def test_sigterm_stops_workers_closes_sockets_and_removes_files(supervisor, tmp_
     except ConnectionRefusedError:
         refused = True
     assert refused
+
+
+def test_sigterm_after_sigterm_still_ends_in_a_clean_exit(supervisor) -> None:
+    """A kill loop (an impatient operator, a script) goes on sending SIGTERM through the
+    whole shutdown, to the last moment: the exit is still 0, never a death by SIGTERM."""
+    sup = supervisor(
+        {
+            "web": f'sockets:\n  http: {{listen: "127.0.0.1:0"}}\nservice:\n  exec: [{PYTHON}, {REPORT_WORKER}]\n'
+        }
+    )
+    sup.wait_for("worker_started")
+    sent, deadline = 0, time.monotonic() + 20
+    while sup.proc.poll() is None and time.monotonic() < deadline:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(sup.pid, signal.SIGTERM)
+        sent += 1
+        time.sleep(0.0005)  # the pace of the sender, not a synchronisation
+    assert sent > 1
+    assert sup.proc.wait(10) == 0, f"killed by signal {-sup.proc.returncode}"
 
 
 def test_stop_timeout_kills_the_whole_group(supervisor) -> None:
