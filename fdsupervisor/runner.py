@@ -74,13 +74,17 @@ class Timers:
 
     def __init__(self, loop: EventLoop) -> None:
         self._loop = loop
-        self._timers: dict[int, Timer] = {}
+        # Made at the first timer: four kinds per unit, mostly never used (64 bytes
+        # each per unit otherwise; docs/performance.md, RSS at 10,000 units).
+        self._timers: dict[int, Timer] | None = None
 
     def __contains__(self, key: int) -> bool:
-        return key in self._timers
+        return self._timers is not None and key in self._timers
 
     def call_at(self, key: int, when: float, callback: Callable[[], None]) -> None:
         self.cancel(key)
+        if self._timers is None:
+            self._timers = {}
         self._timers[key] = self._loop.call_at(when, callback)
 
     def call_later(self, key: int, delay: float, callback: Callable[[], None]) -> None:
@@ -88,14 +92,17 @@ class Timers:
 
     def fired(self, key: int) -> None:
         """Called by the timer's own callback: it is no longer pending."""
-        self._timers.pop(key, None)
+        if self._timers is not None:
+            self._timers.pop(key, None)
 
     def cancel(self, key: int) -> None:
-        timer = self._timers.pop(key, None)
+        timer = self._timers.pop(key, None) if self._timers is not None else None
         if timer is not None:
             timer.cancel()
 
     def cancel_all(self) -> None:
+        if self._timers is None:
+            return
         for timer in self._timers.values():
             timer.cancel()
         self._timers.clear()
@@ -120,7 +127,7 @@ class UnitRunner:
     def __init__(self, unit: Unit, ctx: RunnerContext) -> None:
         self.unit = unit
         self.service = Service(unit.name, unit.service)
-        self.log = ctx.log.bind(unit=unit.name)
+        self._log: Any = None  # bound at the first use: see log
         self._ctx = ctx
         self._loop = ctx.loop
         self._store = ctx.store
@@ -134,7 +141,27 @@ class UnitRunner:
         self._rolling: RollingRestart | None = None  # restart(): one worker at a time
         self.counters = WorkerCounters()
         self._intake = Intake(self, ctx.loop, ctx.store, ctx.shutting_down, ctx.emit)
-        self.stored = WorkerFdStore(ctx.store, unit.name, self.log, ctx.shutting_down)
+        self._stored: WorkerFdStore | None = None  # made at the first use: see stored
+
+    # Per-unit parts that most units never use are made when first needed: with
+    # 10,000 on-demand units that wait for traffic, each eager one cost its bytes
+    # 10,000 times (docs/performance.md, RSS at 10,000 units).
+
+    @property
+    def log(self) -> Any:
+        """The supervisor's logger with ``unit=`` bound, once per unit."""
+        if self._log is None:
+            self._log = self._ctx.log.bind(unit=self.unit.name)
+        return self._log
+
+    @property
+    def stored(self) -> WorkerFdStore:
+        """What the unit's workers keep with ``FDSTORE=1``."""
+        if self._stored is None:
+            self._stored = WorkerFdStore(
+                self._ctx.store, self.unit.name, self.log, self._ctx.shutting_down
+            )
+        return self._stored
 
     @property
     def unit_name(self) -> str:

@@ -25,6 +25,8 @@ from .units import FdStorePreserve, ServiceSpec
 class WorkerFdStore:
     """The fds one unit's workers stored, kept by the rules of systemd's service.c."""
 
+    __slots__ = ("_log", "_shutting_down", "_store", "owner")
+
     def __init__(
         self, store: FdStore, unit_name: str, log: Any, shutting_down: Callable[[], bool]
     ) -> None:
