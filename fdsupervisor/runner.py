@@ -141,27 +141,14 @@ class UnitRunner:
         self._rolling: RollingRestart | None = None  # restart(): one worker at a time
         self.counters = WorkerCounters()
         self._intake = Intake(self, ctx.loop, ctx.store, ctx.shutting_down, ctx.emit)
-        self._stored: WorkerFdStore | None = None  # made at the first use: see stored
-
-    # Per-unit parts that most units never use are made when first needed: with
-    # 10,000 on-demand units that wait for traffic, each eager one cost its bytes
-    # 10,000 times (docs/performance.md, RSS at 10,000 units).
+        self.stored = WorkerFdStore(ctx.store, self, ctx.shutting_down)
 
     @property
     def log(self) -> Any:
-        """The supervisor's logger with ``unit=`` bound, once per unit."""
-        if self._log is None:
+        """The supervisor's logger with ``unit=`` bound: once per unit, at the first use."""
+        if self._log is None:  # most of 10,000 units waiting for traffic never log
             self._log = self._ctx.log.bind(unit=self.unit.name)
         return self._log
-
-    @property
-    def stored(self) -> WorkerFdStore:
-        """What the unit's workers keep with ``FDSTORE=1``."""
-        if self._stored is None:
-            self._stored = WorkerFdStore(
-                self._ctx.store, self.unit.name, self.log, self._ctx.shutting_down
-            )
-        return self._stored
 
     @property
     def unit_name(self) -> str:
