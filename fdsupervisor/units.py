@@ -1394,11 +1394,13 @@ def read_unit_file(path: Path) -> bytes:
         os.close(fd)
 
 
-def load_unit_file(path: Path, known: Unit | None = None) -> Unit:
+def load_unit_file(path: Path, known: Unit | None = None, base_dir: Path | None = None) -> Unit:
     """Read and validate one unit file; relative paths in it resolve against its directory.
 
     ``known``: this file's unit as loaded before; if the text is the same, it
     is that unit (parsing is a function of the text and the path alone).
+    ``base_dir``: the file's directory, if the caller has it already (one
+    Path shared by the directory's units, not one each).
     """
     data = read_unit_file(path)
     try:
@@ -1409,7 +1411,7 @@ def load_unit_file(path: Path, known: Unit | None = None) -> Unit:
         raise ConfigErrors([ConfigError(Location(str(path), line, 1), (), message)]) from None
     if known is not None and known.source == path and known.text == text:
         return known
-    return load_unit_text(text, path, path.parent)
+    return load_unit_text(text, path, path.parent if base_dir is None else base_dir)
 
 
 UNIT_SUFFIXES: Final = (".yaml", ".yml")
@@ -1468,9 +1470,11 @@ def load_units(paths: Sequence[Path], known: Iterable[Unit] = ()) -> list[Unit]:
     units: list[Unit] = []
     by_name: dict[str, Unit] = {}
     by_source = {unit.source: unit for unit in known}
+    directories: dict[Path, Path] = {}  # one base_dir per directory: 10,000 units, one Path
     for file in _unit_files(paths, errors):
+        base_dir = directories.setdefault(file.parent, file.parent)
         try:
-            unit = load_unit_file(file, by_source.get(file))
+            unit = load_unit_file(file, by_source.get(file), base_dir)
         except ConfigErrors as failed:
             errors.extend(failed.errors)
             continue
