@@ -635,10 +635,12 @@ class HeldFds:
     __slots__ = ("_held",)
 
     def __init__(self) -> None:
-        self._held: dict[int, frozenset[tuple[int, int]]] = {}
+        # A tuple per worker, not a frozenset: a worker holds a few fds (one, mostly), and
+        # an empty frozenset is 216 bytes (docs/performance.md, RSS at 10,000 units).
+        self._held: dict[int, tuple[tuple[int, int], ...]] = {}
 
     def record(self, pid: int, passed: Sequence[PassedFd]) -> None:
-        self._held[pid] = frozenset(_held_key(p.fd) for p in passed)
+        self._held[pid] = tuple(_held_key(p.fd) for p in passed)
 
     def forget(self, pid: int) -> None:
         self._held.pop(pid, None)
