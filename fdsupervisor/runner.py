@@ -33,7 +33,7 @@ from dataclasses import dataclass, field
 from functools import partial
 from typing import Any
 
-from .activation import Intake, IntakeCounters, StartOutcome
+from .activation import Intake, IntakeCounters, StartOutcome, counted, no_counts
 from .addresses import timer_seconds
 from .cgroups import WorkerCgroups, socket_holders
 from .errors import SpawnError
@@ -115,10 +115,10 @@ class WorkerCounters:
     starts: int = 0
     # why workers exited: stopped (we asked), success (code 0), failure (a non-zero
     # code), signal (killed by one we did not send)
-    exits: dict[str, int] = field(default_factory=dict)
+    exits: Mapping[str, int] = field(default_factory=no_counts)
 
     def exited(self, reason: str) -> None:
-        self.exits[reason] = self.exits.get(reason, 0) + 1
+        self.exits = counted(self.exits, reason)
 
 
 class UnitRunner:
