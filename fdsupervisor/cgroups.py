@@ -154,8 +154,14 @@ class WorkerCgroup:
     """One worker's cgroup; ``fd`` (its directory, for the spawn) is open until the worker started."""
 
     name: str
-    path: Path
+    parent: Path  # the supervisor's cgroup, one Path for every worker's
     fd: int | None = None
+
+    @property
+    def path(self) -> Path:
+        # Made when needed (a kill, a removal), not kept: a Path per worker was 200
+        # bytes each, 10,000 times (docs/performance.md, RSS at 10,000 units).
+        return self.parent / self.name
 
 
 class WorkerCgroups:
@@ -242,7 +248,7 @@ class WorkerCgroups:
         except OSError:
             _remove(path)
             raise
-        return WorkerCgroup(name, path, fd)
+        return WorkerCgroup(name, self.parent, fd)
 
     def started(self, pid: int, cgroup: WorkerCgroup) -> None:
         """The worker ``pid`` is in ``cgroup`` (made there, or joined it before exec)."""
@@ -272,13 +278,13 @@ class WorkerCgroups:
             and path.endswith(f"/{self.parent.name}/{name}")
         ):
             self._unclaimed.discard(name)
-            self._by_pid[pid] = WorkerCgroup(name, self.parent / name)
+            self._by_pid[pid] = WorkerCgroup(name, self.parent)
 
     def release_unclaimed(self) -> None:
         """Kill and remove the cgroups found at start that no restored worker claimed."""
         for name in sorted(self._unclaimed):
             self.log.info("cgroup_cleaned", cgroup=name, reason="no worker of ours is in it")
-            cgroup = WorkerCgroup(name, self.parent / name)
+            cgroup = WorkerCgroup(name, self.parent)
             _kill(cgroup.path)
             self._empty_then_remove(cgroup)
         self._unclaimed.clear()
