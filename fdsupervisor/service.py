@@ -452,8 +452,10 @@ class Service:
         self.status: str | None = None
         self.failure: str | None = None
         self._limit = StartLimit(spec.start_limit_burst, spec.start_limit_interval)
-        self._failed_starts: dict[int, int] = {}
-        self._resource_failures: dict[int, int] = {}  # instance → spawns failed in a row
+        # instance → quick exits / spawns failed in a row; made at the first (an empty
+        # dict is 64 bytes per unit: docs/performance.md, RSS at 10,000 units)
+        self._failed_starts: dict[int, int] | None = None
+        self._resource_failures: dict[int, int] | None = None
         # instances whose worker still stops while a start was asked: started once it is
         # gone (mostly none: the shared empty one, not an empty set of 216 bytes per unit)
         self._start_after_stop: frozenset[int] = _NO_INSTANCES
@@ -554,8 +556,7 @@ class Service:
         """
         if manual:
             self._limit.reset()
-            self._failed_starts.clear()
-            self._resource_failures.clear()
+            self._failed_starts = self._resource_failures = None
             self.failure = None
         elif not self._limit.allow(now):
             return False
@@ -610,7 +611,8 @@ class Service:
     ) -> Worker:
         worker = Worker(instance, pid, now, ready=not self.spec.notify, replaces=replaces)
         self.workers[instance] = worker
-        self._resource_failures.pop(instance, None)
+        if self._resource_failures is not None:
+            self._resource_failures.pop(instance, None)
         self._apply(ServiceEvent.WORKER_STARTED)
         return worker
 
@@ -707,6 +709,8 @@ class Service:
             reason = "the worker could not be started"
             self._apply(ServiceEvent.FAILED, failure=reason)
             return Failed(reason)
+        if self._resource_failures is None:
+            self._resource_failures = {}
         failures = self._resource_failures.get(instance, 0) + 1
         self._resource_failures[instance] = failures
         delay = self._resource_delay(failures)
@@ -722,6 +726,8 @@ class Service:
         return min(first * 2.0 ** min(failures - 1, _MAX_DOUBLINGS), longest)
 
     def _next_delay(self, worker: Worker, now: float) -> float:
+        if self._failed_starts is None:
+            self._failed_starts = {}
         if now - worker.started_at >= STABLE_UPTIME:
             failures = 0
         else:
