@@ -50,6 +50,7 @@ import re
 import shlex
 import signal
 import stat
+import sys
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -613,7 +614,7 @@ class _UnitReader:
             message = "YAML merge keys ('<<') are not supported; write the keys out"
             self.errors.append(self.error(node, path, message))
             return None
-        return str(node.value)
+        return sys.intern(str(node.value))  # a socket's name: see string()
 
     # ---- scalars
 
@@ -628,7 +629,9 @@ class _UnitReader:
         text = str(self.scalar(node, path, "a string").value)
         if "\0" in text:
             raise self.error(node, path, "must not contain a NUL character")
-        return text
+        # One copy of what many units repeat (a program, its arguments, an address),
+        # not one per unit (docs/performance.md, RSS at 10,000 units).
+        return sys.intern(text)
 
     def nonempty_string(self, node: Node, path: KeyPath) -> str:
         text = self.string(node, path)
