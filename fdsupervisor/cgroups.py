@@ -149,7 +149,8 @@ def populated(events: str) -> bool:
 # -- the tree -------------------------------------------------------------------------------
 
 
-@dataclass(slots=True)
+# Keyword-only: the worker's own path, passed where ``parent`` goes, would type-check.
+@dataclass(slots=True, kw_only=True)
 class WorkerCgroup:
     """One worker's cgroup; ``fd`` (its directory, for the spawn) is open until the worker started."""
 
@@ -248,7 +249,7 @@ class WorkerCgroups:
         except OSError:
             _remove(path)
             raise
-        return WorkerCgroup(name, self.parent, fd)
+        return WorkerCgroup(name=name, parent=self.parent, fd=fd)
 
     def started(self, pid: int, cgroup: WorkerCgroup) -> None:
         """The worker ``pid`` is in ``cgroup`` (made there, or joined it before exec)."""
@@ -278,13 +279,13 @@ class WorkerCgroups:
             and path.endswith(f"/{self.parent.name}/{name}")
         ):
             self._unclaimed.discard(name)
-            self._by_pid[pid] = WorkerCgroup(name, self.parent)
+            self._by_pid[pid] = WorkerCgroup(name=name, parent=self.parent)
 
     def release_unclaimed(self) -> None:
         """Kill and remove the cgroups found at start that no restored worker claimed."""
         for name in sorted(self._unclaimed):
             self.log.info("cgroup_cleaned", cgroup=name, reason="no worker of ours is in it")
-            cgroup = WorkerCgroup(name, self.parent)
+            cgroup = WorkerCgroup(name=name, parent=self.parent)
             _kill(cgroup.path)
             self._empty_then_remove(cgroup)
         self._unclaimed.clear()
