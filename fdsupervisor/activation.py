@@ -33,6 +33,7 @@ from collections import Counter
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from functools import partial
+from types import MappingProxyType
 from typing import Any, Final, Literal, Protocol
 
 from .binding import BoundSocket
@@ -92,7 +93,9 @@ class IntakeHost(Protocol):
 
     unit: Unit
     service: Service
-    log: Any
+
+    @property
+    def log(self) -> Any: ...
 
     def start(self, *, manual: bool = True) -> None: ...
 
@@ -106,6 +109,23 @@ class IntakeHost(Protocol):
     ) -> StartOutcome: ...
 
 
+# A count of nothing yet, shared: most units never accept, pause or see a worker
+# exit, and an empty dict per unit and count is 64 bytes (docs/performance.md, RSS
+# at 10,000 units). ``counted`` makes the dict at the first count.
+NO_COUNTS: Final[Mapping[str, int]] = MappingProxyType({})
+
+
+def no_counts() -> Mapping[str, int]:
+    return NO_COUNTS
+
+
+def counted(counts: Mapping[str, int], key: str) -> dict[str, int]:
+    """``counts`` with one more ``key``: the same dict, or a new one instead of NO_COUNTS."""
+    new = counts if isinstance(counts, dict) else dict(counts)
+    new[key] = new.get(key, 0) + 1
+    return new
+
+
 @dataclass(slots=True)
 class IntakeCounters:
     """What ``--metrics`` counts of a unit's intake (SPEC 11), where it happens.
@@ -115,13 +135,9 @@ class IntakeCounters:
     """
 
     activations: int = 0  # on-demand: traffic that had the service started
-    accepted: dict[str, int] = field(default_factory=dict)  # accept mode: given to a worker
-    paused: dict[str, int] = field(default_factory=dict)  # trigger-limit pauses
+    accepted: Mapping[str, int] = field(default_factory=no_counts)  # given to a worker
+    paused: Mapping[str, int] = field(default_factory=no_counts)  # trigger-limit pauses
     refused: int = 0  # past max-connections-per-source (logged as refused_total)
-
-    @staticmethod
-    def count(per_socket: dict[str, int], name: str) -> None:
-        per_socket[name] = per_socket.get(name, 0) + 1
 
 
 class TriggerWindow:
@@ -153,6 +169,25 @@ class TriggerWindow:
 class Intake:
     """One unit's sockets, watched for traffic or accepted on, as its activation says."""
 
+    __slots__ = (
+        "_emit",
+        "_held",
+        "_host",
+        "_loop",
+        "_paused",
+        "_refusals_flush",
+        "_refusals_log",
+        "_retry",
+        "_shutting_down",
+        "_sources",
+        "_store",
+        "_throttled",
+        "_windows",
+        "accepting",
+        "counters",
+        "watching",
+    )
+
     def __init__(
         self,
         host: IntakeHost,
@@ -166,9 +201,11 @@ class Intake:
         self._store = store
         self._shutting_down = shutting_down
         self._emit = emit
-        # trigger-limit: each limited socket's window, and the paused ones' timers
-        self._windows: dict[str, TriggerWindow] = {}
-        self._throttled: dict[str, Timer] = {}
+        # trigger-limit: each limited socket's window, and the paused ones' timers. This
+        # dict and _sources are made at their first use: most units never need them, and
+        # each empty dict is 64 bytes per unit (docs/performance.md, RSS at 10,000 units).
+        self._windows: dict[str, TriggerWindow] | None = None
+        self._throttled: dict[str, Timer] | None = None
         self.watching = False  # on-demand: waiting for the first traffic
         self.accepting = False  # accept mode: the service takes connections
         self._paused = False  # accept mode: at max-connections, or out of fds
@@ -176,7 +213,7 @@ class Intake:
         # accept mode: a connection whose worker could not start for want of fds, kept for then
         self._held: tuple[BoundSocket, socket.socket, Any] | None = None
         # accept mode: each connection worker's source (max-connections-per-source)
-        self._sources: dict[int, Source] = {}
+        self._sources: dict[int, Source] | None = None
         self.counters = IntakeCounters()
         # a peer past its limit chooses how often we would warn: limited, as journald does
         self._refusals_log: RateLimitedLog | None = None
@@ -214,7 +251,7 @@ class Intake:
         if self.watching or self._host.unit.service.activation is not Activation.ON_DEMAND:
             return
         for bound in self._sockets():
-            if bound.name not in self._throttled:
+            if not self._paused_by_limit(bound.name):
                 self._loop.add_reader(bound.fileno(), partial(self._traffic, bound.name))
         self.watching = True
         self._host.service.mark_listening()
@@ -244,6 +281,8 @@ class Intake:
         limit = bound.spec.trigger_limit
         if limit is None:
             return False
+        if self._windows is None:
+            self._windows = {}
         window = self._windows.get(bound.name)
         if window is None or window.limit != limit:
             window = self._windows[bound.name] = TriggerWindow(limit)
@@ -251,10 +290,12 @@ class Intake:
         if until is None:
             return False
         self._loop.remove_reader(bound.fileno())
+        if self._throttled is None:
+            self._throttled = {}
         self._throttled[bound.name] = self._loop.call_at(
             until, partial(self._throttle_over, bound.name)
         )
-        IntakeCounters.count(self.counters.paused, bound.name)
+        self.counters.paused = counted(self.counters.paused, bound.name)
         # once per pause, as systemd logs "Trigger limit hit, refusing further activation"
         self._host.log.warning(
             "socket_paused",
@@ -266,8 +307,12 @@ class Intake:
         self._emit("SOCKET_PAUSED", {"unit": self._host.unit.name, "socket": bound.name})
         return True
 
+    def _paused_by_limit(self, name: str) -> bool:
+        return self._throttled is not None and name in self._throttled
+
     def _throttle_over(self, name: str) -> None:
-        self._throttled.pop(name, None)
+        if self._throttled is not None:
+            self._throttled.pop(name, None)
         self._host.log.info("socket_resumed", socket=name)
         self._emit("SOCKET_RESUMED", {"unit": self._host.unit.name, "socket": name})
         bound = self._bound(name)
@@ -319,7 +364,7 @@ class Intake:
         if len(self._host.service.workers) >= self._host.unit.service.max_connections:
             return
         for bound in self._sockets():
-            if bound.name not in self._throttled:
+            if not self._paused_by_limit(bound.name):
                 self._loop.add_reader(bound.fileno(), partial(self._accept, bound))
         self._paused = False
 
@@ -402,8 +447,10 @@ class Intake:
         )
         if outcome == "started":
             # as systemd's NAccepted: every connection not refused, handed on to a worker
-            IntakeCounters.count(self.counters.accepted, bound.name)
+            self.counters.accepted = counted(self.counters.accepted, bound.name)
             if key is not None and limit is not None:
+                if self._sources is None:
+                    self._sources = {}
                 self._sources[instance] = key
         return outcome
 
@@ -423,6 +470,8 @@ class Intake:
 
     def _source_count(self, key: Source) -> int:
         """How many live connection workers came from ``key``; forgets the ones that are gone."""
+        if self._sources is None:
+            return 0
         live = self._host.service.workers
         for instance in [i for i in self._sources if i not in live]:
             del self._sources[instance]

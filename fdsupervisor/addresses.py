@@ -23,6 +23,7 @@ import ipaddress
 import math
 import os
 import re
+import sys
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Final
@@ -217,7 +218,8 @@ def _decimal(value: object, key: str, maximum: int, what: str) -> str:
 
 
 def _inet(members: Mapping[str, object]) -> InetAddress:
-    host = _host(_required(members, "host"))
+    # one copy of a host many units listen on (docs/performance.md, RSS at 10,000 units)
+    host = sys.intern(_host(_required(members, "host")))
     port = _port(_required(members, "port"))
     numeric = _bool(members.get("numeric", False), "numeric")
     to = _to(members["to"], port) if "to" in members else None

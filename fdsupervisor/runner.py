@@ -33,7 +33,7 @@ from dataclasses import dataclass, field
 from functools import partial
 from typing import Any
 
-from .activation import Intake, IntakeCounters, StartOutcome
+from .activation import Intake, IntakeCounters, StartOutcome, counted, no_counts
 from .addresses import USEC_INFINITY, timer_seconds
 from .cgroups import WorkerCgroups, socket_holders
 from .errors import SpawnError
@@ -78,13 +78,17 @@ class Timers:
 
     def __init__(self, loop: EventLoop) -> None:
         self._loop = loop
-        self._timers: dict[int, Timer] = {}
+        # Made at the first timer: four kinds per unit, mostly never used (64 bytes
+        # each per unit otherwise; docs/performance.md, RSS at 10,000 units).
+        self._timers: dict[int, Timer] | None = None
 
     def __contains__(self, key: int) -> bool:
-        return key in self._timers
+        return self._timers is not None and key in self._timers
 
     def call_at(self, key: int, when: float, callback: Callable[[], None]) -> None:
         self.cancel(key)
+        if self._timers is None:
+            self._timers = {}
         self._timers[key] = self._loop.call_at(when, callback)
 
     def call_later(self, key: int, delay: float, callback: Callable[[], None]) -> None:
@@ -99,7 +103,7 @@ class Timers:
         systemd's ``service_extend_event_source_timeout()``: "Current timeout
         is already longer, ignore this."
         """
-        timer = self._timers.get(key)
+        timer = self._timers.get(key) if self._timers is not None else None
         if timer is None or timer.when >= when:
             return False
         self.call_at(key, when, timer.callback)
@@ -107,14 +111,17 @@ class Timers:
 
     def fired(self, key: int) -> None:
         """Called by the timer's own callback: it is no longer pending."""
-        self._timers.pop(key, None)
+        if self._timers is not None:
+            self._timers.pop(key, None)
 
     def cancel(self, key: int) -> None:
-        timer = self._timers.pop(key, None)
+        timer = self._timers.pop(key, None) if self._timers is not None else None
         if timer is not None:
             timer.cancel()
 
     def cancel_all(self) -> None:
+        if self._timers is None:
+            return
         for timer in self._timers.values():
             timer.cancel()
         self._timers.clear()
@@ -127,10 +134,10 @@ class WorkerCounters:
     starts: int = 0
     # why workers exited: stopped (we asked), success (code 0), failure (a non-zero
     # code), signal (killed by one we did not send)
-    exits: dict[str, int] = field(default_factory=dict)
+    exits: Mapping[str, int] = field(default_factory=no_counts)
 
     def exited(self, reason: str) -> None:
-        self.exits[reason] = self.exits.get(reason, 0) + 1
+        self.exits = counted(self.exits, reason)
 
 
 class UnitRunner:
@@ -139,7 +146,7 @@ class UnitRunner:
     def __init__(self, unit: Unit, ctx: RunnerContext) -> None:
         self.unit = unit
         self.service = Service(unit.name, unit.service)
-        self.log = ctx.log.bind(unit=unit.name)
+        self._log: Any = None  # bound at the first use: see log
         self._ctx = ctx
         self._loop = ctx.loop
         self._store = ctx.store
@@ -153,7 +160,14 @@ class UnitRunner:
         self._rolling: RollingRestart | None = None  # restart(): one worker at a time
         self.counters = WorkerCounters()
         self._intake = Intake(self, ctx.loop, ctx.store, ctx.shutting_down, ctx.emit)
-        self.stored = WorkerFdStore(ctx.store, unit.name, self.log, ctx.shutting_down)
+        self.stored = WorkerFdStore(ctx.store, self, ctx.shutting_down)
+
+    @property
+    def log(self) -> Any:
+        """The supervisor's logger with ``unit=`` bound: once per unit, at the first use."""
+        if self._log is None:  # most of 10,000 units waiting for traffic never log
+            self._log = self._ctx.log.bind(unit=self.unit.name)
+        return self._log
 
     @property
     def unit_name(self) -> str:
@@ -665,10 +679,12 @@ class HeldFds:
     __slots__ = ("_held",)
 
     def __init__(self) -> None:
-        self._held: dict[int, frozenset[tuple[int, int]]] = {}
+        # A tuple per worker, not a frozenset: a worker holds a few fds (one, mostly), and
+        # an empty frozenset is 216 bytes (docs/performance.md, RSS at 10,000 units).
+        self._held: dict[int, tuple[tuple[int, int], ...]] = {}
 
     def record(self, pid: int, passed: Sequence[PassedFd]) -> None:
-        self._held[pid] = frozenset(_held_key(p.fd) for p in passed)
+        self._held[pid] = tuple(_held_key(p.fd) for p in passed)
 
     def forget(self, pid: int) -> None:
         self._held.pop(pid, None)

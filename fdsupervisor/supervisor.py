@@ -23,7 +23,7 @@ import socket
 from collections.abc import Callable, Mapping, Sequence
 from functools import partial
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from . import __version__
 from .addresses import SocketAddress
@@ -34,7 +34,6 @@ from .errors import BindError, FdSupervisorError, Location
 from .fdstore import Entry, FdStore, StoreEvent, owner_service
 from .handover import Handover, handed_socket
 from .loop import EventLoop, Timer
-from .metrics import MetricsServer, MetricsSource, unit_intakes
 from .monitor import MonitorServer
 from .notifications import WorkerNotifications
 from .notify import NotifySocket
@@ -49,6 +48,9 @@ from .spawn_slots import SpawnSlots
 from .systemd import SystemdFdStore, SystemdNotifier, SystemdSockets
 from .units import SocketSpec, Unit
 from .upgrade import HandoverState, RunConfig, StoredItem, Upgrader, WorkerItem
+
+if TYPE_CHECKING:
+    from .metrics import MetricsServer
 
 HANDLED_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGUSR2)
 # SIGCHLD too wakes the loop, to reap every child (reaper.py); it is not one of the
@@ -201,6 +203,10 @@ class Supervisor:
     ) -> MetricsServer:
         """Serve ``GET /metrics`` on ``address``, bound like a unit socket (SPEC 11),
         or on the socket an upgrade ``handed`` over (the same address: the same argv)."""
+        # Imported here: prometheus_client and h11 cost 4.5 MiB of RSS to every
+        # supervisor run without --metrics (docs/performance.md, RSS at 10,000 units).
+        from .metrics import MetricsServer, MetricsSource, unit_intakes
+
         spec = SocketSpec(name="metrics", address=address)
         if handed is not None:
             bound = handed_socket(handed, spec)

@@ -50,6 +50,7 @@ import re
 import shlex
 import signal
 import stat
+import sys
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -613,7 +614,7 @@ class _UnitReader:
             message = "YAML merge keys ('<<') are not supported; write the keys out"
             self.errors.append(self.error(node, path, message))
             return None
-        return str(node.value)
+        return sys.intern(str(node.value))  # a socket's name: see string()
 
     # ---- scalars
 
@@ -628,7 +629,9 @@ class _UnitReader:
         text = str(self.scalar(node, path, "a string").value)
         if "\0" in text:
             raise self.error(node, path, "must not contain a NUL character")
-        return text
+        # One copy of what many units repeat (a program, its arguments, an address),
+        # not one per unit (docs/performance.md, RSS at 10,000 units).
+        return sys.intern(text)
 
     def nonempty_string(self, node: Node, path: KeyPath) -> str:
         text = self.string(node, path)
@@ -1394,11 +1397,13 @@ def read_unit_file(path: Path) -> bytes:
         os.close(fd)
 
 
-def load_unit_file(path: Path, known: Unit | None = None) -> Unit:
+def load_unit_file(path: Path, known: Unit | None = None, base_dir: Path | None = None) -> Unit:
     """Read and validate one unit file; relative paths in it resolve against its directory.
 
     ``known``: this file's unit as loaded before; if the text is the same, it
     is that unit (parsing is a function of the text and the path alone).
+    ``base_dir``: the file's directory, if the caller has it already (one
+    Path shared by the directory's units, not one each).
     """
     data = read_unit_file(path)
     try:
@@ -1409,7 +1414,7 @@ def load_unit_file(path: Path, known: Unit | None = None) -> Unit:
         raise ConfigErrors([ConfigError(Location(str(path), line, 1), (), message)]) from None
     if known is not None and known.source == path and known.text == text:
         return known
-    return load_unit_text(text, path, path.parent)
+    return load_unit_text(text, path, path.parent if base_dir is None else base_dir)
 
 
 UNIT_SUFFIXES: Final = (".yaml", ".yml")
@@ -1468,9 +1473,11 @@ def load_units(paths: Sequence[Path], known: Iterable[Unit] = ()) -> list[Unit]:
     units: list[Unit] = []
     by_name: dict[str, Unit] = {}
     by_source = {unit.source: unit for unit in known}
+    directories: dict[Path, Path] = {}  # one base_dir per directory: 10,000 units, one Path
     for file in _unit_files(paths, errors):
+        base_dir = directories.setdefault(file.parent, file.parent)
         try:
-            unit = load_unit_file(file, by_source.get(file))
+            unit = load_unit_file(file, by_source.get(file), base_dir)
         except ConfigErrors as failed:
             errors.extend(failed.errors)
             continue

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Callable
-from typing import Any
+from typing import Any, Protocol
 
 from .addresses import check_name
 from .errors import FdSupervisorError, ValueProblem
@@ -22,16 +22,37 @@ from .notify import NotifyMessage
 from .units import FdStorePreserve, ServiceSpec
 
 
+class WorkerFdStoreHost(Protocol):
+    """What a store needs of its unit's runner: the unit's name and its bound logger."""
+
+    @property
+    def unit_name(self) -> str: ...
+
+    @property
+    def log(self) -> Any: ...
+
+
 class WorkerFdStore:
     """The fds one unit's workers stored, kept by the rules of systemd's service.c."""
 
+    __slots__ = ("_host", "_shutting_down", "_store")
+
     def __init__(
-        self, store: FdStore, unit_name: str, log: Any, shutting_down: Callable[[], bool]
+        self, store: FdStore, host: WorkerFdStoreHost, shutting_down: Callable[[], bool]
     ) -> None:
         self._store = store
-        self.owner = service_owner(unit_name)
-        self._log = log
+        # The host's logger and owner name when needed, not copies: one of each per
+        # unit, most never used (docs/performance.md, RSS at 10,000 units).
+        self._host = host
         self._shutting_down = shutting_down
+
+    @property
+    def owner(self) -> str:
+        return service_owner(self._host.unit_name)
+
+    @property
+    def _log(self) -> Any:
+        return self._host.log
 
     def keep(self, spec: ServiceSpec, message: NotifyMessage, fds: list[int]) -> None:
         """FDSTORE=1: keep the fds under the service, up to fd-store-max.

@@ -12,6 +12,7 @@ from __future__ import annotations
 import dataclasses
 import errno
 import socket
+import tracemalloc
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -46,10 +47,8 @@ def make_unit(name: str, service: str, listen: str = "127.0.0.1:0") -> Unit:
     return load_unit_text("\n".join(lines) + "\n", Path(f"/units/{name}.yaml"), Path("/units"))
 
 
-def make_runner(
-    name: str, loop: EventLoop | None = None, log: RecordingLog | None = None
-) -> UnitRunner:
-    ctx = RunnerContext(
+def make_context(loop: EventLoop | None = None, log: RecordingLog | None = None) -> RunnerContext:
+    return RunnerContext(
         loop=loop or EventLoop(),
         store=FdStore(),
         environ={},
@@ -61,7 +60,12 @@ def make_runner(
         shutting_down=lambda: False,
         on_idle=lambda runner: False,
     )
-    return UnitRunner(make_unit(name, "exec: [worker]"), ctx)
+
+
+def make_runner(
+    name: str, loop: EventLoop | None = None, log: RecordingLog | None = None
+) -> UnitRunner:
+    return UnitRunner(make_unit(name, "exec: [worker]"), make_context(loop, log))
 
 
 # -- sender attribution: the pid itself, then its process group --------------------------
@@ -173,6 +177,27 @@ def test_the_runners_log_carries_its_unit() -> None:
     runner = make_runner("web", log=log)
     runner.log.info("something", pid=1)
     assert log.lines == [("info", "something", {"unit": "web", "pid": 1})]
+
+
+def test_a_unit_waiting_for_traffic_costs_its_runner_under_2_kb() -> None:
+    """Issue 15, RSS at 10,000 units: what a runner keeps before its unit does anything.
+
+    Measured with tracemalloc (the bytes Python keeps allocated, not time):
+    3,661 bytes per runner before the cuts of docs/performance.md (a deque
+    for the start limit, empty sets and dicts, a bound logger, per unit),
+    1,457 after.
+    """
+    units = [make_unit(f"u{i}", "exec: [worker]\nactivation: on-demand") for i in range(200)]
+    ctx = make_context()
+    tracemalloc.start()
+    try:
+        before = tracemalloc.get_traced_memory()[0]
+        runners = [UnitRunner(unit, ctx) for unit in units]
+        kept = tracemalloc.get_traced_memory()[0] - before
+    finally:
+        tracemalloc.stop()
+    assert len(runners) == len(units)
+    assert kept / len(units) < 2000
 
 
 # -- timers of one kind, one per key, on a fake clock -------------------------------------

@@ -696,3 +696,21 @@ def test_a_failed_service_restarts_nothing() -> None:
     service.adopt_worker(0, 42, 0.0, ready=True, failure=None)
     assert service.worker_exited(42, ExitStatus(signal=signal.SIGKILL), 1.0) is None
     assert service.state is S.FAILED
+
+
+def test_a_replacement_that_cannot_start_gives_back_the_worker_it_was_to_replace() -> None:
+    """Found by the invariant test above: a second rolling restart whose new worker cannot
+    be started (out of fds) while the first restart's old worker of that instance is still
+    stopping. The serving worker comes back as the instance's, not the stopping one."""
+    service = make(instances=1)
+    service.request_start(0.0, manual=False)
+    service.worker_started(0, 100, 0.0)
+    service.begin_replacement(0)  # the first restart: 101 replaces 100
+    service.worker_started(0, 101, 0.0, replaces=100)
+    stopping = service.replacement_started(101)
+    assert stopping is not None and stopping.pid == 100 and stopping.stopping
+    service.begin_replacement(0)  # the second, before 100 is gone: 101 is outgoing
+    service.abort_replacement(0)  # its new worker could not be started
+    assert service.workers[0].pid == 101, "the serving worker is the instance's again"
+    assert [w.pid for w in service.outgoing.values()] == [100]
+    assert service.outgoing[100].stopping
