@@ -36,7 +36,7 @@ from tests.monitor_client import RawClient
 
 WORKER = textwrap.dedent(
     """
-    import json, os, selectors, socket, sys
+    import json, os, selectors, signal, socket, sys
     from systemd import daemon
 
     fds = daemon.listen_fds_with_names()
@@ -62,9 +62,13 @@ WORKER = textwrap.dedent(
             selector.register(sock, selectors.EVENT_READ, name)
     while True:
         for key, _ in selector.select():
+            # A connection taken is answered: the stop's SIGTERM waits until then (the
+            # clients count every connection that got no answer).
+            signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM})
             conn, _ = key.fileobj.accept()
             with conn:
                 conn.sendall(f"{key.data} {os.getpid()}\\n".encode())
+            signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGTERM})
     """
 )
 
