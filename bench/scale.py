@@ -229,12 +229,29 @@ class StartsFailed(RuntimeError):
     """Some workers could not start (the fd limit, mostly): the size does not fit here."""
 
 
+def machine_threads() -> int:
+    """Every thread on the machine: the fourth field of /proc/loadavg, one small read."""
+    with open("/proc/loadavg") as loadavg:
+        return int(loadavg.read().split()[3].split("/")[1])
+
+
 def wait_until_ready(
-    peer: Peer, ports: list[int], begin: float, give_up: Callable[[], str | None] | None = None
+    peer: Peer,
+    ports: list[int],
+    begin: float,
+    baseline: int,
+    give_up: Callable[[], str | None] | None = None,
 ) -> float:
     """Seconds from ``begin`` until all ports listen and one sleep per port runs (bounded).
 
-    ``give_up`` is asked at each look; a reason from it ends the wait (StartsFailed).
+    ``baseline`` is :func:`machine_threads` before the peer started: until the
+    machine has one more thread per port, the peer cannot be ready, and that
+    look costs the same at any size. The full look (the peer's children, each
+    one's name, /proc/net/tcp) is O(units): made at every poll from the start,
+    as before, it took a growing share of the 2 cores from the peer it measured
+    (at 10,000 units the last thousand starts took 1.45x the first under it,
+    1.05x with the ready event alone). ``give_up`` is asked at each look; a
+    reason from it ends the wait (StartsFailed).
     """
     wanted = set(ports)
     deadline = begin + READY_TIMEOUT
@@ -246,9 +263,11 @@ def wait_until_ready(
         reason = give_up() if give_up is not None else None
         if reason is not None:
             raise StartsFailed(reason)
-        # cheap test first (one /proc read); the full one only once it can succeed
+        # cheap tests first (one small read, then one /proc read); the full one only
+        # once it can succeed
         if (
-            len(children_of(peer.proc.pid)) >= len(ports)
+            machine_threads() >= baseline + len(ports)
+            and len(children_of(peer.proc.pid)) >= len(ports)
             and len(sleep_children(peer.proc.pid)) >= len(ports)
             and wanted <= listening_ports()
         ):
@@ -259,11 +278,12 @@ def wait_until_ready(
 
 
 def one_run(name: str, directory: Path, ports: list[int], idle: float) -> RunResult:
+    baseline = machine_threads()
     wall_begin, begin = time.time(), time.perf_counter()
     peer = STARTERS[name](directory, ports)
     pidfds: list[int] = []
     try:
-        ready = wait_until_ready(peer, ports, begin)
+        ready = wait_until_ready(peer, ports, begin, baseline)
         ready_event = None
         if name == OURS:
             line = peer.wait_for_line(is_event("ready"), timeout=READY_TIMEOUT)
@@ -411,6 +431,7 @@ def reload_unchanged(peer: Peer) -> tuple[float, list[str]]:
 
 def sized_run(name: str, directory: Path, ports: list[int], *, reload: bool) -> SizeResult:
     """One start of ``len(ports)`` units with sleep workers; ours: its log's start times."""
+    baseline = machine_threads()
     begin = time.perf_counter()
     peer = STARTERS[name](directory, ports)
     pidfds: list[int] = []
@@ -418,7 +439,7 @@ def sized_run(name: str, directory: Path, ports: list[int], *, reload: bool) -> 
     try:
         give_up = (lambda: failed_starts(peer)) if name == OURS else None
         try:
-            result.ready_s = wait_until_ready(peer, ports, begin, give_up)
+            result.ready_s = wait_until_ready(peer, ports, begin, baseline, give_up)
             result.rss_kib = rss_kib(peer.proc.pid)
         except StartsFailed as exc:
             time.sleep(2.0)  # the starts still under way end (the retries wait seconds)
