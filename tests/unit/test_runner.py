@@ -295,18 +295,7 @@ def timed() -> Iterator[Timed]:
     clock = FakeClock()
     loop = EventLoop(clock)
     log = RecordingLog()
-    ctx = RunnerContext(
-        loop=loop,
-        store=FdStore(),
-        environ={},
-        log=log,
-        emit=lambda event, data: None,
-        notify_address=lambda: None,
-        cgroups=lambda: None,
-        children=ChildReaper(log=RecordingLog()),
-        shutting_down=lambda: False,
-        on_idle=lambda runner: False,
-    )
+    ctx = make_context(loop, log)
     unit = make_unit("web", "exec: [worker]\nnotify: true\nstart-timeout: 10s\nstop-timeout: 5s")
     runner = UnitRunner(unit, ctx)
     runner._track(0, NO_SUCH_PID, [])
